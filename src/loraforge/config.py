@@ -1,0 +1,217 @@
+"""The run config: one YAML file validated by typed schemas, plus `key=value` overrides.
+
+    from loraforge.config import load_config
+    cfg = load_config("run.yaml", ["train.learning_rate=1e-3", "lora.r=32"])
+
+Every field has a default that follows current practice (LoRA r = alpha = 16 on all linear layers,
+lr 2e-4, warmup 5%, weight decay 0.01, batch 2 x accumulation 8, 3 epochs, seq 2048, seed 3407).
+An unknown key, a wrong type or an impossible value raises one `LoraforgeError` that names the key
+and the allowed values. This module imports no torch, so `--help` and validation stay instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from loraforge.errors import LoraforgeError
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """How the base model is loaded."""
+
+    quantization: Literal["none", "nf4"] = Field("none", description="'nf4' = QLoRA (bitsandbytes, CUDA).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Storage dtype of the frozen base: auto = bf16 on GPU, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class DataSection(_Section):
+    """Where the examples come from and how they become token ids."""
+
+    train: str | None = Field(None, description="Training file (JSONL/JSON/CSV): messages, Alpaca or columns.")
+    validation: str | None = Field(None, description="Validation file; if unset, split from `train`.")
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "columns"] = "auto"
+    prompt_column: str | None = Field(None, description="For `columns` format: the user turn's column.")
+    response_column: str | None = Field(None, description="For `columns` format: the assistant turn's column.")
+    system_prompt: str | None = Field(None, description="System turn added to every example that has none.")
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction held out when no validation file.")
+    max_seq_length: int = Field(2048, ge=8, le=1_048_576)
+    train_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens carry loss.")
+    packing: bool = Field(False, description="Pack examples into rows of max_seq_length (no cross-attention).")
+
+
+class LoraSection(_Section):
+    """The adapter attached to the frozen base."""
+
+    adapter: Literal["lora", "dora"] = "lora"
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR), min_length=1)
+
+
+class TrainSection(_Section):
+    """The optimisation schedule and bookkeeping of one run."""
+
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(2, ge=1, description="Examples per device per micro-batch.")
+    grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null = off.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    eval_every: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
+    save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    log_every: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision: auto = bf16 on GPU (and on CPUs with bf16 units), else fp32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+
+
+class EvalSection(_Section):
+    """Generation-based evaluation on held-out prompts (the quickstart uses exact match)."""
+
+    test: str | None = Field(None, description="File of prompts with reference answers.")
+    max_new_tokens: int = Field(32, ge=1, le=32768)
+    batch_size: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N test examples.")
+    run_base: bool = Field(True, description="Also evaluate the base model for comparison.")
+
+
+class RunConfig(_Section):
+    """A whole run: what to fine-tune, on what data, how, and where the results go."""
+
+    base_model: str = Field(EMBEDDED_MODEL, description="Local HF folder, Hub id, .gguf file or an alias.")
+    output_dir: str = Field("runs/run", description="Run folder: checkpoints, adapter, metrics, config.")
+    seed: int = 3407
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.data.format == "columns" and not (self.data.prompt_column and self.data.response_column):
+            raise ValueError("data.format 'columns' needs data.prompt_column and data.response_column")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _fields_at(path: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> LoraforgeError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            maybe = f" Did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            lines.append(f"unknown key '{key}'.{maybe} Allowed here: {', '.join(allowed)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"'{key}': {msg}{shown}")
+    return LoraforgeError("invalid config:\n  " + "\n  ".join(lines), where=source)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise LoraforgeError(f"cannot set '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn ["train.learning_rate=1e-3", "lora.target_modules=[q_proj,v_proj]"] into a nested dict."""
+    tree: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise LoraforgeError(f"override '{pair}' is not key=value", hint="write e.g. train.learning_rate=1e-3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise LoraforgeError("config file not found", where=str(p), hint="check the path, or run without a config")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise LoraforgeError(f"not valid YAML: {getattr(e, 'problem', e)}", where=where) from None
+    if not isinstance(tree, dict):
+        raise LoraforgeError("the config must be a mapping of keys to values", where=str(p))
+    return tree
+
+
+def build_config(tree: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> RunConfig:
+    """Defaults <- `base` <- YAML file <- key=value overrides, validated once at the end."""
+    tree = dict(base or {})
+    source = "overrides"
+    if path is not None:
+        tree = _merge(tree, read_yaml(path))
+        source = str(path)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+    return build_config(tree, source)
