@@ -92,26 +92,64 @@ def quickstart(
     run_quickstart(output_dir, per_intent=per_intent, test_size=test_size, epochs=epochs, overwrite=overwrite)
 
 
+@app.command()
+def plan(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML run config; the flags below override it.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Family name, Hub id or folder with config.json.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="full | lora | qlora (default: from the config).")] = None,
+    seq: Annotated[Optional[int], typer.Option(help="Sequence length in tokens.")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Examples per micro-batch.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r.")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Comma-separated LoRA modules, or all-linear.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(help="Recompute activations in backward.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw | adamw_8bit | paged_adamw_8bit.")] = None,
+    packing: Annotated[Optional[bool], typer.Option(help="Pack examples into full rows (no padding).")] = None,
+    offload: Annotated[Optional[bool], typer.Option(help="Keep optimizer states in CPU RAM.")] = None,
+    examples: Annotated[Optional[int], typer.Option(help="Training examples (default: from data.train).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the examples.")] = None,
+    avg_tokens: Annotated[Optional[int], typer.Option(help="Average tokens per example.")] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="Card to fit, e.g. 4090 or 'A100 80GB'; suggests fixes.")] = None,
+    prices: Annotated[Optional[Path], typer.Option(help="YAML/JSON of GPU name -> USD/hour (overrides).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Estimate peak GPU memory, fit per card, speed, wall time and cost of a run, before renting a GPU."""
+    from loraforge.config import load_config
+    from loraforge.plan import from_config, plan_run
+
+    inputs = from_config(
+        load_config(config), model=model, method=method, seq=seq, batch=batch, grad_accum=grad_accum, rank=rank,
+        targets=None if targets is None else tuple(targets.split(",")), gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer, packing=packing, offload=offload, examples=examples, epochs=epochs, avg_tokens=avg_tokens,
+    )
+    report = plan_run(inputs, gpu=gpu, prices_file=prices)
+    if json_out:
+        typer.echo(report.to_json())
+    else:
+        from loraforge.plan.render import render
+
+        render(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (2 for user errors)."""
     try:
         app(args=argv, standalone_mode=False)
     except LoraforgeError as e:
         from rich.console import Console
+        from rich.text import Text
 
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(e)))
         return 2
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         return int(code or 0)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors (typer's click exceptions) arrive here in non-standalone mode
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
-            return 2
+            return int(e.exit_code)
         raise
     return 0
 

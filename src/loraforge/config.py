@@ -22,6 +22,11 @@ from loraforge.errors import LoraforgeError
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+# Names other tools use for our keys, so an error can point at the right one.
+ALIASES = {"lr": "learning_rate", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+           "num_epochs": "epochs", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+           "micro_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+           "max_seq_len": "max_seq_length", "sequence_len": "max_seq_length", "target": "target_modules"}
 
 
 class _Section(BaseModel):
@@ -138,7 +143,8 @@ def _explain(err: ValidationError, source: str) -> LoraforgeError:
         key = ".".join(str(x) for x in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _fields_at(loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            alias = ALIASES.get(str(loc[-1]))
+            close = [alias] if alias in allowed else difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             maybe = f" Did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
             lines.append(f"unknown key '{key}'.{maybe} Allowed here: {', '.join(allowed)}")
         else:

@@ -1,0 +1,57 @@
+"""Seeded validation split, padding-aware batch order, and collation into padded tensors.
+
+Batch order is a pure function of (seed, epoch): examples are shuffled, cut into windows of 64
+batches, sorted by length inside each window (so a batch holds similar lengths and padding stays
+small) and the batches are shuffled again. A resumed run recomputes the same order and skips the
+batches it already did, so no sampler state has to be saved.
+"""
+
+from __future__ import annotations
+
+import random
+
+from loraforge.data.templates import IGNORE_INDEX, Tokenized
+
+WINDOW_BATCHES = 64
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split into (train, validation); at least one validation item when fraction > 0."""
+    if fraction <= 0 or len(items) < 2:
+        return list(items), []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(items) * fraction))
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return [items[i] for i in train], [items[i] for i in val]
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of each batch of one epoch, grouped by similar length."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * WINDOW_BATCHES
+    batches = []
+    for start in range(0, len(idx), window):
+        chunk = sorted(idx[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items: list[Tokenized], pad_id: int):
+    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors."""
+    import torch
+
+    width = max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, t in enumerate(items):
+        n = len(t.input_ids)
+        ids[row, :n] = torch.tensor(t.input_ids)
+        labels[row, :n] = torch.tensor(t.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

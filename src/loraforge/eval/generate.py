@@ -1,0 +1,151 @@
+"""Batched generation for evaluation and for `loraforge generate` / `loraforge chat`.
+
+Prompts are rendered with the model's chat template, sorted by length, left-padded into batches
+and decoded greedily with the KV cache; decoding stops at the template's end-of-turn token. Each
+answer records whether the model stopped by itself (a model that never stops is reported).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraforge.data.templates import prompt_text
+from loraforge.errors import LoraforgeError
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+
+
+@dataclass
+class Generation:
+    text: str
+    stopped: bool      # ended at an end-of-turn token (not cut by max_new_tokens)
+    new_tokens: int
+
+
+@dataclass
+class InferenceHandle:
+    model: object
+    tokenizer: object
+    system: str | None = None
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
+    return sorted(ids)
+
+
+def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
+                   batch_size: int = 32, progress=None) -> list[Generation]:
+    """Greedy answers to each conversation (its last assistant turn, if any, is left out)."""
+    texts = [prompt_text(tokenizer, c) for c in conversations]
+    stops = stop_token_ids(tokenizer, model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[Generation | None] = [None] * len(texts)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                toks = new[row].tolist()
+                cut = next((k for k, t in enumerate(toks) if t in stops), None)
+                kept = toks if cut is None else toks[:cut]
+                out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), cut is not None,
+                                    len(kept))
+            if progress:
+                progress(len(idx))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def load_for_inference(name: str) -> InferenceHandle:
+    """A run folder (base + its adapter), an adapter folder, or a bare base model."""
+    import yaml
+
+    from loraforge.model.adapters import load_adapter
+    from loraforge.model.load import load_base, pick_device
+
+    path = Path(name)
+    device = pick_device("auto")
+    run_cfg = path / "config.yaml"
+    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else \
+        path if (path / "adapter_config.json").is_file() else None
+    if adapter is None:
+        model, tok, _ = load_base(name, device=device)
+        return InferenceHandle(model, tok)
+    import json
+
+    base_name = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    system = None
+    if run_cfg.is_file():
+        cfg = yaml.safe_load(run_cfg.read_text()) or {}
+        base_name = base_name or cfg.get("base_model")
+        system = (cfg.get("data") or {}).get("system_prompt")
+    if not base_name:
+        raise LoraforgeError("the adapter does not say which base model it belongs to", where=str(adapter))
+    model, tok, _ = load_base(base_name, device=device)
+    return InferenceHandle(load_adapter(model, adapter), tok, system)
+
+
+def generate_answers(handle: InferenceHandle, prompts: list[str], *, system: str | None = None,
+                     max_new_tokens: int = 128) -> list[str]:
+    convs = [build_messages(p, system or handle.system) for p in prompts]
+    return [g.text for g in generate_batch(handle.model, handle.tokenizer, convs, max_new_tokens=max_new_tokens)]
+
+
+def chat_loop(handle: InferenceHandle, *, system: str | None = None, max_new_tokens: int = 256) -> None:
+    """Interactive chat; answers stream token by token. Empty line or Ctrl-D ends it."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    tok, model = handle.tokenizer, handle.model
+    system = system or handle.system
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    stops = stop_token_ids(tok, model)
+    device = next(model.parameters()).device
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        history.append({"role": "user", "content": user})
+        enc = tok(prompt_text(tok, history), return_tensors="pt", add_special_tokens=False).to(device)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                      pad_token_id=tok.pad_token_id, streamer=streamer)
+        Thread(target=model.generate, kwargs=kwargs, daemon=True).start()
+        print("model> ", end="", flush=True)
+        answer = ""
+        for piece in streamer:
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": answer.strip()})

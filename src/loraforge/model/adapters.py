@@ -1,0 +1,78 @@
+"""LoRA / DoRA adapters through PEFT, so that every tool that reads PEFT folders loads ours.
+
+attach_adapter: wrap a frozen base with a fresh adapter (targets checked against the model);
+save_adapter:   adapter_config.json + adapter_model.safetensors (+ tokenizer) written atomically;
+load_adapter:   a saved adapter over a base model, for inference or evaluation.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from loraforge.config import ALL_LINEAR, LoraSection
+from loraforge.errors import LoraforgeError
+
+
+def linear_names(model) -> set[str]:
+    """Last name component of every nn.Linear in the model, the lm_head excluded."""
+    import torch
+
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+
+
+def attach_adapter(model, lora: LoraSection, base_path: str | None = None):
+    from peft import LoraConfig, get_peft_model
+
+    present = linear_names(model)
+    targets = [t for t in lora.target_modules if t in present]
+    missing = [t for t in lora.target_modules if t not in present]
+    if not targets:
+        raise LoraforgeError(f"none of lora.target_modules {lora.target_modules} is a linear layer of this "
+                             f"model", hint=f"this model's linear layers are: {', '.join(sorted(present))}")
+    if missing and lora.target_modules != ALL_LINEAR:
+        raise LoraforgeError(f"lora.target_modules {missing} are not linear layers of this model",
+                             hint=f"choose among: {', '.join(sorted(present))}")
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                          use_dora=lora.adapter == "dora", bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, peft_cfg)
+    if base_path:
+        peft_model.peft_config["default"].base_model_name_or_path = base_path
+    return peft_model
+
+
+def trainable_parameters(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_adapter(model, out_dir: Path, tokenizer=None) -> Path:
+    """Write the adapter (and tokenizer) to out_dir atomically; returns out_dir."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def load_adapter(base_model, adapter_dir: str | Path, *, trainable: bool = False):
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LoraforgeError("no adapter_config.json here: not a PEFT adapter folder", where=str(adapter_dir))
+    try:
+        return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=trainable)
+    except (RuntimeError, ValueError) as e:  # shape mismatch: adapter made for another base
+        raise LoraforgeError(f"this adapter does not fit the base model: {str(e).splitlines()[0]}",
+                             where=str(adapter_dir), hint="load it over the base model it was trained on") from None

@@ -1,0 +1,82 @@
+"""What to plan: a model shape, a training setup and a dataset size, from a RunConfig plus explicit changes.
+
+    from loraforge.config import load_config
+    inputs = from_config(load_config("run.yaml"), method="qlora", seq=4096)
+
+Config fields map as: model.quantization nf4 -> qlora (else lora), lora.r/target_modules/dropout,
+train.batch_size/grad_accum/optimizer/epochs, data.max_seq_length/packing, model.gradient_checkpointing.
+The dataset size is counted from `data.train` when it is a local JSONL/CSV file (examples = rows, tokens ~
+bytes / 4), else assumed (1,000 examples of 512 tokens) and marked as assumed in the report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.errors import LoraforgeError
+from loraforge.plan.memory import TrainSetup
+from loraforge.plan.shapes import ModelShape, resolve_shape
+from loraforge.plan.throughput import DataSize
+
+if TYPE_CHECKING:
+    from loraforge.config import RunConfig
+
+BYTES_PER_TOKEN = 4  # rough English text in a BPE vocabulary; JSON keys and quoting make it an over-estimate
+_COUNT_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    shape: ModelShape
+    setup: TrainSetup
+    data: DataSize
+
+
+def count_dataset(path: str | Path) -> DataSize | None:
+    """Examples and rough tokens per example of a local .jsonl/.csv file; None for other files."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".csv") or not p.is_file():
+        return None
+    lines, size, last = 0, 0, b"\n"
+    with p.open("rb") as f:
+        while chunk := f.read(_COUNT_CHUNK):
+            lines, size, last = lines + chunk.count(b"\n"), size + len(chunk), chunk[-1:]
+    examples = lines + (last != b"\n") - (p.suffix.lower() == ".csv")  # unterminated last line; CSV header
+    if examples < 1:
+        return None
+    return DataSize(examples=examples, avg_tokens=max(1, math.ceil(size / examples / BYTES_PER_TOKEN)),
+                    assumed=False)
+
+
+def from_config(cfg: RunConfig, **flags: Any) -> PlanInputs:
+    """Inputs for `cfg`, with each flag that is not None replacing the config's value.
+
+    Flags: model, method, seq, batch, grad_accum, rank, targets, gradient_checkpointing, optimizer, packing,
+    offload, examples, epochs, avg_tokens.
+    """
+    unknown = set(flags) - {*TrainSetup.__dataclass_fields__, "model", "examples", "epochs", "avg_tokens"}
+    if unknown:
+        raise TypeError(f"unknown plan flags: {sorted(unknown)}")
+    given = {k: v for k, v in flags.items() if v is not None}
+    setup = TrainSetup(
+        method="qlora" if cfg.model.quantization == "nf4" else "lora",
+        seq=cfg.data.max_seq_length, batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+        rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer,
+        packing=cfg.data.packing,
+    )
+    setup = replace(setup, **{k: v for k, v in given.items() if k in TrainSetup.__dataclass_fields__})
+    counted = count_dataset(cfg.data.train) if cfg.data.train else None
+    data = counted or DataSize(avg_tokens=min(DataSize.avg_tokens, setup.seq))
+    data = replace(data, epochs=cfg.train.epochs)
+    sizes = {k: given[k] for k in ("examples", "epochs", "avg_tokens") if k in given}
+    for name, value in sizes.items():
+        if value <= 0 or (name != "epochs" and int(value) != value):
+            raise LoraforgeError(f"{name} must be a positive {'number' if name == 'epochs' else 'whole number'}"
+                                 f" (got {value!r})")
+    if sizes:
+        data = replace(data, **sizes, assumed=data.assumed and not {"examples", "avg_tokens"} <= set(sizes))
+    return PlanInputs(resolve_shape(given.get("model") or cfg.base_model), setup, data)

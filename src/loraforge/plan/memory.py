@@ -1,0 +1,219 @@
+"""Peak GPU memory of one training step, part by part, from a model shape and a training setup.
+
+    from loraforge.plan import estimate, resolve_shape
+    mem = estimate(resolve_shape("llama-3.1-8b"), method="qlora", seq=2048, batch=1)
+    mem.total, mem.parts()        # GiB
+
+The model is arithmetic on named constants (below), each with where it comes from; they are first-principles
+byte counts for a bf16 Llama-style decoder with SDPA/flash attention (no seq x seq score matrix is kept), and
+will be calibrated against GPU measurements in bench/results/. Everything is in GiB (2**30 bytes).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from loraforge.config import ALL_LINEAR as CONFIG_ALL_LINEAR
+from loraforge.errors import LoraforgeError
+from loraforge.plan.shapes import ModelShape
+
+GIB = 2**30
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+ALL_LINEAR = tuple(CONFIG_ALL_LINEAR)
+
+# --- weights -------------------------------------------------------------------------------------------
+BF16 = 2  # bytes per bf16 element: frozen base weights, activations, logits
+FP32 = 4  # bytes per fp32 element: LoRA weights and grads (PEFT upcasts adapters of a bf16 base), loss math
+# NF4 (QLoRA paper, Dettmers et al. 2023, and bitsandbytes): 4 bits per weight, one 8-bit absmax per block of
+# 64 weights (double quantisation), and one fp32 second-level absmax per 256 blocks. Only the linear layers
+# of the decoder are quantised; embeddings, lm_head and norms stay bf16.
+NF4_BYTES = 0.5
+NF4_BLOCK = 64
+NF4_ABSMAX_BYTES = 1  # double-quantised absmax (8-bit)
+NF4_BLOCK2 = 256
+NF4_ABSMAX2_BYTES = 4  # fp32 second-level absmax per 256 blocks
+# --- optimizer (bytes per trainable parameter) ---------------------------------------------------------
+# AdamW keeps two states (m, v): fp32 = 8 bytes; bitsandbytes 8-bit AdamW = 2 bytes (paged: same on GPU).
+ADAM_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+# Full fine-tuning in bf16 mixed precision also keeps an fp32 master copy of every weight (ZeRO paper,
+# Rajbhandari et al. 2020: 2 + 2 + 12 bytes/param for weights, grads, master + Adam states).
+FULL_MASTER_BYTES = 4
+FULL_GRAD_BYTES = BF16
+# --- activations (bytes per token per decoder layer, saved for backward) -----------------------------
+# Two RMSNorms each save their fp32 upcast input (4 B) and bf16 output (2 B): 12 B x hidden.
+ACT_NORM_BYTES = 12
+# SDPA/flash saves q, k, v and its output (bf16) plus an fp32 logsumexp per head; o_proj's input is a
+# contiguous copy of the output: 2 B x (2*q_dim + 2*kv_dim) + 2 B x q_dim + 4 B x heads.
+ACT_ATTN_BYTES = BF16
+ACT_LSE_BYTES = 4
+# SwiGLU saves gate, up, silu(gate) and silu(gate)*up (bf16): 8 B x intermediate.
+ACT_MLP_BYTES = 8
+# Full fine-tuning: trained linear layers also save their inputs for weight grads (the two bf16 norm outputs).
+ACT_FULL_EXTRA_BYTES = 4
+# LoRA with dropout: per targeted module a bool dropout mask (1 B) and the dropped bf16 input (2 B) x in.
+ACT_LORA_BYTES = 3
+# Gradient checkpointing per decoder layer keeps only each layer's bf16 input, and recomputes one layer.
+ACT_CKPT_INPUT_BYTES = BF16
+# --- logits and loss (bytes per token per vocab entry) -------------------------------------------------
+# bf16 logits + the loss's fp32 upcast + fp32 log-softmax saved for backward (transformers' ForCausalLMLoss).
+LOGITS_BYTES = BF16 + FP32 + FP32
+# --- framework ------------------------------------------------------------------------------------------
+CUDA_CONTEXT_GIB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: measured ~0.4-0.8 GiB on recent drivers
+ALLOCATOR_SLACK = 0.05  # PyTorch caching-allocator fragmentation, as a fraction of everything else
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What is trained and how: the knobs that change memory and speed (not the dataset size)."""
+
+    method: str = "lora"
+    seq: int = 2048
+    batch: int = 2
+    grad_accum: int = 8
+    rank: int = 16
+    targets: tuple[str, ...] = ALL_LINEAR
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    packing: bool = False
+    offload: bool = False  # optimizer states (and full fine-tuning's fp32 master weights) live in CPU RAM
+    lora_dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("seq", "batch", "grad_accum", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LoraforgeError(f"{name} must be a whole number of at least 1 (got {value!r})")
+        object.__setattr__(self, "targets", _expand_targets(self.targets))
+        if self.is_lora and not self.targets:
+            raise LoraforgeError("targets is empty", hint="name the LoRA modules, e.g. q_proj,v_proj")
+        if not 0 <= self.lora_dropout < 1:
+            raise LoraforgeError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method != "full"
+
+    def check(self, shape: ModelShape) -> None:
+        """Errors that need the model: unknown target modules, a rank the layers cannot hold."""
+        if not self.is_lora:
+            return
+        dims = shape.linear_dims()
+        for t in self.targets:
+            if t not in dims:
+                close = difflib.get_close_matches(t, list(dims), n=1)
+                maybe = f" Did you mean '{close[0]}'?" if close else ""
+                raise LoraforgeError(f"unknown target module '{t}'.{maybe}", hint="use any of: " + ", ".join(dims))
+        if self.rank > shape.hidden:
+            raise LoraforgeError(f"LoRA rank {self.rank} is larger than {shape.name}'s hidden size {shape.hidden}",
+                                 hint="use a rank well below the hidden size; 8-64 is usual")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LoraforgeError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _expand_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    names = [t.strip() for t in targets if t.strip()]
+    if any(t.replace("_", "-") == "all-linear" for t in names):
+        return ALL_LINEAR
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Peak GPU memory in GiB, by part. `total` is their sum; the `activations_*` pair is for comparison."""
+
+    weights: float
+    quant_constants: float
+    adapters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    overhead: float
+    activations_with_checkpointing: float
+    activations_without_checkpointing: float
+    trainable_params: int
+
+    PARTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer", "activations", "logits",
+             "overhead")
+
+    def parts(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.PARTS}
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts().values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+
+def adapter_params(shape: ModelShape, setup: TrainSetup) -> int:
+    """LoRA parameters: r * (in + out) per targeted module per layer."""
+    dims = shape.linear_dims()
+    return shape.layers * sum(setup.rank * sum(dims[t]) for t in setup.targets)
+
+
+def _weight_bytes(shape: ModelShape, method: str) -> tuple[float, float]:
+    """(weights, quantisation constants) in bytes of the base model on the GPU."""
+    other = (shape.embedding_params + shape.norm_params) * BF16
+    if method != "qlora":
+        return shape.linear_params * BF16 + other, 0.0
+    per_param = NF4_ABSMAX_BYTES / NF4_BLOCK + NF4_ABSMAX2_BYTES / (NF4_BLOCK * NF4_BLOCK2)
+    return shape.linear_params * NF4_BYTES + other, shape.linear_params * per_param
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> float:
+    """Bytes saved for backward by one decoder layer for one token, without checkpointing."""
+    q, kv = shape.q_dim, shape.kv_dim
+    total = (ACT_NORM_BYTES * shape.hidden + ACT_ATTN_BYTES * (3 * q + 2 * kv) + ACT_LSE_BYTES * shape.heads
+             + ACT_MLP_BYTES * shape.intermediate)
+    if not setup.is_lora:
+        return total + ACT_FULL_EXTRA_BYTES * shape.hidden
+    if setup.lora_dropout > 0:
+        dims = shape.linear_dims()
+        total += ACT_LORA_BYTES * sum(dims[t][0] for t in setup.targets)
+    return total
+
+
+def _activation_bytes(shape: ModelShape, setup: TrainSetup, checkpointing: bool) -> float:
+    tokens = setup.batch * setup.seq
+    per_layer = activation_bytes_per_token_layer(shape, setup) * tokens
+    if not checkpointing:
+        return shape.layers * per_layer
+    return shape.layers * ACT_CKPT_INPUT_BYTES * shape.hidden * tokens + per_layer
+
+
+def estimate(shape: ModelShape, setup: TrainSetup | None = None, **changes: Any) -> MemoryBreakdown:
+    """Peak memory of `setup` (default TrainSetup(), with keyword `changes` applied) on `shape`."""
+    setup = replace(setup or TrainSetup(), **changes) if changes else (setup or TrainSetup())
+    setup.check(shape)
+    weights, quant = _weight_bytes(shape, setup.method)
+    on_gpu = 0 if setup.offload else 1
+    if setup.is_lora:
+        trainable = adapter_params(shape, setup)
+        adapters, grads = trainable * FP32, trainable * FP32
+        optimizer = trainable * ADAM_STATE_BYTES[setup.optimizer] * on_gpu
+    else:
+        trainable = shape.params
+        adapters, grads = 0, trainable * FULL_GRAD_BYTES
+        optimizer = trainable * (FULL_MASTER_BYTES + ADAM_STATE_BYTES[setup.optimizer]) * on_gpu
+    with_ckpt = _activation_bytes(shape, setup, True)
+    without = _activation_bytes(shape, setup, False)
+    activations = with_ckpt if setup.gradient_checkpointing else without
+    logits = setup.batch * setup.seq * shape.vocab * LOGITS_BYTES
+    model_bytes = weights + quant + adapters + grads + optimizer + activations + logits
+    overhead = CUDA_CONTEXT_GIB * GIB + ALLOCATOR_SLACK * model_bytes
+    return MemoryBreakdown(
+        weights=weights / GIB, quant_constants=quant / GIB, adapters=adapters / GIB, gradients=grads / GIB,
+        optimizer=optimizer / GIB, activations=activations / GIB, logits=logits / GIB, overhead=overhead / GIB,
+        activations_with_checkpointing=with_ckpt / GIB, activations_without_checkpointing=without / GIB,
+        trainable_params=trainable,
+    )

@@ -1,0 +1,78 @@
+"""Training speed from FLOPs: tokens/s = achievable TFLOP/s / FLOPs per token, then time for a dataset.
+
+A forward pass costs 2 FLOPs per weight per token (the linear layers and the lm_head) plus causal attention,
+2 * layers * q_dim * context per token (QK^T and AV at half the context on average). Backward costs twice the
+forward when weights are trained (full fine-tuning: 6N in total) but only once for a frozen base (LoRA: no
+weight grads, 4N), and gradient checkpointing adds one more forward (Chinchilla/PaLM-style accounting).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loraforge.plan.gpus import GPU
+from loraforge.plan.memory import TrainSetup, adapter_params
+from loraforge.plan.shapes import ModelShape
+
+# Model FLOPs utilisation reached by a plain PyTorch + SDPA training loop; a guess from published fine-tuning
+# runs (30-45% on A100/H100). Calibration against bench/results/ measurements will replace it per GPU.
+MFU = 0.35
+# bitsandbytes dequantises NF4 weights in every matmul: QLoRA steps run ~25-40% slower than bf16 LoRA.
+QLORA_SPEED = 0.75
+# Offloaded optimizer states (full fine-tuning) move weights/grads over PCIe every step (ZeRO-Offload).
+OFFLOAD_SPEED = 0.6
+# Without packing, a batch pads to its longest example: extra tokens computed, as a fraction of the real ones.
+PADDING_WASTE = 0.25
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """How much training there is: examples x epochs of about `avg_tokens` tokens each."""
+
+    examples: int = 1000
+    epochs: float = 3.0
+    avg_tokens: int = 512
+    assumed: bool = True  # True when the numbers are defaults, not read from the user or the data
+
+
+def flops_per_token(shape: ModelShape, setup: TrainSetup, context: int) -> float:
+    """Training FLOPs (forward + backward [+ recompute]) per token at an average attended context."""
+    matmul_fwd = 2 * (shape.linear_params + shape.vocab * shape.hidden)
+    attention_fwd = 2 * shape.layers * shape.q_dim * context
+    recompute = 1 if setup.gradient_checkpointing else 0
+    if not setup.is_lora:
+        return (3 + recompute) * (matmul_fwd + attention_fwd)
+    adapter = 2 * adapter_params(shape, setup)
+    return (2 + recompute) * matmul_fwd + (3 + recompute) * (attention_fwd + adapter)
+
+
+def tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, context: int) -> float:
+    speed = gpu.bf16_tflops * 1e12 * MFU
+    if setup.method == "qlora":
+        speed *= QLORA_SPEED
+    if setup.offload and not setup.is_lora:
+        speed *= OFFLOAD_SPEED
+    return speed / flops_per_token(shape, setup, context)
+
+
+def tokens_per_example(setup: TrainSetup, data: DataSize) -> float:
+    """Tokens computed per example: truncated to seq, plus padding when batches are not packed."""
+    real = min(data.avg_tokens, setup.seq)
+    waste = PADDING_WASTE if setup.batch > 1 and not setup.packing else 0.0
+    return min(real * (1 + waste), setup.seq)
+
+
+def total_tokens(setup: TrainSetup, data: DataSize) -> float:
+    return data.examples * data.epochs * tokens_per_example(setup, data)
+
+
+def optimizer_steps(setup: TrainSetup, data: DataSize) -> int:
+    rows = data.examples if not setup.packing else math.ceil(data.examples * min(data.avg_tokens, setup.seq)
+                                                             / setup.seq)
+    return math.ceil(data.epochs * math.ceil(rows / (setup.batch * setup.grad_accum)))
+
+
+def train_seconds(gpu: GPU, shape: ModelShape, setup: TrainSetup, data: DataSize) -> float:
+    context = min(data.avg_tokens, setup.seq)
+    return total_tokens(setup, data) / tokens_per_second(gpu, shape, setup, context)

@@ -1,0 +1,195 @@
+"""One training run, from config to artefacts: the function behind `loraforge train`.
+
+    run_dir/
+      config.yaml          the validated config (every artefact says how it was made)
+      data_report.json     how many examples were read, dropped as too long, used
+      metrics.jsonl        one row per optimizer step (loss, lr, grad norm, tokens/s, val_loss)
+      checkpoints/         crash-safe checkpoints (see train.checkpoint)
+      adapter/             the final PEFT adapter + tokenizer (PeftModel.from_pretrained loads it)
+      summary.json         final losses, steps, time
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from loraforge.config import RunConfig
+from loraforge.data.batching import split_validation
+from loraforge.data.formats import Example, read_examples
+from loraforge.data.templates import tokenize_all
+from loraforge.errors import LoraforgeError
+from loraforge.model.adapters import attach_adapter, save_adapter, trainable_parameters
+from loraforge.model.load import load_base, pick_device
+from loraforge.train.checkpoint import TrainerState, latest_good, load_checkpoint
+from loraforge.train.loop import plan_steps, train_loop
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    adapter_dir: Path
+    model: object          # the PEFT model, trained, in eval mode
+    tokenizer: object
+    base_path: str
+    summary: dict
+
+
+def resolve_precision(requested: str, device: str) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if requested == "fp32":
+        return None
+    if device == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    else:
+        ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if requested == "bf16" and not ok:
+        raise LoraforgeError(f"train.precision=bf16 but this {device} has no bf16 support",
+                             hint="use train.precision=fp32 (or auto)")
+    return torch.bfloat16 if ok else None
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.output_dir)
+    if resume:
+        if not run_dir.is_dir():
+            raise LoraforgeError("nothing to resume: the run folder does not exist", where=str(run_dir),
+                                 hint="start the run without --resume")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise LoraforgeError("the run folder already exists and is not empty", where=str(run_dir),
+                                 hint="pass --resume to continue it, --overwrite to replace it, "
+                                      "or set output_dir to a new folder")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, dict]:
+    d = cfg.data
+    if not d.train:
+        raise LoraforgeError("no training data: set data.train", hint="e.g. loraforge train run.yaml "
+                             "data.train=train.jsonl")
+    opts = dict(prompt_column=d.prompt_column, response_column=d.response_column, system_prompt=d.system_prompt)
+    train_ex: list[Example] = read_examples(d.train, d.format, **opts)
+    if d.validation:
+        val_ex = read_examples(d.validation, d.format, **opts)
+    else:
+        train_ex, val_ex = split_validation(train_ex, d.validation_split, cfg.seed)
+    train_items, train_long = tokenize_all(tokenizer, train_ex, d.max_seq_length, d.train_on, "training data")
+    val_items, val_long = tokenize_all(tokenizer, val_ex, d.max_seq_length, d.train_on, "validation data") \
+        if val_ex else ([], [])
+    report = {"train_examples": len(train_items), "validation_examples": len(val_items),
+              "dropped_too_long": len(train_long) + len(val_long), "too_long_sources": (train_long + val_long)[:20],
+              "max_seq_length": d.max_seq_length,
+              "train_tokens": sum(len(t.input_ids) for t in train_items),
+              "train_loss_tokens": sum(t.n_loss_tokens for t in train_items)}
+    if report["dropped_too_long"]:
+        console.print(f"[yellow]warning:[/] {report['dropped_too_long']} examples are longer than "
+                      f"max_seq_length={d.max_seq_length} and were left out (first: {report['too_long_sources'][0]})")
+    return train_items, val_items, report
+
+
+def make_optimizer(params: list, cfg: RunConfig, device: str):
+    tc = cfg.train
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                                 fused=device == "cuda" or None)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LoraforgeError(f"train.optimizer={tc.optimizer} needs bitsandbytes",
+                             hint="pip install bitsandbytes, or use train.optimizer=adamw") from None
+    cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, base=None,
+                 dir_ready: bool = False) -> RunResult:
+    """Train as `cfg` says. `base` = (model, tokenizer, path) reuses an already loaded base model;
+    `dir_ready` says the caller already created output_dir (with prepare_run_dir) and put data in it."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    run_dir = Path(cfg.output_dir) if dir_ready else prepare_run_dir(cfg, resume, overwrite)
+    if cfg.model.quantization != "none":
+        raise LoraforgeError(f"model.quantization={cfg.model.quantization} is not available in this version",
+                             hint="use model.quantization=none")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = pick_device(cfg.train.device)
+    accelerator = Accelerator(cpu=device == "cpu")
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    autocast = (lambda: torch.autocast(device, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=cfg.model.dtype, device=device,
+                                                    attn_implementation=cfg.model.attn_implementation)
+    train_items, val_items, data_report = load_data(cfg, tokenizer)
+    write_json(run_dir / "data_report.json", data_report)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    torch.manual_seed(cfg.seed)
+    model = attach_adapter(model, cfg.lora, base_path)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, cfg, device)
+    _, total_steps = plan_steps(len(train_items), cfg)
+    warmup = round(cfg.train.warmup_ratio * total_steps)
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    state = TrainerState()
+    if resume:
+        ckpt = latest_good(run_dir / "checkpoints", warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+        if ckpt is None:
+            raise LoraforgeError("no usable checkpoint to resume from", where=str(run_dir / "checkpoints"),
+                                 hint="start again with --overwrite")
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        console.print(f"resuming from {ckpt} (step {state.step}/{total_steps})")
+
+    n_trainable = sum(p.numel() for p in params)
+    console.print(f"training {cfg.lora.adapter} r={cfg.lora.r} on {device} "
+                  f"({'bf16' if amp_dtype else 'fp32'} compute): {n_trainable:,} trainable parameters, "
+                  f"{len(train_items)} examples, {total_steps} steps")
+    result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items, cfg,
+                        run_dir, state, log=console.print)
+    model.eval()
+    adapter_dir = save_adapter(model, run_dir / "adapter", tokenizer)
+    summary = {"steps": result.state.step, "final_train_loss": result.final_train_loss,
+               "final_val_loss": result.final_val_loss, "best_val_loss": result.state.best_val_loss,
+               "best_step": result.state.best_step, "train_seconds": round(result.seconds, 2),
+               "tokens_seen": result.state.tokens_seen, "device": device,
+               "precision": "bf16" if amp_dtype else "fp32", "trainable_parameters": n_trainable,
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(run_dir / "summary.json", summary)
+    console.print(f"adapter saved in {adapter_dir}  (final train loss {result.final_train_loss:.4f}"
+                  + (f", validation loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else ")"))
+    return RunResult(run_dir, adapter_dir, model, tokenizer, base_path, summary)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from, so no step appears twice."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.replace(path)

@@ -1,0 +1,105 @@
+"""Memory estimates against hand calculations, monotonicity, and one clear error per impossible value."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraforge.errors import LoraforgeError
+from loraforge.plan import KNOWN_MODELS, TrainSetup, estimate, find_gpu
+from loraforge.plan.fit import fits
+
+GIB = 2**30
+LLAMA8B = KNOWN_MODELS["Llama-3.1-8B"]
+# Llama-3.1-8B by hand: 32 layers of q,o (4096x4096), k,v (4096x1024), gate,up,down (4096x14336).
+LINEAR_8B = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+EMBED_NORMS_8B = 2 * 128256 * 4096 + 65 * 4096  # untied embedding + lm_head, 2 norms per layer + final
+
+
+def test_qlora_weights_by_hand():
+    mem = estimate(LLAMA8B, method="qlora")
+    nf4 = LINEAR_8B * 0.5 + EMBED_NORMS_8B * 2
+    absmax = LINEAR_8B * (1 / 64 + 4 / (64 * 256))  # 8-bit absmax per 64 + fp32 per 256 blocks
+    assert mem.weights * GIB == pytest.approx(nf4)
+    assert mem.quant_constants * GIB == pytest.approx(absmax)
+    # ~5.7 GB = 5.3 GiB: 3.5 GB of NF4 linear layers + 2.1 GB of bf16 embedding and lm_head
+    assert 5.5e9 < (mem.weights + mem.quant_constants) * GIB < 6.0e9
+
+
+def test_lora_bf16_weights_are_about_15_gib():
+    mem = estimate(LLAMA8B, method="lora")
+    assert mem.weights == pytest.approx((LINEAR_8B + EMBED_NORMS_8B) * 2 / GIB)
+    assert 14.8 < mem.weights < 15.2
+    assert mem.quant_constants == 0
+
+
+def test_lora_adapter_params_match_peft():
+    # PEFT reports 41,943,040 trainable params for r=16 on all linear layers of Llama-3-8B
+    mem = estimate(LLAMA8B, method="lora", rank=16)
+    assert mem.trainable_params == 41_943_040
+    assert mem.adapters == mem.gradients == pytest.approx(41_943_040 * 4 / GIB)
+    assert mem.optimizer == pytest.approx(41_943_040 * 8 / GIB)
+    assert estimate(LLAMA8B, method="lora", optimizer="adamw_8bit").optimizer == pytest.approx(41_943_040 * 2 / GIB)
+
+
+def test_full_finetune_needs_16_bytes_per_param_and_misses_an_h100():
+    mem = estimate(LLAMA8B, method="full", batch=1, gradient_checkpointing=True)
+    states = (mem.weights + mem.gradients + mem.optimizer) * GIB
+    assert states == pytest.approx(16 * LLAMA8B.params)
+    assert mem.optimizer > 80
+    assert not fits(LLAMA8B, TrainSetup(method="full", batch=1, gradient_checkpointing=True),
+                    find_gpu("H100").memory_gib)
+
+
+def test_logits_and_checkpointed_activations_by_hand():
+    mem = estimate(LLAMA8B, method="qlora", batch=1, seq=2048, gradient_checkpointing=True)
+    assert mem.logits * GIB == 2048 * 128256 * (2 + 4 + 4)
+    layer_inputs = 32 * 2 * 4096 * 2048
+    assert layer_inputs < mem.activations * GIB < layer_inputs + mem.activations_without_checkpointing * GIB / 16
+
+
+def test_qlora_8b_with_checkpointing_fits_a_12_gib_card():
+    mem = estimate(LLAMA8B, method="qlora", batch=1, seq=2048, gradient_checkpointing=True)
+    assert 8 < mem.total < 12
+
+
+@pytest.mark.parametrize("field, small, large", [
+    ("seq", 512, 4096), ("batch", 1, 8), ("rank", 8, 128), ("method", "qlora", "lora"), ("method", "lora", "full"),
+    ("optimizer", "adamw_8bit", "adamw"), ("offload", True, False), ("gradient_checkpointing", True, False),
+])
+def test_more_costs_more(field, small, large):
+    assert estimate(LLAMA8B, **{field: small}).total < estimate(LLAMA8B, **{field: large}).total
+
+
+def test_checkpointing_reduces_activations_only():
+    off, on = estimate(LLAMA8B, gradient_checkpointing=False), estimate(LLAMA8B, gradient_checkpointing=True)
+    assert on.activations < off.activations / 10
+    assert on.activations == off.activations_with_checkpointing
+    assert off.activations == on.activations_without_checkpointing
+    assert (on.weights, on.logits, on.optimizer) == (off.weights, off.logits, off.optimizer)
+
+
+def test_total_is_sum_of_parts():
+    mem = estimate(LLAMA8B)
+    assert mem.total == pytest.approx(sum(mem.parts().values()))
+    assert mem.to_dict()["total"] == mem.total
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"batch": -1}, "batch must be a whole number of at least 1 \\(got -1\\)"),
+    ({"seq": 0}, "seq must be a whole number of at least 1 \\(got 0\\)"),
+    ({"grad_accum": 0}, "grad_accum must be"),
+    ({"rank": 8192}, "LoRA rank 8192 is larger than Llama-3.1-8B's hidden size 4096"),
+    ({"method": "dpo"}, "method must be one of full, lora, qlora"),
+    ({"optimizer": "sgd"}, "optimizer must be one of"),
+    ({"targets": ("q_porj",)}, "unknown target module 'q_porj'. Did you mean 'q_proj'"),
+    ({"targets": ("",)}, "targets is empty"),
+])
+def test_impossible_values_raise_one_clear_error(changes, message):
+    with pytest.raises(LoraforgeError, match=message):
+        estimate(LLAMA8B, **changes)
+
+
+def test_targets_accept_all_linear_and_subsets():
+    qv = estimate(LLAMA8B, targets=("q_proj", "v_proj"), rank=8).trainable_params
+    assert qv == 32 * 8 * ((4096 + 4096) + (4096 + 1024))
+    assert estimate(LLAMA8B, targets=("all-linear",)).trainable_params == estimate(LLAMA8B).trainable_params
