@@ -49,14 +49,13 @@ class DataSection(_Section):
 
     train: str | None = Field(None, description="Training file (JSONL/JSON/CSV): messages, Alpaca or columns.")
     validation: str | None = Field(None, description="Validation file; if unset, split from `train`.")
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "columns"] = "auto"
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "text", "columns"] = "auto"
     prompt_column: str | None = Field(None, description="For `columns` format: the user turn's column.")
     response_column: str | None = Field(None, description="For `columns` format: the assistant turn's column.")
     system_prompt: str | None = Field(None, description="System turn added to every example that has none.")
     validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction held out when no validation file.")
     max_seq_length: int = Field(2048, ge=8, le=1_048_576)
     train_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens carry loss.")
-    packing: bool = Field(False, description="Pack examples into rows of max_seq_length (no cross-attention).")
 
 
 class LoraSection(_Section):

@@ -35,16 +35,17 @@ def banking77_rows(split: str) -> list[dict]:
 
 
 def make_splits(per_intent: int, test_size: int, seed: int = SEED) -> tuple[list, list, list]:
-    """(train, validation, test) rows: `per_intent` + 1 per intent from train.csv, a test slice."""
+    """(train, validation, test) rows: `per_intent` + 1 per intent from train.csv (per_intent=0: all of
+    train.csv but the one validation row per intent), and a seeded test slice."""
     by_label: dict[str, list[dict]] = defaultdict(list)
     for row in banking77_rows("train"):
         by_label[row["category"]].append(row)
     rng = random.Random(seed)
     train, val = [], []
     for label in sorted(by_label):
-        rows = rng.sample(by_label[label], per_intent + 1)
-        train += rows[:per_intent]
-        val.append(rows[per_intent])
+        rows = rng.sample(by_label[label], per_intent + 1 if per_intent else len(by_label[label]))
+        val.append(rows.pop())
+        train += rows
     rng.shuffle(train)
     test = banking77_rows("test")
     test = random.Random(seed + 1).sample(test, min(test_size, len(test)))
@@ -76,8 +77,8 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
     from loraforge.model.load import load_base, pick_device
     from loraforge.train.run import prepare_run_dir, run_training, write_json
 
-    if per_intent < 1 or test_size < 1:
-        raise LoraforgeError("--per-intent and --test-size must be at least 1")
+    if per_intent < 0 or test_size < 1:
+        raise LoraforgeError("--per-intent must be 0 (all) or more and --test-size at least 1")
     t0 = time.time()
     tree = {
         "base_model": EMBEDDED_MODEL, "output_dir": str(output_dir),

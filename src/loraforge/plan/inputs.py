@@ -4,7 +4,7 @@
     inputs = from_config(load_config("run.yaml"), method="qlora", seq=4096)
 
 Config fields map as: model.quantization nf4 -> qlora (else lora), lora.r/target_modules/dropout,
-train.batch_size/grad_accum/optimizer/epochs, data.max_seq_length/packing, model.gradient_checkpointing.
+train.batch_size/grad_accum/optimizer/epochs, data.max_seq_length, model.gradient_checkpointing.
 The dataset size is counted from `data.train` when it is a local JSONL/CSV file (examples = rows, tokens ~
 bytes / 4), else assumed (1,000 examples of 512 tokens) and marked as assumed in the report.
 """
@@ -66,7 +66,7 @@ def from_config(cfg: RunConfig, **flags: Any) -> PlanInputs:
         seq=cfg.data.max_seq_length, batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
         rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout,
         gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer,
-        packing=cfg.data.packing,
+        packing=False,  # the trainer pads per length-grouped batch; packing is a `--packing` what-if
     )
     setup = replace(setup, **{k: v for k, v in given.items() if k in TrainSetup.__dataclass_fields__})
     counted = count_dataset(cfg.data.train) if cfg.data.train else None

