@@ -46,7 +46,7 @@ def test_config_file_maps_to_the_setup(tmp_path, capsys):
     config.write_text(f"""
 base_model: Qwen/Qwen2.5-0.5B-Instruct
 model: {{quantization: nf4, gradient_checkpointing: true}}
-data: {{train: {data}, max_seq_length: 1024, packing: true}}
+data: {{train: {data}, max_seq_length: 1024}}
 lora: {{r: 32, target_modules: [q_proj, v_proj]}}
 train: {{batch_size: 4, grad_accum: 2, optimizer: adamw_8bit, epochs: 2}}
 """)
@@ -55,7 +55,7 @@ train: {{batch_size: 4, grad_accum: 2, optimizer: adamw_8bit, epochs: 2}}
     assert plan["model"]["name"] == "Qwen2.5-0.5B"
     assert (setup["method"], setup["rank"], setup["targets"], setup["seq"], setup["batch"]) == \
         ("qlora", 32, ["q_proj", "v_proj"], 1024, 4)
-    assert setup["gradient_checkpointing"] and setup["packing"] and setup["optimizer"] == "adamw_8bit"
+    assert setup["gradient_checkpointing"] and not setup["packing"] and setup["optimizer"] == "adamw_8bit"
     data_size = {k: plan["data"][k] for k in ("examples", "epochs", "avg_tokens", "assumed")}
     assert data_size == {"examples": 50, "epochs": 2.0, "avg_tokens": 100, "assumed": False}
     flagged = run_json(capsys, str(config), "--method", "lora", "--seq", "512", "--targets", "all-linear",

