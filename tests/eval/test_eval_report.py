@@ -1,0 +1,122 @@
+"""The evaluation report: one self-contained HTML file (inline SVG, nothing fetched), with loss curves,
+the metric table and intervals, paired tests, side-by-side answers with wins and losses marked, the
+overfitting verdict and the config; and, in headless Chromium, a screenshot that shows them."""
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+
+import pytest
+
+from loraforge.config import RunConfig
+from loraforge.eval.report import render_html
+from loraforge.eval.run import assemble, write_outputs
+
+
+def _model(per, answers, stopped=None):
+    return {"value": sum(per) / len(per), "ci": [min(per), max(per)], "per_example": per, "answers": answers,
+            "stopped": stopped or [True] * len(per), "stop_rate": 1.0, "details": {"failures": []},
+            "new_tokens": [3] * len(per)}
+
+
+@pytest.fixture()
+def result(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 2.0 / s, **({"val_loss": 1.0 + abs(s - 6) / 5} if s % 2 == 0 else {})}
+            for s in range(1, 21)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "lo')
+    prompts = [[{"role": "user", "content": f"question {i} <script>alert(1)</script>"}] for i in range(6)]
+    refs = ["yes", "no", "yes", "no", "yes", "no"]
+    models = {"base": _model([0, 1, 0, 0, 1, 0], ["no", "no", "no", "yes", "yes", "maybe"]),
+              "fewshot": _model([1, 1, 0, 0, 1, 0], ["yes", "no", "no", "yes", "yes", "maybe"]),
+              "finetuned": _model([1, 1, 1, 1, 0, 0], ["yes", "no", "yes", "no", "no", "yes"],
+                                  [True] * 5 + [False])}
+    reg = {m: {"rate": 0.5, "by_category": {"math": 0.5}, "per_example": [1.0, 0.0], "checks": [], "answers": []}
+           for m in ("base", "finetuned")}
+    r = assemble(run, RunConfig(), prompts, refs, models, reg, [])
+    r["decoding"] = {"max_new_tokens": 8}
+    return r
+
+
+def test_report_is_self_contained_with_every_section(result, tmp_path):
+    html = render_html(result)
+    assert "<script>alert" not in html and "&lt;script&gt;" in html      # answers and prompts are escaped
+    assert not re.search(r"<script|<link|src=|@import|url\(", html)       # nothing loaded from anywhere
+    assert html.count("<svg") == 2 and 'class="series-train"' in html and 'class="series-val"' in html
+    for table in ("metric-table", "paired-tests", "regression-table", "examples"):
+        assert f"id='{table}'" in html
+    assert html.count("<tr class='win'>") == 3 and html.count("<tr class='loss'>") == 1
+    assert "did not stop" in html and "few-shot base" in html
+    assert result["overfit"]["best_step"] == 6 and "overfit-verdict" in html
+    assert '"learning_rate"' in html                                         # the run config
+    json_path, html_path = write_outputs(result, tmp_path / "out")
+    assert json.loads(json_path.read_text())["comparisons"]["finetuned_vs_base"]["n"] == 6
+    assert html_path.read_text() == html
+
+
+def _png_pixels(data: bytes):
+    """(width, height, rows of RGB(A) bytes) of an 8-bit non-interlaced PNG (what Chromium writes)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, w = 8, b"", 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            w, h, depth, color = struct.unpack(">IIBB", body[:10])
+            assert depth == 8 and color in (2, 6)
+            bpp = 3 if color == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw, stride, rows, prev = zlib.decompress(idat), w * bpp, [], bytearray(w * bpp)
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return w, h, bpp, rows
+
+
+def _has_colour(rows, bpp, rgb, tol=12):
+    for line in rows:
+        for i in range(0, len(line), bpp):
+            if all(abs(line[i + k] - rgb[k]) <= tol for k in range(3)):
+                return True
+    return False
+
+
+@pytest.mark.slow
+def test_chromium_screenshot_shows_plots_and_tables(result, tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    page = tmp_path / "report.html"
+    page.write_text(render_html(result))
+    shot = tmp_path / "shot.png"
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()],
+                   check=True, timeout=90, capture_output=True)
+    w, h, bpp, rows = _png_pixels(shot.read_bytes())
+    assert (w, h) == (1280, 2400)
+    assert _has_colour(rows, bpp, (0x00, 0x72, 0xb2))   # train loss curve and the fine-tuned bar
+    assert _has_colour(rows, bpp, (0xd5, 0x5e, 0x00))   # validation loss curve
+    assert _has_colour(rows, bpp, (0xe6, 0x9f, 0x00))   # few-shot bar
+    assert _has_colour(rows, bpp, (0xe6, 0xf4, 0xea), tol=3)   # a win row
+    assert _has_colour(rows, bpp, (0xf3, 0xf3, 0xf3), tol=2)   # table headers
