@@ -94,3 +94,34 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **train) -> dict:
     t.update(train)
     return {"base_model": str(model_dir), "output_dir": str(out), "data": {"train": str(data), "max_seq_length": 64},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "train": t}
+
+
+def train_tiny_run(model_dir: Path, out: Path, **lora) -> Path:
+    from loraforge.config import build_config
+    from loraforge.train.run import run_training
+
+    data = write_jsonl(out.parent / f"{out.name}-train.jsonl", chat_rows())
+    tree = tiny_config(model_dir, data, out, epochs=1, learning_rate=3e-2)
+    tree["lora"].update(lora)
+    run_training(build_config(tree))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tmp_path_factory) -> Path:
+    """A finished run folder on the tiny model whose adapter changes the logits (trained once)."""
+    return train_tiny_run(tiny_model, tmp_path_factory.mktemp("export-run") / "run")
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory) -> Path:
+    """A tiny Llama with hidden size 32, which the tiny run's adapter does not fit."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = make_tiny_model(tmp_path_factory.mktemp("other-base"))
+    cfg = LlamaConfig.from_pretrained(path)
+    cfg.hidden_size, cfg.intermediate_size = 32, 64
+    torch.manual_seed(1)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path

@@ -1,55 +1,10 @@
-"""Shared pieces of the export tests: a tiny trained run and a tiny model of another size (each made
-once per session, whichever test module asks first), tiny Llama/Qwen2/Qwen3 models, and llama.cpp
-helpers (logits of a GGUF file for a token sequence)."""
+"""Shared pieces of the export tests: tiny Llama/Qwen2/Qwen3 models and llama.cpp helpers (logits of a
+GGUF file for a token sequence). The session fixtures `tiny_run` and `other_base` live in tests/conftest.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from conftest import (
-    chat_rows,
-    make_tiny_model,
-    make_tokenizer,
-    tiny_config,
-    write_jsonl,
-)
-
-_CACHE: dict[str, Path] = {}
-
-
-def train_tiny_run(model_dir: Path, out: Path, **lora) -> Path:
-    from loraforge.config import build_config
-    from loraforge.train.run import run_training
-
-    data = write_jsonl(out.parent / f"{out.name}-train.jsonl", chat_rows())
-    tree = tiny_config(model_dir, data, out, epochs=1, learning_rate=3e-2)
-    tree["lora"].update(lora)
-    run_training(build_config(tree))
-    return out
-
-
-def shared_tiny_run(tiny_model, tmp_path_factory) -> Path:
-    """A finished run folder on the tiny model whose adapter changes the logits (trained once)."""
-    if "run" not in _CACHE:
-        _CACHE["run"] = train_tiny_run(tiny_model, tmp_path_factory.mktemp("export-run") / "run")
-    return _CACHE["run"]
-
-
-def shared_other_base(tmp_path_factory) -> Path:
-    """A tiny Llama with hidden size 32, which the adapter of the tiny run does not fit (made once)."""
-    if "other" not in _CACHE:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        path = tmp_path_factory.mktemp("other-base")
-        make_tiny_model(path)
-        cfg = LlamaConfig.from_pretrained(path)
-        cfg.hidden_size, cfg.intermediate_size = 32, 64
-        torch.manual_seed(1)
-        LlamaForCausalLM(cfg).save_pretrained(path)
-        _CACHE["other"] = path
-    return _CACHE["other"]
+from conftest import make_tokenizer
 
 
 class LlamaScorer:

@@ -6,28 +6,13 @@ and the CLI with its errors."""
 import gguf
 import numpy as np
 import pytest
-from export_helpers import (
-    hf_logits,
-    llama_logits,
-    shared_other_base,
-    shared_tiny_run,
-    train_tiny_run,
-)
+from conftest import train_tiny_run
+from export_helpers import hf_logits, llama_logits
 
 from loraforge.cli import main
 from loraforge.errors import LoraforgeError
 
 llama_cpp = pytest.importorskip("llama_cpp")
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_model, tmp_path_factory):
-    return shared_tiny_run(tiny_model, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def other_base(tmp_path_factory):
-    return shared_other_base(tmp_path_factory)
 
 PROMPTS = ["What colour is the apple?", "Tell me about snow and white things.", "Answer with one word only please."]
 

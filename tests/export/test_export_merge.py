@@ -6,21 +6,10 @@ import json
 
 import pytest
 import torch
-from export_helpers import shared_other_base, shared_tiny_run
 
 from loraforge.cli import main
 from loraforge.errors import LoraforgeError
 from loraforge.export.merge import merge_run, merged_model
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_model, tmp_path_factory):
-    return shared_tiny_run(tiny_model, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def other_base(tmp_path_factory):
-    return shared_other_base(tmp_path_factory)
 
 
 def test_merged_logits_equal_adapter_logits(tiny_model, tiny_run, tmp_path):
@@ -93,7 +82,7 @@ def test_qlora_run_merges_into_the_unquantised_base(tiny_run, tmp_path):
 
 
 def test_dora_run_merges(tiny_model, tmp_path):
-    from export_helpers import train_tiny_run
+    from conftest import train_tiny_run
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
