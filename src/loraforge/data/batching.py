@@ -41,17 +41,18 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> l
     return batches
 
 
-def collate(items: list[Tokenized], pad_id: int):
-    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors."""
+def pad_right(seqs: list[list[int]], fill: int):
+    """A (len(seqs), longest) long tensor: each sequence left-aligned, the rest `fill`."""
     import torch
 
-    width = max(len(t.input_ids) for t in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, t in enumerate(items):
-        n = len(t.input_ids)
-        ids[row, :n] = torch.tensor(t.input_ids)
-        labels[row, :n] = torch.tensor(t.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = torch.full((len(seqs), max(len(x) for x in seqs)), fill, dtype=torch.long)
+    for row, x in enumerate(seqs):
+        out[row, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return out
+
+
+def collate(items: list[Tokenized], pad_id: int):
+    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors."""
+    return {"input_ids": pad_right([t.input_ids for t in items], pad_id),
+            "attention_mask": pad_right([[1] * len(t.input_ids) for t in items], 0),
+            "labels": pad_right([t.labels for t in items], IGNORE_INDEX)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from loraforge.data.batching import pad_right
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 
 
@@ -96,16 +97,7 @@ def block_causal_mask(seq_lens: list[list[int]], width: int, dtype=None):
 def collate_packed(rows: list[PackedRow], pad_id: int, dtype=None):
     """Right-padded input_ids, labels (IGNORE_INDEX on padding), position_ids and the block-diagonal
     4D attention_mask, as torch tensors, for a model call `model(**batch)`."""
-    import torch
-
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[k, :n] = torch.tensor(r.input_ids)
-        labels[k, :n] = torch.tensor(r.labels)
-        pos[k, :n] = torch.tensor(r.position_ids)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos,
-            "attention_mask": block_causal_mask([r.seq_lens for r in rows], width, dtype)}
+    ids = pad_right([r.input_ids for r in rows], pad_id)
+    return {"input_ids": ids, "labels": pad_right([r.labels for r in rows], IGNORE_INDEX),
+            "position_ids": pad_right([r.position_ids for r in rows], 0),
+            "attention_mask": block_causal_mask([r.seq_lens for r in rows], ids.shape[1], dtype)}

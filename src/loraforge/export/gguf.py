@@ -211,6 +211,11 @@ def write_model_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", *
     for gname, arr in gguf_tensors(model.state_dict(), config):
         data, raw = encode_tensor(gname, arr, outtype)
         w.add_tensor(gname, data, raw_dtype=raw)
+    return finish_gguf(w, tmp, path)
+
+
+def finish_gguf(w, tmp: Path, path: Path) -> Path:
+    """Write a GGUFWriter's header, metadata and tensors to `tmp`, then rename it to `path` (atomic)."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

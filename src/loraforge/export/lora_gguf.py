@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from loraforge.errors import LoraforgeError
-from loraforge.export.gguf import arch_of, head_counts, permute_rotary, tensor_name_map
+from loraforge.export.gguf import arch_of, finish_gguf, head_counts, permute_rotary, tensor_name_map
 
 
 def _pattern(patterns: dict, module: str, default):
@@ -84,9 +84,4 @@ def write_lora_gguf(files, base_config, path: str | Path) -> Path:
             b = permute_rotary(b, n_kv)
         w.add_tensor(gname + ".lora_a", np.ascontiguousarray(a, dtype=np.float32))
         w.add_tensor(gname + ".lora_b", np.ascontiguousarray(b, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
-    return path
+    return finish_gguf(w, tmp, path)
