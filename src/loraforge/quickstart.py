@@ -61,6 +61,7 @@ def accuracy(model, tokenizer, test: list[dict], batch_size: int, label: str) ->
     from rich.progress import Progress
 
     from loraforge.eval.generate import build_messages, generate_batch
+    from loraforge.eval.metrics import score
 
     convs = [build_messages(r["text"], SYSTEM_PROMPT) for r in test]
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -68,8 +69,7 @@ def accuracy(model, tokenizer, test: list[dict], batch_size: int, label: str) ->
         gens = generate_batch(model, tokenizer, convs, max_new_tokens=24, batch_size=batch_size,
                               progress=lambda n: bar.advance(task, n))
     answers = [g.text for g in gens]
-    correct = sum(a == r["category"] for a, r in zip(answers, test))
-    return correct / len(test), answers
+    return score("exact_match", answers, [r["category"] for r in test]).value, answers
 
 
 def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 300, epochs: float = 3,

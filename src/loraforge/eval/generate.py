@@ -7,6 +7,7 @@ answer records whether the model stopped by itself (a model that never stops is 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +99,6 @@ def load_for_inference(name: str) -> InferenceHandle:
     if adapter is None:
         model, tok, _ = load_base(name, device=device)
         return InferenceHandle(model, tok)
-    import json
-
     base_name = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     system = None
     if run_cfg.is_file():
