@@ -119,7 +119,7 @@ def main() -> None:
         for th in threads:
             th.join()
         elapsed = time.monotonic() - start
-        batches = app.state.worker.batches
+        batching = app.state.worker.stats()
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
     print(json.dumps({
         "base": BASE, "adapters": len(ANSWERS), "clients": args.clients, "duration_s": round(elapsed, 1),
@@ -127,7 +127,7 @@ def main() -> None:
         "p50_latency_s": round(statistics.median(latencies), 3) if latencies else None,
         "p95_latency_s": round(q[18], 3), "tokens_per_s": round(tokens[0] / elapsed, 1),
         "answers_alone": alone, "answers_distinct": len(set(alone.values())) == len(alone),
-        "adapter_training_s": round(train_s, 1), "batches": batches}, indent=2))
+        "adapter_training_s": round(train_s, 1), "batching": batching}, indent=2))
 
 
 if __name__ == "__main__":

@@ -41,14 +41,25 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last good checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder (otherwise refused).")] = False,
+    gpus: Annotated[int, typer.Option(help="Data-parallel processes on this machine, one per GPU (relaunches "
+                                           "through torchrun; with train.device=cpu: CPU processes).")] = 1,
 ) -> None:
     """Fine-tune a LoRA/DoRA adapter as the config says; writes the adapter, metrics and checkpoints
     (and, when eval.test is set, the evaluation report in RUN_DIR/eval/)."""
     from loraforge.config import load_config
-    from loraforge.train.run import run_training
+    from loraforge.train import distributed as D
 
     cfg = load_config(config, overrides or [])
+    if gpus != 1 and not D.launched_by_torchrun():
+        D.check_gpu_count(gpus, cfg.train.device)
+        args = ["train", *([str(config)] if config else []), *(overrides or []),
+                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
+        raise SystemExit(D.run_torchrun(gpus, args))  # torchrun's exit code (typer.Exit would be lost here)
+    from loraforge.train.run import run_training
+
     result = run_training(cfg, resume=resume, overwrite=overwrite)
+    if cfg.eval.test and D.launch_rank() != 0:
+        return  # rank 0 alone evaluates
     if cfg.eval.test:  # the end-of-run evaluation and HTML report
         from loraforge.eval.run import evaluate_run
 
@@ -106,13 +117,17 @@ def plan(
     method: Annotated[Optional[str], typer.Option(help="full | lora | qlora (default: from the config).")] = None,
     seq: Annotated[Optional[int], typer.Option(help="Sequence length in tokens.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Examples per micro-batch.")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step, over all GPUs.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank r.")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated LoRA modules, or all-linear.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(help="Recompute activations in backward.")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw | adamw_8bit | paged_adamw_8bit.")] = None,
     packing: Annotated[Optional[bool], typer.Option(help="Pack examples into full rows (no padding).")] = None,
     offload: Annotated[Optional[bool], typer.Option(help="Keep optimizer states in CPU RAM.")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="Data-parallel GPUs (batch is per GPU).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="ddp | fsdp: replicate or shard over the GPUs.")] = None,
+    fast_path: Annotated[Optional[bool], typer.Option(help="The trainer's fused Llama-family path (default: on, "
+                                                          "as model.fast_path auto on a GPU).")] = None,
     examples: Annotated[Optional[int], typer.Option(help="Training examples (default: from data.train).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the examples.")] = None,
     avg_tokens: Annotated[Optional[int], typer.Option(help="Average tokens per example.")] = None,
@@ -128,6 +143,7 @@ def plan(
         load_config(config), model=model, method=method, seq=seq, batch=batch, grad_accum=grad_accum, rank=rank,
         targets=None if targets is None else tuple(targets.split(",")), gradient_checkpointing=gradient_checkpointing,
         optimizer=optimizer, packing=packing, offload=offload, examples=examples, epochs=epochs, avg_tokens=avg_tokens,
+        gpus=gpus, strategy=strategy, fast_path=fast_path,
     )
     report = plan_run(inputs, gpu=gpu, prices_file=prices)
     if json_out:
@@ -347,7 +363,8 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORAFORGE_API_KEY",
                                                    help="Require `Authorization: Bearer KEY`.")] = None,
     max_batch: Annotated[int, typer.Option(help="Most requests decoded together.")] = 16,
-    wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
+    wait_ms: Annotated[float, typer.Option(help="On an idle server, how long the first request waits for others "
+                                           "to start with (later ones join the running batch).")] = 5.0,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Name of the bare base in `model` "
                                                       "(default: --base as given).")] = None,
 ) -> None:
@@ -381,17 +398,35 @@ def eval_run(
                                                        help="Score the general-prompt regression set "
                                                             "(default: eval.regression).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN_DIR/eval).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse the answers an interrupted evaluation already "
+                                                          "streamed to results.jsonl (same run, same settings).")] = False,
+    judge_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL of an LLM judge "
+                                                          "(default: eval.judge_url; none = no judge).")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="Model name for the judge endpoint.")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="A published result to show beside ours, e.g. "
+                                                          "\"Casanueva et al. 2020: 93.0%\".")] = None,
+    serve_as: Annotated[Optional[str], typer.Option(help="Also evaluate the adapter as served, comma-separated: "
+                                                         "adapter, merged, gguf-f16, gguf-q8_0, gguf-q4_k_m, "
+                                                         "nf4 (CUDA).")] = None,
 ) -> None:
     """Base vs few-shot base vs fine-tuned on the test set: scores, paired tests, HTML report."""
     from loraforge.eval.run import evaluate_run
 
     result = evaluate_run(run_dir, test=test, metric=metric, labels=labels, fewshot=fewshot, limit=limit,
-                          run_base=False if no_base else None, regression=regression, out=out,
+                          run_base=False if no_base else None, regression=regression, out=out, resume=resume,
+                          judge_url=judge_url, judge_model=judge_model, reference=reference, serve_as=serve_as,
                           log=lambda m: typer.echo(m, err=True))
     for name, v in result["models"].items():
         typer.echo(f"{name:10s} {result['metric']} = {v['value']:.4f}  95% CI [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]")
     for name, c in result["comparisons"].items():
         typer.echo(f"{name}: diff {c['diff']:+.4f}, p = {c['p_bootstrap']:.4g}")
+    if result.get("judge") and result["judge"].get("pairwise"):
+        pw = result["judge"]["pairwise"]
+        typer.echo(f"judge: finetuned vs {pw['b']}: win {pw['win']:.0%} tie {pw['tie']:.0%} loss {pw['loss']:.0%} "
+                   f"({pw['errors']} errors)")
+    for kind, v in (result.get("variants") or {}).items():
+        typer.echo(f"served as {kind:12s} {result['metric']} = {v['value']:.4f}, same answers as adapter: "
+                   f"{v['agreement']:.0%}")
     typer.echo(f"overfitting: {result['overfit']['status']}")
     folder = Path(out) if out else Path(run_dir) / "eval"
     typer.echo(f"report: {folder / 'report.html'}")

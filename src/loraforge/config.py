@@ -40,8 +40,15 @@ class ModelSection(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Storage dtype of the frozen base: auto = bf16 on GPU, fp32 on CPU."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False, description="Recompute activations in backward; 'offload' also parks each layer's input in "
+                           "pinned CPU memory (fast path, CUDA)."
+    )
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    fast_path: Literal["auto", "on", "off"] = Field(
+        "auto", description="loraforge's fused Llama-family forward: auto = on CUDA for Llama/Mistral/Qwen, "
+                            "on = also on CPU, off = PEFT's own forward."
+    )
 
 
 class DataSection(_Section):
@@ -56,6 +63,8 @@ class DataSection(_Section):
     validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction held out when no validation file.")
     max_seq_length: int = Field(2048, ge=8, le=1_048_576)
     train_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens carry loss.")
+    packing: bool = Field(False, description="Pack training examples into rows of max_seq_length tokens; each "
+                                             "example attends only to itself (no padding between them).")
 
 
 class LoraSection(_Section):
@@ -78,7 +87,8 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     batch_size: int = Field(2, ge=1, description="Examples per device per micro-batch.")
-    grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step, in all: several processes "
+                                                 "share them, so the run's batch does not change with --gpus.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null = off.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     eval_every: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
@@ -90,6 +100,11 @@ class TrainSection(_Section):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Several processes (torchrun / --gpus N): ddp = a full model copy per GPU, "
+                           "fsdp = FSDP2 shards the frozen base per decoder layer (for bases too large for one GPU).")
+    dist_timeout_s: float = Field(600, gt=0, description="Seconds a process waits for the others (a dead or stuck "
+                                                          "rank stops the run after this long).")
 
 
 class EvalSection(_Section):
@@ -111,6 +126,15 @@ class EvalSection(_Section):
     fewshot_system: str | None = Field(None, description="System prompt of the few-shot baseline "
                                                          "(default: data.system_prompt).")
     regression: bool = Field(True, description="Also score base and fine-tuned on the general-prompt set.")
+    judge_url: str | None = Field(None, description="OpenAI-compatible base URL of an LLM judge (None: no judge).")
+    judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")
+    judge_api_key_env: str | None = Field(None, description="Name of the env var holding the judge's API key.")
+    judge_mode: Literal["rubric", "pairwise", "both"] = Field("both", description="Rubric scores, fine-tuned vs "
+                                                                                  "base A/B, or both.")
+    judge_timeout: float = Field(60.0, gt=0, description="Seconds to wait for one judge reply.")
+    reference: str | None = Field(None, description="A published result shown beside ours, e.g. 'Paper X: 93.0%'.")
+    serve_as: list[str] = Field(default_factory=list, description="Also evaluate the adapter as served: adapter, "
+                                                                   "merged, gguf-f16, gguf-q8_0, gguf-q4_k_m, nf4.")
 
 
 class RunConfig(_Section):

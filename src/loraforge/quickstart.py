@@ -25,6 +25,8 @@ from loraforge.data.formats import write_jsonl
 from loraforge.errors import LoraforgeError
 
 SYSTEM_PROMPT = "Classify the customer's banking query. Reply with the intent label only."
+# Casanueva et al. 2020, "Efficient Intent Detection with Dual Sentence Encoders": best full-data models.
+REFERENCE = "Casanueva et al. 2020, best full-data intent classifiers: about 93.0%"
 SEED = 3407
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -87,6 +89,7 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
                  "system_prompt": SYSTEM_PROMPT, "max_seq_length": 256},
         "train": {"epochs": epochs, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1,
                   "eval_every": 50, "save_every": 50, "warmup_ratio": 0.05},
+        "eval": {"reference": REFERENCE},
     }
     cfg = load_config(None, overrides, base=tree)
     run_dir = prepare_run_dir(cfg, resume=False, overwrite=overwrite)
@@ -108,7 +111,8 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
     tuned_acc, tuned_answers = accuracy(result.model, tokenizer, test, batch, "fine-tuned model")
 
     report = {"base_accuracy": base_acc, "finetuned_accuracy": tuned_acc, "test_queries": len(test),
-              "train_examples": len(train), "adapter": str(result.adapter_dir), "seconds": round(time.time() - t0, 1),
+              "train_examples": len(train), "reference": REFERENCE,
+              "adapter": str(result.adapter_dir), "seconds": round(time.time() - t0, 1),
               "train": result.summary,
               "examples": [{"query": r["text"], "label": r["category"], "base": b, "finetuned": t}
                            for r, b, t in zip(test, base_answers, tuned_answers)]}

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
+from judge_helpers import send_reply
 
 from loraforge.errors import LoraforgeError
 from loraforge.eval.judge import (
@@ -61,14 +62,7 @@ class _Judge(BaseHTTPRequestHandler):
             payload = b"<html>502 upstream exploded</html>"
         else:
             payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": _canned(text)}}]}).encode()
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:  # the client gave up (timeout test)
-            pass
+        send_reply(self, payload)
 
     def log_message(self, *args: object) -> None:
         pass

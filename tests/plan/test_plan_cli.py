@@ -25,7 +25,7 @@ def test_table_output(capsys):
 
 
 def test_json_output(capsys):
-    plan = run_json(capsys, "--model", "llama-3.1-8b", "--method", "full", "--batch", "1")
+    plan = run_json(capsys, "--model", "llama-3.1-8b", "--method", "full", "--batch", "1", "--seq", "4096")
     assert plan["setup"]["method"] == "full" and plan["model"]["params"] > 8e9
     assert plan["memory_gib"]["total"] > 80
     rows = {r["gpu"]: r for r in plan["gpus"]}

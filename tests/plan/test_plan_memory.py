@@ -103,3 +103,37 @@ def test_targets_accept_all_linear_and_subsets():
     qv = estimate(LLAMA8B, targets=("q_proj", "v_proj"), rank=8).trainable_params
     assert qv == 32 * 8 * ((4096 + 4096) + (4096 + 1024))
     assert estimate(LLAMA8B, targets=("all-linear",)).trainable_params == estimate(LLAMA8B).trainable_params
+
+
+def test_fast_path_by_hand():
+    """The trainer's fused path: no logits kept, 0.72 of the plain path's saved activations + one layer's backward."""
+    from loraforge.plan.memory import activation_bytes_per_token_layer
+
+    plain = TrainSetup(method="lora", seq=2048, batch=2)
+    fast = TrainSetup(method="lora", seq=2048, batch=2, fast_path=True)
+    tokens = 2 * 2048
+    per_layer = activation_bytes_per_token_layer(LLAMA8B, plain)
+    backward = 8 * 14336 * tokens
+    mem = estimate(LLAMA8B, fast)
+    assert mem.logits * GIB == tokens * 4096 * 10  # hidden states, their copy and gradient: not vocab-sized
+    assert mem.activations * GIB == pytest.approx(32 * 0.72 * per_layer * tokens + backward)
+    ckpt = estimate(LLAMA8B, fast, gradient_checkpointing=True)
+    inputs = 32 * 2 * 4096 * tokens
+    assert ckpt.activations * GIB == pytest.approx(inputs + 0.72 * per_layer * tokens + backward)
+    offloaded = estimate(LLAMA8B, fast, gradient_checkpointing=True, offload_checkpoints=True)
+    assert offloaded.activations * GIB == pytest.approx(0.72 * per_layer * tokens + backward)
+    assert mem.weights == estimate(LLAMA8B, plain).weights
+    # full fine-tuning never takes the fast path
+    assert estimate(LLAMA8B, fast, method="full").logits == estimate(LLAMA8B, plain, method="full").logits
+
+
+def test_config_decides_the_fast_path():
+    from loraforge.config import build_config
+    from loraforge.plan.inputs import setup_from_config
+
+    cfg = build_config({"model": {"gradient_checkpointing": "offload"}})
+    assert setup_from_config(cfg, LLAMA8B).fast_path and setup_from_config(cfg, LLAMA8B).offload_checkpoints
+    assert not setup_from_config(cfg, KNOWN_MODELS["Gemma-2-9B"]).fast_path  # not a fast-path family
+    off = build_config({"model": {"fast_path": "off", "gradient_checkpointing": "offload"}})
+    assert not setup_from_config(off, LLAMA8B).fast_path
+    assert not setup_from_config(off, LLAMA8B).offload_checkpoints  # the plain path keeps inputs on the GPU

@@ -113,7 +113,7 @@ def test_concurrent_mixed_adapters_never_mix_up(setup, reference):
     wrong = [(w, a) for w, a in zip(work, answers) if a.strip() != reference[w[0]][w[1]]]
     assert not wrong
     status, health = raw(srv, "GET", "/health")
-    assert health["batches"] < 36 + 20  # requests really were batched together
+    assert health["batching"]["max_rows"] > 1  # requests really were decoded together
 
 
 def test_admin_load_and_unload_at_run_time(setup, reference):
@@ -157,6 +157,8 @@ def test_bad_requests_are_clear_4xx_and_the_server_keeps_serving(setup, referenc
         ask(c, "a", PROMPTS[0], max_tokens=-3)
     with pytest.raises(openai.BadRequestError, match="messages"):
         c.chat.completions.create(model="a", messages=[{"role": "user"}], max_tokens=3)
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        c.completions.create(model="a", prompt="", max_tokens=3)
     assert raw(srv, "GET", "/v1/nothing")[0] == 404
     assert ask(c, "a", PROMPTS[2]).strip() == reference["a"][2]
 

@@ -52,7 +52,12 @@ def pad_right(seqs: list[list[int]], fill: int):
 
 
 def collate(items: list[Tokenized], pad_id: int):
-    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors."""
+    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors;
+    packed rows (data.packing) also get position_ids and segment_ids (see data.packing.collate_rows)."""
+    if items and hasattr(items[0], "seq_lens"):
+        from loraforge.data.packing import collate_rows  # packing imports this module
+
+        return collate_rows(items, pad_id)
     return {"input_ids": pad_right([t.input_ids for t in items], pad_id),
             "attention_mask": pad_right([[1] * len(t.input_ids) for t in items], 0),
             "labels": pad_right([t.labels for t in items], IGNORE_INDEX)}

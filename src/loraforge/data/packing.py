@@ -101,3 +101,31 @@ def collate_packed(rows: list[PackedRow], pad_id: int, dtype=None):
     return {"input_ids": ids, "labels": pad_right([r.labels for r in rows], IGNORE_INDEX),
             "position_ids": pad_right([r.position_ids for r in rows], 0),
             "attention_mask": block_causal_mask([r.seq_lens for r in rows], ids.shape[1], dtype)}
+
+
+def collate_rows(rows: list[PackedRow], pad_id: int):
+    """A training batch of packed rows: input_ids, labels, position_ids, a 2D attention_mask of real tokens
+    (for counting) and segment_ids (which example of its row each token belongs to; every pad its own
+    segment), from which the model side builds the attention it needs (`segment_attention`)."""
+    import torch
+
+    ids = pad_right([r.input_ids for r in rows], pad_id)
+    seg = torch.full(ids.shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        pos = 0
+        for k, n in enumerate(row.seq_lens):
+            seg[r, pos:pos + n] = k
+            pos += n
+        seg[r, pos:] = torch.arange(len(row.seq_lens), len(row.seq_lens) + ids.shape[1] - pos)
+    return {"input_ids": ids, "labels": pad_right([r.labels for r in rows], IGNORE_INDEX),
+            "position_ids": pad_right([r.position_ids for r in rows], 0),
+            "attention_mask": pad_right([[1] * len(r.input_ids) for r in rows], 0), "segment_ids": seg}
+
+
+def segment_attention(segment_ids):
+    """(batch, 1, T, T) boolean mask, True where a token may attend: earlier tokens of its own example."""
+    import torch
+
+    t = segment_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]

@@ -4,8 +4,9 @@
     html = render_html(eval_json_dict)         # loraforge.eval.run writes it as eval/report.html
 
 Sections: loss curves (train + validation) with the overfitting verdict, the metric table (base,
-few-shot base, fine-tuned, each with its 95% bootstrap interval) and a plot of it, the paired tests,
-the regression set, per-example answers side by side (wins and losses of the fine-tuned model
+few-shot base, fine-tuned, each with its 95% bootstrap interval, plus a published reference result when
+one is named) and a plot of it, the LLM judge (win/tie/loss and rubric scores), the serving-precision
+variants (one row each, paired test and agreement against the adapter), the paired tests, the regression set, per-example answers side by side (wins and losses of the fine-tuned model
 against the base highlighted), errors, and the run config.
 """
 
@@ -124,8 +125,64 @@ def _metric_table(r: dict) -> str:
         rows.append(f"<tr><td>{escape(LABELS.get(name, name))}</td><td class='num'>{_f(v['value'])}</td>"
                     f"<td class='num'>[{_f(v['ci'][0])}, {_f(v['ci'][1])}]</td>"
                     f"<td class='num'>{v['stop_rate']:.0%}</td><td class='num'>{fails}</td></tr>")
+    ref = r.get("reference")
+    if ref:
+        rows.append(f"<tr class='reference'><td>reference: {escape(ref['text'])}</td>"
+                    f"<td class='num'>{_f(ref.get('value'))}</td><td>published, not rerun here</td>"
+                    "<td>–</td><td>–</td></tr>")
     rows.append("</table>")
     return "".join(rows)
+
+
+def _judge(r: dict) -> str:
+    j = r.get("judge")
+    if not j:
+        return "<p>No judge configured (set eval.judge_url or pass --judge-url).</p>"
+    rows = [f"<p>Judge <b>{escape(str(j['model']))}</b> at {escape(str(j['url']))}.</p>",
+            "<table id='judge-table'><tr><th>judged</th><th>result</th><th>95% CI</th><th>n judged</th>"
+            "<th>errors</th></tr>"]
+    p = j.get("pairwise")
+    if p:
+        rows.append(f"<tr><td>{escape(LABELS.get(p['a'], p['a']))} vs {escape(LABELS.get(p['b'], p['b']))} "
+                    f"(pairwise, positions swapped)</td><td>win {p['win']:.0%} / tie {p['tie']:.0%} / "
+                    f"loss {p['loss']:.0%}</td><td>–</td><td class='num'>{p['judged']}</td>"
+                    f"<td class='num'>{p['errors']}</td></tr>")
+    for m, v in j["rubric"].items():
+        ci = "–" if v["ci"][0] is None else f"[{_f(v['ci'][0], 2)}, {_f(v['ci'][1], 2)}]"
+        rows.append(f"<tr><td>{escape(LABELS.get(m, m))} (rubric 1-10)</td><td class='num'>{_f(v['mean'], 2)}</td>"
+                    f"<td class='num'>{ci}</td><td class='num'>{v['judged']}</td><td class='num'>{v['errors']}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _variants(r: dict) -> str:
+    var = r.get("variants")
+    if not var:
+        return "<p>Not run (pass --serve-as adapter,merged,gguf-q8_0,...).</p>"
+    rows = ["<table id='variants-table'><tr><th>served as</th><th>" + escape(r["metric"]) + "</th><th>95% CI</th>"
+            "<th>difference vs adapter</th><th>p (paired bootstrap)</th><th>p (exact McNemar)</th>"
+            "<th>identical answers to adapter</th><th>stopped by itself</th></tr>"]
+    for kind, v in var.items():
+        c = v.get("vs_adapter") or {}
+        diff = f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c else "–"
+        agree = "–" if v.get("agreement") is None else f"{v['agreement']:.0%}"
+        rows.append(f"<tr><td>{escape(kind)}</td><td class='num'>{_f(v['value'])}</td>"
+                    f"<td class='num'>[{_f(v['ci'][0])}, {_f(v['ci'][1])}]</td><td class='num'>{diff}</td>"
+                    f"<td class='num'>{_p(c.get('p_bootstrap'))}</td><td class='num'>{_p(c.get('p_mcnemar'))}</td>"
+                    f"<td class='num'>{agree}</td><td class='num'>{v['stop_rate']:.0%}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _judge_td(e: dict) -> str:
+    j = e.get("judge") or {}
+    parts = []
+    if "pairwise" in j:
+        parts.append(f"A/B: <b class='jv-{escape(j['pairwise'])}'>{escape(j['pairwise'])}</b>")
+    parts += [f"{escape(LABELS.get(m, m))}: {_f(s)}" for m, s in j.get("rubric", {}).items()]
+    if j.get("reason"):
+        parts.append(f"<span class='err'>{escape(j['reason'][:160])}</span>")
+    return f"<td class='judge'>{'<br>'.join(parts)}</td>"
 
 
 def _comparisons(r: dict) -> str:
@@ -171,13 +228,14 @@ def _regression(r: dict) -> str:
 def _examples(r: dict) -> str:
     models = list(r["models"])
     head = "".join(f"<th>{escape(LABELS.get(m, m))}</th>" for m in models)
+    judge_head = "<th>judge</th>" if r.get("judge") else ""
     ex = r["examples"]
     counts = {k: sum(e["outcome"] == k for e in ex) for k in ("win", "loss", "tie")}
     against = LABELS.get(r.get("outcome_against") or "", "–")
     more = f" Showing the first {MAX_EXAMPLES} of {len(ex)}." if len(ex) > MAX_EXAMPLES else ""
     rows = [(f"<p>Fine-tuned against {escape(against)}: <b>{counts['win']}</b> wins (green), "
              f"<b>{counts['loss']}</b> losses (red), {counts['tie']} ties.{more}</p>"),
-            f"<table id='examples'><tr><th>#</th><th>prompt</th><th>reference</th>{head}</tr>"]
+            f"<table id='examples'><tr><th>#</th><th>prompt</th><th>reference</th>{head}{judge_head}</tr>"]
     for e in ex[:MAX_EXAMPLES]:
         cells = []
         for m in models:
@@ -186,7 +244,7 @@ def _examples(r: dict) -> str:
                          f"<div class='num'>score {_f(e['scores'].get(m))}</div></td>")
         ref = e["reference"] if isinstance(e["reference"], str) else json.dumps(e["reference"])
         rows.append(f"<tr class='{e['outcome']}'><td>{e['index']}</td><td class='ans'>{escape(e['prompt'])}</td>"
-                    f"<td class='ans'>{escape(ref)}</td>{''.join(cells)}</tr>")
+                    f"<td class='ans'>{escape(ref)}</td>{''.join(cells)}{_judge_td(e) if judge_head else ''}</tr>")
     rows.append("</table>")
     return "".join(rows)
 
@@ -211,6 +269,10 @@ Answers cut by max_new_tokens (model never stopped): {escape(never) or '–'}. C
 <h2>Scores</h2>
 {_metric_table(r)}
 {interval_chart(r['models'], r['metric'])}
+<h2>LLM judge</h2>
+{_judge(r)}
+<h2>Serving precision</h2>
+{_variants(r)}
 <h2>Paired tests</h2>
 {_comparisons(r)}
 <h2>General-prompt regression</h2>

@@ -7,8 +7,11 @@ Every model gets the same test prompts and the same greedy decoding (max_new_tok
 stopping at the chat template's end-of-turn token; an answer cut by max_new_tokens is counted as
 "did not stop"). The few-shot baseline is the base model with a system prompt and `fewshot` training
 examples as earlier turns. Answers are appended to results.jsonl batch by batch, so an interrupted
-evaluation keeps what it had; a failure in one stage is recorded in eval.json["errors"] and the
-report is still written. Mistakes in the request (no test file, missing label set, invalid schema
+evaluation keeps what it had, and `resume=True` (`--resume`) reuses those rows when the run and the
+settings are the same (loraforge.eval.stream). A failure in one stage is recorded in eval.json["errors"]
+and the report is still written. Optional extras: an LLM judge (eval.judge_url; loraforge.eval.judging),
+serving variants (eval.serve_as; loraforge.eval.variants) and a published reference result shown
+beside ours (eval.reference). Mistakes in the request (no test file, missing label set, invalid schema
 or regex) are one LoraforgeError raised before any model is loaded.
 """
 
@@ -25,6 +28,7 @@ from typing import Any
 from loraforge.config import RunConfig, load_config
 from loraforge.errors import LoraforgeError
 from loraforge.eval.overfit import read_metrics, verdict
+from loraforge.eval.stream import ResultLog, eval_fingerprint
 
 MODELS = ("base", "fewshot", "finetuned")
 NEEDS_LABELS = ("accuracy", "macro_f1")
@@ -126,32 +130,29 @@ def fewshot_prompts(cfg: RunConfig, prompts: list[list[dict]], k: int) -> list[l
     return out
 
 
-class ResultLog:
-    """results.jsonl, appended and flushed after every batch."""
+def _generate(model, tok, convs, name: str, log: ResultLog, ec, refs=None, ids=None, max_new_tokens=None,
+              gen_fn=None):
+    """Answers for every conversation, batch by batch; a batch whose rows are all in the log (--resume)
+    is read back instead of generated, so the batches, and hence the answers, are the same as in one go."""
+    from loraforge.eval.generate import Generation, generate_batch
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.f = path.open("w", encoding="utf-8")
-
-    def write(self, row: dict) -> None:
-        self.f.write(json.dumps(row, default=str) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _generate(model, tok, convs, name: str, log: ResultLog, ec, refs=None, ids=None, max_new_tokens=None):
-    from loraforge.eval.generate import generate_batch
-
+    n_new = max_new_tokens or ec.max_new_tokens
+    gen_fn = gen_fn or (lambda part, n: generate_batch(model, tok, part, max_new_tokens=n, batch_size=ec.batch_size))
     gens = []
     for start in range(0, len(convs), ec.batch_size):
-        chunk = generate_batch(model, tok, convs[start:start + ec.batch_size],
-                               max_new_tokens=max_new_tokens or ec.max_new_tokens, batch_size=ec.batch_size)
+        part = convs[start:start + ec.batch_size]
+        batch = log.key(name, [part, n_new])         # the whole batch: reused only as the very same batch
+        keys = [f"{batch}-{j}" for j in range(len(part))]
+        old = [log.lookup(k) for k in keys]
+        if all(old):
+            gens += [Generation(r["answer"], r["stopped"], r["new_tokens"]) for r in old]
+            log.reused += len(old)
+            continue
+        chunk = gen_fn(part, n_new)
         for j, g in enumerate(chunk):
             i = start + j
             log.write({"model": name, "index": i, "id": ids[i] if ids else i, "answer": g.text, "stopped": g.stopped,
-                       "new_tokens": g.new_tokens, "reference": None if refs is None else refs[i]})
+                       "new_tokens": g.new_tokens, "reference": None if refs is None else refs[i], "key": keys[j]})
         gens += chunk
     return gens
 
@@ -185,15 +186,23 @@ def _score_model(name: str, gens, refs, cfg: RunConfig, opts: dict) -> dict:
 def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric: str | None = None,
                  labels: str | Path | None = None, fewshot: int | None = None, limit: int | None = None,
                  run_base: bool | None = None, regression: bool | None = None, out: str | Path | None = None,
-                 log=print) -> dict:
-    """Evaluate a finished run folder; returns the eval.json dict (also written, with report.html)."""
+                 resume: bool = False, reference: str | None = None, judge_url: str | None = None,
+                 judge_model: str | None = None, serve_as: list[str] | str | None = None,
+                 batch_size: int | None = None, log=print) -> dict:
+    """Evaluate a finished run folder; returns the eval.json dict (also written, with report.html).
+    resume=True reuses the answers (and judge verdicts) already streamed to results.jsonl by an
+    interrupted evaluation of the same run with the same settings."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
         raise LoraforgeError("not a finished run folder (config.yaml and adapter/ are needed)", where=str(run_dir),
                              hint="pass the output_dir of a `loraforge train` run")
     cfg = load_config(run_dir / "config.yaml")
+    if isinstance(serve_as, str):
+        serve_as = [k for k in serve_as.split(",") if k.strip()]
     given = {"test": str(test) if test else None, "metric": metric, "labels": str(labels) if labels else None,
-             "fewshot": fewshot, "limit": limit, "run_base": run_base, "regression": regression}
+             "fewshot": fewshot, "limit": limit, "run_base": run_base, "regression": regression,
+             "reference": reference, "judge_url": judge_url, "judge_model": judge_model, "serve_as": serve_as,
+             "batch_size": batch_size}
     upd = {k: v for k, v in given.items() if v is not None}
     try:
         ec = cfg.eval.model_validate(cfg.eval.model_dump() | upd)
@@ -206,22 +215,28 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
         raise LoraforgeError("test file not found", where=ec.test, hint="pass --test FILE")
     prompts, refs = load_test(cfg, ec.test, ec.limit)
     opts = metric_options(cfg)
+    from loraforge.eval.judging import judge_cell, judge_client, run_judge
     from loraforge.eval.metrics import score
+    from loraforge.eval.variants import check_kinds, release, variant_generator
 
     score(ec.metric, [r if isinstance(r, str) else json.dumps(r) for r in refs], refs, **opts)  # request errors now
-    out_dir = Path(out) if out else run_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    judge = judge_client(ec)
     from loraforge.model.adapters import load_adapter
     from loraforge.model.load import load_base, pick_device
+
+    device = pick_device(cfg.train.device)
+    kinds = check_kinds(ec.serve_as, device)
+    out_dir = Path(out) if out else run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
     errors: list[dict] = []
     models: dict[str, dict] = {}
     gens: dict[str, list] = {}
     reg: dict[str, dict] = {}
-    rlog = ResultLog(out_dir / "results.jsonl")
-    device = pick_device(cfg.train.device)
+    var_gens: dict[str, list] = {}
+    judged = None
+    rlog = ResultLog(out_dir / "results.jsonl", eval_fingerprint(cfg, run_dir, device), resume=resume)
     model, tok, _ = load_base(cfg.base_model, dtype=cfg.model.dtype, device=device,
                               attn_implementation=cfg.model.attn_implementation)
     reg_prompts = None
@@ -242,6 +257,21 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
         reg[name] = {"rate": r.rate, "by_category": r.by_category, "per_example": r.per_example,
                      "checks": [asdict(c) for c in r.checks], "answers": [x.text for x in g]}
 
+    def variant(kind: str) -> list:
+        made: dict = {}                               # built (exported, loaded) only if a batch is not in the log
+
+        def gen_fn(part, n):
+            if not made:
+                made["gen"], made["close"] = variant_generator(kind, run_dir, cfg, tok, device, out_dir, ec.batch_size)
+            return made["gen"](part, n)
+
+        try:
+            return _generate(None, tok, prompts, f"serve-as:{kind}", rlog, ec, refs, gen_fn=gen_fn)
+        finally:
+            if made:
+                made["close"]()
+            release()
+
     try:
         plan = [("base", prompts), ("fewshot", fewshot_prompts(cfg, prompts, ec.fewshot))] if ec.run_base else []
         for name, convs in plan:
@@ -259,6 +289,15 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
         if reg_prompts and model is not None:
             log("regression set: finetuned")
             _stage(errors, "regression finetuned", lambda: regress("finetuned"))
+        if kinds and gens.get("finetuned") is not None:
+            var_gens["adapter"] = gens["finetuned"]          # base + adapter in the training dtype
+            for kind in kinds[1:]:
+                log(f"serving variant {kind}: evaluating {len(prompts)} prompts")
+                var_gens[kind] = _stage(errors, f"serve-as {kind}", lambda k=kind: variant(k))
+        if judge is not None:
+            answers = {n: [x.text for x in g] for n, g in gens.items() if g is not None}
+            judged = _stage(errors, "judge", lambda: run_judge(judge, ec, [_last_user(p) for p in prompts], refs,
+                                                               answers, rlog, seed=cfg.seed, say=log))
     finally:
         rlog.close()
 
@@ -269,10 +308,51 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
                 models[name] = s
     result = assemble(run_dir, cfg, prompts, refs, models, reg, errors)
     result["seconds"] = round(time.time() - t0, 1)
+    result["resumed_rows"] = rlog.reused
     result["decoding"] = {"do_sample": False, "max_new_tokens": ec.max_new_tokens, "stop": "end-of-turn token",
                           "batch_size": ec.batch_size, "regression_max_new_tokens": reg_tokens}
+    result["reference"] = parse_reference(ec.reference, ec.metric)
+    if judged is not None:
+        result["judge"] = judged
+        for i, ex in enumerate(result["examples"]):
+            ex["judge"] = judge_cell(judged, i)
+    if var_gens:
+        result["variants"] = _variant_rows(var_gens, refs, cfg, opts, errors)
     write_outputs(result, out_dir)
     return result
+
+
+def _variant_rows(var_gens: dict, refs, cfg: RunConfig, opts: dict, errors: list) -> dict:
+    from loraforge.eval.variants import compare_variants
+
+    scored = {}
+    for kind, g in var_gens.items():
+        if g is not None:
+            s = _stage(errors, f"score serve-as {kind}", lambda k=kind, g=g: _score_model(k, g, refs, cfg, opts))
+            if s is not None:
+                scored[kind] = s
+    rows = compare_variants(scored, cfg.seed)
+    for kind, row in rows.items():
+        row["answers"] = scored[kind]["answers"]
+    return rows
+
+
+def parse_reference(text: str | None, metric: str) -> dict | None:
+    """A published result to show beside ours: its text and the value it names (the last percentage, else the
+    last decimal number, so a year or "F1" is not taken) on our metric's 0-1 scale (BLEU stays 0-100)."""
+    import re
+
+    if not text:
+        return None
+    nums = re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(%?)", text)
+    pick = [n for n in nums if n[1]] or [n for n in nums if "." in n[0]] or nums   # 93.0% > 0.871 > 27
+    value = None
+    if pick:
+        num, pct = pick[-1]
+        value = float(num)
+        if metric != "bleu" and (pct or value > 1):
+            value /= 100
+    return {"text": text, "value": value}
 
 
 def _metric_names() -> list[str]:

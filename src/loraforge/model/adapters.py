@@ -27,6 +27,8 @@ def attach_adapter(model, lora: LoraSection, base_path: str | None = None):
 
     present = linear_names(model)
     targets = [t for t in lora.target_modules if t in present]
+    if lora.target_modules == ALL_LINEAR and not targets:  # the default on a non-Llama naming: every linear
+        targets = sorted(present)
     missing = [t for t in lora.target_modules if t not in present]
     if not targets:
         raise LoraforgeError(f"none of lora.target_modules {lora.target_modules} is a linear layer of this "

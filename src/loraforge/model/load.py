@@ -123,8 +123,10 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_base(name: str, *, dtype: str = "auto", device: str = "cpu", attn_implementation: str = "sdpa"):
-    """(model, tokenizer, resolved path) with the base weights frozen, on `device`."""
+def load_base(name: str, *, dtype: str = "auto", device: str = "cpu", attn_implementation: str = "sdpa",
+              quantization: str = "none"):
+    """(model, tokenizer, resolved path) with the base weights frozen, on `device`; quantization='nf4'
+    loads the linear layers as bitsandbytes NF4 (QLoRA; CUDA only)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -133,13 +135,21 @@ def load_base(name: str, *, dtype: str = "auto", device: str = "cpu", attn_imple
     path = resolve_base(name)
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
+    extra = {}
+    if quantization == "nf4":
+        from loraforge.model.quant import bnb_config, require_bitsandbytes
+
+        require_bitsandbytes(device)
+        extra = dict(quantization_config=bnb_config(), device_map={"": torch.cuda.current_device()})
+        dtype = "bfloat16"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation, **extra)
     except OSError as e:
         raise LoraforgeError(f"cannot load the base model: {e}", where=path,
                              hint="no model hub is reachable here: use a local folder, a .gguf file "
                                   f"or '{EMBEDDED_MODEL}'") from None
     model.requires_grad_(False)
-    model.to(device)
+    if not extra:
+        model.to(device)
     return model, load_tokenizer(path), path

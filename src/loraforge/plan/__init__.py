@@ -9,7 +9,9 @@
 
 Pure arithmetic on a model's shape (no torch, no weights, no downloads): shapes.py reads config.json or a
 built-in table, memory.py counts bytes, throughput.py counts FLOPs, fit.py searches limits and fixes,
-prices.py holds the editable price table, report.py assembles it all and render.py prints it.
+prices.py holds the editable price table, report.py assembles it all and render.py prints it. calibration.py
+reads the speed fitted from GPU runs (bench/plan_accuracy.py); for_run.py is the estimate `loraforge train`
+prints before it starts.
 """
 
 from loraforge.plan.fit import Suggestion, max_batch, max_seq, suggest

@@ -4,7 +4,8 @@
     inputs = from_config(load_config("run.yaml"), method="qlora", seq=4096)
 
 Config fields map as: model.quantization nf4 -> qlora (else lora), lora.r/target_modules/dropout,
-train.batch_size/grad_accum/optimizer/epochs, data.max_seq_length, model.gradient_checkpointing.
+train.batch_size/grad_accum/optimizer/epochs, data.max_seq_length, model.gradient_checkpointing, and the
+sharding strategy from train.distributed when the config has it (the GPU count is a flag: `--gpus`).
 The dataset size is counted from `data.train` when it is a local JSONL/CSV file (examples = rows, tokens ~
 bytes / 4), else assumed (1,000 examples of 512 tokens) and marked as assumed in the report.
 """
@@ -51,24 +52,44 @@ def count_dataset(path: str | Path) -> DataSize | None:
                     assumed=False)
 
 
+def _strategy(cfg: RunConfig) -> str:
+    """'fsdp' when the config's train.distributed (a name, or a section with `strategy`) says so, else 'ddp'."""
+    dist = getattr(cfg.train, "distributed", None)
+    name = getattr(dist, "strategy", dist)
+    return "fsdp" if isinstance(name, str) and name.lower().startswith("fsdp") else "ddp"
+
+
+def setup_from_config(cfg: RunConfig, shape: ModelShape | None = None, **changes: Any) -> TrainSetup:
+    """The TrainSetup a run config trains with on a GPU; keyword `changes` (TrainSetup fields) replace its values.
+
+    The trainer's fast path (model.fast_path auto/on) is assumed for the families it runs (`shape`'s family;
+    any family when no shape is given).
+    """
+    ckpt = getattr(cfg.model, "gradient_checkpointing", False)
+    fast = getattr(cfg.model, "fast_path", "off") != "off" and (shape is None or shape.fast_path_capable)
+    setup = TrainSetup(
+        method="qlora" if cfg.model.quantization == "nf4" else "lora",
+        seq=cfg.data.max_seq_length, batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+        rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout,
+        gradient_checkpointing=bool(ckpt), optimizer=cfg.train.optimizer,
+        packing=cfg.data.packing,
+        strategy=_strategy(cfg), fast_path=fast, offload_checkpoints=fast and ckpt == "offload",
+    )
+    return replace(setup, **changes) if changes else setup
+
+
 def from_config(cfg: RunConfig, **flags: Any) -> PlanInputs:
     """Inputs for `cfg`, with each flag that is not None replacing the config's value.
 
     Flags: model, method, seq, batch, grad_accum, rank, targets, gradient_checkpointing, optimizer, packing,
-    offload, examples, epochs, avg_tokens.
+    offload, gpus, strategy, examples, epochs, avg_tokens.
     """
     unknown = set(flags) - {*TrainSetup.__dataclass_fields__, "model", "examples", "epochs", "avg_tokens"}
     if unknown:
         raise TypeError(f"unknown plan flags: {sorted(unknown)}")
     given = {k: v for k, v in flags.items() if v is not None}
-    setup = TrainSetup(
-        method="qlora" if cfg.model.quantization == "nf4" else "lora",
-        seq=cfg.data.max_seq_length, batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-        rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer,
-        packing=False,  # the trainer pads per length-grouped batch; packing is a `--packing` what-if
-    )
-    setup = replace(setup, **{k: v for k, v in given.items() if k in TrainSetup.__dataclass_fields__})
+    shape = resolve_shape(given.get("model") or cfg.base_model)
+    setup = setup_from_config(cfg, shape, **{k: v for k, v in given.items() if k in TrainSetup.__dataclass_fields__})
     counted = count_dataset(cfg.data.train) if cfg.data.train else None
     data = counted or DataSize(avg_tokens=min(DataSize.avg_tokens, setup.seq))
     data = replace(data, epochs=cfg.train.epochs)
@@ -79,4 +100,4 @@ def from_config(cfg: RunConfig, **flags: Any) -> PlanInputs:
                                  f" (got {value!r})")
     if sizes:
         data = replace(data, **sizes, assumed=data.assumed and not {"examples", "avg_tokens"} <= set(sizes))
-    return PlanInputs(resolve_shape(given.get("model") or cfg.base_model), setup, data)
+    return PlanInputs(shape, setup, data)

@@ -21,6 +21,7 @@ from loraforge.plan.shapes import ModelShape
 
 GIB = 2**30
 METHODS = ("full", "lora", "qlora")
+STRATEGIES = ("ddp", "fsdp")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 ALL_LINEAR = tuple(CONFIG_ALL_LINEAR)
 
@@ -57,12 +58,34 @@ ACT_FULL_EXTRA_BYTES = 4
 ACT_LORA_BYTES = 3
 # Gradient checkpointing per decoder layer keeps only each layer's bf16 input, and recomputes one layer.
 ACT_CKPT_INPUT_BYTES = BF16
+# --- the trainer's fast path (loraforge.model.fast, on CUDA for Llama-family models) ---------------------
+# Fused LoRA projections and liger kernels save fewer tensors than PEFT's modules: measured on an H100
+# (bench/results/plan_accuracy/), its saved activations per token per layer are 0.71 (Llama-3.2-1B) and
+# 0.74 (Llama-3.1-8B) of the count above for the plain path.
+FAST_ACT_FRACTION = 0.72
+# Backward of one layer holds gradients of its widest tensors (gate/up/SwiGLU, bf16) at once: ~8 B x intermediate
+# per token on top of the saved activations (measured with checkpointing, where it is most visible).
+FAST_BACKWARD_BYTES = 8
+# Fused linear cross-entropy never builds the logits: the final hidden states, their copy at the loss positions
+# and the gradient it computes in forward (bf16, bf16, bf16, fp32) stay, ~10 B x hidden per token.
+FAST_LOSS_BYTES = 10
 # --- logits and loss (bytes per token per vocab entry) -------------------------------------------------
 # bf16 logits + the loss's fp32 upcast + fp32 log-softmax saved for backward (transformers' ForCausalLMLoss).
 LOGITS_BYTES = BF16 + FP32 + FP32
 # --- framework ------------------------------------------------------------------------------------------
 CUDA_CONTEXT_GIB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: measured ~0.4-0.8 GiB on recent drivers
-ALLOCATOR_SLACK = 0.05  # PyTorch caching-allocator fragmentation, as a fraction of everything else
+# PyTorch caching-allocator fragmentation, as a fraction of everything else: peak reserved exceeded peak allocated
+# by 1-9% in the H100 measurements (bench/results/plan_accuracy/).
+ALLOCATOR_SLACK = 0.02
+# --- several GPUs ---------------------------------------------------------------------------------------
+# DDP replicates everything on each GPU and its reducer copies the gradients into communication buckets of the
+# same total size (DistributedDataParallel's default gradient_as_bucket_view=False): gradients count twice.
+DDP_GRAD_COPIES = 2
+# FSDP2 (torch.distributed.fsdp.fully_shard per decoder layer + the root) keeps 1/N of every weight, gradient
+# and optimizer state per GPU; it all-gathers a layer's weights for its forward/backward and prefetches the
+# next one (2 layers unsharded at a time), and leaves the root's parameters (embeddings, lm_head, final norm)
+# unsharded between forward and backward (the root does not reshard after forward).
+FSDP_GATHERED_LAYERS = 2
 
 
 @dataclass(frozen=True)
@@ -80,11 +103,16 @@ class TrainSetup:
     packing: bool = False
     offload: bool = False  # optimizer states (and full fine-tuning's fp32 master weights) live in CPU RAM
     lora_dropout: float = 0.05
+    gpus: int = 1  # data-parallel GPUs; `batch` is per GPU
+    fast_path: bool = False  # the trainer's fused Llama-family path (its default on CUDA; see setup_from_config)
+    offload_checkpoints: bool = False  # fast path: checkpointed layer inputs wait in pinned CPU memory
+    strategy: str = "ddp"  # ddp: every GPU holds everything; fsdp: weights, grads and states sharded over gpus
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("seq", "batch", "grad_accum", "rank"):
+        _choice("strategy", self.strategy, STRATEGIES)
+        for name in ("seq", "batch", "grad_accum", "rank", "gpus"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LoraforgeError(f"{name} must be a whole number of at least 1 (got {value!r})")
@@ -97,6 +125,15 @@ class TrainSetup:
     @property
     def is_lora(self) -> bool:
         return self.method != "full"
+
+    @property
+    def fast(self) -> bool:
+        """The fast path trains LoRA/QLoRA adapters only; full fine-tuning always takes the plain path."""
+        return self.fast_path and self.is_lora
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp" and self.gpus > 1
 
     def check(self, shape: ModelShape) -> None:
         """Errors that need the model: unknown target modules, a rank the layers cannot hold."""
@@ -161,13 +198,20 @@ def adapter_params(shape: ModelShape, setup: TrainSetup) -> int:
     return shape.layers * sum(setup.rank * sum(dims[t]) for t in setup.targets)
 
 
-def _weight_bytes(shape: ModelShape, method: str) -> tuple[float, float]:
-    """(weights, quantisation constants) in bytes of the base model on the GPU."""
+def _weight_bytes(shape: ModelShape, setup: TrainSetup) -> tuple[float, float]:
+    """(weights, quantisation constants) in bytes of the base model on one GPU."""
     other = (shape.embedding_params + shape.norm_params) * BF16
-    if method != "qlora":
-        return shape.linear_params * BF16 + other, 0.0
-    per_param = NF4_ABSMAX_BYTES / NF4_BLOCK + NF4_ABSMAX2_BYTES / (NF4_BLOCK * NF4_BLOCK2)
-    return shape.linear_params * NF4_BYTES + other, shape.linear_params * per_param
+    if setup.method != "qlora":
+        per_weight, per_const = BF16, 0.0
+    else:
+        per_weight = NF4_BYTES
+        per_const = NF4_ABSMAX_BYTES / NF4_BLOCK + NF4_ABSMAX2_BYTES / (NF4_BLOCK * NF4_BLOCK2)
+    weights, consts = shape.linear_params * per_weight + other, shape.linear_params * per_const
+    if not setup.sharded:
+        return weights, consts
+    n = setup.gpus
+    gathered = FSDP_GATHERED_LAYERS * shape.layer_linear_params * per_weight + other * (1 - 1 / n)
+    return weights / n + gathered, consts / n
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> float:
@@ -186,6 +230,13 @@ def activation_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> fl
 def _activation_bytes(shape: ModelShape, setup: TrainSetup, checkpointing: bool) -> float:
     tokens = setup.batch * setup.seq
     per_layer = activation_bytes_per_token_layer(shape, setup) * tokens
+    if setup.fast:
+        per_layer *= FAST_ACT_FRACTION
+        backward = FAST_BACKWARD_BYTES * shape.intermediate * tokens
+        if not checkpointing:
+            return shape.layers * per_layer + backward
+        inputs = 0 if setup.offload_checkpoints else shape.layers * ACT_CKPT_INPUT_BYTES * shape.hidden * tokens
+        return inputs + per_layer + backward
     if not checkpointing:
         return shape.layers * per_layer
     return shape.layers * ACT_CKPT_INPUT_BYTES * shape.hidden * tokens + per_layer
@@ -195,7 +246,7 @@ def estimate(shape: ModelShape, setup: TrainSetup | None = None, **changes: Any)
     """Peak memory of `setup` (default TrainSetup(), with keyword `changes` applied) on `shape`."""
     setup = replace(setup or TrainSetup(), **changes) if changes else (setup or TrainSetup())
     setup.check(shape)
-    weights, quant = _weight_bytes(shape, setup.method)
+    weights, quant = _weight_bytes(shape, setup)
     on_gpu = 0 if setup.offload else 1
     if setup.is_lora:
         trainable = adapter_params(shape, setup)
@@ -205,10 +256,17 @@ def estimate(shape: ModelShape, setup: TrainSetup | None = None, **changes: Any)
         trainable = shape.params
         adapters, grads = 0, trainable * FULL_GRAD_BYTES
         optimizer = trainable * (FULL_MASTER_BYTES + ADAM_STATE_BYTES[setup.optimizer]) * on_gpu
+    if setup.sharded:
+        adapters, grads, optimizer = adapters / setup.gpus, grads / setup.gpus, optimizer / setup.gpus
+    elif setup.gpus > 1:
+        grads *= DDP_GRAD_COPIES
     with_ckpt = _activation_bytes(shape, setup, True)
     without = _activation_bytes(shape, setup, False)
     activations = with_ckpt if setup.gradient_checkpointing else without
-    logits = setup.batch * setup.seq * shape.vocab * LOGITS_BYTES
+    if setup.fast:
+        logits = setup.batch * setup.seq * shape.hidden * FAST_LOSS_BYTES
+    else:
+        logits = setup.batch * setup.seq * shape.vocab * LOGITS_BYTES
     model_bytes = weights + quant + adapters + grads + optimizer + activations + logits
     overhead = CUDA_CONTEXT_GIB * GIB + ALLOCATOR_SLACK * model_bytes
     return MemoryBreakdown(

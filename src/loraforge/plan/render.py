@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from loraforge.plan.calibration import calibration_source
 from loraforge.plan.memory import ALL_LINEAR
 from loraforge.plan.report import PlanReport
 
@@ -38,10 +39,11 @@ def _notes(report: PlanReport) -> dict[str, str]:
         "weights": weights,
         "quant_constants": "absmax, blocksize 64, double-quant" if setup.method == "qlora" else "",
         "adapters": f"{_count(mem.trainable_params)} params" if setup.is_lora else "",
-        "gradients": "fp32, adapters only" if setup.is_lora else "bf16",
+        "gradients": ("fp32, adapters only" if setup.is_lora else "bf16")
+        + (", + DDP bucket copy" if setup.gpus > 1 and not setup.sharded else ""),
         "optimizer": setup.optimizer + (", offloaded to CPU" if setup.offload else ""),
         "activations": f"checkpointing {'on' if setup.gradient_checkpointing else 'off'} ({other}: {alt:.2f})",
-        "logits": "bf16 logits + fp32 loss copies",
+        "logits": "fused cross-entropy: no logits kept" if setup.fast else "bf16 logits + fp32 loss copies",
         "overhead": "",
     }
 
@@ -50,11 +52,12 @@ def _summary(report: PlanReport) -> str:
     shape, setup, data = report.inputs.shape, report.inputs.setup, report.inputs.data
     modules = "all linear layers" if setup.targets == ALL_LINEAR else ",".join(setup.targets)
     method = f"{setup.method} r{setup.rank} on {modules}" if setup.is_lora else setup.method
+    gpus = f", {setup.gpus} GPUs ({setup.strategy.upper()}, memory per GPU)" if setup.gpus > 1 else ""
     lines = [
-        f"[bold]{shape.name}[/] ({_count(shape.params)} params) - {method}",
+        f"[bold]{shape.name}[/] ({_count(shape.params)} params) - {method}{gpus}",
         f"seq {setup.seq}, batch {setup.batch} x grad-accum {setup.grad_accum}, checkpointing "
         f"{'on' if setup.gradient_checkpointing else 'off'}, {setup.optimizer}, packing "
-        f"{'on' if setup.packing else 'off'}",
+        f"{'on' if setup.packing else 'off'}, {'fast path' if setup.fast else 'PEFT forward'}",
         f"data: {data.examples:,} examples x {data.avg_tokens} tokens x {data.epochs:g} epochs = "
         f"{report.total_tokens / 1e6:.2f}M tokens computed, {report.optimizer_steps:,} optimizer steps",
     ]
@@ -77,13 +80,16 @@ def _memory_table(report: PlanReport) -> Table:
 
 
 def _gpu_table(report: PlanReport) -> Table:
-    title = f"Per GPU (max seq at batch {report.inputs.setup.batch}; time and cost for the whole dataset)"
+    n = report.inputs.setup.gpus
+    title = f"Per GPU (max seq at batch {report.inputs.setup.batch}; time and cost for the whole dataset" + (
+        f" on {n} of them)" if n > 1 else ")")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("GPU", "GiB", "fits", "max\nbatch", "max\nseq", "tok/s", "time", "USD\n/h", "cost\nUSD"):
         table.add_column(col, justify="left" if col == "GPU" else "right", no_wrap=True)
     for r in report.rows:
         table.add_row(
-            r.gpu, f"{r.memory_gib:.1f}", "[green]yes[/]" if r.fits else "[red]no[/]", str(r.max_batch or "-"),
+            r.gpu if n == 1 else f"{n} x {r.gpu}", f"{r.memory_gib:.1f}", "[green]yes[/]" if r.fits else "[red]no[/]",
+            str(r.max_batch or "-"),
             f"{r.max_seq:,}" if r.max_seq else "-", f"{r.tokens_per_s:,.0f}", _duration(r.hours),
             "-" if r.usd_per_hour is None else f"{r.usd_per_hour:.2f}",
             "-" if r.cost_usd is None else f"{r.cost_usd:,.2f}",
@@ -123,4 +129,5 @@ def render(report: PlanReport, console: Console | None = None) -> None:
     console.print(_gpu_table(report))
     for line in _advice(report):
         console.print(line)
-    console.print(f"[dim]Estimates; speed assumes the MFU in plan/throughput.py. Prices: {report.prices_source}.[/]")
+    speed = calibration_source() or "speed assumes the MFU in plan/throughput.py"
+    console.print(f"[dim]Estimates; {speed}. Prices: {report.prices_source}.[/]")

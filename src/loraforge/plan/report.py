@@ -23,7 +23,7 @@ from loraforge.plan.throughput import optimizer_steps, tokens_per_second, total_
 
 @dataclass(frozen=True)
 class GpuRow:
-    """One card: does the setup fit, how far it stretches, and what the dataset costs there."""
+    """One card (times setup.gpus): does the setup fit per GPU, how far it stretches, and what the dataset costs."""
 
     gpu: str
     memory_gib: float
@@ -82,7 +82,8 @@ def _row(inputs: PlanInputs, gpu: GPU, total_gib: float, price: float | None) ->
         gpu=gpu.name, memory_gib=gpu.memory_gib, fits=total_gib <= gpu.memory_gib,
         max_batch=max_batch(shape, setup, gpu.memory_gib), max_seq=max_seq(shape, setup, gpu.memory_gib),
         tokens_per_s=tokens_per_second(gpu, shape, setup, context), hours=hours,
-        usd_per_hour=price, cost_usd=None if price is None else hours * price,
+        usd_per_hour=None if price is None else price * setup.gpus,  # all the run's cards together
+        cost_usd=None if price is None else hours * price * setup.gpus,
     )
 
 

@@ -35,6 +35,12 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     head_dim: int = 0  # 0 = hidden // heads
+    family: str = "llama"  # config.json's model_type: decides whether the trainer's fast path runs it
+
+    @property
+    def fast_path_capable(self) -> bool:
+        """True for the families loraforge.model.fast trains (Llama 3.x, Mistral, Qwen2/2.5/3, SmolLM)."""
+        return self.family in FAST_FAMILIES
 
     @property
     def q_dim(self) -> int:
@@ -79,6 +85,7 @@ class ModelShape:
 
 
 FUSED_MODULES = ("qkv_proj", "gate_up_proj")
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # as loraforge.model.fast.llama.FAMILIES (no import: plan)
 
 # name: (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied) from the public config.json files.
 _TABLE: dict[str, tuple[int, int, int, int, int, int, int, bool]] = {
@@ -116,8 +123,12 @@ _TABLE: dict[str, tuple[int, int, int, int, int, int, int, bool]] = {
     "SmolLM2-360M": (960, 2560, 32, 15, 5, 64, 49152, True),
     "SmolLM2-1.7B": (2048, 8192, 24, 32, 32, 64, 49152, True),
 }
-KNOWN_MODELS: dict[str, ModelShape] = {name: ModelShape(name, *row[:5], vocab=row[6], tied_embeddings=row[7],
-                                                        head_dim=row[5]) for name, row in _TABLE.items()}
+_FAMILY_PREFIXES = {"Qwen2.5": "qwen2", "Qwen3": "qwen3", "Mistral": "mistral", "Gemma-2": "gemma2",
+                    "Gemma-3": "gemma3_text", "Phi": "phi3"}
+KNOWN_MODELS: dict[str, ModelShape] = {
+    name: ModelShape(name, *row[:5], vocab=row[6], tied_embeddings=row[7], head_dim=row[5],
+                     family=next((f for pre, f in _FAMILY_PREFIXES.items() if name.startswith(pre)), "llama"))
+    for name, row in _TABLE.items()}
 
 # Other spellings of the same architecture (normalised as `_key` does), e.g. Llama 3.0/3.3 share 3.1's shapes.
 _ALIASES = {
@@ -156,6 +167,7 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
         vocab=cfg["vocab_size"], head_dim=cfg.get("head_dim") or 0,
         # absent means untied in Llama/Qwen/Mistral configs; assuming untied never under-counts memory
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        family=str(cfg.get("model_type") or "llama"),
     )
 
 

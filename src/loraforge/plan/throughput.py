@@ -4,6 +4,9 @@ A forward pass costs 2 FLOPs per weight per token (the linear layers and the lm_
 2 * layers * q_dim * context per token (QK^T and AV at half the context on average). Backward costs twice the
 forward when weights are trained (full fine-tuning: 6N in total) but only once for a frozen base (LoRA: no
 weight grads, 4N), and gradient checkpointing adds one more forward (Chinchilla/PaLM-style accounting).
+Where calibration.json has an entry for the method and model size (fitted from GPU measurements by
+bench/plan_accuracy.py --calibrate), its utilisation and fixed cost per step replace the MFU guess below.
+Several GPUs (data parallel) multiply the speed by gpus x MULTI_GPU_EFFICIENCY.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from loraforge.plan.calibration import SpeedFit, load_calibration, speed_key, step_seconds
 from loraforge.plan.gpus import GPU
 from loraforge.plan.memory import TrainSetup, adapter_params
 from loraforge.plan.shapes import ModelShape
@@ -24,6 +28,9 @@ QLORA_SPEED = 0.75
 OFFLOAD_SPEED = 0.6
 # Without packing, a batch pads to its longest example: extra tokens computed, as a fraction of the real ones.
 PADDING_WASTE = 0.25
+# Data-parallel scaling: N GPUs run at N x this fraction of one GPU's speed (gradient all-reduce and FSDP
+# all-gathers are not fully hidden behind compute). A default until multi-GPU runs are measured.
+MULTI_GPU_EFFICIENCY = 0.9
 
 
 @dataclass(frozen=True)
@@ -47,13 +54,23 @@ def flops_per_token(shape: ModelShape, setup: TrainSetup, context: int) -> float
     return (2 + recompute) * matmul_fwd + (3 + recompute) * (attention_fwd + adapter)
 
 
-def tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, context: int) -> float:
-    speed = gpu.bf16_tflops * 1e12 * MFU
-    if setup.method == "qlora":
-        speed *= QLORA_SPEED
+def tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, context: int,
+                      calibration: dict[str, SpeedFit] | None = None) -> float:
+    """Tokens/s of all `setup.gpus` GPUs together, for micro-batches of `setup.batch` x `context` tokens.
+
+    `calibration` defaults to the committed calibration.json; pass {} for the uncalibrated MFU model.
+    """
+    fit = (load_calibration() if calibration is None else calibration).get(speed_key(setup.method, shape))
+    tokens = setup.batch * context
+    flops = flops_per_token(shape, setup, context) * tokens
+    if fit:
+        seconds = step_seconds(fit, flops, gpu.bf16_tflops, shape.params, setup.gradient_checkpointing)
+    else:
+        seconds = flops / (gpu.bf16_tflops * 1e12 * MFU * (QLORA_SPEED if setup.method == "qlora" else 1))
     if setup.offload and not setup.is_lora:
-        speed *= OFFLOAD_SPEED
-    return speed / flops_per_token(shape, setup, context)
+        seconds /= OFFLOAD_SPEED
+    scale = setup.gpus * (MULTI_GPU_EFFICIENCY if setup.gpus > 1 else 1.0)
+    return tokens / seconds * scale
 
 
 def tokens_per_example(setup: TrainSetup, data: DataSize) -> float:
@@ -70,6 +87,8 @@ def total_tokens(setup: TrainSetup, data: DataSize) -> float:
 def optimizer_steps(setup: TrainSetup, data: DataSize) -> int:
     rows = data.examples if not setup.packing else math.ceil(data.examples * min(data.avg_tokens, setup.seq)
                                                              / setup.seq)
+    # grad_accum counts the micro-batches of one step over all GPUs (as the trainer deals them out), so
+    # a config makes the same optimizer steps on any GPU count
     return math.ceil(data.epochs * math.ceil(rows / (setup.batch * setup.grad_accum)))
 
 

@@ -1,10 +1,16 @@
-"""One worker thread drains a queue of generation requests into mixed-adapter batches.
+"""Continuous (iteration-level) batching: one worker thread decodes every running request one token per step.
 
-Requests wait at most `wait_ms` for company, then up to `max_batch` of them are left-padded into one
-batch and decoded greedily by `model.generate(..., adapter_names=[...])`: PEFT applies each row's own
-adapter (or none, "__base__"), so one batch carries many adapters without mixing them up. A streamer
-hands every new token to its request's `emit` callback; a request stops at its own end-of-turn token or
-max_tokens, and the batch stops when every request is done or cancelled (a client that went away).
+Between two decode steps the worker drops the rows that finished or were cancelled and admits waiting
+requests: their prompts are prefilled together (left-padded, one forward) and their key/value caches
+are joined to the running batch's. The batch is one left-padded KV cache with a padding mask: each row's
+real tokens sit at the right end, its positions count only its own tokens, and the mask hides the padding
+from attention, so a row decodes the same tokens whether it ran alone or beside others. Every forward
+passes PEFT's `adapter_names=` (one per row, "__base__" for the bare model): one batch carries many
+adapters, each row only ever sees its own. A row whose adapter was unloaded (or reloaded) since it was
+admitted is stopped with "adapter_unloaded", never decoded with another adapter.
+
+The registry is held per step (`Registry.step()`), not per request, so an adapter can be loaded or
+unloaded while others are decoding. A failing forward fails the requests in it, never the worker.
 """
 
 from __future__ import annotations
@@ -12,90 +18,98 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
+from loraforge.serve.decoding import Job, Sampling, pick_token
 from loraforge.serve.registry import BASE, Registry
 
-
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    adapter: str                       # adapter name or BASE
-    max_tokens: int
-    emit: Callable[[str | None, str | None], None]  # (text delta, finish_reason or None); thread-safe
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    done: bool = False
-    completion_tokens: int = 0
-
-    def finish(self, reason: str, tokenizer=None) -> None:
-        if not self.done:
-            self.done = True
-            if tokenizer is not None and reason != "cancelled":  # flush a held-back partial character
-                text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-                if text[len(self.text):]:
-                    self.emit(text[len(self.text):], None)
-                self.text = text
-            self.emit(None, reason)
+__all__ = ["BatchWorker", "Job", "Sampling"]
 
 
-class _Streamer:
-    """transformers streamer protocol: put() gets the prompt batch first, then one token per row."""
+class _Rows:
+    """The running batch: jobs, their KV cache (left-padded), padding mask and the token each feeds next."""
 
-    def __init__(self, jobs: list[Job], tokenizer, stops: set[int]):
-        self.jobs, self.tok, self.stops, self.first = jobs, tokenizer, stops, True
+    def __init__(self):
+        self.jobs: list[Job] = []
+        self.serials: list[int] = []   # the adapter load each row started with
+        self.cache = None              # transformers DynamicCache, batch dim = rows
+        self.mask = None               # (rows, cache length) long, 1 = a real token
+        self.last = None               # (rows,) long
 
-    def put(self, value) -> None:
-        if self.first:  # the prompt itself
-            self.first = False
-            return
-        for job, t in zip(self.jobs, value.reshape(-1).tolist()):
-            if job.done:
-                continue
-            if job.cancelled.is_set():
-                job.finish("cancelled")
-                continue
-            if t in self.stops:
-                job.finish("stop", self.tok)
-                continue
-            job.tokens.append(t)
-            job.completion_tokens += 1
-            text = self.tok.decode(job.tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # hold back half a multi-byte character
-                delta, job.text = text[len(job.text):], text
-                if delta:
-                    job.emit(delta, None)
-            if job.completion_tokens >= job.max_tokens:
-                job.finish("length", self.tok)
-
-    def end(self) -> None:
-        for job in self.jobs:
-            job.finish("length", self.tok)
-
-
-class _AllDone:
-    """Stopping criterion: every request in the batch finished or was cancelled."""
-
-    def __init__(self, jobs: list[Job]):
-        self.jobs = jobs
-
-    def __call__(self, input_ids, scores, **kwargs):
+    def keep(self, keep: list[int]) -> None:
         import torch
 
-        done = all(j.done or j.cancelled.is_set() for j in self.jobs)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        if len(keep) == len(self.jobs):
+            return
+        self.jobs = [self.jobs[i] for i in keep]
+        self.serials = [self.serials[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.last = None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.last = self.mask[idx], self.last[idx]
+        self.cache.batch_select_indices(idx)
+        lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # columns that are padding in every row
+        if lead:
+            self.mask = self.mask[:, lead:]
+            self.cache = _rebuild(self.cache, lambda t: t[:, :, lead:, :])
+
+    def add(self, jobs: list[Job], serials: list[int], cache, mask, last) -> None:
+        import torch
+
+        if not self.jobs:
+            self.jobs, self.serials, self.cache, self.mask, self.last = list(jobs), list(serials), cache, mask, last
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        a, b = self.mask.shape[1], mask.shape[1]
+        old = [(k, v) for k, v, *_ in self.cache]
+        new = [(k, v) for k, v, *_ in cache]
+        layers = [(torch.cat([_left_pad(ka, width - a), _left_pad(kb, width - b)]),
+                   torch.cat([_left_pad(va, width - a), _left_pad(vb, width - b)]))
+                  for (ka, va), (kb, vb) in zip(old, new)]
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_left_pad_2d(self.mask, width - a), _left_pad_2d(mask, width - b)])
+        self.last = torch.cat([self.last, last])
+        self.jobs += jobs
+        self.serials += serials
+
+
+def _left_pad(t, n: int):
+    """(batch, heads, length, dim) -> n zero columns in front of `length`."""
+    import torch
+
+    if n == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+
+
+def _left_pad_2d(m, n: int):
+    import torch
+
+    return m if n == 0 else torch.cat([m.new_zeros(m.shape[0], n), m], dim=1)
+
+
+def _rebuild(cache, fn):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v, *_ in cache])
 
 
 class BatchWorker:
+    """Owns the model's forward passes; `submit` a Job and read its `emit` callbacks."""
+
     def __init__(self, registry: Registry, *, max_batch: int = 16, wait_ms: float = 5.0):
         from loraforge.eval.generate import stop_token_ids
 
         self.registry, self.max_batch, self.wait = registry, max_batch, wait_ms / 1000
         self.stops = set(stop_token_ids(registry.tokenizer, registry.model))
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0
+        self.rows = _Rows()
+        self.prefills = 0       # forwards that admitted requests
+        self.steps = 0          # decode forwards
+        self.decoded = 0        # rows decoded, summed over steps
+        self.max_rows = 0       # most rows in one decode step
         self.thread = threading.Thread(target=self._run, name="loraforge-serve-worker", daemon=True)
         self.thread.start()
 
@@ -106,60 +120,148 @@ class BatchWorker:
         self.queue.put(None)
         self.thread.join(timeout=10)
 
-    def _run(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            jobs = [job]
-            deadline = time.monotonic() + self.wait
-            while len(jobs) < self.max_batch:
-                try:
-                    nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.queue.put(None)
-                    break
-                jobs.append(nxt)
-            jobs = [j for j in jobs if not (j.cancelled.is_set() and j.finish("cancelled") is None)]
-            if not jobs:
-                continue
+    def stats(self) -> dict:
+        return {"running": len(self.rows.jobs), "waiting": self.queue.qsize(), "prefills": self.prefills,
+                "decode_steps": self.steps, "max_rows": self.max_rows,
+                "mean_rows": round(self.decoded / self.steps, 2) if self.steps else 0.0}
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _take(self) -> tuple[list[Job], bool]:
+        """Waiting jobs that fit in the batch; blocks (then waits `wait` for company) only when idle."""
+        room = self.max_batch - len(self.rows.jobs)
+        jobs: list[Job] = []
+        if room <= 0:
+            return jobs, False
+        if not self.rows.jobs:
+            first = self.queue.get()
+            if first is None:
+                return jobs, True
+            jobs.append(first)
+            deadline = time.monotonic() + self.wait  # idle: wait a moment for company
+        else:
+            deadline = None                          # running: take only who is already waiting
+        while len(jobs) < room:
             try:
-                self._generate(jobs)
-            except Exception as e:  # a bad batch fails its requests, never the worker
-                for j in jobs:
-                    j.emit(f"[error] {type(e).__name__}: {e}", "error") if not j.done else None
-                    j.done = True
-            self.batches += 1
+                nxt = self.queue.get_nowait() if deadline is None else \
+                    self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if nxt is None:
+                return jobs, True
+            jobs.append(nxt)
+        return jobs, False
 
-    def _generate(self, jobs: list[Job]) -> None:
+    def _run(self) -> None:
         import torch
-        from peft import PeftModel
-        from transformers import StoppingCriteriaList
 
-        tok = self.registry.tokenizer
-        width = max(len(j.prompt_ids) for j in jobs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
-        with self.registry.lock, torch.no_grad():
-            model = self.registry.model
-            kwargs = {}
-            missing = [j for j in jobs if j.adapter != BASE and j.adapter not in self.registry.adapters]
-            for j in missing:  # unloaded while it waited
-                j.emit(None, "adapter_unloaded")
-                j.done = True
-            jobs_live = [j for j in jobs if not j.done]
-            if not jobs_live:
+        while True:
+            joiners, closing = self._take()
+            if closing:
+                for j in [*self.rows.jobs, *joiners]:
+                    j.fail("error", "the server is shutting down")
+                self.rows.keep([])
                 return
-            if isinstance(model, PeftModel):
-                kwargs["adapter_names"] = [j.adapter if not j.done else BASE for j in jobs]
-            elif any(j.adapter != BASE for j in jobs_live):
-                raise RuntimeError("adapter requested but none is loaded")
-            device = next(model.parameters()).device
-            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           max_new_tokens=max(j.max_tokens for j in jobs), do_sample=False,
-                           eos_token_id=sorted(self.stops), pad_token_id=pad, temperature=None, top_p=None,
-                           top_k=None, streamer=_Streamer(jobs, tok, self.stops),
-                           stopping_criteria=StoppingCriteriaList([_AllDone(jobs)]), **kwargs)
+            with self.registry.step() as model, torch.no_grad():
+                self._drop_finished()
+                joiners = self._admissible(joiners)
+                if joiners:
+                    try:
+                        self._prefill(model, joiners)
+                    except Exception as e:  # noqa: BLE001 - a bad request fails itself, never the worker
+                        for j in joiners:
+                            j.fail("error", f"[error] {type(e).__name__}: {e}")
+                    self._drop_finished()
+                if self.rows.jobs:
+                    try:
+                        self._decode(model)
+                    except Exception as e:  # noqa: BLE001
+                        for j in self.rows.jobs:
+                            j.fail("error", f"[error] {type(e).__name__}: {e}")
+                        self.rows.keep([])
+                    self._drop_finished()
+
+    def _serial(self, adapter: str) -> int | None:
+        return 0 if adapter == BASE else self.registry.serial(adapter)
+
+    def _admissible(self, jobs: list[Job]) -> list[Job]:
+        out = []
+        for j in jobs:
+            if j.cancelled.is_set():
+                j.fail("cancelled")
+            elif self._serial(j.adapter) is None:
+                j.fail("adapter_unloaded")
+            else:
+                out.append(j)
+        return out
+
+    def _drop_finished(self) -> None:
+        keep = []
+        for i, (j, serial) in enumerate(zip(self.rows.jobs, self.rows.serials)):
+            if j.cancelled.is_set():
+                j.fail("cancelled")
+            elif self._serial(j.adapter) != serial:
+                j.fail("adapter_unloaded")
+            if not j.done:
+                keep.append(i)
+        self.rows.keep(keep)
+
+    def _forward(self, model, ids, mask, positions, cache, adapters: list[str]):
+        from peft import PeftModel
+
+        kwargs = {}
+        if isinstance(model, PeftModel):
+            kwargs["adapter_names"] = adapters
+        elif any(a != BASE for a in adapters):
+            raise RuntimeError("adapter requested but none is loaded")
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float().cpu()
+
+    def _pick(self, jobs: list[Job], logits) -> list[int]:
+        greedy = logits.argmax(-1).tolist()
+        out = []
+        for i, j in enumerate(jobs):
+            if j.sampling.temperature == 0:
+                out.append(greedy[i])
+            else:
+                if j.rng is None:
+                    j.rng = j.sampling.generator()
+                out.append(pick_token(logits[i], j.sampling, j.rng))
+        return out
+
+    def _prefill(self, model, jobs: list[Job]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        device = next(model.parameters()).device
+        tok = self.registry.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
+                            device=device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        serials = [self._serial(j.adapter) for j in jobs]
+        logits = self._forward(model, ids, mask, positions, cache, [j.adapter for j in jobs])
+        first = self._pick(jobs, logits)
+        self.prefills += 1
+        for j, t in zip(jobs, first):
+            j.push(t, tok, self.stops)
+        self.rows.add(jobs, serials, cache, mask, torch.tensor(first, device=device))
+
+    def _decode(self, model) -> None:
+        import torch
+
+        rows = self.rows
+        positions = rows.mask.sum(1, keepdim=True)  # each row's own next position
+        mask = torch.cat([rows.mask, rows.mask.new_ones(rows.mask.shape[0], 1)], dim=1)
+        logits = self._forward(model, rows.last[:, None], mask, positions, rows.cache, [j.adapter for j in rows.jobs])
+        rows.mask = mask
+        nxt = self._pick(rows.jobs, logits)
+        rows.last = torch.tensor(nxt, device=mask.device)
+        self.steps += 1
+        self.decoded += len(rows.jobs)
+        self.max_rows = max(self.max_rows, len(rows.jobs))
+        for j, t in zip(rows.jobs, nxt):
+            j.push(t, self.registry.tokenizer, self.stops)

@@ -1,8 +1,11 @@
 """One base model in memory with any number of named PEFT LoRA adapters, loaded and unloaded at run time.
 
-`Registry.lock` guards the model: the batching worker holds it while it generates, and loading or
-unloading an adapter takes it too, so an adapter never changes under a running batch. A failed load
-(missing folder, adapter made for another base) leaves no half-injected adapter behind.
+`Registry.lock` guards the model: the batching worker holds it for each decode step, and loading or
+unloading an adapter takes it too, so an adapter never changes under a running step. `Registry.gate`
+keeps the worker from starving an admin call: a load/unload holds the gate while it waits for the lock,
+and the worker passes the gate before each step (`Registry.step()`), so the change lands after the
+step in flight. A failed load (missing folder, adapter made for another base) leaves no half-injected
+adapter behind.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
@@ -23,7 +27,18 @@ class Registry:
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.adapters: dict[str, str] = {}  # name -> folder
+        self.serials: dict[str, int] = {}   # name -> which load this is (a reload under the same name differs)
+        self._loads = 0
         self.lock = threading.RLock()
+        self.gate = threading.Lock()
+
+    @contextmanager
+    def step(self):
+        """The worker's hold on the model for one step; an admin call waiting at the gate goes first."""
+        with self.gate:
+            pass
+        with self.lock:
+            yield self.model
 
     def names(self) -> list[str]:
         return [self.base_name, *self.adapters]
@@ -33,6 +48,10 @@ class Registry:
 
     def adapter_for(self, model_name: str) -> str:
         return BASE if model_name == self.base_name else model_name
+
+    def serial(self, name: str) -> int | None:
+        """A number that changes whenever `name` is loaded again; None when it is not loaded."""
+        return self.serials.get(name)
 
     def load(self, name: str, path: str | Path) -> None:
         from peft import PeftModel
@@ -48,7 +67,7 @@ class Registry:
             json.loads((path / "adapter_config.json").read_text())
         except ValueError as e:
             raise LoraforgeError(f"adapter_config.json is not valid JSON: {e}", where=str(path)) from None
-        with self.lock:
+        with self.gate, self.lock:
             if name in self.adapters:  # checked again: another load may have won the race
                 raise LoraforgeError(f"an adapter named '{name}' is already loaded", hint="unload it first")
             check_shapes(self.model, path)
@@ -63,13 +82,16 @@ class Registry:
                                      where=str(path), hint="load it over the base model it was trained on") from None
             self.model.eval()
             self.adapters[name] = str(path)
+            self._loads += 1
+            self.serials[name] = self._loads
 
     def unload(self, name: str) -> None:
-        with self.lock:
+        with self.gate, self.lock:
             if name not in self.adapters:
                 raise LoraforgeError(f"no adapter named '{name}' is loaded")
             self._drop(name)
             del self.adapters[name]
+            del self.serials[name]
 
     def _drop(self, name: str) -> None:
         from peft import PeftModel

@@ -3,9 +3,13 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (SSE streaming or not),
 POST /v1/completions, and the admin endpoints POST /admin/adapters {"name", "path"} and
 DELETE /admin/adapters/{name}. The request's `model` names an adapter or the base itself. Handlers only
-validate and enqueue; the BatchWorker does the generating. Every user mistake is a 4xx JSON error in
-OpenAI's shape {"error": {"message", "type", "param", "code"}}. Decoding is greedy: sampling parameters
-(temperature, top_p, n > 1, stop strings) are accepted and ignored.
+validate and enqueue; the BatchWorker does the generating (continuous batching). Every user mistake is a
+4xx JSON error in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+
+Sampling: `temperature` (0 = greedy, up to 2), `top_p` (0 < p <= 1), `seed` (same seed, same answer),
+`stop` (a string or up to 4), `max_tokens` / `max_completion_tokens`, and `n` = 1 only. Unlike OpenAI,
+an absent temperature means greedy, so a fine-tuned model answers reproducibly unless asked to sample.
+`ignore_eos` (as in vLLM) decodes through end-of-turn tokens up to max_tokens, for load tests.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 import uuid
 
 from loraforge.errors import LoraforgeError
-from loraforge.serve.batching import BatchWorker, Job
+from loraforge.serve.batching import BatchWorker, Job, Sampling
 from loraforge.serve.registry import Registry
 
 
@@ -43,6 +47,40 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value <= high and (
+        value > low if low_open else value >= low)
+    if not ok:
+        raise BadRequest(400, f"{key} must be a number {'>' if low_open else '>='} {low:g} and <= {high:g}, "
+                              f"got {value!r}", param=key)
+    return float(value)
+
+
+def parse_sampling(body: dict) -> Sampling:
+    """The request's sampling settings, or a BadRequest naming the parameter that is wrong."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise BadRequest(400, f"only n=1 is supported, got {n!r}; send one request per answer", param="n")
+    temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest(400, f"seed must be an integer, got {seed!r}", param="seed")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
+        raise BadRequest(400, f"stop must be a non-empty string or a list of up to 4 of them, got {stop!r}",
+                         param="stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest(400, f"ignore_eos must be true or false, got {ignore_eos!r}", param="ignore_eos")
+    return Sampling(temperature=temperature, top_p=top_p, seed=None if seed is None else seed % 2**63,
+                    stop=tuple(stops), ignore_eos=ignore_eos)
 
 
 def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 5.0,
@@ -86,6 +124,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
             max_tokens = 128
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise BadRequest(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
+        sampling = parse_sampling(body)
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs or not all(
@@ -101,6 +140,8 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
             if not isinstance(text, str):
                 raise BadRequest(400, "prompt must be one string", param="prompt")
         ids = tok(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise BadRequest(400, "the prompt is empty; give at least one token", param="prompt")
         if len(ids) + max_tokens > limit:
             raise BadRequest(400, f"this request needs {len(ids)} prompt + {max_tokens} completion tokens, "
                                   f"more than the model's context of {limit}; shorten it or lower max_tokens",
@@ -111,7 +152,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
         def emit(delta, finish):
             loop.call_soon_threadsafe(events.put_nowait, (delta, finish))
 
-        job = Job(ids, registry.adapter_for(name), max_tokens, emit)
+        job = Job(ids, registry.adapter_for(name), max_tokens, emit, sampling=sampling)
         job.events = events  # type: ignore[attr-defined]
         return job, name, bool(body.get("stream"))
 
@@ -195,7 +236,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
 
     async def health(request):
         return JSONResponse({"status": "ok", "base": registry.base_name, "adapters": list(registry.adapters),
-                             "batches": worker.batches})
+                             "batching": worker.stats()})
 
     async def load_adapter(request):
         if not authorised(request):

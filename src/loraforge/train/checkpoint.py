@@ -6,6 +6,11 @@ and the run config. It is written into a temporary folder, closed with a MANIFES
 digests, and renamed into place, so a killed process leaves either a whole checkpoint or none.
 On resume the newest checkpoint whose files match its manifest is used; a truncated or corrupt one
 is reported and skipped. Only the last `keep_last` checkpoints are kept.
+
+Under torchrun rank 0 alone writes (the others wait), and the data position is global, so a checkpoint
+resumes on any number of processes. With FSDP2 the sharded adapter and optimizer state are gathered to
+rank 0 first and stored in the same layout as a single-process checkpoint (optimizer state indexed by
+parameter position), and scattered back on load: one checkpoint format for 1 process, DDP and FSDP2.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import LoraforgeError
+from loraforge.train.distributed import SINGLE, DistContext
 
 PREFIX = "step-"
 
@@ -57,14 +63,70 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sharded(dist: DistContext) -> bool:
+    return dist.enabled and dist.mode == "fsdp"
+
+
+def _trainable_names(step_module) -> dict:
+    return {id(p): n for n, p in step_module.named_parameters() if p.requires_grad}
+
+
+def gather_adapter(model, step_module, dist: DistContext) -> dict | None:
+    """FSDP2: the full trainable weights, keyed as the PEFT model names them, on rank 0 (a collective:
+    every rank calls it). None when the model is not sharded (it saves itself)."""
+    if not _sharded(dist):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(step_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                      ignore_frozen_params=True))
+    return {k.removeprefix("model."): v for k, v in full.items()}
+
+
+def _gather_optimizer(optimizer, step_module, dist: DistContext) -> dict:
+    """The optimizer state as optimizer.state_dict() lays it out (states by parameter position)."""
+    if not _sharded(dist):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(step_module, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = _trainable_names(step_module)
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    index = {n: i for i, n in enumerate(order)}
+    groups, start = [], 0
+    for g, live in zip(full.get("param_groups", []), optimizer.param_groups):
+        groups.append({**{k: v for k, v in g.items() if k != "params"},
+                       "params": list(range(start, start + len(live["params"])))})
+        start += len(live["params"])
+    return {"state": {index[n]: v for n, v in full.get("state", {}).items()}, "param_groups": groups}
+
+
+def write_adapter(model, out_dir: Path, weights: dict | None, tokenizer=None) -> None:
+    """PEFT adapter files (from `weights` when FSDP2 gathered them), written into out_dir."""
+    kwargs = {"state_dict": weights} if weights is not None else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
 def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: TrainerState, config_yaml: str,
-                    keep_last: int) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+                    keep_last: int, dist: DistContext = SINGLE, step_module=None) -> Path:
     final = ckpt_root / f"{PREFIX}{state.step:08d}"
+    weights = gather_adapter(model, step_module, dist)  # collectives first, on every rank
+    optim_state = _gather_optimizer(optimizer, step_module, dist)
+    if dist.is_main:
+        _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, state, config_yaml, keep_last)
+    dist.barrier()  # nobody leaves (or is stopped) before the checkpoint is whole
+    return final
+
+
+def _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, state, config_yaml, keep_last):
+    ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    write_adapter(model, tmp, weights)
+    torch.save(optim_state, tmp / "optimizer.pt")
     torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
@@ -75,7 +137,6 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: Trainer
     tmp.rename(final)
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -111,18 +172,49 @@ def latest_good(ckpt_root: Path, warn=print) -> Path | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> TrainerState:
-    """Restore adapter weights, optimizer, scheduler and RNG from `ckpt`; returns the trainer state."""
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, dist: DistContext = SINGLE,
+                    step_module=None) -> TrainerState:
+    """Restore adapter weights, optimizer, scheduler and RNG from `ckpt`; returns the trainer state.
+    Every rank reads the same files (shared storage); FSDP2 ranks keep their shards of them."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(ckpt / "adapter_model.safetensors", device=str(next(model.parameters()).device))
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise LoraforgeError(f"checkpoint does not match this model (unexpected {result.unexpected_keys[:3]})",
-                             where=str(ckpt))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    if _sharded(dist):
+        _load_sharded(ckpt, model, optimizer, step_module, optim_state)
+    else:
+        weights = load_file(ckpt / "adapter_model.safetensors", device=str(next(model.parameters()).device))
+        result = set_peft_model_state_dict(model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise LoraforgeError(f"checkpoint does not match this model (unexpected {result.unexpected_keys[:3]})",
+                                 where=str(ckpt))
+        optimizer.load_state_dict(optim_state)
     extra = torch.load(ckpt / "state.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
     return TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+
+
+def _load_sharded(ckpt: Path, model, optimizer, step_module, optim_state: dict) -> None:
+    """FSDP2: full tensors from the files, scattered into this rank's shards."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = _trainable_names(step_module)
+    fqns = list(names.values())
+    # which file key is which parameter: let PEFT rename tagged stand-ins exactly as it does when saving
+    tags = {n.removeprefix("model."): torch.tensor([float(i)]) for i, n in enumerate(fqns)}
+    file_key = {k: fqns[int(v.item())] for k, v in get_peft_model_state_dict(model, state_dict=tags).items()}
+    saved = load_file(ckpt / "adapter_model.safetensors")
+    missing = sorted(set(file_key) - set(saved))
+    if missing or set(saved) - set(file_key):
+        raise LoraforgeError(f"checkpoint does not match this model (e.g. {(missing or sorted(saved))[:3]})",
+                             where=str(ckpt))
+    full = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(step_module, {file_key[k]: v for k, v in saved.items()}, options=full)
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim_state["param_groups"]]
+    set_optimizer_state_dict(step_module, optimizer, {"state": {order[i]: v for i, v in optim_state["state"].items()},
+                                                      "param_groups": groups}, options=full)

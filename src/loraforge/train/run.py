@@ -24,12 +24,15 @@ from rich.console import Console
 from loraforge.config import RunConfig
 from loraforge.data.batching import split_validation
 from loraforge.data.formats import Example, read_examples
+from loraforge.data.packing import pack
 from loraforge.data.templates import tokenize_all
 from loraforge.errors import LoraforgeError
 from loraforge.model.adapters import attach_adapter, save_adapter, trainable_parameters
+from loraforge.model.fast import fast_engine
 from loraforge.model.load import load_base, pick_device
-from loraforge.train.checkpoint import TrainerState, latest_good, load_checkpoint
-from loraforge.train.loop import plan_steps, train_loop
+from loraforge.train import distributed as D
+from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
+from loraforge.train.loop import plan_steps, prepare_model, train_loop
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -127,10 +130,11 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    run_dir = Path(cfg.output_dir) if dir_ready else prepare_run_dir(cfg, resume, overwrite)
-    if cfg.model.quantization != "none":
-        raise LoraforgeError(f"model.quantization={cfg.model.quantization} is not available in this version",
-                             hint="use model.quantization=none")
+    # under torchrun: join the process group, check every rank has the same config; rank 0 alone writes
+    dist = D.init_distributed(cfg.train.distributed, pick_device(cfg.train.device), cfg.train.dist_timeout_s)
+    console.quiet = not dist.is_main
+    D.check_same(dist, "config", cfg.to_yaml())
+    run_dir = Path(cfg.output_dir) if dir_ready else dist.on_main(prepare_run_dir, cfg, resume, overwrite)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
@@ -138,17 +142,38 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     amp_dtype = resolve_precision(cfg.train.precision, device)
     autocast = (lambda: torch.autocast(device, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=cfg.model.dtype, device=device,
-                                                    attn_implementation=cfg.model.attn_implementation)
+    # FSDP2 loads the base in CPU memory: sharding moves each layer's shard to its GPU, no GPU holds it all
+    load_on = "cpu" if dist.enabled and dist.mode == "fsdp" and cfg.model.quantization == "none" else device
+    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=cfg.model.dtype, device=load_on,
+                                                    attn_implementation=cfg.model.attn_implementation,
+                                                    quantization=cfg.model.quantization)
     train_items, val_items, data_report = load_data(cfg, tokenizer)
-    write_json(run_dir / "data_report.json", data_report)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    rows = train_items
+    if cfg.data.packing:  # best-fit rows of max_seq_length; each example attends only to itself
+        rows = pack(train_items, cfg.data.max_seq_length)
+        data_report["packed_rows"] = len(rows)
+    if dist.enabled:
+        D.check_same(dist, "training data", D.data_fingerprint(train_items + val_items))
+    if dist.is_main:
+        write_json(run_dir / "data_report.json", data_report)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        from loraforge.plan.for_run import estimate_for_run  # `loraforge plan`'s estimate for this exact run
 
+        gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
+        console.print(estimate_for_run(cfg, model.config.to_dict(), [len(t.input_ids) for t in train_items],
+                                       gpu and gpu.name, gpu and gpu.total_memory, dist.world)[0])
+
+    train_items = rows
     torch.manual_seed(cfg.seed)
     model = attach_adapter(model, cfg.lora, base_path)
-    if cfg.model.gradient_checkpointing:
+    compute_dtype = amp_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
+    fast_path = "off" if dist.enabled and dist.mode == "fsdp" else cfg.model.fast_path  # FSDP2 hooks module calls
+    fast = fast_engine(model, fast_path, device, compute_dtype, cfg.model.gradient_checkpointing,
+                       log=console.print)
+    if cfg.model.gradient_checkpointing and fast is None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    step_module = prepare_model(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, cfg, device)
     _, total_steps = plan_steps(len(train_items), cfg)
@@ -161,25 +186,41 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         if ckpt is None:
             raise LoraforgeError("no usable checkpoint to resume from", where=str(run_dir / "checkpoints"),
                                  hint="start again with --overwrite")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, dist, step_module)
+        if dist.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         console.print(f"resuming from {ckpt} (step {state.step}/{total_steps})")
 
     n_trainable = sum(p.numel() for p in params)
-    console.print(f"training {cfg.lora.adapter} r={cfg.lora.r} on {device} "
+    console.print(f"training {cfg.lora.adapter} r={cfg.lora.r}"
+                  f"{' over an NF4 base' if cfg.model.quantization == 'nf4' else ''} on {device} "
+                  f"({'fast Llama path' if fast else 'PEFT forward'}) "
                   f"({'bf16' if amp_dtype else 'fp32'} compute): {n_trainable:,} trainable parameters, "
-                  f"{len(train_items)} examples, {total_steps} steps")
+                  f"{len(train_items)} {'packed rows' if cfg.data.packing else 'examples'}, {total_steps} steps")
     result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items, cfg,
-                        run_dir, state, log=console.print)
+                        run_dir, state, log=console.print, fast=fast, dist=dist, step_module=step_module)
     model.eval()
-    adapter_dir = save_adapter(model, run_dir / "adapter", tokenizer)
+    adapter_dir = run_dir / "adapter"
+    if dist.enabled:  # rank 0 writes (FSDP2: after gathering the shards)
+        weights = gather_adapter(model, step_module, dist)
+        if dist.is_main:
+            tmp = run_dir / "adapter.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_adapter(model, tmp, weights, tokenizer)
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            tmp.rename(adapter_dir)
+    else:
+        adapter_dir = save_adapter(model, adapter_dir, tokenizer)
     summary = {"steps": result.state.step, "final_train_loss": result.final_train_loss,
                "final_val_loss": result.final_val_loss, "best_val_loss": result.state.best_val_loss,
                "best_step": result.state.best_step, "train_seconds": round(result.seconds, 2),
                "tokens_seen": result.state.tokens_seen, "device": device,
                "precision": "bf16" if amp_dtype else "fp32", "trainable_parameters": n_trainable,
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(run_dir / "summary.json", summary)
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
+    if dist.is_main:
+        write_json(run_dir / "summary.json", summary)
+    dist.barrier()
+    D.finish(dist)
     console.print(f"adapter saved in {adapter_dir}  (final train loss {result.final_train_loss:.4f}"
                   + (f", validation loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else ")"))
     return RunResult(run_dir, adapter_dir, model, tokenizer, base_path, summary)

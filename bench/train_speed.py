@@ -1,0 +1,235 @@
+"""Training speed and memory: loraforge's fast path vs plain transformers+PEFT(+bitsandbytes) vs Unsloth,
+in one device run, same random-weight model folder, same batches, same loop (forward, backward, AdamW).
+
+    python bench/train_speed.py --tokenizer TOKDIR --out $OUT/train_speed [--shapes 8b,1b] [--rows ...]
+
+Each row runs in its own process (clean CUDA memory statistics; Unsloth patches transformers when
+imported, so it gets a process of its own and is imported first there). Rows:
+  plain-qlora  transformers + peft + bitsandbytes NF4, prepare_model_for_kbit_training, HF checkpointing
+  plain-lora   bf16 base, HF gradient checkpointing        plain-dora   the same with use_dora
+  ours-qlora   loraforge: NF4 via load_base, FastLlama (checkpointing offloaded to pinned CPU memory)
+  ours-qlora-gc  the same with the layer inputs kept on the GPU
+  ours-lora / ours-dora       bf16 base, FastLlama
+  unsloth-qlora / unsloth-lora  Unsloth's FastLanguageModel, its offloaded checkpointing
+r = alpha = 16 on all seven linear projections, dropout 0, lr 2e-4, batch B x T random token ids with
+every token a loss token. tokens/s counts real tokens only (here all of them); memory is the peak
+reserved/allocated during training (the weights included), after loading.
+Prints one JSON object; with --out also writes train_speed.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {  # public configs: Llama-3.1-8B and Llama-3.2-1B
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False,
+               max_position_embeddings=8192, rms_norm_eps=1e-5),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True,
+               max_position_embeddings=8192, rms_norm_eps=1e-5),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_ROWS = ["plain-qlora", "ours-qlora", "ours-qlora-gc", "unsloth-qlora", "plain-lora", "ours-lora",
+                "unsloth-lora"]
+
+
+def make_model(shape: str, out: Path, tokenizer: str) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], initializer_range=0.02))
+    model.save_pretrained(out, max_shard_size="4GB")
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+
+
+def batches(vocab: int, bsz: int, seq: int, n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, min(vocab, 32000), (bsz, seq), generator=g) for _ in range(n)]
+
+
+def build(row: str, path: str):
+    """(model, trainable params, loss(ids) -> scalar mean loss)."""
+    import torch
+
+    tool, method = row.split("-", 1)
+    if tool == "unsloth":
+        from unsloth import FastLanguageModel  # noqa: first import in this process
+
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=8192, dtype=torch.bfloat16,
+                                                     load_in_4bit=method == "qlora", local_files_only=True)
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                                 target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                                 random_state=0)
+        model.train()  # from_pretrained leaves eval mode, where transformers skips checkpointing
+        return model, [p for p in model.parameters() if p.requires_grad], \
+            lambda ids: model(input_ids=ids, labels=ids).loss
+    if tool == "plain":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        extra = {}
+        if method == "qlora":
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
+                                                     attn_implementation="sdpa", **extra)
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                                 use_dora=method == "dora", task_type="CAUSAL_LM"))
+        model.train()  # from_pretrained leaves eval mode, where transformers skips checkpointing
+        return model, [p for p in model.parameters() if p.requires_grad], \
+            lambda ids: model(input_ids=ids, labels=ids).loss
+    from loraforge.config import LoraSection
+    from loraforge.model.adapters import attach_adapter
+    from loraforge.model.fast import FastLlama
+    from loraforge.model.load import load_base
+
+    quant = "nf4" if method.startswith("qlora") else "none"
+    model, _, _ = load_base(path, device="cuda", quantization=quant)
+    model = attach_adapter(model, LoraSection(adapter="dora" if method == "dora" else "lora", r=16, alpha=16,
+                                              dropout=0.0))
+    model.train()
+    fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True if method.endswith("-gc") else "offload")
+
+    def loss(ids):
+        s, n = fast.loss_sum({"input_ids": ids, "labels": ids})
+        return s / n
+    return model, [p for p in model.parameters() if p.requires_grad], loss
+
+
+def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, profile: Path | None = None) -> dict:
+    import torch
+
+    t_load = time.time()
+    model, params, loss_fn = build(row, path)
+    load_s = time.time() - t_load
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+    data = [b.cuda() for b in batches(model.config.vocab_size, bsz, seq, warmup + steps)]
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for i, ids in enumerate(data):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.time()
+        loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    torch.cuda.synchronize()
+    secs = time.time() - t0
+    if profile:  # two more steps under torch.profiler: where the GPU time goes, kernel by kernel
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for ids in data[:2]:
+                loss_fn(ids).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        profile.mkdir(parents=True, exist_ok=True)
+        (profile / f"{row}.txt").write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=45,
+                                                                   max_name_column_width=70))
+    return {"row": row, "batch": bsz, "seq": seq, "steps_timed": steps, "seconds": round(secs, 3),
+            "tokens_per_s": round(bsz * seq * steps / secs, 1),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4), "load_s": round(load_s, 1),
+            "trainable": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--shapes", default="8b")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
+    ap.add_argument("--tokenizer", help="a tokenizer folder for the random-weight model folders")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lf-bench"))
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--profile", type=Path, help="also write a torch.profiler table per row into this folder")
+    ap.add_argument("--child", nargs=2, metavar=("ROW", "MODEL"), help=argparse.SUPPRESS)
+    ap.add_argument("--make", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.make:
+        return make_model(a.make[0], Path(a.make[1]), a.tokenizer)
+    if a.child:
+        print("RESULT " + json.dumps(run_row(a.child[0], a.child[1], a.batch, a.seq, a.warmup, a.steps,
+                                             a.profile)))
+        return
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1",
+               PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    rows = []
+    for shape in a.shapes.split(","):
+        folder = a.workdir / f"llama-{shape}"
+        prof_dir = a.profile / shape if a.profile else None
+        if not (folder / "config.json").is_file():
+            subprocess.run([sys.executable, __file__, "--make", shape, str(folder), "--tokenizer", a.tokenizer],
+                           check=True, env=env)
+        for row in a.rows.split(","):
+            cmd = [sys.executable, __file__, "--child", row, str(folder), "--batch", str(a.batch), "--seq",
+                   str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps)] + \
+                (["--profile", str(prof_dir)] if prof_dir else [])
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
+                found = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                res = json.loads(found[-1][7:]) if found else {"row": row, "error": (p.stderr or p.stdout)[-1500:]}
+            except subprocess.TimeoutExpired:
+                res = {"row": row, "error": f"timeout after {a.timeout}s"}
+            res["shape"] = shape
+            rows.append(res)
+            print(json.dumps(res), file=sys.stderr, flush=True)
+    result = {"rows": rows, "ratios": ratios(rows)}
+    try:
+        import torch
+
+        result["device"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "train_speed.json").write_text(text)
+
+
+def ratios(rows: list[dict]) -> dict:
+    by = {(r["shape"], r["row"]): r for r in rows if "tokens_per_s" in r}
+    out = {}
+    for (shape, row), r in by.items():
+        if not row.startswith("ours-"):
+            continue
+        method = row.split("-", 1)[1].removesuffix("-gc")
+        for peer in ("plain", "unsloth"):
+            p = by.get((shape, f"{peer}-{method}"))
+            if p:
+                out[f"{shape}/{row} vs {peer}-{method}"] = {
+                    "speed": round(r["tokens_per_s"] / p["tokens_per_s"], 3),
+                    "reserved": round(r["peak_reserved_gib"] / p["peak_reserved_gib"], 3)}
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The fast training forward for Llama-family models (Llama 3.x, Mistral, Qwen2/2.5/3, SmolLM).
+
+FastLlama wraps a PEFT model; it does not change it. It reads the same parameters (frozen base
+weights, bf16 or NF4; PEFT's lora_A/lora_B/magnitude) and runs its own forward: fused LoRA projections
+(model.fast.lora), liger's RMSNorm/RoPE/SwiGLU kernels on CUDA (model.fast.ops), flash attention via
+SDPA, per-layer recomputation with the layer input optionally parked in pinned CPU memory
+(model.fast.recompute), and a fused linear cross-entropy over the loss positions only. The PEFT
+model's own forward stays the reference: tests compare losses and gradients against it.
+
+Batches must be right-padded (loraforge's collate does that): with causal attention a real token
+never sees a pad on its right, so no attention mask is needed and the result equals the masked one.
+Packed rows carry segment ids; their attention is block-diagonal (SDPA with a boolean mask for now;
+a varlen kernel would skip the masked blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraforge.data.packing import segment_attention
+from loraforge.data.templates import IGNORE_INDEX
+from loraforge.model.fast.lora import Projections
+from loraforge.model.fast.ops import linear_cross_entropy_sum, rms_norm, rope, swiglu
+from loraforge.model.fast.recompute import PinnedPool, recompute
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def why_not_fast(model) -> str | None:
+    """None if FastLlama can run this (PEFT-wrapped) model, else the reason it cannot."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    kind = getattr(cfg, "model_type", "?")
+    if kind not in FAMILIES:
+        return f"model type '{kind}' is not one of the fast path's families ({', '.join(FAMILIES)})"
+    if getattr(cfg, "mlp_bias", False) or (getattr(cfg, "attention_bias", False) and kind != "qwen2"):
+        return "bias in the attention/MLP projections (other than Qwen2's q/k/v) is not on the fast path"
+    if getattr(cfg, "use_sliding_window", False) or (kind == "mistral" and getattr(cfg, "sliding_window", None)):
+        window = getattr(cfg, "sliding_window", None)
+        if window and window < getattr(cfg, "max_position_embeddings", 0):
+            return f"sliding-window attention (window {window}) is not on the fast path"
+    for m in base.modules():
+        if hasattr(m, "lora_A") and len(getattr(m, "active_adapters", ["x"])) > 1:
+            return "more than one active adapter"
+    return None
+
+
+class _Layer:
+    def __init__(self, layer, dtype, buffers):
+        at, mlp = layer.self_attn, layer.mlp
+        self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, buffers)
+        self.o = Projections([at.o_proj], dtype, buffers)
+        # gate and up are not grouped: their fused output's halves would need copies before the SwiGLU
+        # kernel, which cost more than the GEMM launch they save (measured on the 8B shape)
+        self.gate = Projections([mlp.gate_proj], dtype, buffers)
+        self.up = Projections([mlp.up_proj], dtype, buffers)
+        self.down = Projections([mlp.down_proj], dtype, buffers)
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm, self.k_norm = getattr(at, "q_norm", None), getattr(at, "k_norm", None)
+        self.head_dim = at.head_dim
+        self.scaling = at.scaling
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        bsz, t, _ = h.shape
+        x = rms_norm(h, self.norm1.weight, self.norm1.variance_epsilon)
+        q, k, v = (y.view(bsz, t, -1, self.head_dim) for y in self.qkv(x))
+        if self.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
+            q = rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon)
+            k = rms_norm(k, self.k_norm.weight, self.k_norm.variance_epsilon)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = rope(q, k, cos, sin)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # grouped-query attention: share each k/v head (a view, then one copy)
+            k = k[:, :, None].expand(bsz, k.shape[1], groups, t, self.head_dim).reshape(bsz, -1, t, self.head_dim)
+            v = v[:, :, None].expand(bsz, v.shape[1], groups, t, self.head_dim).reshape(bsz, -1, t, self.head_dim)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, scale=self.scaling)
+        h = h + self.o(a.transpose(1, 2).reshape(bsz, t, -1))[0]
+        x = rms_norm(h, self.norm2.weight, self.norm2.variance_epsilon)
+        return h + self.down(swiglu(self.gate(x)[0], self.up(x)[0]))[0]
+
+
+class FastLlama:
+    """Training/validation loss of a PEFT Llama-family model through the fast forward."""
+
+    def __init__(self, model, *, dtype: torch.dtype, checkpointing: bool | str = True):
+        reason = why_not_fast(model)
+        if reason:
+            raise ValueError(reason)
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = base.model
+        self.head = base.get_output_embeddings()
+        self.dtype = dtype
+        self.buffers: dict = {}
+        self.layers = [_Layer(layer, dtype, self.buffers) for layer in self.decoder.layers]
+        self.checkpointing = bool(checkpointing)
+        self.pool = PinnedPool() if checkpointing == "offload" else None
+        self.keep_rng = any(getattr(d, "p", 0) > 0 for layer in self.layers
+                            for p in (layer.qkv, layer.o, layer.gate, layer.up, layer.down) for d in p.dropouts)
+
+    def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, H) in the compute dtype. Packed rows (data.packing) give their
+        position_ids and segment_ids: attention then stays inside each example."""
+        dev = input_ids.device
+        mask = segment_attention(segment_ids) if segment_ids is not None else None
+        with torch.autocast(dev.type, enabled=False):
+            h = self.decoder.embed_tokens(input_ids).to(self.dtype)
+            pos = position_ids if position_ids is not None else \
+                torch.arange(input_ids.shape[1], device=dev)[None].expand(input_ids.shape[0], -1)
+            cos, sin = self.decoder.rotary_emb(h, pos)
+            cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+            grad = torch.is_grad_enabled() and self.model.training
+            if grad and self.checkpointing:
+                h = h.detach().requires_grad_(True)  # so that backward enters the first recomputed layer
+            for i, layer in enumerate(self.layers):
+                if grad and self.checkpointing:
+                    h = recompute(layer, h, cos, sin, mask, key=i, pool=self.pool, keep_rng=self.keep_rng)
+                else:
+                    h = layer(h, cos, sin, mask)
+            norm = self.decoder.norm
+            return rms_norm(h, norm.weight, norm.variance_epsilon)
+
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over the batch's loss tokens, and their count (as train.loop.loss_sum)."""
+        labels = batch["labels"][:, 1:]
+        # the loss positions, found before the forward is queued: the one host-device sync of the step
+        # then waits for an idle GPU instead of stalling the CPU in the middle of the step
+        idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))[:, :-1]
+        h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
+        with torch.autocast(h.device.type, enabled=False):
+            return linear_cross_entropy_sum(h, self.head.weight, labels.flatten().index_select(0, idx)), len(idx)

@@ -1,0 +1,194 @@
+"""LoRA and DoRA projections as one autograd function: y = x W^T (+ b) + (xd A^T) (s B)^T.
+
+Why not PEFT's modules: they run the base linear and the adapter as separate modules with their own
+autograd nodes, casts and saved tensors, and (for QLoRA) go through bitsandbytes' generic matmul. Here:
+  - projections that read the same input (q/k/v, gate/up) run as one group: their frozen weights are
+    rebuilt (NF4 -> bf16) into row slices of one reused buffer, so the base product is one GEMM, and
+    their LoRA factors are stacked (A) and block-diagonal (s B), so the adapter is two thin GEMMs;
+  - the frozen weight is rebuilt right before each use, in forward and again in backward, so no 16-bit
+    copy outlives one matmul; the saved tensors are the input and the small (N, r) product only;
+  - the LoRA product is written first and the base GEMM accumulates onto it (beta = 1), one pass over
+    the output instead of two;
+  - A and B stay PEFT's fp32 parameters (adapters save and load as PEFT's); they are cast inside and
+    their gradients returned in fp32, without extra autograd nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FrozenGroup:
+    """The frozen base weights (and biases) of projections sharing one input, as one (sum out, in) matrix."""
+
+    def __init__(self, layers: list, dtype: torch.dtype, buffers: dict):
+        self.layers = layers
+        self.dtype = dtype
+        self.buffers = buffers
+        self.outs = [lyr.out_features for lyr in layers]
+        self.in_features = layers[0].in_features
+        self.quantized = getattr(layers[0].weight, "quant_state", None) is not None
+        biases = [lyr.bias for lyr in layers]
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b.detach().to(dtype) if b is not None else
+                                   torch.zeros(o, dtype=dtype, device=layers[0].weight.device)
+                                   for b, o in zip(biases, self.outs)])
+        if not self.quantized and len(layers) > 1:
+            self._fuse_storage()
+
+    def _fuse_storage(self) -> None:
+        """16-bit base: move the group's weights into one tensor once (each layer's weight becomes a view
+        of its rows), so the group's product needs no copy at all."""
+        ws = [lyr.weight for lyr in self.layers]
+        fused = torch.cat([w.detach() for w in ws])
+        start = 0
+        for lyr, o in zip(self.layers, self.outs):
+            lyr.weight.data = fused[start:start + o]
+            start += o
+        self.fused = fused
+
+    def get(self) -> torch.Tensor:
+        if not self.quantized:
+            w = self.fused if len(self.layers) > 1 else self.layers[0].weight
+            return w if w.dtype == self.dtype else w.to(self.dtype)
+        import bitsandbytes.functional as bnbf
+
+        shape = (sum(self.outs), self.in_features)
+        qdtype = self.layers[0].weight.quant_state.dtype
+        # one flat buffer shared by every projection of the model (each use is over, in stream order,
+        # before the next rebuild writes it): the largest weight's size in 16 bits, not the sum
+        flat = self.buffers.get(qdtype)
+        if flat is None or flat.numel() < shape[0] * shape[1]:
+            flat = self.buffers[qdtype] = torch.empty(shape[0] * shape[1], dtype=qdtype,
+                                                      device=self.layers[0].weight.device)
+        buf = flat[:shape[0] * shape[1]].view(shape)
+        start = 0
+        for lyr, o in zip(self.layers, self.outs):
+            bnbf.dequantize_4bit(lyr.weight, lyr.weight.quant_state, out=buf[start:start + o])
+            start += o
+        return buf if buf.dtype == self.dtype else buf.to(self.dtype)
+
+
+def _stack(group: FrozenGroup, ab: tuple, scales: list[float]):
+    a = [t.to(group.dtype) for t in ab[0::2]]
+    b = [t.to(group.dtype) * s for t, s in zip(ab[1::2], scales)]
+    if len(a) == 1:
+        return a[0], b[0]
+    return torch.cat(a), torch.block_diag(*b)
+
+
+class LoraGroupFn(torch.autograd.Function):
+    """For projections i of a group: y_i = x W_i^T + b_i + s_i (xd A_i^T) B_i^T, concatenated along the
+    last dim. Inputs: x, xd (= dropout(x), or x itself), the group, scales, then A_1, B_1, A_2, B_2..."""
+
+    @staticmethod
+    def forward(ctx, x, xd, group: FrozenGroup, scales: list, *ab):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
+        a_cat, b_blk = _stack(group, ab, scales)
+        xa = xd2 @ a_cat.t()                               # (N, sum r)
+        y = xa @ b_blk.t()                                 # (N, sum out): the adapter's share
+        if group.bias is not None:
+            y += group.bias
+        y.addmm_(x2, group.get().t())                      # + x W^T, accumulated by the GEMM itself
+        ctx.group, ctx.scales, ctx.same, ctx.lead = group, scales, xd is x, lead
+        ctx.ranks = [t.shape[0] for t in ab[0::2]]
+        ctx.param_dtypes = [t.dtype for t in ab]
+        ctx.save_for_backward(xd2, xa, a_cat, b_blk)
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd2, xa, a_cat, b_blk = ctx.saved_tensors
+        group = ctx.group
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dxa = dy2 @ b_blk                                  # (N, sum r)
+        db_blk = dy2.t() @ xa                              # (sum out, sum r): the diagonal blocks are used
+        da_cat = dxa.t() @ xd2                             # (sum r, in)
+        grads = []
+        r0 = o0 = 0
+        for i, (r, o, s) in enumerate(zip(ctx.ranks, group.outs, ctx.scales)):
+            grads.append(da_cat[r0:r0 + r].to(ctx.param_dtypes[2 * i]))
+            grads.append((db_blk[o0:o0 + o, r0:r0 + r] * s).to(ctx.param_dtypes[2 * i + 1]))
+            r0, o0 = r0 + r, o0 + o
+        dx = dxd = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dx = dy2 @ group.get()                         # (N, in)
+            if ctx.same:
+                dx.addmm_(dxa, a_cat)
+            else:
+                dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
+            dx = dx.view(*ctx.lead, dx.shape[-1])
+        return (dx, dxd, None, None, *grads)
+
+
+class Projections:
+    """One or more PEFT LoRA/DoRA layers (or plain frozen linears) that read the same input, run through
+    LoraGroupFn. Call it with x; it returns the outputs, split per projection."""
+
+    def __init__(self, modules: list, dtype: torch.dtype, buffers: dict):
+        self.dtype = dtype
+        bases = [getattr(m, "base_layer", m) for m in modules]
+        self.adapters = [_adapter(m) for m in modules]
+        self.magnitudes = [_magnitude(m, a) for m, a in zip(modules, self.adapters)]
+        self.dropouts = [m.lora_dropout[a] if a else None for m, a in zip(modules, self.adapters)]
+        groupable = all(self.adapters) and not any(g is not None for g in self.magnitudes) and \
+            all(getattr(d, "p", 0) == 0 for d in self.dropouts)
+        # DoRA, dropout or a projection without adapter: each projection on its own
+        members = [[i] for i in range(len(modules))] if not groupable else [list(range(len(modules)))]
+        self.parts = []
+        for idx in members:
+            group = FrozenGroup([bases[i] for i in idx], dtype, buffers)
+            ab = [t for i in idx if self.adapters[i] for t in (modules[i].lora_A[self.adapters[i]].weight,
+                                                               modules[i].lora_B[self.adapters[i]].weight)]
+            scales = [float(modules[i].scaling[self.adapters[i]]) for i in idx if self.adapters[i]]
+            self.parts.append((idx, group, ab, scales))
+        self.outs = [b.out_features for b in bases]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for idx, group, ab, scales in self.parts:
+            if not ab:  # no adapter on this one: a frozen linear
+                y = x @ group.get().t()
+                outs.append(y + group.bias if group.bias is not None else y)
+                continue
+            i = idx[0]
+            drop = self.dropouts[i]
+            xd = drop(x) if len(idx) == 1 and drop is not None and drop.training and getattr(drop, "p", 0) else x
+            if len(idx) == 1 and self.magnitudes[i] is not None:
+                outs.append(self._dora(x, xd, group, ab, scales, self.magnitudes[i]))
+                continue
+            y = LoraGroupFn.apply(x, xd, group, scales, *ab)
+            outs.extend(y.split([self.outs[j] for j in idx], dim=-1) if len(idx) > 1 else [y])
+        return outs
+
+    @staticmethod
+    def _dora(x, xd, group, ab, scales, magnitude):
+        """DoRA: y = b + m / ||W + s B A||_row * (x W^T + s xd A^T B^T); the norm is detached (as in the
+        paper and PEFT) and the bias added after the rescaling. With dropout, PEFT also feeds the dropped
+        input to the base term of the rescaling; here it does not (identical without dropout)."""
+        bias, group.bias = group.bias, None
+        try:
+            y = LoraGroupFn.apply(x, xd, group, scales, *ab)
+            with torch.no_grad():
+                a, b = ab
+                w = torch.addmm(group.get(), b.to(group.dtype), a.to(group.dtype), alpha=scales[0])
+                norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)
+        finally:
+            group.bias = bias
+        y = y * (magnitude / norm).to(y.dtype)
+        return y + bias if bias is not None else y
+
+
+def _adapter(module) -> str | None:
+    if not hasattr(module, "lora_A"):
+        return None
+    names = [n for n in getattr(module, "active_adapters", list(module.lora_A)) if n in module.lora_A]
+    return names[0] if names else None
+
+
+def _magnitude(module, adapter):
+    mags = getattr(module, "lora_magnitude_vector", None)
+    return mags[adapter].weight if adapter and mags is not None and adapter in mags else None

@@ -1,0 +1,267 @@
+"""Several processes, one run: torchrun launch, process group, DDP / FSDP2 wrapping, rank-0-only writes.
+
+Data parallelism is PyTorch's own stack (torch.distributed + DDP or FSDP2); nothing here sends data
+itself. Every process walks the same global sequence of micro-batches (the batch order is a function of
+(seed, epoch)), and the `grad_accum` micro-batches of one optimizer step are dealt round-robin to the ranks
+(rank r takes micro-batches r, r+W, r+2W, ...). Every rank runs the same number of forward passes (a rank
+short of work repeats one with weight 0), the loss is divided by the GLOBAL number of loss tokens of the
+step, and DDP/FSDP2 reduce the gradients once per step. So the optimizer sees the same gradient whatever
+the number of processes, the loss curve matches the one-process run, and the data position saved in a
+checkpoint is global: a run resumes on any number of processes.
+
+Launch: `loraforge train CONFIG --gpus N` re-runs itself under `python -m torch.distributed.run`; torchrun
+(with a rendezvous for several machines) works directly too. Backend nccl on CUDA, gloo on CPU. torch is
+imported inside the functions, so the launcher answers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+from loraforge.errors import LoraforgeError
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in the run (world 1 = a plain single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    mode: str = "ddp"  # ddp | fsdp
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        import torch
+
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        """Element-wise sum over the ranks (float64, so token counts stay exact)."""
+        import torch
+
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def on_main(self, fn, *args, **kwargs):
+        """Run fn on rank 0 only; every rank gets its result, or raises the LoraforgeError it raised."""
+        import torch
+
+        if not self.enabled:
+            return fn(*args, **kwargs)
+        box: list = [None]
+        if self.is_main:
+            try:
+                box = [("ok", fn(*args, **kwargs))]
+            except LoraforgeError as e:
+                box = [("error", (str(e), None))]
+        torch.distributed.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise LoraforgeError(value[0])
+        return value
+
+
+SINGLE = DistContext()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_gpu_count(n: int, device: str) -> None:
+    """Refuse, before launching anything, to start more processes than there are GPUs."""
+    if n < 1:
+        raise LoraforgeError(f"--gpus {n}: ask for at least one process")
+    if device == "cpu":
+        return  # N CPU processes (gloo): used by tests and for debugging
+    have = visible_gpus()
+    if n > have:
+        raise LoraforgeError(f"--gpus {n} but only {have} GPU{'s' if have != 1 else ''} visible",
+                             hint=f"use --gpus {have}" if have else
+                             "run on a machine with GPUs, or set train.device=cpu for CPU processes")
+
+
+def torchrun_command(n: int, args: list[str]) -> list[str]:
+    """The command that runs `loraforge ARGS` as n processes on this machine (a private rendezvous port)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+            "-m", "loraforge", *args]
+
+
+def run_torchrun(n: int, args: list[str]) -> int:
+    """Run `loraforge ARGS` as n local processes and wait; SIGTERM is passed on (torchrun hands it to every
+    process, which checkpoints and stops), Ctrl-C reaches them from the terminal itself."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(torchrun_command(n, args))
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
+           signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        code = proc.wait()
+        return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def init_distributed(mode: str, device: str, timeout_s: float) -> DistContext:
+    """Join the process group torchrun set up (no-op in a single process)."""
+    import torch
+
+    if not launched_by_torchrun():
+        return DistContext(mode=mode)
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if local_rank >= visible_gpus():
+            raise LoraforgeError(f"process {local_rank} of this machine has no GPU ({visible_gpus()} visible)",
+                                 hint="start at most one process per GPU (--nproc-per-node / --gpus)")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return DistContext(rank=rank, world=world, local_rank=local_rank, mode=mode)
+
+
+def check_same(ctx: DistContext, what: str, text: str) -> None:
+    """Fail on every rank, with the same message, when the ranks disagree on `text` (config, data)."""
+    import torch
+
+    if not ctx.enabled:
+        return
+    mine = (hashlib.sha256(text.encode()).hexdigest()[:16], socket.gethostname())
+    got: list = [None] * ctx.world
+    torch.distributed.all_gather_object(got, mine)
+    bad = [f"rank {r} on {host}" for r, (h, host) in enumerate(got) if h != got[0][0]]
+    if bad:
+        raise LoraforgeError(f"the processes of this run disagree on the {what}: {', '.join(bad)} "
+                             f"differ{'s' if len(bad) == 1 else ''} from rank 0 on {got[0][1]}",
+                             hint="start every node with the same config file, overrides and data files")
+
+
+def data_fingerprint(items) -> str:
+    h = hashlib.sha256()
+    for t in items:
+        h.update(repr((t.input_ids, t.labels)).encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def peer_failures(ctx: DistContext, timeout_s: float):
+    """Turn a dead or stuck peer (a failed collective) into one clear message on the ranks still alive."""
+    import torch
+
+    if not ctx.enabled:
+        yield
+        return
+    try:
+        yield
+    except (torch.distributed.DistError, RuntimeError) as e:
+        text = str(e)
+        if isinstance(e, torch.distributed.DistError) or any(
+                k in text for k in ("gloo", "NCCL", "Connection", "timed out", "Timeout", "closed")):
+            raise LoraforgeError(
+                f"rank {ctx.rank}: another process of this run stopped or stopped answering "
+                f"(waited at most train.dist_timeout_s={timeout_s:g}s): {text.splitlines()[0][:200]}",
+                hint="see the other processes' output for the cause; continue with --resume from the last "
+                     "checkpoint") from None
+        raise
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks of a causal LM (PEFT-wrapped or not): the units FSDP2 shards one by one."""
+    import torch
+
+    found = [m for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks")]
+    if not found:
+        raise LoraforgeError("train.distributed=fsdp: cannot find this model's decoder layers",
+                             hint="use train.distributed=ddp")
+    return list(found[0])
+
+
+def wrap(step_module: torch.nn.Module, ctx: DistContext, device: str) -> torch.nn.Module:
+    """DDP or FSDP2 around the module whose forward computes the loss (nothing in a single process).
+
+    FSDP2 shards every decoder layer, then the rest (embeddings, norm, head) as the root group; it
+    replaces parameters in place, so the optimizer must be built after this call."""
+    import torch
+
+    if not ctx.enabled:
+        return step_module
+    if ctx.mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device, (ctx.world,))
+        dtypes = {p.dtype for p in step_module.parameters()}
+        low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+        # LoRA weights are often fp32 beside a bf16 base: compute in the base's dtype, reduce in fp32
+        policy = MixedPrecisionPolicy(param_dtype=low[0], reduce_dtype=torch.float32) if low and len(dtypes) > 1 \
+            else MixedPrecisionPolicy()
+        for layer in decoder_layers(step_module):
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(step_module, mesh=mesh, mp_policy=policy)
+        return step_module
+    from torch.nn.parallel import DistributedDataParallel
+
+    # buffers (rotary tables) are equal on every rank: no re-broadcast before each forward
+    quiet = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel).parameters else {"broadcast_buffers": False}
+    return DistributedDataParallel(step_module, device_ids=[ctx.local_rank] if device == "cuda" else None, **quiet)
+
+
+def grad_sync(wrapped: torch.nn.Module, ctx: DistContext, sync: bool):
+    """Context for one micro-batch's forward + backward: reduce gradients only when `sync` (the last one)."""
+    if not ctx.enabled or sync:
+        if ctx.enabled and ctx.mode == "fsdp":
+            wrapped.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if ctx.mode == "fsdp":
+        wrapped.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
+
+
+def full_value(x) -> float:
+    """A float from a tensor that may be a DTensor (FSDP2 grad norms)."""
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
+
+
+def finish(ctx: DistContext) -> None:
+    import torch
+
+    if ctx.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

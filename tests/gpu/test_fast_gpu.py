@@ -1,0 +1,195 @@
+"""On a CUDA device (liger kernels, bitsandbytes NF4): every fast piece against the plain module in bf16,
+recomputation with offloading against keeping activations, NF4 through the whole trainer, and 50 steps on
+real text with the fast path against PEFT's forward."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tokenizer, tiny_config, write_jsonl
+from loraforge.config import LoraSection, build_config
+from loraforge.data.templates import IGNORE_INDEX
+from loraforge.model.adapters import attach_adapter
+from loraforge.model.fast import FastLlama
+from loraforge.model.fast import ops
+from loraforge.train.loop import loss_sum, split_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+BF16 = torch.bfloat16
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def test_kernels_match_transformers_modules():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    assert ops.use_kernels(torch.zeros(1, device="cuda")), "liger-kernel is not importable on this device"
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 256, device="cuda", dtype=BF16, requires_grad=True)
+    norm = LlamaRMSNorm(256, eps=1e-5).cuda().to(BF16)
+    norm.weight.data.normal_(1, 0.1)
+    ref = norm(x)
+    got = ops.rms_norm(x, norm.weight, 1e-5)
+    assert rel(got, ref) < 1e-2
+    g = torch.randn_like(ref)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    (gx,) = torch.autograd.grad(got, x, g)
+    assert rel(gx, gx_ref) < 2e-2
+
+    q = torch.randn(2, 8, 64, 32, device="cuda", dtype=BF16)
+    k = torch.randn(2, 2, 64, 32, device="cuda", dtype=BF16)
+    ang = torch.rand(2, 64, 16, device="cuda") * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(BF16), torch.cat([ang.sin()] * 2, -1).to(BF16)
+    rq, rk = apply_rotary_pos_emb(q, k, cos, sin)
+    fq, fk = ops.rope(q.clone(), k.clone(), cos, sin)
+    assert rel(fq, rq) < 1e-2 and rel(fk, rk) < 1e-2
+
+    a, b = torch.randn(2, 3, 64, 512, device="cuda", dtype=BF16).unbind(1)[:2]
+    assert rel(ops.swiglu(a, b), F.silu(a) * b) < 1e-2
+
+    h = torch.randn(300, 256, device="cuda", dtype=BF16, requires_grad=True)
+    w = torch.randn(5000, 256, device="cuda", dtype=BF16) * 0.05
+    y = torch.randint(0, 5000, (300,), device="cuda")
+    ref = F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
+    got = ops.linear_cross_entropy_sum(h, w, y)
+    assert float(got) == pytest.approx(float(ref), rel=2e-3)
+    (gh_ref,) = torch.autograd.grad(ref, h)
+    (gh,) = torch.autograd.grad(got, h)
+    assert rel(gh, gh_ref) < 2e-2
+
+
+def _small_llama(quantize: bool, adapter: str = "lora"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraforge.model.quant import quantize_linears_
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).to(BF16)
+    if quantize:
+        assert quantize_linears_(model) == 21
+    model.cuda().requires_grad_(False)
+    model = attach_adapter(model, LoraSection(adapter=adapter, r=16, alpha=16, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    return model.train()
+
+
+def _grads(model, parts, batch):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=BF16):
+        s, n = loss_sum(model, batch, parts)
+    (s / n).backward()
+    return float(s.detach()) / n, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 1000, (2, 200), generator=g)
+    labels = ids.clone()
+    labels[:, :50] = IGNORE_INDEX
+    ids[1, 150:], labels[1, 150:] = 0, IGNORE_INDEX
+    mask = (labels != -1).long()
+    mask[1, 150:] = 0
+    return {k: v.cuda() for k, v in {"input_ids": ids, "labels": labels, "attention_mask": mask}.items()}
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["bf16", "nf4"])
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+@pytest.mark.parametrize("ckpt", [False, True, "offload"], ids=["keep", "recompute", "offload"])
+def test_fast_forward_backward_match_peft_in_bf16(quantize, adapter, ckpt):
+    model = _small_llama(quantize, adapter)
+    batch = _batch()
+    ref_loss, ref = _grads(model, split_model(model), batch)
+    loss, got = _grads(model, FastLlama(model, dtype=BF16, checkpointing=ckpt), batch)
+    assert loss == pytest.approx(ref_loss, rel=5e-3)
+    for k in ref:
+        assert rel(got[k], ref[k]) < 5e-2, k
+
+
+def test_offloaded_recomputation_equals_kept_activations():
+    model = _small_llama(True)
+    batch = _batch()
+    a = _grads(model, FastLlama(model, dtype=BF16, checkpointing=True), batch)
+    b = _grads(model, FastLlama(model, dtype=BF16, checkpointing="offload"), batch)
+    assert a[0] == b[0]
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k]), k
+
+
+def _text_rows(n=400):
+    import csv
+    from importlib.resources import files
+
+    path = files("loraforge") / "datasets" / "banking77" / "train.csv"
+    with path.open() as f:
+        rows = list(csv.DictReader(f))[:n]
+    key = [c for c in rows[0] if c != "category"][0]
+    return [{"messages": [{"role": "user", "content": r[key]}, {"role": "assistant", "content": r["category"]}]}
+            for r in rows]
+
+
+def _model_folder(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok_dir = os.environ.get("LORAFORGE_TEST_TOKENIZER")
+    tok = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = tmp_path / "base"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_fifty_steps_on_real_text_follow_the_plain_curve(tmp_path, quantization):
+    base = _model_folder(tmp_path)
+    data = write_jsonl(tmp_path / "banking.jsonl", _text_rows())
+    from loraforge.train.run import run_training
+
+    curves = {}
+    for mode in ("off", "on"):
+        tree = tiny_config(base, data, tmp_path / mode, epochs=10, max_steps=50, learning_rate=2e-3,
+                           batch_size=8, grad_accum=1, eval_every=25, save_every=100, precision="bf16")
+        tree["lora"] = {"r": 16, "alpha": 16, "dropout": 0.0}
+        tree["model"] = {"fast_path": mode, "quantization": quantization, "gradient_checkpointing": True}
+        tree["data"]["max_seq_length"] = 128
+        run_training(build_config(tree))
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        curves[mode] = [r["loss"] for r in rows]
+    on, off = curves["on"], curves["off"]
+    assert len(on) == len(off) == 50
+    assert off[-1] < 0.8 * off[0]
+    worst = max(abs(a - b) / b for a, b in zip(on, off))
+    assert worst < 0.01, f"fast vs plain loss differs by {worst:.2%} at worst"
+
+
+def test_packed_rows_give_each_examples_loss_on_the_fast_path():
+    from loraforge.data.batching import collate
+    from loraforge.data.packing import pack
+    from loraforge.data.templates import Tokenized
+
+    model = _small_llama(True).eval()
+    fast = FastLlama(model, dtype=BF16, checkpointing=False)
+    g = torch.Generator().manual_seed(4)
+    items = []
+    for i, n in enumerate([40, 75, 20, 90, 33, 61]):
+        ids = torch.randint(0, 1000, (n,), generator=g).tolist()
+        labels = [IGNORE_INDEX] * 10 + ids[10:]
+        items.append(Tokenized(ids, labels, f"e{i}"))
+    with torch.no_grad():
+        alone = [fast.loss_sum({k: v.cuda() for k, v in collate([t], 0).items()}) for t in items]
+        packed = pack(items, 128)
+        total, n = fast.loss_sum({k: v.cuda() for k, v in collate(packed, 0).items()})
+    assert len(packed) < len(items) and n == sum(a[1] for a in alone)
+    assert float(total) == pytest.approx(sum(float(a[0]) for a in alone), rel=1e-2)

@@ -1,0 +1,148 @@
+"""Several processes on CPU (gloo), as torchrun runs them: 2 processes give the 1-process loss curve,
+a checkpoint of a 2-process run resumes in 1 process, two local "nodes" joined by a c10d rendezvous give
+the same curve, and bad input (too many GPUs, configs that differ between nodes, a rank that dies)
+stops with one clear message instead of hanging."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import tiny_config
+from loraforge.cli import main
+from loraforge.config import build_config
+from loraforge.train.checkpoint import list_checkpoints
+from loraforge.train.run import run_training
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _tree(tiny_model, chat_file, out, **kw):
+    # constant lr: the schedule does not depend on max_steps, so a run cut by max_steps can be resumed
+    # without it; grad_accum=3 is not a multiple of 2, so one rank runs a weightless repeat every step
+    t = dict(grad_accum=3, lr_scheduler="constant", warmup_ratio=0.0, num_threads=1, device="cpu",
+             dist_timeout_s=30, eval_every=2, save_every=3)
+    t.update(kw)
+    return tiny_config(tiny_model, chat_file, out, **t)
+
+
+def _write(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_curve(got: list[dict], ref: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
+    assert [r.get("val_loss", -1) for r in got] == pytest.approx([r.get("val_loss", -1) for r in ref], rel=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(cfg: Path, port: int, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
+           "-m", "loraforge", "train", str(cfg), *overrides]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """One uninterrupted single-process run: the curve every other run must reproduce."""
+    from conftest import chat_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("dist")
+    data = write_jsonl(root / "train.jsonl", chat_rows())
+    run_training(build_config(_tree(tiny_model, data, root / "ref")))
+    return root, data, _rows(root / "ref")
+
+
+def _gpus2(cfg: Path, *extra: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg), "--gpus", "2", *extra], env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+
+
+def test_two_processes_match_one_and_resume_on_other_counts(tiny_model, reference):
+    """DDP x2 (steps 1-4, checkpoint at 3) -> FSDP2 x2 resumes (4-6) -> 1 process resumes (7-8): one curve,
+    the reference's (max_steps on even steps, where the reference validates too)."""
+    root, data, ref = reference
+    assert len(ref) == 8 and sum("val_loss" in r for r in ref) == 4
+    out = root / "two"
+    cfg = _write(root / "two.yaml", _tree(tiny_model, data, out))
+    _gpus2(cfg, "train.max_steps=4")
+    _same_curve(_rows(out), ref[:4])  # the global batch, loss normalisation and validation match 1 process
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+
+    _gpus2(cfg, "train.max_steps=6", "train.distributed=fsdp", "--resume")  # a DDP checkpoint into FSDP2 shards
+    _same_curve(_rows(out), ref[:6])
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["step-00000003", "step-00000006"]
+
+    # the FSDP2 checkpoint (gathered on rank 0, global data position) continues in 1 process
+    resumed = run_training(build_config(_tree(tiny_model, data, out)), resume=True)
+    _same_curve(_rows(out), ref)
+    assert resumed.summary["final_val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5)
+
+
+def test_nodes_with_different_configs_refuse_to_start(tiny_model, reference):
+    root, data, _ = reference
+    cfg = _write(root / "mismatch.yaml", _tree(tiny_model, data, root / "mismatch"))
+    port = _free_port()
+    nodes = [_node(cfg, port), _node(cfg, port, "train.learning_rate=0.001")]
+    logs = [n.communicate(timeout=120)[0] for n in nodes]
+    assert all(n.returncode != 0 for n in nodes)
+    for log in logs:
+        assert "the processes of this run disagree on the config" in log and "differs from rank 0" in log
+    assert not (root / "mismatch" / "metrics.jsonl").exists()
+
+
+def test_two_local_nodes_give_the_same_curve_and_survive_a_dead_rank(tiny_model, reference):
+    """Two torchrun invocations (one process each) joined by a c10d rendezvous on 127.0.0.1 follow the
+    1-process curve (a longer run: same batches and constant lr, so its first steps are the reference's);
+    then the second node's worker is killed and the first exits with a message within the timeout."""
+    root, data, ref = reference
+    out = root / "nodes"
+    cfg = _write(root / "nodes.yaml", _tree(tiny_model, data, out, epochs=400, dist_timeout_s=20, save_every=1000))
+    port = _free_port()
+    nodes = [_node(cfg, port), _node(cfg, port)]
+    deadline = time.time() + 90
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(_rows(out)) >= 6):
+        assert all(n.poll() is None for n in nodes), "a node stopped early"
+        time.sleep(0.1)
+    workers = psutil.Process(nodes[1].pid).children(recursive=True)
+    assert workers, "no worker under the second node"
+    killed = time.time()
+    for w in workers:
+        os.kill(w.pid, signal.SIGKILL)
+    log = nodes[0].communicate(timeout=60)[0]
+    nodes[1].communicate(timeout=60)
+    _same_curve(_rows(out)[:6], ref[:6])
+    assert nodes[0].returncode != 0
+    assert "another process of this run stopped or stopped answering" in log, log[-3000:]
+    assert time.time() - killed < 20 + 30  # the configured timeout, plus process exit
+
+
+def test_more_gpus_than_visible_is_refused(tiny_model, reference, tmp_path, capsys):
+    root, data, _ = reference
+    tree = _tree(tiny_model, data, tmp_path / "run")
+    tree["train"]["device"] = "auto"
+    code = main(["train", str(_write(tmp_path / "run.yaml", tree)), "--gpus", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--gpus 64 but only" in err and "GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything started
