@@ -3,6 +3,8 @@
     python bench/eval_generate.py                                  # GPU: smollm2-135m-instruct, 300 queries, batch 64
     python bench/eval_generate.py --device cpu --n 16 --batch-size 8 --max-new-tokens 16   # CPU smoke test
     python bench/eval_generate.py --model path/to/hf-folder --out bench/results/eval_generate.json
+    python bench/eval_generate.py --model TOKDIR --random-weights   # a GPU machine without the embedded model:
+                                                                    # TOKDIR = SmolLM2's config.json + tokenizer
 
 Takes N BANKING77 test queries (seeded sample) formatted as the quickstart does (its system prompt,
 the model's chat template), answers them (a) with loraforge.eval.generate.generate_batch (length-sorted,
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="--model is a folder with config.json + tokenizer only: build the model with random "
+                         "weights (speed does not depend on them; every answer runs to max_new_tokens)")
     args = ap.parse_args(argv)
 
     import torch
@@ -75,7 +80,19 @@ def main(argv: list[str] | None = None) -> dict:
     from loraforge.quickstart import SYSTEM_PROMPT
 
     device = pick_device(args.device)
-    model, tok, path = load_base(args.model, dtype=args.dtype, device=device)
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from loraforge.model.load import load_tokenizer
+
+        torch.manual_seed(args.seed)
+        dtype = torch.bfloat16 if device == "cuda" and args.dtype == "auto" else \
+            getattr(torch, "float32" if args.dtype == "auto" else args.dtype)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=dtype).to(device)
+        model.eval().requires_grad_(False)
+        tok = load_tokenizer(args.model)
+    else:
+        model, tok, _ = load_base(args.model, dtype=args.dtype, device=device)
     convs = [build_messages(q, SYSTEM_PROMPT) for q in queries(args.n, args.seed)]
     generate_batch(model, tok, convs[:2], max_new_tokens=2, batch_size=2)        # warm-up (kernels, allocator)
     sync(device)
