@@ -80,10 +80,12 @@ def _stack(group: FrozenGroup, ab: tuple, scales: list[float]):
 
 class LoraGroupFn(torch.autograd.Function):
     """For projections i of a group: y_i = x W_i^T + b_i + s_i (xd A_i^T) B_i^T, concatenated along the
-    last dim. Inputs: x, xd (= dropout(x), or x itself), the group, scales, then A_1, B_1, A_2, B_2..."""
+    last dim. Inputs: x, xd (= dropout(x), or x itself), the group, scales, `dora`, then A_1, B_1, A_2,
+    B_2... With `dora` (one projection) it also returns DoRA's row norms ||W + s B A|| (no gradient), from
+    the same rebuilt W, so DoRA costs no extra NF4 rebuild."""
 
     @staticmethod
-    def forward(ctx, x, xd, group: FrozenGroup, scales: list, *ab):
+    def forward(ctx, x, xd, group: FrozenGroup, scales: list, dora: bool, *ab):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
@@ -92,15 +94,20 @@ class LoraGroupFn(torch.autograd.Function):
         y = xa @ b_blk.t()                                 # (N, sum out): the adapter's share
         if group.bias is not None:
             y += group.bias
-        y.addmm_(x2, group.get().t())                      # + x W^T, accumulated by the GEMM itself
+        w = group.get()
+        y.addmm_(x2, w.t())                                # + x W^T, accumulated by the GEMM itself
         ctx.group, ctx.scales, ctx.same, ctx.lead = group, scales, xd is x, lead
         ctx.ranks = [t.shape[0] for t in ab[0::2]]
         ctx.param_dtypes = [t.dtype for t in ab]
         ctx.save_for_backward(xd2, xa, a_cat, b_blk)
-        return y.view(*lead, y.shape[-1])
+        if not dora:
+            return y.view(*lead, y.shape[-1])
+        norm = torch.linalg.vector_norm(torch.addmm(w, b_blk, a_cat), dim=1, dtype=torch.float32)
+        ctx.mark_non_differentiable(norm)
+        return y.view(*lead, y.shape[-1]), norm
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_):
         xd2, xa, a_cat, b_blk = ctx.saved_tensors
         group = ctx.group
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -121,7 +128,7 @@ class LoraGroupFn(torch.autograd.Function):
             else:
                 dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
             dx = dx.view(*ctx.lead, dx.shape[-1])
-        return (dx, dxd, None, None, *grads)
+        return (dx, dxd, None, None, None, *grads)
 
 
 class Projections:
@@ -160,7 +167,7 @@ class Projections:
             if len(idx) == 1 and self.magnitudes[i] is not None:
                 outs.append(self._dora(x, xd, group, ab, scales, self.magnitudes[i]))
                 continue
-            y = LoraGroupFn.apply(x, xd, group, scales, *ab)
+            y = LoraGroupFn.apply(x, xd, group, scales, False, *ab)
             outs.extend(y.split([self.outs[j] for j in idx], dim=-1) if len(idx) > 1 else [y])
         return outs
 
@@ -171,11 +178,7 @@ class Projections:
         input to the base term of the rescaling; here it does not (identical without dropout)."""
         bias, group.bias = group.bias, None
         try:
-            y = LoraGroupFn.apply(x, xd, group, scales, *ab)
-            with torch.no_grad():
-                a, b = ab
-                w = torch.addmm(group.get(), b.to(group.dtype), a.to(group.dtype), alpha=scales[0])
-                norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)
+            y, norm = LoraGroupFn.apply(x, xd, group, scales, True, *ab)
         finally:
             group.bias = bias
         y = y * (magnitude / norm).to(y.dtype)
