@@ -107,6 +107,20 @@ def train_tiny_run(model_dir: Path, out: Path, **lora) -> Path:
     return out
 
 
+def copy_run(run: Path, dest: Path, **eval_fields) -> Path:
+    """A copy of a finished run folder (without checkpoints and earlier evals) whose config carries extra
+    eval.* fields."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    cfg = yaml.safe_load((dest / "config.yaml").read_text())
+    cfg["eval"].update(eval_fields)
+    (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
     """A finished run folder on the tiny model whose adapter changes the logits (trained once)."""

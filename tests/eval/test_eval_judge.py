@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from judge_helpers import send_reply
-from conftest import chat_rows, write_jsonl
+from conftest import chat_rows, copy_run, write_jsonl
 
 from loraforge.cli import main
 from loraforge.errors import LoraforgeError
@@ -78,16 +78,7 @@ def test_file(tmp_path_factory):
 
 
 def _copy_with(run, tmp_path, **eval_fields):
-    import shutil
-
-    import yaml
-
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "eval"))
-    cfg = yaml.safe_load((copy / "config.yaml").read_text())
-    cfg["eval"].update(eval_fields)
-    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return copy
+    return copy_run(run, tmp_path / "run", **eval_fields)
 
 
 def test_judge_in_eval_win_tie_loss_by_hand(tiny_run, judge, test_file, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import chat_rows, write_jsonl
+from conftest import chat_rows, copy_run, write_jsonl
 
 from loraforge.cli import main
 from loraforge.eval import stream
@@ -99,19 +99,12 @@ def test_sigterm_mid_eval_then_resume(tiny_run, tmp_path):
     """A real `loraforge eval` process killed with SIGTERM after some rows; --resume finishes it with the
     numbers of an uninterrupted run."""
     import os
-    import shutil
     import signal
     import subprocess
     import sys
     import time
 
-    import yaml
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["eval"].update({"batch_size": 1, "max_new_tokens": 12})
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = copy_run(tiny_run, tmp_path / "run", batch_size=1, max_new_tokens=12)
     rows = chat_rows(24)
     for i, row in enumerate(rows):                  # all prompts distinct, so every row is its own
         row["messages"][0]["content"] += f" (question {i})"

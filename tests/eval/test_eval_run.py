@@ -6,7 +6,7 @@ and the overfitting verdict."""
 import json
 
 import pytest
-from conftest import COLORS, THINGS, chat_rows, tiny_config, write_jsonl
+from conftest import COLORS, THINGS, chat_rows, copy_run, tiny_config, write_jsonl
 
 from loraforge.cli import main
 from loraforge.config import build_config
@@ -78,15 +78,7 @@ def test_invalid_schema_is_one_error(run_dir, tmp_path):
 
 def _eval_with(run_dir, tmp_path, **eval_fields):
     """Evaluate a copy of the run whose config carries extra eval.* fields."""
-    import shutil
-
-    import yaml
-
-    copy = tmp_path / "runcopy"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "eval"))
-    cfg = yaml.safe_load((copy / "config.yaml").read_text())
-    cfg["eval"].update(eval_fields)
-    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    copy = copy_run(run_dir, tmp_path / "runcopy", **eval_fields)
     return evaluate_run(copy, limit=3, regression=False, log=lambda m: None)
 
 

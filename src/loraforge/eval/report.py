@@ -117,61 +117,67 @@ def interval_chart(models: dict[str, dict], metric: str, *, width: int = 640) ->
     return "".join(parts)
 
 
+def _table(table_id: str, heads: list[str], rows: list[str]) -> str:
+    """A table from header cells and finished <tr> rows (cells are HTML already)."""
+    head = "".join(f"<th>{h}</th>" for h in heads)
+    return f"<table id='{table_id}'><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _tr(*cells: str, cls: str | None = None) -> str:
+    """A row; a cell given as ("num", text) is right-aligned."""
+    tds = "".join(f"<td class='num'>{c[1]}</td>" if isinstance(c, tuple) else f"<td>{c}</td>" for c in cells)
+    return f"<tr class='{cls}'>{tds}</tr>" if cls else f"<tr>{tds}</tr>"
+
+
+def _ci(ci, digits: int = 3) -> str:
+    return "–" if ci[0] is None else f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
+
+
 def _metric_table(r: dict) -> str:
-    rows = ["<table id='metric-table'><tr><th>model</th><th>" + escape(r["metric"]) +
-            "</th><th>95% bootstrap CI</th><th>stopped by itself</th><th>answers not scorable</th></tr>"]
-    for name, v in r["models"].items():
-        fails = len(v.get("details", {}).get("failures", []))
-        rows.append(f"<tr><td>{escape(LABELS.get(name, name))}</td><td class='num'>{_f(v['value'])}</td>"
-                    f"<td class='num'>[{_f(v['ci'][0])}, {_f(v['ci'][1])}]</td>"
-                    f"<td class='num'>{v['stop_rate']:.0%}</td><td class='num'>{fails}</td></tr>")
+    rows = [_tr(escape(LABELS.get(name, name)), ("num", _f(v["value"])), ("num", _ci(v["ci"])),
+                ("num", f"{v['stop_rate']:.0%}"), ("num", len(v.get("details", {}).get("failures", []))))
+            for name, v in r["models"].items()]
     ref = r.get("reference")
     if ref:
-        rows.append(f"<tr class='reference'><td>reference: {escape(ref['text'])}</td>"
-                    f"<td class='num'>{_f(ref.get('value'))}</td><td>published, not rerun here</td>"
-                    "<td>–</td><td>–</td></tr>")
-    rows.append("</table>")
-    return "".join(rows)
+        rows.append(_tr(f"reference: {escape(ref['text'])}", ("num", _f(ref.get("value"))),
+                        "published, not rerun here", "–", "–", cls="reference"))
+    return _table("metric-table", ["model", escape(r["metric"]), "95% bootstrap CI", "stopped by itself",
+                                   "answers not scorable"], rows)
 
 
 def _judge(r: dict) -> str:
     j = r.get("judge")
     if not j:
         return "<p>No judge configured (set eval.judge_url or pass --judge-url).</p>"
-    rows = [f"<p>Judge <b>{escape(str(j['model']))}</b> at {escape(str(j['url']))}.</p>",
-            "<table id='judge-table'><tr><th>judged</th><th>result</th><th>95% CI</th><th>n judged</th>"
-            "<th>errors</th></tr>"]
+    rows = []
     p = j.get("pairwise")
     if p:
-        rows.append(f"<tr><td>{escape(LABELS.get(p['a'], p['a']))} vs {escape(LABELS.get(p['b'], p['b']))} "
-                    f"(pairwise, positions swapped)</td><td>win {p['win']:.0%} / tie {p['tie']:.0%} / "
-                    f"loss {p['loss']:.0%}</td><td>–</td><td class='num'>{p['judged']}</td>"
-                    f"<td class='num'>{p['errors']}</td></tr>")
+        rows.append(_tr(f"{escape(LABELS.get(p['a'], p['a']))} vs {escape(LABELS.get(p['b'], p['b']))} "
+                        "(pairwise, positions swapped)",
+                        f"win {p['win']:.0%} / tie {p['tie']:.0%} / loss {p['loss']:.0%}", "–",
+                        ("num", p["judged"]), ("num", p["errors"])))
     for m, v in j["rubric"].items():
-        ci = "–" if v["ci"][0] is None else f"[{_f(v['ci'][0], 2)}, {_f(v['ci'][1], 2)}]"
-        rows.append(f"<tr><td>{escape(LABELS.get(m, m))} (rubric 1-10)</td><td class='num'>{_f(v['mean'], 2)}</td>"
-                    f"<td class='num'>{ci}</td><td class='num'>{v['judged']}</td><td class='num'>{v['errors']}</td></tr>")
-    rows.append("</table>")
-    return "".join(rows)
+        rows.append(_tr(f"{escape(LABELS.get(m, m))} (rubric 1-10)", ("num", _f(v["mean"], 2)),
+                        ("num", _ci(v["ci"], 2)), ("num", v["judged"]), ("num", v["errors"])))
+    return (f"<p>Judge <b>{escape(str(j['model']))}</b> at {escape(str(j['url']))}.</p>"
+            + _table("judge-table", ["judged", "result", "95% CI", "n judged", "errors"], rows))
 
 
 def _variants(r: dict) -> str:
     var = r.get("variants")
     if not var:
         return "<p>Not run (pass --serve-as adapter,merged,gguf-q8_0,...).</p>"
-    rows = ["<table id='variants-table'><tr><th>served as</th><th>" + escape(r["metric"]) + "</th><th>95% CI</th>"
-            "<th>difference vs adapter</th><th>p (paired bootstrap)</th><th>p (exact McNemar)</th>"
-            "<th>identical answers to adapter</th><th>stopped by itself</th></tr>"]
+    rows = []
     for kind, v in var.items():
         c = v.get("vs_adapter") or {}
         diff = f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c else "–"
         agree = "–" if v.get("agreement") is None else f"{v['agreement']:.0%}"
-        rows.append(f"<tr><td>{escape(kind)}</td><td class='num'>{_f(v['value'])}</td>"
-                    f"<td class='num'>[{_f(v['ci'][0])}, {_f(v['ci'][1])}]</td><td class='num'>{diff}</td>"
-                    f"<td class='num'>{_p(c.get('p_bootstrap'))}</td><td class='num'>{_p(c.get('p_mcnemar'))}</td>"
-                    f"<td class='num'>{agree}</td><td class='num'>{v['stop_rate']:.0%}</td></tr>")
-    rows.append("</table>")
-    return "".join(rows)
+        rows.append(_tr(escape(kind), ("num", _f(v["value"])), ("num", _ci(v["ci"])), ("num", diff),
+                        ("num", _p(c.get("p_bootstrap"))), ("num", _p(c.get("p_mcnemar"))), ("num", agree),
+                        ("num", f"{v['stop_rate']:.0%}")))
+    return _table("variants-table", ["served as", escape(r["metric"]), "95% CI", "difference vs adapter",
+                                     "p (paired bootstrap)", "p (exact McNemar)", "identical answers to adapter",
+                                     "stopped by itself"], rows)
 
 
 def _judge_td(e: dict) -> str:
