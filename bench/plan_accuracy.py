@@ -112,23 +112,14 @@ def config_for(spec: dict):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# HOOK: how the trainer turns a loaded base (bf16, frozen, on the device) into what it trains. If
-# loraforge.model.load grows `build_for_training(model, cfg)` returning (model, parts for loss_sum), it is used
-# unchanged; until then the fallback repeats train/run.py's steps between load_base and prepare_model: NF4
-# (as load_base's quantization="nf4" does, here on weights already in memory), attach_adapter, the fast
-# Llama path (model.fast_path, auto = on CUDA), gradient checkpointing when the fast path is off.
+# How the trainer turns a loaded base into what it trains: the same function `loraforge train` calls.
 # ----------------------------------------------------------------------------------------------------------
 def build_for_training(model, cfg, device: str):
-    try:
-        from loraforge.model.load import build_for_training as trainer_build
-    except ImportError:
-        trainer_build = None
-    if trainer_build is not None:
-        return trainer_build(model, cfg)
+    """(model, parts for loss_sum) exactly as `loraforge train` prepares them (loraforge.model.prepare);
+    the random-weight model is quantised in memory first when the config asks for NF4."""
     import torch
 
-    from loraforge.model.adapters import attach_adapter
-    from loraforge.model.fast import fast_engine
+    from loraforge.model.prepare import prepare_for_training
     from loraforge.train.loop import split_model
 
     if cfg.model.quantization == "nf4":
@@ -138,13 +129,8 @@ def build_for_training(model, cfg, device: str):
 
         quantize_linears_(model, device)
         model.is_loaded_in_4bit = True  # as transformers' bnb quantizer marks it: PEFT then wraps Linear4bit
-    model = attach_adapter(model, cfg.lora)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    fast = fast_engine(model, cfg.model.fast_path, device, dtype, cfg.model.gradient_checkpointing,
-                       log=lambda m: print(m, file=sys.stderr))
-    if cfg.model.gradient_checkpointing and fast is None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model, fast = prepare_for_training(model, cfg, device, dtype, log=lambda m: print(m, file=sys.stderr))
     return model, fast or split_model(model)
 
 

@@ -27,8 +27,8 @@ from loraforge.data.formats import Example, read_examples
 from loraforge.data.packing import pack
 from loraforge.data.templates import tokenize_all
 from loraforge.errors import LoraforgeError
-from loraforge.model.adapters import attach_adapter, save_adapter, trainable_parameters
-from loraforge.model.fast import fast_engine
+from loraforge.model.adapters import save_adapter, trainable_parameters
+from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import load_base, pick_device
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
@@ -165,14 +165,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 
     train_items = rows
     torch.manual_seed(cfg.seed)
-    model = attach_adapter(model, cfg.lora, base_path)
     compute_dtype = amp_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
-    fast_path = "off" if dist.enabled and dist.mode == "fsdp" else cfg.model.fast_path  # FSDP2 hooks module calls
-    fast = fast_engine(model, fast_path, device, compute_dtype, cfg.model.gradient_checkpointing,
-                       log=console.print)
-    if cfg.model.gradient_checkpointing and fast is None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    fast_path = "off" if dist.enabled and dist.mode == "fsdp" else None  # FSDP2 hooks module calls
+    model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path, fast_path=fast_path,
+                                       log=console.print)
     step_module = prepare_model(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, cfg, device)

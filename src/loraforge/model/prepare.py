@@ -1,0 +1,21 @@
+"""A loaded base model made ready to train, as the config says: a fresh PEFT adapter, the fast
+Llama-family forward where it applies (model.fast), else transformers' own gradient checkpointing.
+The trainer and the benchmarks call this one function, so they measure what `loraforge train` runs."""
+
+from __future__ import annotations
+
+from loraforge.config import RunConfig
+from loraforge.model.adapters import attach_adapter
+from loraforge.model.fast import FastLlama, fast_engine
+
+
+def prepare_for_training(model, cfg: RunConfig, device: str, compute_dtype, *, base_path: str | None = None,
+                         fast_path: str | None = None, log=print) -> tuple[object, FastLlama | None]:
+    """(PEFT model, FastLlama or None). `fast_path` overrides cfg.model.fast_path (FSDP2 turns it off)."""
+    model = attach_adapter(model, cfg.lora, base_path)
+    ckpt = cfg.model.gradient_checkpointing
+    fast = fast_engine(model, fast_path or cfg.model.fast_path, device, compute_dtype, ckpt, log=log)
+    if ckpt and fast is None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, fast
