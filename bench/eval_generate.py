@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--compare-backends", action="store_true",
+                    help="CUDA: also time the batched run with SDPA's cuDNN backend allowed, and the one-by-one "
+                         "run on the first --n-backend queries without it (the product leaves cuDNN out while "
+                         "generating, see loraforge.eval.generate.decode_attention)")
+    ap.add_argument("--n-backend", type=int, default=32)
     ap.add_argument("--random-weights", action="store_true",
                     help="--model is a folder with config.json + tokenizer only: build the model with random "
                          "weights (speed does not depend on them; every answer runs to max_new_tokens)")
@@ -104,12 +109,31 @@ def main(argv: list[str] | None = None) -> dict:
     single = one_by_one(model, tok, convs, args.max_new_tokens)
     sync(device)
     seconds_single = time.perf_counter() - t
+    extra = {}
+    if args.compare_backends and device == "cuda":
+        from loraforge.eval.generate import decode_attention
+
+        t = time.perf_counter()
+        generate_batch(model, tok, convs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       cudnn_attention=True)
+        sync(device)
+        extra["seconds_batched_cudnn_allowed"] = round(time.perf_counter() - t, 3)
+        sub = convs[:args.n_backend]
+        t = time.perf_counter()
+        with decode_attention(torch.device("cuda")):
+            one_by_one(model, tok, sub, args.max_new_tokens)
+        sync(device)
+        per_query = (time.perf_counter() - t) / len(sub)
+        extra["one_by_one_without_cudnn_s_per_query"] = round(per_query, 4)
+        extra["one_by_one_default_s_per_query"] = round(seconds_single / len(convs), 4)
+        extra["speedup_vs_one_by_one_without_cudnn"] = round(per_query * len(convs) / seconds_batched, 2)
     same = [b.text == s for b, s in zip(batched, single)]
     result = {"device": device if device != "cuda" else f"cuda ({torch.cuda.get_device_name(0)})",
               "model": args.model, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "n": len(convs), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
               "seconds_batched": round(seconds_batched, 3), "seconds_one_by_one": round(seconds_single, 3),
               "speedup": round(seconds_single / seconds_batched, 2), "agreement": round(sum(same) / len(same), 4),
+              **extra,
               "disagreements": [{"query": c[-1]["content"], "batched": b.text, "one_by_one": s}
                                 for c, b, s, ok in zip(convs, batched, single, same) if not ok][:5],
               "command": "python bench/eval_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -2,6 +2,7 @@
 in one device run, same random-weight model folder, same batches, same loop (forward, backward, AdamW).
 
     python bench/train_speed.py --tokenizer TOKDIR --out $OUT/train_speed [--shapes 8b,1b] [--rows ...]
+    python bench/train_speed.py --tokenizer TOKDIR --shapes 8b-mix,1b-mix [--pack-len 4096] [--rows ...]
 
 Each row runs in its own process (clean CUDA memory statistics; Unsloth patches transformers when
 imported, so it gets a process of its own and is imported first there). Rows:
@@ -14,6 +15,16 @@ imported, so it gets a process of its own and is imported first there). Rows:
 r = alpha = 16 on all seven linear projections, dropout 0, lr 2e-4, batch B x T random token ids with
 every token a loss token. tokens/s counts real tokens only (here all of them); memory is the peak
 reserved/allocated during training (the weights included), after loading.
+
+Shapes 8b-mix / 1b-mix: the 8b / 1b model (same model folder), trained on a realistic length mix (bench/_mix.py:
+lognormal example lengths, median 250, sigma 0.6, clipped to [32, 1024]; ~85% within 100-600 tokens) packed
+by loraforge's packer into one row of at most --pack-len tokens per step, padding-free, identical rows for
+every tool. Position ids restart per example; the first token of each example is no label, so every tool's
+loss is the mean over the same label tokens and first_loss compares across rows. The ours rows pass
+position_ids + segment_ids (per-example attention), Unsloth position_ids + packed_seq_lengths (its varlen
+attention), plain transformers position_ids (its masks detect packed rows from position ids resets; the row
+says `packed_attention` false where the installed transformers does not). Mix rows add pack_len,
+real_tokens_per_step and length_mix {mean, p10, p50, p90} of the examples trained on.
 Prints one JSON object; with --out also writes train_speed.json there.
 """
 
@@ -59,9 +70,32 @@ def batches(vocab: int, bsz: int, seq: int, n: int):
     return [torch.randint(0, min(vocab, 32000), (bsz, seq), generator=g) for _ in range(n)]
 
 
-def build(row: str, path: str):
-    """(model, trainable params, loss(ids) -> scalar mean loss)."""
+def dense_batches(vocab: int, bsz: int, seq: int, n: int) -> list[dict]:
+    return [{"input_ids": ids, "labels": ids} for ids in batches(vocab, bsz, seq, n)]
+
+
+def plain_packed_attention() -> bool:
+    """Whether the installed transformers keeps packed examples apart given only position_ids (as the plain
+    rows call it): a tiny random Llama on CPU, a row of two examples against the second one alone."""
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1)).float().eval()
+    tiny.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        row = tiny(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), use_cache=False).logits
+        alone = tiny(input_ids=ids[:, 4:], use_cache=False).logits
+    return bool(torch.allclose(row[:, 4:], alone, atol=1e-4))
+
+
+def build(row: str, path: str, mix: bool = False):
+    """(model, trainable params, loss(batch) -> scalar mean loss over the batch's label tokens)."""
+    import torch
+
+    keys = ["input_ids", "labels"] + (["position_ids"] if mix else [])
 
     tool, method = row.split("-", 1)
     if tool == "unsloth":
@@ -73,8 +107,11 @@ def build(row: str, path: str):
                                                  target_modules=TARGETS, use_gradient_checkpointing="unsloth",
                                                  random_state=0)
         model.train()  # from_pretrained leaves eval mode, where transformers skips checkpointing
+        if mix:  # padding-free: the example lengths of the row, int32 on the GPU
+            return model, [p for p in model.parameters() if p.requires_grad], \
+                lambda b: model(**{k: b[k] for k in keys}, packed_seq_lengths=b["seq_lens"]).loss
         return model, [p for p in model.parameters() if p.requires_grad], \
-            lambda ids: model(input_ids=ids, labels=ids).loss
+            lambda b: model(**{k: b[k] for k in keys}).loss
     if tool == "plain":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -94,8 +131,10 @@ def build(row: str, path: str):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                                  use_dora=method == "dora", task_type="CAUSAL_LM"))
         model.train()  # from_pretrained leaves eval mode, where transformers skips checkpointing
+        # mix: no KV cache, or transformers skips its packed-row detection (checkpointing turns it off anyway)
+        extra = {"use_cache": False} if mix else {}
         return model, [p for p in model.parameters() if p.requires_grad], \
-            lambda ids: model(input_ids=ids, labels=ids).loss
+            lambda b: model(**{k: b[k] for k in keys}, **extra).loss
     from loraforge.config import LoraSection
     from loraforge.model.adapters import attach_adapter
     from loraforge.model.fast import FastLlama
@@ -108,29 +147,41 @@ def build(row: str, path: str):
     model.train()
     fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True if method.endswith("-gc") else "offload")
 
-    def loss(ids):
-        s, n = fast.loss_sum({"input_ids": ids, "labels": ids})
+    keys += ["segment_ids"] if mix else []
+
+    def loss(b):
+        s, n = fast.loss_sum({k: b[k] for k in keys})
         return s / n
     return model, [p for p in model.parameters() if p.requires_grad], loss
 
 
-def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, profile: Path | None = None) -> dict:
+def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, profile: Path | None = None,
+            pack_len: int | None = None) -> dict:
+    """One row; pack_len set: on the length mix (bench/_mix.py), one packed row per step."""
     import torch
 
     t_load = time.time()
-    model, params, loss_fn = build(row, path)
+    model, params, loss_fn = build(row, path, mix=pack_len is not None)
     load_s = time.time() - t_load
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
-    data = [b.cuda() for b in batches(model.config.vocab_size, bsz, seq, warmup + steps)]
+    if pack_len:
+        from _mix import length_stats, mix_batches, mix_rows
+
+        rows, lengths = mix_rows(warmup + steps, pack_len)
+        data = mix_batches(rows)
+    else:
+        data = dense_batches(model.config.vocab_size, bsz, seq, warmup + steps)
+    real = [int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in data]
+    data = [{k: v.cuda() for k, v in b.items()} for b in data]
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     losses = []
-    for i, ids in enumerate(data):
+    for i, b in enumerate(data):
         if i == warmup:
             torch.cuda.synchronize()
             t0 = time.time()
-        loss = loss_fn(ids)
+        loss = loss_fn(b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -141,57 +192,70 @@ def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, pr
         from torch.profiler import ProfilerActivity, profile as prof
 
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            for ids in data[:2]:
-                loss_fn(ids).backward()
+            for b in data[:2]:
+                loss_fn(b).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
         profile.mkdir(parents=True, exist_ok=True)
         (profile / f"{row}.txt").write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=45,
                                                                    max_name_column_width=70))
-    return {"row": row, "batch": bsz, "seq": seq, "steps_timed": steps, "seconds": round(secs, 3),
-            "tokens_per_s": round(bsz * seq * steps / secs, 1),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-            "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4), "load_s": round(load_s, 1),
-            "trainable": sum(p.numel() for p in params)}
+    timed = sum(real[warmup:])  # real (non-pad) tokens of the timed steps
+    head = {"row": row, "batch": bsz, "seq": seq} if not pack_len else {
+        "row": row, "batch": 1, "pack_len": pack_len, "real_tokens_per_step": round(timed / steps, 1),
+        "length_mix": length_stats(lengths),
+        "packed_attention": plain_packed_attention() if row.startswith("plain-") else True}
+    return head | {"steps_timed": steps, "seconds": round(secs, 3), "tokens_per_s": round(timed / secs, 1),
+                   "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                   "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                   "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
+                   "load_s": round(load_s, 1), "trainable": sum(p.numel() for p in params)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--shapes", default="8b")
+    ap.add_argument("--shapes", default="8b", help="comma-separated: 8b, 1b (dense B x T), 8b-mix, 1b-mix (packed)")
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--tokenizer", help="a tokenizer folder for the random-weight model folders")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lf-bench"))
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--pack-len", type=int, default=4096, help="packed row length of the *-mix shapes")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--profile", type=Path, help="also write a torch.profiler table per row into this folder")
     ap.add_argument("--child", nargs=2, metavar=("ROW", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--make", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--mix", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    for shape in a.shapes.split(","):
+        if shape.removesuffix("-mix") not in SHAPES:
+            ap.error(f"unknown shape {shape!r}; known: {', '.join(s + m for s in SHAPES for m in ('', '-mix'))}")
+    if a.pack_len < 1024:
+        ap.error("--pack-len must be at least 1024, the longest example of the length mix")
     if a.make:
         return make_model(a.make[0], Path(a.make[1]), a.tokenizer)
     if a.child:
         print("RESULT " + json.dumps(run_row(a.child[0], a.child[1], a.batch, a.seq, a.warmup, a.steps,
-                                             a.profile)))
+                                             a.profile, a.pack_len if a.mix else None)))
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1",
                PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     rows = []
     for shape in a.shapes.split(","):
-        folder = a.workdir / f"llama-{shape}"
+        base = shape.removesuffix("-mix")  # a mix shape trains the same model folder as its base shape
+        folder = a.workdir / f"llama-{base}"
         prof_dir = a.profile / shape if a.profile else None
         if not (folder / "config.json").is_file():
-            subprocess.run([sys.executable, __file__, "--make", shape, str(folder), "--tokenizer", a.tokenizer],
+            subprocess.run([sys.executable, __file__, "--make", base, str(folder), "--tokenizer", a.tokenizer],
                            check=True, env=env)
         for row in a.rows.split(","):
             cmd = [sys.executable, __file__, "--child", row, str(folder), "--batch", str(a.batch), "--seq",
                    str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps)] + \
-                (["--profile", str(prof_dir)] if prof_dir else [])
+                (["--profile", str(prof_dir)] if prof_dir else []) + \
+                (["--mix", "--pack-len", str(a.pack_len)] if shape != base else [])
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
                 found = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -193,3 +193,45 @@ def test_packed_rows_give_each_examples_loss_on_the_fast_path():
         total, n = fast.loss_sum({k: v.cuda() for k, v in collate(packed, 0).items()})
     assert len(packed) < len(items) and n == sum(a[1] for a in alone)
     assert float(total) == pytest.approx(sum(float(a[0]) for a in alone), rel=1e-2)
+
+
+def test_fused_qkv_rope_swiglu_and_varlen_match_the_torch_forms():
+    """The pieces of the joined layer path: RoPE in place on the fused q/k/v buffer (forward and gradient),
+    SwiGLU on the fused [gate | up] output, and varlen attention over packed rows = masked SDPA."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from loraforge.data.packing import segment_attention
+
+    torch.manual_seed(1)
+    bsz, t, hq, hkv, d = 2, 96, 8, 2, 64
+    x = torch.randn(bsz, t, (hq + 2 * hkv) * d, device="cuda", dtype=BF16, requires_grad=True)
+    ang = torch.rand(bsz, t, d // 2, device="cuda") * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(BF16), torch.cat([ang.sin()] * 2, -1).to(BF16)
+    g = torch.randn_like(x)
+    out = ops.rope_qkv(x * 1, cos, sin, hq, hkv, d)      # x * 1: a fresh buffer the kernel may rotate in place
+    (gx,) = torch.autograd.grad(out, x, g)
+    q, k, v = x.view(bsz, t, -1, d).split([hq, hkv, hkv], 2)
+    rq, rk = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    ref = torch.cat([rq.transpose(1, 2), rk.transpose(1, 2), v], 2).reshape(bsz, t, -1)
+    (gref,) = torch.autograd.grad(ref, x, g)
+    assert rel(out, ref) < 1e-2 and rel(gx, gref) < 1e-2
+
+    gu = torch.randn(bsz, t, 2 * 384, device="cuda", dtype=BF16, requires_grad=True)
+    gd = torch.randn(bsz, t, 384, device="cuda", dtype=BF16)
+    (ggu,) = torch.autograd.grad(ops.swiglu_fused(gu * 1), gu, gd)
+    a, b = gu.chunk(2, -1)
+    (gref,) = torch.autograd.grad(F.silu(a) * b, gu, gd)
+    assert rel(ops.swiglu_fused(gu.detach()), F.silu(a) * b) < 1e-2 and rel(ggu, gref) < 2e-2
+
+    seg = torch.tensor([[0] * 30 + [1] * 50 + [2] * 16, [0] * 96], device="cuda")
+    packed = ops.packed_attention(seg)
+    assert packed[0] == "varlen", "torch's varlen flash attention is not available on this device"
+    qa = torch.randn(bsz, hq, t, d, device="cuda", dtype=BF16, requires_grad=True)
+    ka = torch.randn(bsz, hkv, t, d, device="cuda", dtype=BF16, requires_grad=True)
+    va = torch.randn(bsz, hkv, t, d, device="cuda", dtype=BF16, requires_grad=True)
+    got = ops.attention(qa, ka, va, d ** -0.5, packed)
+    ref = ops.attention(qa, ka, va, d ** -0.5, ("mask", segment_attention(seg)))
+    assert rel(got, ref) < 1e-2
+    go = torch.randn_like(ref)
+    for a_, b_ in zip(torch.autograd.grad(got, (qa, ka, va), go), torch.autograd.grad(ref, (qa, ka, va), go)):
+        assert rel(a_, b_) < 2e-2

@@ -86,6 +86,23 @@ def test_fast_loss_and_grads_match_peft(kind, adapter, ckpt):
         _close(grads[k], ref_grads[k], 1e-5, k)
 
 
+def test_adapter_update_without_version_bump_reaches_the_next_pass():
+    """The fast path casts and stacks the LoRA factors once per forward pass. An update that leaves the
+    parameters' version counters alone (as fused and 8-bit optimizers do; here through .data) must still
+    show in the next pass: its loss equals PEFT's for the updated adapter."""
+    model = _adapted("llama")
+    batch = _batch()
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=True)
+    before = float(fast.loss_sum(batch)[0])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(-1.5)
+    after = float(fast.loss_sum(batch)[0])
+    ref = float(loss_sum(model, batch, split_model(model))[0])
+    assert after == pytest.approx(ref, rel=1e-5)
+    assert abs(after - before) > 1e-3 * abs(before)
+
+
 def test_recomputation_replays_dropout_masks():
     model = _adapted("llama", dropout=0.3)
     batch = _batch()

@@ -7,6 +7,7 @@ answer records whether the model stopped by itself (a model that never stops is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,20 @@ def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     return msgs
 
 
+def decode_attention(device: torch.device, cudnn: bool = False):
+    """The attention kernels used while generating. On CUDA, SDPA's cuDNN backend is left out unless asked
+    for: it builds an execution plan for every new (batch, key length) shape, and batched decoding meets a
+    new key length at every step (bench/eval_generate.py --compare-backends measures both)."""
+    if device.type != "cuda" or cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
-                   batch_size: int = 32, progress=None) -> list[Generation]:
+                   batch_size: int = 32, progress=None, cudnn_attention: bool = False) -> list[Generation]:
     """Greedy answers to each conversation (its last assistant turn, if any, is left out)."""
     texts = [prompt_text(tokenizer, c) for c in conversations]
     stops = stop_token_ids(tokenizer, model)
@@ -67,8 +79,10 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new
             idx = order[start:start + batch_size]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            with decode_attention(device, cudnn_attention):
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
+                                     top_k=None)
             new = gen[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 toks = new[row].tolist()

@@ -9,8 +9,8 @@ model's own forward stays the reference: tests compare losses and gradients agai
 
 Batches must be right-padded (loraforge's collate does that): with causal attention a real token
 never sees a pad on its right, so no attention mask is needed and the result equals the masked one.
-Packed rows carry segment ids; their attention is block-diagonal (SDPA with a boolean mask for now;
-a varlen kernel would skip the masked blocks).
+Packed rows carry segment ids; their attention is block-diagonal: torch's varlen flash attention on
+CUDA (no work on the masked blocks), an SDPA boolean mask elsewhere.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loraforge.data.packing import segment_attention
 from loraforge.data.templates import IGNORE_INDEX
 from loraforge.model.fast.lora import Projections
-from loraforge.model.fast.ops import linear_cross_entropy_sum, rms_norm, rope, swiglu
+from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
+                                      rope_qkv, swiglu, swiglu_fused)
 from loraforge.model.fast.recompute import PinnedPool, recompute
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -51,33 +51,45 @@ class _Layer:
         at, mlp = layer.self_attn, layer.mlp
         self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, buffers)
         self.o = Projections([at.o_proj], dtype, buffers)
-        # gate and up are not grouped: their fused output's halves would need copies before the SwiGLU
-        # kernel, which cost more than the GEMM launch they save (measured on the 8B shape)
-        self.gate = Projections([mlp.gate_proj], dtype, buffers)
-        self.up = Projections([mlp.up_proj], dtype, buffers)
+        # gate and up as one GEMM whose [gate | up] output the SwiGLU kernel reads in place
+        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], dtype, buffers)
         self.down = Projections([mlp.down_proj], dtype, buffers)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(at, "q_norm", None), getattr(at, "k_norm", None)
         self.head_dim = at.head_dim
         self.scaling = at.scaling
+        self.q_heads = self.qkv.outs[0] // at.head_dim
+        self.kv_heads = self.qkv.outs[1] // at.head_dim
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
-        bsz, t, _ = h.shape
-        x = rms_norm(h, self.norm1.weight, self.norm1.variance_epsilon)
+    def projections(self):
+        return (self.qkv, self.o, self.gate_up, self.down)
+
+    def _qkv(self, x, cos, sin):
+        """q (B, Hq, T, D), k and v (B, Hkv, T, D) after RoPE; views of one buffer where possible."""
+        bsz, t, _ = x.shape
+        heads = [self.q_heads, self.kv_heads, self.kv_heads]
+        if self.qkv.joined and self.q_norm is None:
+            qkv = rope_qkv(self.qkv.joined(x), cos, sin, self.q_heads, self.kv_heads, self.head_dim)
+            q, k, v = qkv.view(bsz, t, -1, self.head_dim).split(heads, dim=2)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k, v = (y.view(bsz, t, -1, self.head_dim) for y in self.qkv(x))
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
             q = rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon)
             k = rms_norm(k, self.k_norm.weight, self.k_norm.variance_epsilon)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = rope(q, k, cos, sin)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # grouped-query attention: share each k/v head (a view, then one copy)
-            k = k[:, :, None].expand(bsz, k.shape[1], groups, t, self.head_dim).reshape(bsz, -1, t, self.head_dim)
-            v = v[:, :, None].expand(bsz, v.shape[1], groups, t, self.head_dim).reshape(bsz, -1, t, self.head_dim)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, scale=self.scaling)
-        h = h + self.o(a.transpose(1, 2).reshape(bsz, t, -1))[0]
+        return q, k, v
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
+        x = rms_norm(h, self.norm1.weight, self.norm1.variance_epsilon)
+        q, k, v = self._qkv(x, cos, sin)
+        h = h + self.o(attention(q, k, v, self.scaling, packed))[0]
         x = rms_norm(h, self.norm2.weight, self.norm2.variance_epsilon)
-        return h + self.down(swiglu(self.gate(x)[0], self.up(x)[0]))[0]
+        if self.gate_up.joined:
+            act = swiglu_fused(self.gate_up.joined(x))
+        else:
+            act = swiglu(*self.gate_up(x))
+        return h + self.down(act)[0]
 
 
 class FastLlama:
@@ -97,13 +109,14 @@ class FastLlama:
         self.checkpointing = bool(checkpointing)
         self.pool = PinnedPool() if checkpointing == "offload" else None
         self.keep_rng = any(getattr(d, "p", 0) > 0 for layer in self.layers
-                            for p in (layer.qkv, layer.o, layer.gate, layer.up, layer.down) for d in p.dropouts)
+                            for p in layer.projections() for d in p.dropouts)
 
     def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, H) in the compute dtype. Packed rows (data.packing) give their
         position_ids and segment_ids: attention then stays inside each example."""
         dev = input_ids.device
-        mask = segment_attention(segment_ids) if segment_ids is not None else None
+        self.buffers["pass"] = self.buffers.get("pass", 0) + 1   # the LoRA factors are cast once per pass
+        packed = packed_attention(segment_ids) if segment_ids is not None else None
         with torch.autocast(dev.type, enabled=False):
             h = self.decoder.embed_tokens(input_ids).to(self.dtype)
             pos = position_ids if position_ids is not None else \
@@ -115,9 +128,9 @@ class FastLlama:
                 h = h.detach().requires_grad_(True)  # so that backward enters the first recomputed layer
             for i, layer in enumerate(self.layers):
                 if grad and self.checkpointing:
-                    h = recompute(layer, h, cos, sin, mask, key=i, pool=self.pool, keep_rng=self.keep_rng)
+                    h = recompute(layer, h, cos, sin, packed, key=i, pool=self.pool, keep_rng=self.keep_rng)
                 else:
-                    h = layer(h, cos, sin, mask)
+                    h = layer(h, cos, sin, packed)
             norm = self.decoder.norm
             return rms_norm(h, norm.weight, norm.variance_epsilon)
 

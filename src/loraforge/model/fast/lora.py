@@ -28,6 +28,7 @@ class FrozenGroup:
         self.outs = [lyr.out_features for lyr in layers]
         self.in_features = layers[0].in_features
         self.quantized = getattr(layers[0].weight, "quant_state", None) is not None
+        self.stacked = None   # (forward pass number, A stacked, s B block-diagonal): see _stack
         biases = [lyr.bias for lyr in layers]
         self.bias = None
         if any(b is not None for b in biases):
@@ -71,11 +72,20 @@ class FrozenGroup:
 
 
 def _stack(group: FrozenGroup, ab: tuple, scales: list[float]):
-    a = [t.to(group.dtype) for t in ab[0::2]]
-    b = [t.to(group.dtype) * s for t, s in zip(ab[1::2], scales)]
-    if len(a) == 1:
-        return a[0], b[0]
-    return torch.cat(a), torch.block_diag(*b)
+    """The group's A factors stacked and its scaled B factors block-diagonal, in the compute dtype. Built
+    once per forward pass of the model: FastLlama.hidden bumps buffers["pass"] before each, and the
+    parameters cannot change between a forward, its recomputation and its backward, so the three share
+    one cast-and-stack (about 20 small kernels a layer each time). Parameter version counters are not a
+    safe key: fused and 8-bit optimizers update parameters without bumping them."""
+    key = group.buffers.get("pass", 0)
+    cached = group.stacked
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    a = [t.detach().to(group.dtype) for t in ab[0::2]]
+    b = [t.detach().to(group.dtype) * s for t, s in zip(ab[1::2], scales)]
+    a_cat, b_blk = (a[0], b[0]) if len(a) == 1 else (torch.cat(a), torch.block_diag(*b))
+    group.stacked = (key, a_cat, b_blk)
+    return a_cat, b_blk
 
 
 class LoraGroupFn(torch.autograd.Function):
@@ -91,7 +101,9 @@ class LoraGroupFn(torch.autograd.Function):
         xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
         a_cat, b_blk = _stack(group, ab, scales)
         xa = xd2 @ a_cat.t()                               # (N, sum r)
-        y = xa @ b_blk.t()                                 # (N, sum out): the adapter's share
+        out = x.new_empty(*lead, b_blk.shape[0])           # returned as allocated (not a view: RoPE may
+        y = out.view(-1, out.shape[-1])                    # then rotate it in place)
+        torch.mm(xa, b_blk.t(), out=y)                     # the adapter's share
         if group.bias is not None:
             y += group.bias
         w = group.get()
@@ -101,10 +113,10 @@ class LoraGroupFn(torch.autograd.Function):
         ctx.param_dtypes = [t.dtype for t in ab]
         ctx.save_for_backward(xd2, xa, a_cat, b_blk)
         if not dora:
-            return y.view(*lead, y.shape[-1])
+            return out
         norm = torch.linalg.vector_norm(torch.addmm(w, b_blk, a_cat), dim=1, dtype=torch.float32)
         ctx.mark_non_differentiable(norm)
-        return y.view(*lead, y.shape[-1]), norm
+        return out, norm
 
     @staticmethod
     def backward(ctx, dy, *_):
@@ -153,6 +165,16 @@ class Projections:
             scales = [float(modules[i].scaling[self.adapters[i]]) for i in idx if self.adapters[i]]
             self.parts.append((idx, group, ab, scales))
         self.outs = [b.out_features for b in bases]
+        # one group with adapters covering every projection: its output can be taken whole
+        self.joined = self._joined if len(self.parts) == 1 and self.parts[0][2] and \
+            self.magnitudes[0] is None else None
+
+    def _joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's outputs concatenated along the last dim (one tensor, no split)."""
+        _, group, ab, scales = self.parts[0]
+        drop = self.dropouts[0]
+        xd = drop(x) if len(self.outs) == 1 and drop is not None and drop.training and getattr(drop, "p", 0) else x
+        return LoraGroupFn.apply(x, xd, group, scales, False, *ab)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []

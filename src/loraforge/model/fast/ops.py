@@ -1,9 +1,11 @@
-"""Elementwise pieces of a Llama-family block: RMSNorm, RoPE, SwiGLU, and the loss over the lm_head.
+"""Elementwise pieces of a Llama-family block: RMSNorm, RoPE, SwiGLU, attention, and the loss over the lm_head.
 
 On CUDA with liger-kernel installed these run as its Triton kernels (fused, no fp32 copies of the
-activations, fused linear cross-entropy that never builds the logits); elsewhere as plain torch code
-that computes the same thing the way transformers' Llama modules do. Every function takes and returns
-tensors in the compute dtype; tests compare both paths against transformers' own modules.
+activations, SwiGLU straight from the fused [gate | up] output, fused linear cross-entropy that never
+builds the logits), RoPE on the fused q/k/v output as loraforge's kernel (model.fast.kernels), and
+packed rows' attention as varlen flash attention; elsewhere as plain torch code that computes the same
+thing the way transformers' Llama modules do. Every function takes and returns tensors in the compute
+dtype; tests compare both paths against transformers' own modules.
 """
 
 from __future__ import annotations
@@ -48,6 +50,102 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         return _liger().liger_rope(q, k, cos, sin)
     cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
+             head_dim: int) -> torch.Tensor:
+    """qkv (B, T, (Hq + 2 Hkv) * D) with RoPE applied to its q and k heads (in place on CUDA)."""
+    if qkv.is_cuda and _triton():
+        from loraforge.model.fast.kernels import RopeQKV
+
+        return RopeQKV.apply(qkv, cos, sin, q_heads + kv_heads, head_dim)
+    bsz, t, _ = qkv.shape
+    x = qkv.view(bsz, t, -1, head_dim)
+    qk = x[:, :, :q_heads + kv_heads]
+    cos, sin = cos[:, :, None].to(qkv.dtype), sin[:, :, None].to(qkv.dtype)
+    return torch.cat([qk * cos + _rotate_half(qk) * sin, x[:, :, q_heads + kv_heads:]], dim=2).view(bsz, t, -1)
+
+
+@functools.cache
+def _triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the fused [gate | up] output of one grouped projection, without splitting it:
+    liger's kernel reads both halves by column offset and writes the gradient into the same buffer."""
+    if use_kernels(gate_up):
+        from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+
+        # given as 2-D: liger's backward returns the gradient in the 2-D shape it works in
+        n = gate_up.shape[-1]
+        out = LigerFusedGateUpSiLUMulFunction.apply(gate_up.view(-1, n), True)
+        return out.view(*gate_up.shape[:-1], n // 2)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, packed=None) -> torch.Tensor:
+    """Causal attention of q (B, Hq, T, D) over k/v (B, Hkv, T, D) (grouped-query heads shared inside the
+    kernel, no expanded copies); returns (B, T, Hq * D). `packed`, from packed_attention(), keeps each
+    example of a packed row to itself."""
+    bsz, _, t, d = q.shape
+    if packed is not None and packed[0] == "varlen":
+        _, cu, longest = packed
+        out = _varlen(q.transpose(1, 2).reshape(bsz * t, -1, d), k.transpose(1, 2).reshape(bsz * t, -1, d),
+                      v.transpose(1, 2).reshape(bsz * t, -1, d), cu, longest, scale)
+        return out.view(bsz, t, -1)
+    mask = packed[1] if packed is not None else None
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, scale=scale,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    return a.transpose(1, 2).reshape(bsz, t, -1)
+
+
+def packed_attention(segment_ids: torch.Tensor):
+    """What attention() needs to keep packed examples apart: on CUDA with torch's varlen flash attention,
+    the examples' cumulative offsets in the flattened batch and the longest one (one host sync a batch);
+    elsewhere a (B, 1, T, T) boolean mask (data.packing.segment_attention)."""
+    if segment_ids.is_cuda and _varlen_fn() is not None:
+        bsz, t = segment_ids.shape
+        flat = segment_ids.flatten()
+        start = torch.ones_like(flat, dtype=torch.bool)
+        start[1:] = flat[1:] != flat[:-1]
+        start[::t] = True
+        cu = torch.cat([start.nonzero().flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
+        return "varlen", cu, int((cu[1:] - cu[:-1]).max())
+    from loraforge.data.packing import segment_attention
+
+    return "mask", segment_attention(segment_ids)
+
+
+@functools.cache
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _varlen_kwargs(gqa: bool) -> dict:
+    import inspect
+
+    params = inspect.signature(_varlen_fn()).parameters
+    # causal: torch 2.9-2.11 take is_causal, later ones a window with no keys to the right
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if gqa and "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    return kw
+
+
+def _varlen(q, k, v, cu, longest, scale):
+    return _varlen_fn()(q, k, v, cu, cu, longest, longest, scale=scale,
+                        **_varlen_kwargs(k.shape[1] != q.shape[1]))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
