@@ -200,6 +200,16 @@ def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, pr
         profile.mkdir(parents=True, exist_ok=True)
         (profile / f"{row}.txt").write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=45,
                                                                    max_name_column_width=70))
+        from _timeline import idle_summary  # the GPU's idle gaps and who kept it waiting
+
+        trace = Path(f"/tmp/lf-trace-{row}.json")
+        try:  # a trace this code cannot read must not cost the row its timing
+            p.export_chrome_trace(str(trace))
+            idle = idle_summary(json.loads(trace.read_text()), steps=2)
+        except Exception as e:  # noqa: BLE001
+            idle = {"error": repr(e)}
+        trace.unlink(missing_ok=True)
+        (profile / f"{row}.idle.json").write_text(json.dumps(idle, indent=1))
     timed = sum(real[warmup:])  # real (non-pad) tokens of the timed steps
     head = {"row": row, "batch": bsz, "seq": seq} if not pack_len else {
         "row": row, "batch": 1, "pack_len": pack_len, "real_tokens_per_step": round(timed / steps, 1),
@@ -209,7 +219,9 @@ def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, pr
                    "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
                    "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
                    "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
-                   "load_s": round(load_s, 1), "trainable": sum(p.numel() for p in params)}
+                   "load_s": round(load_s, 1), "trainable": sum(p.numel() for p in params)} | \
+        ({"idle": {k: idle[k] for k in ("wall_ms_per_step", "compute_busy_ms_per_step", "idle_ms_per_step",
+                                         "idle_host_bound_ms_per_step") if k in idle}} if profile else {})
 
 
 def main() -> None:

@@ -82,7 +82,7 @@ def _stack(group: FrozenGroup, ab: tuple, scales: list[float]):
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     a = [t.detach().to(group.dtype) for t in ab[0::2]]
-    b = [t.detach().to(group.dtype) * s for t, s in zip(ab[1::2], scales)]
+    b = [t.detach().to(group.dtype) * s if s != 1.0 else t.detach().to(group.dtype) for t, s in zip(ab[1::2], scales)]
     a_cat, b_blk = (a[0], b[0]) if len(a) == 1 else (torch.cat(a), torch.block_diag(*b))
     group.stacked = (key, a_cat, b_blk)
     return a_cat, b_blk
@@ -126,11 +126,15 @@ class LoraGroupFn(torch.autograd.Function):
         dxa = dy2 @ b_blk                                  # (N, sum r)
         db_blk = dy2.t() @ xa                              # (sum out, sum r): the diagonal blocks are used
         da_cat = dxa.t() @ xd2                             # (sum r, in)
+        # one cast each for all projections (PEFT keeps A and B in fp32); the per-projection gradients are
+        # slices of them, scaled only where the scale is not 1 (r = alpha, the default)
+        da_cat = da_cat.to(ctx.param_dtypes[0])
+        db_blk = db_blk.to(ctx.param_dtypes[1])
         grads = []
         r0 = o0 = 0
-        for i, (r, o, s) in enumerate(zip(ctx.ranks, group.outs, ctx.scales)):
-            grads.append(da_cat[r0:r0 + r].to(ctx.param_dtypes[2 * i]))
-            grads.append((db_blk[o0:o0 + o, r0:r0 + r] * s).to(ctx.param_dtypes[2 * i + 1]))
+        for r, o, s in zip(ctx.ranks, group.outs, ctx.scales):
+            db = db_blk[o0:o0 + o, r0:r0 + r]
+            grads += [da_cat[r0:r0 + r], db * s if s != 1.0 else db]
             r0, o0 = r0 + r, o0 + o
         dx = dxd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:

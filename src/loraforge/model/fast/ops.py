@@ -32,7 +32,9 @@ def use_kernels(t: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_kernels(x):
-        return _liger().liger_rms_norm(x, weight.to(x.dtype), eps, 0.0, "llama", False)
+        # in place: the gradient is written over the incoming one, which nothing else reads (the norm's
+        # output feeds one projection group); saves a zero-filled (N, H) buffer per backward
+        return _liger().liger_rms_norm(x, weight.to(x.dtype), eps, 0.0, "llama", True)
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)

@@ -1,0 +1,56 @@
+"""bench/_timeline.py: the compute stream's idle time per step from a profiler trace, split into gaps where
+the host launched the next kernel late (host-bound) and gaps where it was launched in time but waited, each
+blamed on the CPU ops that launched it; host syncs counted. Checked on a hand-built trace."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("bench_timeline", Path(__file__).resolve().parents[1] / "bench" / "_timeline.py")
+timeline = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(timeline)
+
+
+def _k(ts, dur, corr, stream=7):
+    return {"ph": "X", "cat": "kernel", "name": f"k{corr}", "ts": ts, "dur": dur,
+            "args": {"stream": stream, "correlation": corr}}
+
+
+def _launch(ts, corr, dur=5):
+    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": dur,
+            "args": {"correlation": corr}}
+
+
+def _op(name, ts, dur):
+    return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur}
+
+
+def test_idle_gaps_are_measured_and_blamed():
+    events = [
+        _op("RecomputedLayerBackward", 0, 1000), _op("LoraGroupFn", 100, 500), _op("aten::mm", 390, 20),
+        _k(10, 100, 1), _launch(5, 1),          # busy 10-110
+        _k(110, 90, 2), _launch(20, 2),         # busy 110-200 (back to back)
+        _k(400, 100, 3), _launch(395, 3),       # gap 200-400 = 200 us: launched at 395-400 > 200: host-bound
+        _k(700, 50, 4), _launch(450, 4),        # gap 500-700 = 200 us: launched at 450: waiting
+        _k(760, 10, 5), _launch(460, 5),        # gap 750-760 = 10 us < min gap: ignored
+        _k(300, 50, 6, stream=9), _launch(30, 6),   # another stream: not the compute stream
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 800, "dur": 3, "args": {}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 810, "dur": 3, "args": {}},
+    ]
+    s = timeline.idle_summary({"traceEvents": events}, steps=2, min_gap_us=20)
+    assert s["compute_stream"] == 7
+    assert s["wall_ms_per_step"] == pytest.approx((770 - 10) / 2 / 1e3)
+    assert s["compute_busy_ms_per_step"] == pytest.approx((100 + 90 + 100 + 50 + 10) / 2 / 1e3)
+    assert s["idle_ms_per_step"] == pytest.approx((200 + 200 + 10) / 2 / 1e3)
+    assert s["idle_host_bound_ms_per_step"] == pytest.approx(200 / 2 / 1e3)
+    assert s["idle_waiting_ms_per_step"] == pytest.approx(200 / 2 / 1e3)
+    assert s["gaps_over_min_per_step"] == 1.0
+    assert s["host_syncs"] == {"cudaStreamSynchronize": 1}
+    causes = s["top_idle_causes_ms_per_step"]
+    assert causes == {"host-bound: RecomputedLayerBackward > LoraGroupFn > aten::mm": 0.1,
+                      "waiting: RecomputedLayerBackward > LoraGroupFn": 0.1}
+
+
+def test_trace_without_gpu_events_is_reported():
+    assert "error" in timeline.idle_summary({"traceEvents": [_op("x", 0, 1)]}, steps=1)
