@@ -210,6 +210,7 @@ def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, pr
             idle = {"error": repr(e)}
         trace.unlink(missing_ok=True)
         (profile / f"{row}.idle.json").write_text(json.dumps(idle, indent=1))
+        (profile / f"{row}.memory.json").write_text(json.dumps(_peak_memory(loss_fn, opt, data[0]), indent=1))
     timed = sum(real[warmup:])  # real (non-pad) tokens of the timed steps
     head = {"row": row, "batch": bsz, "seq": seq} if not pack_len else {
         "row": row, "batch": 1, "pack_len": pack_len, "real_tokens_per_step": round(timed / steps, 1),
@@ -222,6 +223,26 @@ def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, pr
                    "load_s": round(load_s, 1), "trainable": sum(p.numel() for p in params)} | \
         ({"idle": {k: idle[k] for k in ("wall_ms_per_step", "compute_busy_ms_per_step", "idle_ms_per_step",
                                          "idle_host_bound_ms_per_step") if k in idle}} if profile else {})
+
+
+def _peak_memory(loss_fn, opt, batch) -> dict:
+    """One more step with the allocator's history on: what is alive at its peak, by allocating line."""
+    import torch
+    from _memory import peak_breakdown
+
+    try:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        loss_fn(batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return peak_breakdown(snap, base)
+    except Exception as e:  # noqa: BLE001 - the row keeps its timing either way
+        return {"error": repr(e)}
 
 
 def main() -> None:
@@ -237,7 +258,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=300)
-    ap.add_argument("--profile", type=Path, help="also write a torch.profiler table per row into this folder")
+    ap.add_argument("--profile", type=Path, help="also write per row into this folder: a torch.profiler table, "
+                    "the GPU's idle time (<row>.idle.json) and what is alive at the memory peak (<row>.memory.json)")
     ap.add_argument("--child", nargs=2, metavar=("ROW", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--make", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--mix", action="store_true", help=argparse.SUPPRESS)

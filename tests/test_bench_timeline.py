@@ -54,3 +54,34 @@ def test_idle_gaps_are_measured_and_blamed():
 
 def test_trace_without_gpu_events_is_reported():
     assert "error" in timeline.idle_summary({"traceEvents": [_op("x", 0, 1)]}, steps=1)
+
+
+memory_spec = importlib.util.spec_from_file_location("bench_memory", Path(__file__).resolve().parents[1] / "bench" / "_memory.py")
+memory = importlib.util.module_from_spec(memory_spec)
+memory_spec.loader.exec_module(memory)
+
+
+def _fr(path, line, name):
+    return {"filename": path, "line": line, "name": name}
+
+
+def test_memory_peak_is_found_and_split_by_allocating_line():
+    ours = [_fr("/x/torch/nn/functional.py", 1, "linear"),
+            _fr("/v/site-packages/loraforge/model/fast/lora.py", 120, "forward")]
+    other = [_fr("/x/bench/train_speed.py", 9, "run_row")]
+    gib = 2 ** 30
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 2 * gib, "frames": ours},
+        {"action": "alloc", "addr": 2, "size": 1 * gib, "frames": other},
+        {"action": "free_requested", "addr": 2, "size": 1 * gib},
+        {"action": "free_completed", "addr": 2, "size": 1 * gib},
+        {"action": "alloc", "addr": 3, "size": 3 * gib, "frames": ours},     # peak here: 2 + 3 GiB alive
+        {"action": "free_completed", "addr": 1, "size": 2 * gib},
+        {"action": "alloc", "addr": 4, "size": 1 * gib, "frames": other},
+        {"action": "free_completed", "addr": 99, "size": 5 * gib},           # allocated before recording
+    ]
+    s = memory.peak_breakdown({"device_traces": [trace]}, base_bytes=4 * gib)
+    assert s["during_step_at_peak_gib"] == 5.0 and s["peak_allocated_gib"] == 9.0
+    assert s["before_recording_gib"] == 4.0
+    assert s["at_peak_by_line_gib"] == {"loraforge/model/fast/lora.py:120 (forward)": 5.0}
+    assert "error" in memory.peak_breakdown({"device_traces": [[]]})
