@@ -104,7 +104,10 @@ class FastLlama:
         self.decoder = base.model
         self.head = base.get_output_embeddings()
         self.dtype = dtype
-        self.buffers: dict = {}
+        # shared by all projections: the NF4 rebuild buffer, the pass counter, and the largest single
+        # projection (a group above it is rebuilt one projection at a time, see lora.FrozenGroup.split)
+        self.buffers: dict = {"largest": max(m.in_features * m.out_features for m in self.decoder.layers.modules()
+                                             if hasattr(m, "in_features") and not hasattr(m, "base_layer"))}
         self.layers = [_Layer(layer, dtype, self.buffers) for layer in self.decoder.layers]
         self.checkpointing = bool(checkpointing)
         self.pool = PinnedPool() if checkpointing == "offload" else None

@@ -50,25 +50,65 @@ class FrozenGroup:
         self.fused = fused
 
     def get(self) -> torch.Tensor:
+        """The group's (sum out, in) weight in the compute dtype (NF4: rebuilt into the shared buffer)."""
         if not self.quantized:
             w = self.fused if len(self.layers) > 1 else self.layers[0].weight
             return w if w.dtype == self.dtype else w.to(self.dtype)
+        return self._rebuild(range(len(self.layers)))
+
+    def _rebuild(self, members) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
-        shape = (sum(self.outs), self.in_features)
-        qdtype = self.layers[0].weight.quant_state.dtype
+        layers = [self.layers[i] for i in members]
+        shape = (sum(lyr.out_features for lyr in layers), self.in_features)
+        qdtype = layers[0].weight.quant_state.dtype
         # one flat buffer shared by every projection of the model (each use is over, in stream order,
-        # before the next rebuild writes it): the largest weight's size in 16 bits, not the sum
+        # before the next rebuild writes it)
         flat = self.buffers.get(qdtype)
         if flat is None or flat.numel() < shape[0] * shape[1]:
             flat = self.buffers[qdtype] = torch.empty(shape[0] * shape[1], dtype=qdtype,
-                                                      device=self.layers[0].weight.device)
+                                                      device=layers[0].weight.device)
         buf = flat[:shape[0] * shape[1]].view(shape)
         start = 0
-        for lyr, o in zip(self.layers, self.outs):
-            bnbf.dequantize_4bit(lyr.weight, lyr.weight.quant_state, out=buf[start:start + o])
-            start += o
+        for lyr in layers:
+            rows = buf[start:start + lyr.out_features]
+            if rows.is_cuda:
+                bnbf.dequantize_4bit(lyr.weight, lyr.weight.quant_state, out=rows)
+            else:  # bitsandbytes' CPU backend has no out= variant (tests run NF4 on CPU)
+                rows.copy_(bnbf.dequantize_4bit(lyr.weight, lyr.weight.quant_state))
+            start += lyr.out_features
         return buf if buf.dtype == self.dtype else buf.to(self.dtype)
+
+    @property
+    def split(self) -> bool:
+        """NF4 groups larger than the model's largest single projection (gate + up) are rebuilt one
+        projection at a time, so the shared buffer stays the size of one weight (117 MB instead of 235 MB
+        for an 8B model); their GEMMs are large enough that two launches cost nothing measurable."""
+        return self.quantized and len(self.layers) > 1 and \
+            sum(self.outs) * self.in_features > self.buffers.get("largest", float("inf"))
+
+    def add_product_(self, y: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        """y (N, sum out) += x2 W^T, the base GEMM accumulating onto y; returns W (None when split)."""
+        if not self.split:
+            w = self.get()
+            y.addmm_(x2, w.t())
+            return w
+        o0 = 0
+        for i, o in enumerate(self.outs):
+            y[:, o0:o0 + o].addmm_(x2, self._rebuild([i]).t())
+            o0 += o
+        return None
+
+    def grad_input(self, dy2: torch.Tensor) -> torch.Tensor:
+        """dy2 (N, sum out) W: the base's share of the input gradient."""
+        if not self.split:
+            return dy2 @ self.get()
+        dx, o0 = None, 0
+        for i, o in enumerate(self.outs):
+            w, d = self._rebuild([i]), dy2[:, o0:o0 + o]
+            dx = d @ w if dx is None else dx.addmm_(d, w)
+            o0 += o
+        return dx
 
 
 def _stack(group: FrozenGroup, ab: tuple, scales: list[float]):
@@ -106,14 +146,14 @@ class LoraGroupFn(torch.autograd.Function):
         torch.mm(xa, b_blk.t(), out=y)                     # the adapter's share
         if group.bias is not None:
             y += group.bias
-        w = group.get()
-        y.addmm_(x2, w.t())                                # + x W^T, accumulated by the GEMM itself
+        w = group.add_product_(y, x2)                      # + x W^T, accumulated by the GEMM itself
         ctx.group, ctx.scales, ctx.same, ctx.lead = group, scales, xd is x, lead
         ctx.ranks = [t.shape[0] for t in ab[0::2]]
         ctx.param_dtypes = [t.dtype for t in ab]
         ctx.save_for_backward(xd2, xa, a_cat, b_blk)
         if not dora:
             return out
+        # DoRA groups hold one projection (never split): w is the weight the base GEMM just used
         norm = torch.linalg.vector_norm(torch.addmm(w, b_blk, a_cat), dim=1, dtype=torch.float32)
         ctx.mark_non_differentiable(norm)
         return out, norm
@@ -138,7 +178,7 @@ class LoraGroupFn(torch.autograd.Function):
             r0, o0 = r0 + r, o0 + o
         dx = dxd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dx = dy2 @ group.get()                         # (N, in)
+            dx = group.grad_input(dy2)                     # (N, in)
             if ctx.same:
                 dx.addmm_(dxa, a_cat)
             else:
