@@ -2,6 +2,7 @@
 
     python bench/multi_gpu.py --out DIR                      # on a 2-GPU machine (launches torchrun itself)
     python bench/multi_gpu.py --out DIR --device cpu --tiny  # smoke test: 2 CPU processes, gloo, a tiny model
+    python bench/multi_gpu.py --out DIR --nf4                # the same three cases over an NF4 base (QLoRA)
 
 The model is Llama-3-8B-shaped (32 layers, hidden 4096, GQA 32/8, vocab 128256) with random bf16 weights
 built from a config (no download); LoRA r=16 on every linear layer, micro-batch 2 x 2048 tokens, two
@@ -13,6 +14,11 @@ under torchrun (the trainer's own DDP/FSDP2 path), measured from its metrics.jso
     fsdp-2  two GPUs, FSDP2 (frozen base sharded per decoder layer) under a per-process memory cap of
             --cap x the single-GPU peak (torch.cuda.set_per_process_memory_fraction): a card too small
             for the single-GPU run          peak memory per GPU / single-GPU peak
+
+With --nf4 every decoder linear is quantised to NF4 (bitsandbytes, double quantisation, as QLoRA does; on
+the GPU, one layer at a time) in all three cases; for FSDP2 the quantised model is kept in CPU memory and
+each rank's shard of the packed bytes moves to its GPU (loraforge.model.shard_nf4). The FSDP2 case also
+checks that the bytes FSDP2 gathers for layer 0's q_proj are the original ones (`nf4_bytes_exact`).
 
 Prints one JSON object and writes it to DIR/multi_gpu.json (each case's run folder stays in DIR/).
 """
@@ -86,6 +92,29 @@ def build_model(shape: dict, device: str):
     return model, cfg
 
 
+def quantize(model, cuda: bool, keep_on_cpu: bool) -> dict:
+    """NF4 for every decoder linear (quantised on the GPU when there is one, the result kept in CPU memory
+    for FSDP2); marks the model as transformers' bnb loader does, so PEFT wraps it with its bnb LoRA layer.
+    Returns a probe whose "exact" entry says, after the first forward, whether layer 0's q_proj ran on its
+    original packed bytes (under FSDP2: the bytes it all-gathered)."""
+    import torch
+
+    from loraforge.model.quant import quantize_linears_
+
+    quantize_linears_(model, "cuda" if cuda else "cpu", store_on="cpu" if keep_on_cpu else None)
+    model.is_loaded_in_4bit = True
+    q = model.model.layers[0].self_attn.q_proj
+    original = q.weight.data.reshape(-1).view(torch.uint8).cpu().clone()
+    probe: dict = {}
+
+    def check(module, args, out):
+        if "exact" not in probe:
+            probe["exact"] = bool(torch.equal(module.weight.detach().reshape(-1).view(torch.uint8).cpu(), original))
+
+    q.register_forward_hook(check)
+    return probe
+
+
 def worker(args) -> None:
     """One case, inside torchrun: train with loraforge's own trainer, write rank 0's measurements."""
     import torch
@@ -105,11 +134,14 @@ def worker(args) -> None:
     mode = args.worker.split("-")[0]
     shape = TINY if args.tiny else LLAMA3_8B
     model, _ = build_model(shape, "cpu" if (mode == "fsdp" or not cuda) else "cuda")
+    probe: dict = {}
+    if args.nf4:
+        probe = quantize(model, cuda, keep_on_cpu=mode == "fsdp")
     tokenizer = load_tokenizer(str(out / "tokenizer"))
     tree = {"base_model": str(out / "tokenizer"), "output_dir": str(out / args.worker),
             "data": {"train": str(out / "data.jsonl"), "max_seq_length": args.seq, "train_on": "all",
                      "validation_split": 0},
-            "model": {"gradient_checkpointing": True},
+            "model": {"gradient_checkpointing": True, "quantization": "nf4" if args.nf4 else "none"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
             "train": {"batch_size": args.batch, "grad_accum": 2 * world, "max_steps": args.steps, "epochs": 1000,
                       "learning_rate": 1e-4, "precision": "bf16" if cuda else "fp32", "device": args.device,
@@ -131,6 +163,8 @@ def worker(args) -> None:
                   "tokens_per_s_median_step": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
                   "cap_gib": args.cap_gib, "final_loss": rows[-1]["loss"], "wall_s": round(time.time() - t0, 1),
                   "summary_tokens_seen": res.summary["tokens_seen"]}
+        if "exact" in probe:
+            result["nf4_bytes_exact"] = probe["exact"]
         (out / f"{args.worker}.json").write_text(json.dumps(result, indent=1))
 
 
@@ -139,12 +173,14 @@ def launch(args, case: str, n: int, cap_gib: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), __file__,
            "--worker", case, "--out", str(out), "--device", args.device, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch),
-           *(["--tiny"] if args.tiny else []), *(["--cap-gib", str(cap_gib)] if cap_gib else [])]
+           *(["--tiny"] if args.tiny else []), *(["--nf4"] if args.nf4 else []),
+           *(["--cap-gib", str(cap_gib)] if cap_gib else [])]
     for stale in [out / f"{case}.json", *(out / f"{case}.peak{r}" for r in range(n))]:
         stale.unlink(missing_ok=True)
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout first, then the caller's PYTHONPATH
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     with (out / f"{case}.log").open("w") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src")))
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if code != 0 or not (out / f"{case}.json").is_file():
         text = (out / f"{case}.log").read_text()
         tail = text[:text.find("torch/distributed/elastic")][-1500:]  # the worker's error, not torchrun's
@@ -160,6 +196,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, short rows (smoke test)")
+    ap.add_argument("--nf4", action="store_true", help="QLoRA: an NF4 base in every case (bitsandbytes)")
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
@@ -184,6 +221,7 @@ def main() -> None:
     fsdp = launch(args, f"fsdp-{args.gpus}", args.gpus, cap)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
               "model": "tiny" if args.tiny else "Llama-3-8B shape, random bf16 weights", "lora_r": 16,
+              "base": "nf4 (double quantisation), bf16 compute" if args.nf4 else "bf16",
               "micro_batch": f"{args.batch}x{args.seq}", "gradient_checkpointing": True, "cases": [one, two, fsdp]}
     if "tokens_per_s" in one and "tokens_per_s" in two:
         report["scaling_efficiency"] = round(two["tokens_per_s"] / (args.gpus * one["tokens_per_s"]), 3)

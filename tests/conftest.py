@@ -139,3 +139,15 @@ def other_base(tmp_path_factory) -> Path:
     torch.manual_seed(1)
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curve(got: list[dict], ref: list[dict], rel: float = 1e-5) -> None:
+    """Two runs logged the same steps with the same train and validation losses (to `rel`)."""
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=rel)
+    assert [r.get("val_loss", -1) for r in got] == pytest.approx([r.get("val_loss", -1) for r in ref], rel=rel)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import tiny_config
+from conftest import assert_same_curve, metrics_rows, tiny_config
 from loraforge.cli import main
 from loraforge.config import build_config
 from loraforge.train.checkpoint import list_checkpoints
@@ -37,16 +37,6 @@ def _tree(tiny_model, chat_file, out, **kw):
 def _write(path: Path, tree: dict) -> Path:
     path.write_text(yaml.safe_dump(tree))
     return path
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _same_curve(got: list[dict], ref: list[dict]) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in ref]
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
-    assert [r.get("val_loss", -1) for r in got] == pytest.approx([r.get("val_loss", -1) for r in ref], rel=1e-5)
 
 
 def _free_port() -> int:
@@ -70,7 +60,7 @@ def reference(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     data = write_jsonl(root / "train.jsonl", chat_rows())
     run_training(build_config(_tree(tiny_model, data, root / "ref")))
-    return root, data, _rows(root / "ref")
+    return root, data, metrics_rows(root / "ref")
 
 
 def _gpus2(cfg: Path, *extra: str) -> None:
@@ -87,16 +77,16 @@ def test_two_processes_match_one_and_resume_on_other_counts(tiny_model, referenc
     out = root / "two"
     cfg = _write(root / "two.yaml", _tree(tiny_model, data, out))
     _gpus2(cfg, "train.max_steps=4")
-    _same_curve(_rows(out), ref[:4])  # the global batch, loss normalisation and validation match 1 process
+    assert_same_curve(metrics_rows(out), ref[:4])  # the global batch, loss normalisation and validation match 1 process
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
 
     _gpus2(cfg, "train.max_steps=6", "train.distributed=fsdp", "--resume")  # a DDP checkpoint into FSDP2 shards
-    _same_curve(_rows(out), ref[:6])
+    assert_same_curve(metrics_rows(out), ref[:6])
     assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["step-00000003", "step-00000006"]
 
     # the FSDP2 checkpoint (gathered on rank 0, global data position) continues in 1 process
     resumed = run_training(build_config(_tree(tiny_model, data, out)), resume=True)
-    _same_curve(_rows(out), ref)
+    assert_same_curve(metrics_rows(out), ref)
     assert resumed.summary["final_val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5)
 
 
@@ -122,7 +112,7 @@ def test_two_local_nodes_give_the_same_curve_and_survive_a_dead_rank(tiny_model,
     port = _free_port()
     nodes = [_node(cfg, port), _node(cfg, port)]
     deadline = time.time() + 90
-    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(_rows(out)) >= 6):
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics_rows(out)) >= 6):
         assert all(n.poll() is None for n in nodes), "a node stopped early"
         time.sleep(0.1)
     workers = psutil.Process(nodes[1].pid).children(recursive=True)
@@ -132,7 +122,7 @@ def test_two_local_nodes_give_the_same_curve_and_survive_a_dead_rank(tiny_model,
         os.kill(w.pid, signal.SIGKILL)
     log = nodes[0].communicate(timeout=60)[0]
     nodes[1].communicate(timeout=60)
-    _same_curve(_rows(out)[:6], ref[:6])
+    assert_same_curve(metrics_rows(out)[:6], ref[:6])
     assert nodes[0].returncode != 0
     assert "another process of this run stopped or stopped answering" in log, log[-3000:]
     assert time.time() - killed < 20 + 30  # the configured timeout, plus process exit

@@ -214,7 +214,9 @@ def wrap(step_module: torch.nn.Module, ctx: DistContext, device: str) -> torch.n
     """DDP or FSDP2 around the module whose forward computes the loss (nothing in a single process).
 
     FSDP2 shards every decoder layer, then the rest (embeddings, norm, head) as the root group; it
-    replaces parameters in place, so the optimizer must be built after this call."""
+    replaces parameters in place, so the optimizer must be built after this call. An NF4 (QLoRA) base is
+    sharded too: its packed bytes as frozen uint8 parameters, its quantisation state replicated and put
+    back on the gathered weight before each forward (loraforge.model.shard_nf4)."""
     import torch
 
     if not ctx.enabled:
@@ -223,15 +225,26 @@ def wrap(step_module: torch.nn.Module, ctx: DistContext, device: str) -> torch.n
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from loraforge.model.shard_nf4 import prepare_nf4_for_fsdp
+
         mesh = init_device_mesh(device, (ctx.world,))
-        dtypes = {p.dtype for p in step_module.parameters()}
+        nf4 = prepare_nf4_for_fsdp(step_module, torch.device(device, ctx.local_rank) if device == "cuda" else device)
+        # packed NF4 bytes (uint8) are never cast: only the float parameters set the compute dtype
+        dtypes = {p.dtype for p in step_module.parameters() if p.is_floating_point()}
         low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
         # LoRA weights are often fp32 beside a bf16 base: compute in the base's dtype, reduce in fp32
         policy = MixedPrecisionPolicy(param_dtype=low[0], reduce_dtype=torch.float32) if low and len(dtypes) > 1 \
             else MixedPrecisionPolicy()
-        for layer in decoder_layers(step_module):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(step_module, mesh=mesh, mp_policy=policy)
+        try:
+            for layer in decoder_layers(step_module):
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(step_module, mesh=mesh, mp_policy=policy)
+        except RuntimeError as e:  # an FSDP2 that makes every sharded parameter require grad (integers cannot)
+            if not nf4 or "floating point" not in str(e):
+                raise
+            raise LoraforgeError(f"this torch ({torch.__version__}) cannot shard an NF4 base with FSDP2: "
+                                 f"{str(e).splitlines()[0]}", hint="use a newer torch, or train.distributed=ddp "
+                                                                   "for QLoRA") from None
         return step_module
     from torch.nn.parallel import DistributedDataParallel
 
