@@ -136,3 +136,24 @@ def test_more_gpus_than_visible_is_refused(tiny_model, reference, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and "--gpus 64 but only" in err and "GPU" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # refused before anything started
+
+
+def test_fsdp_shards_an_untied_embedding_and_head_as_groups_of_their_own(tmp_path):
+    """edge_modules: an untied embedding and head are FSDP2 groups of their own (a tied pair stays in the
+    root group); with them, FSDP2 x2 follows the one-process curve of an untied model."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import chat_rows, make_tiny_model, write_jsonl
+    from loraforge.train.distributed import edge_modules
+
+    untied = make_tiny_model(tmp_path / "untied", tied=False)
+    model = AutoModelForCausalLM.from_pretrained(untied)
+    assert edge_modules(model) == [model.get_input_embeddings(), model.get_output_embeddings()]
+    tied = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "tied"))
+    assert edge_modules(tied) == []
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    run_training(build_config(_tree(untied, data, tmp_path / "one", max_steps=4)))
+    cfg = _write(tmp_path / "fsdp.yaml", _tree(untied, data, tmp_path / "two", max_steps=4, distributed="fsdp"))
+    _gpus2(cfg)
+    assert_same_curve(metrics_rows(tmp_path / "two"), metrics_rows(tmp_path / "one"))

@@ -210,10 +210,25 @@ def decoder_layers(model) -> list:
     return list(found[0])
 
 
+def edge_modules(model) -> list:
+    """The input embedding and the output head, each an FSDP2 group of its own when they share no weight
+    (each then holds only its shard outside its own forward and backward, instead of the whole
+    vocabulary x hidden matrix for the whole step in the root group); a tied pair stays in the root group,
+    since one parameter cannot belong to two groups."""
+    hf = next((m for m in model.modules() if hasattr(m, "get_input_embeddings")
+               and hasattr(m, "get_output_embeddings")), None)
+    emb = hf.get_input_embeddings() if hf is not None else None
+    head = hf.get_output_embeddings() if hf is not None else None
+    if emb is None or head is None or head.weight is emb.weight:
+        return []
+    return [emb, head]
+
+
 def wrap(step_module: torch.nn.Module, ctx: DistContext, device: str) -> torch.nn.Module:
     """DDP or FSDP2 around the module whose forward computes the loss (nothing in a single process).
 
-    FSDP2 shards every decoder layer, then the rest (embeddings, norm, head) as the root group; it
+    FSDP2 shards every decoder layer, the embedding and the head (each its own group unless tied), then
+    the rest (final norm, a tied embedding/head) as the root group; it
     replaces parameters in place, so the optimizer must be built after this call. An NF4 (QLoRA) base is
     sharded too: its packed bytes as frozen uint8 parameters, its quantisation state replicated and put
     back on the gathered weight before each forward (loraforge.model.shard_nf4)."""
@@ -236,7 +251,7 @@ def wrap(step_module: torch.nn.Module, ctx: DistContext, device: str) -> torch.n
         policy = MixedPrecisionPolicy(param_dtype=low[0], reduce_dtype=torch.float32) if low and len(dtypes) > 1 \
             else MixedPrecisionPolicy()
         try:
-            for layer in decoder_layers(step_module):
+            for layer in decoder_layers(step_module) + edge_modules(step_module):
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
             fully_shard(step_module, mesh=mesh, mp_policy=policy)
         except RuntimeError as e:  # an FSDP2 that makes every sharded parameter require grad (integers cannot)
