@@ -83,8 +83,9 @@ ALLOCATOR_SLACK = 0.02
 DDP_GRAD_COPIES = 2
 # FSDP2 (torch.distributed.fsdp.fully_shard per decoder layer + the root) keeps 1/N of every weight, gradient
 # and optimizer state per GPU; it all-gathers a layer's weights for its forward/backward and prefetches the
-# next one (2 layers unsharded at a time), and leaves the root's parameters (embeddings, lm_head, final norm)
-# unsharded between forward and backward (the root does not reshard after forward).
+# next one (2 layers unsharded at a time). An untied embedding and lm_head are groups of their own
+# (train.distributed.edge_modules): one of them is gathered at a time, while in use; a tied pair stays in
+# the root group with the final norm, unsharded between forward and backward (the root does not reshard).
 FSDP_GATHERED_LAYERS = 2
 
 
@@ -128,8 +129,9 @@ class TrainSetup:
 
     @property
     def fast(self) -> bool:
-        """The fast path trains LoRA/QLoRA adapters only; full fine-tuning always takes the plain path."""
-        return self.fast_path and self.is_lora
+        """The fast path trains LoRA/QLoRA adapters only; full fine-tuning always takes the plain path, and
+        so does FSDP2 over several GPUs (the trainer turns the fast path off there)."""
+        return self.fast_path and self.is_lora and not (self.strategy == "fsdp" and self.gpus > 1)
 
     @property
     def sharded(self) -> bool:
@@ -210,7 +212,8 @@ def _weight_bytes(shape: ModelShape, setup: TrainSetup) -> tuple[float, float]:
     if not setup.sharded:
         return weights, consts
     n = setup.gpus
-    gathered = FSDP_GATHERED_LAYERS * shape.layer_linear_params * per_weight + other * (1 - 1 / n)
+    root = other if shape.tied_embeddings else (shape.vocab * shape.hidden + shape.norm_params) * BF16
+    gathered = FSDP_GATHERED_LAYERS * shape.layer_linear_params * per_weight + root * (1 - 1 / n)
     return weights / n + gathered, consts / n
 
 
