@@ -16,7 +16,6 @@ CUDA (no work on the masked blocks), an SDPA boolean mask elsewhere.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from loraforge.data.templates import IGNORE_INDEX
 from loraforge.model.fast.lora import Projections
