@@ -42,12 +42,14 @@ def nf4_linears(model) -> list[tuple[str, object]]:
 
 
 def _reattach(module, args):
+    import torch
+
     qs = getattr(module, ATTR)
     weight = module.weight
     if getattr(weight, "quant_state", None) is not qs:
         if weight.is_floating_point():  # a torch whose FSDP2 casts every parameter to its compute dtype
             raise LoraforgeError(f"FSDP2 turned the packed NF4 bytes into {weight.dtype} numbers (torch "
-                                 f"{__import__('torch').__version__})",
+                                 f"{torch.__version__})",
                                  hint="use a newer torch, or train.distributed=ddp for QLoRA")
         weight.quant_state = qs
 
