@@ -10,7 +10,6 @@ Uses the GPU automatically when there is one.
 from __future__ import annotations
 
 import csv
-import json
 import random
 import time
 from collections import defaultdict

@@ -34,7 +34,7 @@ def chat(c, stream=False, **kw):
     if not stream:
         choice = c.chat.completions.create(**kw).choices[0]
         return choice.message.content, choice.finish_reason
-    text, finish, deltas = "", None, []
+    finish, deltas = None, []
     for ch in c.chat.completions.create(stream=True, **kw):
         if ch.choices:
             deltas.append(ch.choices[0].delta.content or "")
