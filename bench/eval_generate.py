@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compare-backends", action="store_true",
                     help="CUDA: also time the batched run with SDPA's cuDNN backend allowed, and the one-by-one "
                          "run on the first --n-backend queries without it (the product leaves cuDNN out while "
-                         "generating, see loraforge.eval.generate.decode_attention)")
+                         "generating, see loraforge.model.attention)")
     ap.add_argument("--n-backend", type=int, default=32)
     ap.add_argument("--random-weights", action="store_true",
                     help="--model is a folder with config.json + tokenizer only: build the model with random "
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds_single = time.perf_counter() - t
     extra = {}
     if args.compare_backends and device == "cuda":
-        from loraforge.eval.generate import decode_attention
+        from loraforge.model.attention import decode_attention
 
         t = time.perf_counter()
         generate_batch(model, tok, convs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

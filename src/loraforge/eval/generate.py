@@ -7,7 +7,6 @@ answer records whether the model stopped by itself (a model that never stops is 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from loraforge.data.templates import prompt_text
 from loraforge.errors import LoraforgeError
+from loraforge.model.attention import decode_attention
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
 
@@ -48,17 +48,6 @@ def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     if system and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system})
     return msgs
-
-
-def decode_attention(device: torch.device, cudnn: bool = False):
-    """The attention kernels used while generating. On CUDA, SDPA's cuDNN backend is left out unless asked
-    for: it builds an execution plan for every new (batch, key length) shape, and batched decoding meets a
-    new key length at every step (bench/eval_generate.py --compare-backends measures both)."""
-    if device.type != "cuda" or cudnn:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @torch.no_grad()
@@ -154,7 +143,12 @@ def chat_loop(handle: InferenceHandle, *, system: str | None = None, max_new_tok
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                       pad_token_id=tok.pad_token_id, streamer=streamer)
-        Thread(target=model.generate, kwargs=kwargs, daemon=True).start()
+
+        def answer_in_thread(kw=kwargs):
+            with decode_attention(device):  # the kernel choice is thread-local: set it where generate runs
+                model.generate(**kw)
+
+        Thread(target=answer_in_thread, daemon=True).start()
         print("model> ", end="", flush=True)
         answer = ""
         for piece in streamer:

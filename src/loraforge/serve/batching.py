@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 
+from loraforge.model.attention import decode_attention
 from loraforge.serve.decoding import Job, Sampling, pick_token
 from loraforge.serve.registry import BASE, Registry
 
@@ -213,8 +214,9 @@ class BatchWorker:
             kwargs["adapter_names"] = adapters
         elif any(a != BASE for a in adapters):
             raise RuntimeError("adapter requested but none is loaded")
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, **kwargs)
+        with decode_attention(ids.device):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :].float().cpu()
 
     def _pick(self, jobs: list[Job], logits) -> list[int]:
