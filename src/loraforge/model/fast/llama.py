@@ -139,8 +139,9 @@ class FastLlama:
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the batch's loss tokens, and their count (as train.loop.loss_sum)."""
         labels = batch["labels"][:, 1:]
-        # the loss positions, found before the forward is queued: the one host-device sync of the step
-        # then waits for an idle GPU instead of stalling the CPU in the middle of the step
+        # the loss positions, found before the forward is queued: this host-device sync then waits for an
+        # idle GPU instead of stalling the CPU in the middle of the step (packed rows add one more, for the
+        # longest example, in ops.packed_attention, also before the forward)
         idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
