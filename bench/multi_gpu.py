@@ -6,8 +6,9 @@
 
 The model is Llama-3-8B-shaped (32 layers, hidden 4096, GQA 32/8, vocab 128256) with random bf16 weights
 built from a config (no download); LoRA r=16 on every linear layer, micro-batch 2 x 2048 tokens, two
-micro-batches per GPU per optimizer step, gradient checkpointing. Every case is a real `run_training`
-under torchrun (the trainer's own DDP/FSDP2 path), measured from its metrics.jsonl after warm-up steps:
+micro-batches per GPU per optimizer step, gradient checkpointing (--checkpointing; by default each layer's
+input is offloaded to pinned CPU memory). Every case is a real `run_training` under torchrun (the trainer's
+own DDP/FSDP2 path), measured from its metrics.jsonl after warm-up steps:
 
     ddp-1   one GPU                         tokens/s, peak memory (the single-GPU reference)
     ddp-2   two GPUs, DDP                   tokens/s  -> scaling efficiency = tok/s(2) / (2 x tok/s(1))
@@ -17,8 +18,9 @@ under torchrun (the trainer's own DDP/FSDP2 path), measured from its metrics.jso
 
 With --nf4 every decoder linear is quantised to NF4 (bitsandbytes, double quantisation, as QLoRA does; on
 the GPU, one layer at a time) in all three cases; for FSDP2 the quantised model is kept in CPU memory and
-each rank's shard of the packed bytes moves to its GPU (loraforge.model.shard_nf4). The FSDP2 case also
-checks that the bytes FSDP2 gathers for layer 0's q_proj are the original ones (`nf4_bytes_exact`).
+each rank's shard of the packed bytes moves to its GPU (loraforge.model.shard_nf4). Every case checks after
+training that the packed bytes rank 0 holds for layer 0's q_proj are its share of the original ones
+(`nf4_bytes_kept`). All cases run the trainer's default path (the fast Llama path on CUDA, under FSDP2 too).
 
 Prints one JSON object and writes it to DIR/multi_gpu.json (each case's run folder stays in DIR/).
 """
@@ -92,11 +94,10 @@ def build_model(shape: dict, device: str):
     return model, cfg
 
 
-def quantize(model, cuda: bool, keep_on_cpu: bool) -> dict:
+def quantize(model, cuda: bool, keep_on_cpu: bool):
     """NF4 for every decoder linear (quantised on the GPU when there is one, the result kept in CPU memory
     for FSDP2); marks the model as transformers' bnb loader does, so PEFT wraps it with its bnb LoRA layer.
-    Returns a probe whose "exact" entry says, after the first forward, whether layer 0's q_proj ran on its
-    original packed bytes (under FSDP2: the bytes it all-gathered)."""
+    Returns layer 0's q_proj and a copy of its packed bytes, for `nf4_bytes_kept`."""
     import torch
 
     from loraforge.model.quant import quantize_linears_
@@ -104,15 +105,20 @@ def quantize(model, cuda: bool, keep_on_cpu: bool) -> dict:
     quantize_linears_(model, "cuda" if cuda else "cpu", store_on="cpu" if keep_on_cpu else None)
     model.is_loaded_in_4bit = True
     q = model.model.layers[0].self_attn.q_proj
-    original = q.weight.data.reshape(-1).view(torch.uint8).cpu().clone()
-    probe: dict = {}
+    return q, q.weight.data.reshape(-1).view(torch.uint8).cpu().clone()
 
-    def check(module, args, out):
-        if "exact" not in probe:
-            probe["exact"] = bool(torch.equal(module.weight.detach().reshape(-1).view(torch.uint8).cpu(), original))
 
-    q.register_forward_hook(check)
-    return probe
+def nf4_bytes_kept(q, original, rank: int, world: int) -> bool:
+    """After training: the packed bytes this rank holds for layer 0's q_proj are its share of the original
+    ones (its FSDP2 shard, or the whole weight without sharding)."""
+    import torch
+
+    w = q.weight
+    local = (w.to_local() if hasattr(w, "to_local") else w.data).detach().reshape(-1).view(torch.uint8).cpu()
+    chunk = -(-original.numel() // world) if hasattr(w, "to_local") else original.numel()
+    start = rank * chunk if hasattr(w, "to_local") else 0
+    return bool(torch.equal(local, original[start:start + local.numel()])) and local.numel() == min(
+        chunk, original.numel() - start)
 
 
 def worker(args) -> None:
@@ -134,14 +140,13 @@ def worker(args) -> None:
     mode = args.worker.split("-")[0]
     shape = TINY if args.tiny else LLAMA3_8B
     model, _ = build_model(shape, "cpu" if (mode == "fsdp" or not cuda) else "cuda")
-    probe: dict = {}
-    if args.nf4:
-        probe = quantize(model, cuda, keep_on_cpu=mode == "fsdp")
+    probe = quantize(model, cuda, keep_on_cpu=mode == "fsdp") if args.nf4 else None
     tokenizer = load_tokenizer(str(out / "tokenizer"))
     tree = {"base_model": str(out / "tokenizer"), "output_dir": str(out / args.worker),
             "data": {"train": str(out / "data.jsonl"), "max_seq_length": args.seq, "train_on": "all",
                      "validation_split": 0},
-            "model": {"gradient_checkpointing": True, "quantization": "nf4" if args.nf4 else "none"},
+            "model": {"gradient_checkpointing": args.checkpointing if args.checkpointing == "offload" else True,
+                      "quantization": "nf4" if args.nf4 else "none"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
             "train": {"batch_size": args.batch, "grad_accum": 2 * world, "max_steps": args.steps, "epochs": 1000,
                       "learning_rate": 1e-4, "precision": "bf16" if cuda else "fp32", "device": args.device,
@@ -153,6 +158,7 @@ def worker(args) -> None:
     res = run_training(build_config(tree), overwrite=True, base=(model, tokenizer, str(out / "tokenizer")))
     if cuda:  # every rank reports its own peak; the launcher gathers them after torchrun returns
         (out / f"{args.worker}.peak{rank}").write_text(str(torch.cuda.max_memory_allocated() / 2**30))
+    kept = nf4_bytes_kept(*probe, rank, world) if probe else None
     if rank == 0:
         rows = [json.loads(x) for x in (out / args.worker / "metrics.jsonl").read_text().splitlines()]
         timed = rows[args.warmup:]
@@ -162,9 +168,9 @@ def worker(args) -> None:
                   "tokens_per_step": per_step, "tokens_per_s": round(per_step * len(timed) / max(span, 1e-9), 1),
                   "tokens_per_s_median_step": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
                   "cap_gib": args.cap_gib, "final_loss": rows[-1]["loss"], "wall_s": round(time.time() - t0, 1),
-                  "summary_tokens_seen": res.summary["tokens_seen"]}
-        if "exact" in probe:
-            result["nf4_bytes_exact"] = probe["exact"]
+                  "summary_tokens_seen": res.summary["tokens_seen"], "fast_path": res.summary["fast_path"]}
+        if kept is not None:
+            result["nf4_bytes_kept"] = kept
         (out / f"{args.worker}.json").write_text(json.dumps(result, indent=1))
 
 
@@ -173,7 +179,7 @@ def launch(args, case: str, n: int, cap_gib: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), __file__,
            "--worker", case, "--out", str(out), "--device", args.device, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch),
-           *(["--tiny"] if args.tiny else []), *(["--nf4"] if args.nf4 else []),
+           "--checkpointing", args.checkpointing, *(["--tiny"] if args.tiny else []), *(["--nf4"] if args.nf4 else []),
            *(["--cap-gib", str(cap_gib)] if cap_gib else [])]
     for stale in [out / f"{case}.json", *(out / f"{case}.peak{r}" for r in range(n))]:
         stale.unlink(missing_ok=True)
@@ -202,6 +208,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--checkpointing", choices=["on", "offload"], default="offload",
+                    help="gradient checkpointing; offload parks each layer's input in pinned CPU memory (CUDA)")
     ap.add_argument("--cap", type=float, default=0.6, help="FSDP2 memory cap, as a fraction of the 1-GPU peak")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cap-gib", type=float, help=argparse.SUPPRESS)
@@ -222,7 +230,8 @@ def main() -> None:
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
               "model": "tiny" if args.tiny else "Llama-3-8B shape, random bf16 weights", "lora_r": 16,
               "base": "nf4 (double quantisation), bf16 compute" if args.nf4 else "bf16",
-              "micro_batch": f"{args.batch}x{args.seq}", "gradient_checkpointing": True, "cases": [one, two, fsdp]}
+              "micro_batch": f"{args.batch}x{args.seq}", "gradient_checkpointing": args.checkpointing,
+              "cases": [one, two, fsdp]}
     if "tokens_per_s" in one and "tokens_per_s" in two:
         report["scaling_efficiency"] = round(two["tokens_per_s"] / (args.gpus * one["tokens_per_s"]), 3)
     if one.get("peak_gib_per_gpu") and fsdp.get("peak_gib_per_gpu"):

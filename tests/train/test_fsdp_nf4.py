@@ -81,13 +81,13 @@ def worker(cfg_file: str, report: str, storage: str, resume: bool) -> None:
         full = packed[key]
         chunk = -(-full.numel() // int(os.environ.get("WORLD_SIZE", "1")))
         mine = full[rank * chunk:(rank + 1) * chunk]
-        shards[key] = {"local": local.numel(), "full": full.numel(), "dtype": str(local.dtype),
+        shards[key] = {"local": local.numel() * local.element_size(), "full": full.numel(), "dtype": str(local.dtype),
                        "bytes_match": bool(torch.equal(local.reshape(-1).view(torch.uint8), mine)),
                        "grad": p.grad is not None, "requires_grad": p.requires_grad}
     Path(f"{report}.{rank}").write_text(json.dumps({"shards": shards, "seen": seen, "summary": res.summary}))
 
 
-def _write_cfg(root: Path, tiny_model, data, name: str, **train) -> Path:
+def _write_cfg(root: Path, tiny_model, data, name: str, fast: str = "off", **train) -> Path:
     from conftest import tiny_config
 
     # grad_accum=3 over 2 processes: one rank runs a weightless repeat every step; a constant lr, so that a
@@ -95,7 +95,7 @@ def _write_cfg(root: Path, tiny_model, data, name: str, **train) -> Path:
     tree = tiny_config(tiny_model, data, root / name, grad_accum=3, lr_scheduler="constant", warmup_ratio=0.0,
                        num_threads=1, device="cpu", dist_timeout_s=60, eval_every=2, save_every=3, epochs=2,
                        distributed="fsdp", **train)
-    tree["model"] = {"quantization": "nf4", "fast_path": "off", "gradient_checkpointing": True}
+    tree["model"] = {"quantization": "nf4", "fast_path": fast, "gradient_checkpointing": True}
     path = root / f"{name}-{len(train)}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -120,7 +120,7 @@ def _check_rank(rep: dict, rank: int) -> None:
     for name, s in shards.items():
         # this rank holds its half of the packed NF4 bytes and nothing more, the original bytes, frozen
         assert s["full"] == SIZES[name.rsplit(".", 1)[-1]] // 2, name
-        assert s["local"] == s["full"] // 2 and s["dtype"] == "torch.uint8", (rank, name, s)
+        assert s["local"] == s["full"] // 2 and s["dtype"] == "torch.float32", (rank, name, s)
         assert s["bytes_match"] and not s["grad"] and not s["requires_grad"], (rank, name, s)
     # every forward (training, validation, the recomputation of checkpointed layers in backward) ran on the
     # gathered original bytes, with their quantisation state in place, as a frozen tensor
@@ -147,8 +147,8 @@ def test_prepared_nf4_linears_compute_as_before_whatever_tensor_holds_their_byte
         assert prepare_nf4_for_fsdp(base, "cpu") == 14 and prepare_nf4_for_fsdp(base, "cpu") == 14  # idempotent
         assert len(packed_nf4_parameters(base)) == 14
         for m, b in zip(linears, packed):
-            assert type(m.weight) is torch.nn.Parameter and m.weight.dtype == torch.uint8
-            assert torch.equal(m.weight.reshape(-1), b) and not m.weight.requires_grad
+            assert type(m.weight) is torch.nn.Parameter and m.weight.dtype == torch.float32
+            assert torch.equal(m.weight.reshape(-1).view(torch.uint8), b) and not m.weight.requires_grad
             assert getattr(m.weight, "quant_state", None) is None and hasattr(m, ATTR)
         assert torch.equal(base(ids).logits, ref)
         for m in linears:  # as FSDP2 does: another tensor of the same bytes in the parameter's place
@@ -218,6 +218,24 @@ def test_the_adapter_rank_0_saved_loads_back(runs, tiny_model):
             assert torch.equal(state[k.replace(".weight", ".default.weight")], v), k
         tuned = loaded(ids).logits
     assert torch.isfinite(tuned).all() and (tuned - plain).abs().max() > 1e-3  # the adapter is live
+
+
+def test_fsdp2_over_nf4_on_the_fast_path(tiny_model, tmp_path):
+    """The fast Llama path over a sharded NF4 base (FastLlama.attach_fsdp; the quantisation state kept aside
+    by shard_nf4): the one-process fast curve, each rank holding half of the original packed bytes."""
+    from conftest import chat_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    [one] = _launch(_write_cfg(tmp_path, tiny_model, data, "one", fast="on", max_steps=4), tmp_path / "rep-one", 1)
+    two = _launch(_write_cfg(tmp_path, tiny_model, data, "two", fast="on", max_steps=4), tmp_path / "rep-two", 2)
+    ref = metrics_rows(tmp_path / "one")
+    assert one["summary"]["fast_path"] and two[0]["summary"]["fast_path"]
+    assert len(ref) == 4 and ref[-1]["loss"] < ref[0]["loss"]
+    assert_same_curve(metrics_rows(tmp_path / "two"), ref)
+    for rep in two:
+        assert len(rep["shards"]) == 14 and rep["seen"] == {}  # the fast path never calls Linear4bit.forward
+        for name, s in rep["shards"].items():
+            assert s["local"] == s["full"] // 2 and s["bytes_match"] and not s["grad"], (name, s)
 
 
 if __name__ == "__main__":

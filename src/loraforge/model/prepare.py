@@ -10,11 +10,14 @@ from loraforge.model.fast import FastLlama, fast_engine
 
 
 def prepare_for_training(model, cfg: RunConfig, device: str, compute_dtype, *, base_path: str | None = None,
-                         fast_path: str | None = None, log=print) -> tuple[object, FastLlama | None]:
-    """(PEFT model, FastLlama or None). `fast_path` overrides cfg.model.fast_path (FSDP2 turns it off)."""
+                         fast_path: str | None = None, sharded: bool = False,
+                         log=print) -> tuple[object, FastLlama | None]:
+    """(PEFT model, FastLlama or None). `fast_path` overrides cfg.model.fast_path; `sharded`: FSDP2 will
+    shard the model (the trainer then attaches the FastLlama to FSDP2's groups)."""
     model = attach_adapter(model, cfg.lora, base_path)
     ckpt = cfg.model.gradient_checkpointing
-    fast = fast_engine(model, fast_path or cfg.model.fast_path, device, compute_dtype, ckpt, log=log)
+    fast = fast_engine(model, fast_path or cfg.model.fast_path, device, compute_dtype, ckpt, log=log,
+                       sharded=sharded)
     if ckpt and fast is None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -7,12 +7,15 @@ before fully_shard, `prepare_nf4_for_fsdp`:
 
 - keeps each Linear4bit's QuantState aside on the module, moved to the compute device and replicated on
   every rank (absmax is one byte per 64 weights with double quantisation: ~1/32 of the packed bytes);
-- replaces the Params4bit by a plain frozen parameter over the same packed bytes, viewed as uint8 (zero
-  copy, whatever quant_storage the model was loaded with): FSDP2 shards it on dim 0, never casts a
-  non-float parameter to its mixed-precision dtype, and moves it as bytes. A float storage (bf16, the
-  FSDP1 recipe) is not used: where every all-gather input of a group is bf16, FSDP2 copies them through
-  CUDA's `_foreach_copy_`, which goes through fp32 and rewrites the ~0.1% of packed bytes that happen to
-  spell a bf16 NaN (bitsandbytes issue #1945); as uint8 they are copied bit for bit on every device;
+- replaces the Params4bit by a plain frozen parameter over the same packed bytes, viewed as float32
+  (zero copy, whatever quant_storage the model was loaded with), which FSDP2 shards on dim 0. Why float32:
+  an integer parameter is refused by FSDP2 in torch 2.11 (it creates every sharded parameter with
+  requires_grad=True: "only Tensors of floating point dtype can require gradients", seen on the H100
+  machine); a 16-bit one is not copied bit for bit: where every all-gather input of a group is bf16,
+  FSDP2 copies them with CUDA's `_foreach_copy_`, which computes in fp32 and canonicalises the ~0.1% of
+  packed bytes that spell a bf16 NaN (bitsandbytes issue #1945). float32 is its own compute type, so
+  every copy FSDP2 makes of it is a plain move (a group mixing dtypes is even gathered as uint8 bytes).
+  The trainer gives NF4 runs a mixed-precision policy that casts nothing (train.distributed.wrap);
 - registers a forward pre-hook on each Linear4bit that puts the saved QuantState on whatever weight tensor
   is in place when it runs: after FSDP2's pre-forward all-gather of the enclosing layer, that is the
   unsharded parameter (FSDP2 keeps that object across steps and refills its storage, but the hook is
@@ -47,10 +50,11 @@ def _reattach(module, args):
     qs = getattr(module, ATTR)
     weight = module.weight
     if getattr(weight, "quant_state", None) is not qs:
-        if weight.is_floating_point():  # a torch whose FSDP2 casts every parameter to its compute dtype
+        if weight.dtype != torch.float32:  # something cast the parameter (a mixed-precision policy)
             raise LoraforgeError(f"FSDP2 turned the packed NF4 bytes into {weight.dtype} numbers (torch "
                                  f"{torch.__version__})",
-                                 hint="use a newer torch, or train.distributed=ddp for QLoRA")
+                                 hint="shard NF4 with a MixedPrecisionPolicy that casts nothing, or use "
+                                      "train.distributed=ddp for QLoRA")
         weight.quant_state = qs
 
 
@@ -68,7 +72,11 @@ def prepare_nf4_for_fsdp(model, device) -> int:
         qs = weight.quant_state
         if getattr(qs, "packing_format_for_cpu", False):
             raise RuntimeError(f"{name}: NF4 weight was repacked for CPU inference before sharding")
-        packed = weight.data.contiguous().reshape(-1).view(torch.uint8).reshape(-1, 1)
+        packed = weight.data.contiguous().reshape(-1).view(torch.uint8)
+        if packed.numel() % 4:
+            raise LoraforgeError(f"{name}: {packed.numel()} packed NF4 bytes are not whole float32 words",
+                                 hint="use train.distributed=ddp for this model")
+        packed = packed.view(torch.float32).reshape(-1, 1)
         qs.to(device)
         setattr(module, ATTR, qs)
         module.weight = torch.nn.Parameter(packed, requires_grad=False)

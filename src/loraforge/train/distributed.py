@@ -230,8 +230,9 @@ def wrap(step_module: torch.nn.Module, ctx: DistContext, device: str) -> torch.n
     FSDP2 shards every decoder layer, the embedding and the head (each its own group unless tied), then
     the rest (final norm, a tied embedding/head) as the root group; it
     replaces parameters in place, so the optimizer must be built after this call. An NF4 (QLoRA) base is
-    sharded too: its packed bytes as frozen uint8 parameters, its quantisation state replicated and put
-    back on the gathered weight before each forward (loraforge.model.shard_nf4)."""
+    sharded too: its packed bytes as frozen parameters (viewed as float32), its quantisation state replicated and put
+    back on the gathered weight before each forward (loraforge.model.shard_nf4). The fast Llama path
+    (a FastLlama built with sharded=True) is attached to the groups: it runs each layer through them."""
     import torch
 
     if not ctx.enabled:
@@ -244,22 +245,20 @@ def wrap(step_module: torch.nn.Module, ctx: DistContext, device: str) -> torch.n
 
         mesh = init_device_mesh(device, (ctx.world,))
         nf4 = prepare_nf4_for_fsdp(step_module, torch.device(device, ctx.local_rank) if device == "cuda" else device)
-        # packed NF4 bytes (uint8) are never cast: only the float parameters set the compute dtype
         dtypes = {p.dtype for p in step_module.parameters() if p.is_floating_point()}
         low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
-        # LoRA weights are often fp32 beside a bf16 base: compute in the base's dtype, reduce in fp32
-        policy = MixedPrecisionPolicy(param_dtype=low[0], reduce_dtype=torch.float32) if low and len(dtypes) > 1 \
-            else MixedPrecisionPolicy()
-        try:
-            for layer in decoder_layers(step_module) + edge_modules(step_module):
-                fully_shard(layer, mesh=mesh, mp_policy=policy)
-            fully_shard(step_module, mesh=mesh, mp_policy=policy)
-        except RuntimeError as e:  # an FSDP2 that makes every sharded parameter require grad (integers cannot)
-            if not nf4 or "floating point" not in str(e):
-                raise
-            raise LoraforgeError(f"this torch ({torch.__version__}) cannot shard an NF4 base with FSDP2: "
-                                 f"{str(e).splitlines()[0]}", hint="use a newer torch, or train.distributed=ddp "
-                                                                   "for QLoRA") from None
+        # LoRA weights are often fp32 beside a bf16 base: compute in the base's dtype, reduce in fp32. Not
+        # over NF4: its packed bytes (held as fp32 numbers) must never be cast, so nothing is
+        policy = MixedPrecisionPolicy(param_dtype=low[0], reduce_dtype=torch.float32) \
+            if low and len(dtypes) > 1 and not nf4 else MixedPrecisionPolicy()
+        for layer in decoder_layers(step_module) + edge_modules(step_module):
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(step_module, mesh=mesh, mp_policy=policy)
+        fast = getattr(step_module, "parts", None)
+        if getattr(fast, "sharded", False):  # the fast Llama path runs each layer through FSDP2's hooks
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            fast.attach_fsdp(register_fsdp_forward_method)
         return step_module
     from torch.nn.parallel import DistributedDataParallel
 

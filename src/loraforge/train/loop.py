@@ -95,7 +95,7 @@ class StepModule(torch.nn.Module):
 def prepare_model(model, dist: D.DistContext, device: str, fast=None) -> torch.nn.Module:
     """The module train_loop runs: StepModule, wrapped in DDP or sharded by FSDP2 under torchrun.
     Build the optimizer after this call (FSDP2 replaces the parameters)."""
-    return D.wrap(StepModule(model, None if dist.enabled and dist.mode == "fsdp" else fast), dist, device)
+    return D.wrap(StepModule(model, fast), dist, device)
 
 
 @torch.no_grad()

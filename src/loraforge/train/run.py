@@ -166,9 +166,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     train_items = rows
     torch.manual_seed(cfg.seed)
     compute_dtype = amp_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
-    fast_path = "off" if dist.enabled and dist.mode == "fsdp" else None  # FSDP2 hooks module calls
-    model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path, fast_path=fast_path,
-                                       log=console.print)
+    model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path,
+                                       sharded=dist.enabled and dist.mode == "fsdp", log=console.print)
     step_module = prepare_model(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, cfg, device)
@@ -212,7 +211,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "best_step": result.state.best_step, "train_seconds": round(result.seconds, 2),
                "tokens_seen": result.state.tokens_seen, "device": device,
                "precision": "bf16" if amp_dtype else "fp32", "trainable_parameters": n_trainable,
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
+               "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
     dist.barrier()

@@ -11,9 +11,16 @@ Batches must be right-padded (loraforge's collate does that): with causal attent
 never sees a pad on its right, so no attention mask is needed and the result equals the masked one.
 Packed rows carry segment ids; their attention is block-diagonal: torch's varlen flash attention on
 CUDA (no work on the masked blocks), an SDPA boolean mask elsewhere.
+
+Under FSDP2 (`sharded=True`) each decoder layer and an untied head run through a method registered on
+their module with torch's `register_fsdp_forward_method` (see `attach_fsdp`), so FSDP2 gathers their
+parameters before the fast code runs and reduces the adapter's gradients after its backward, exactly as
+for the module's own forward; the projections then read their tensors from the modules at every call.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -46,13 +53,13 @@ def why_not_fast(model) -> str | None:
 
 
 class _Layer:
-    def __init__(self, layer, dtype, buffers):
+    def __init__(self, layer, dtype, buffers, live=False):
         at, mlp = layer.self_attn, layer.mlp
-        self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, buffers)
-        self.o = Projections([at.o_proj], dtype, buffers)
+        self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, buffers, live)
+        self.o = Projections([at.o_proj], dtype, buffers, live)
         # gate and up as one GEMM whose [gate | up] output the SwiGLU kernel reads in place
-        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], dtype, buffers)
-        self.down = Projections([mlp.down_proj], dtype, buffers)
+        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], dtype, buffers, live)
+        self.down = Projections([mlp.down_proj], dtype, buffers, live)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(at, "q_norm", None), getattr(at, "k_norm", None)
         self.head_dim = at.head_dim
@@ -94,7 +101,7 @@ class _Layer:
 class FastLlama:
     """Training/validation loss of a PEFT Llama-family model through the fast forward."""
 
-    def __init__(self, model, *, dtype: torch.dtype, checkpointing: bool | str = True):
+    def __init__(self, model, *, dtype: torch.dtype, checkpointing: bool | str = True, sharded: bool = False):
         reason = why_not_fast(model)
         if reason:
             raise ValueError(reason)
@@ -107,7 +114,10 @@ class FastLlama:
         # projection (a group above it is rebuilt one projection at a time, see lora.FrozenGroup.split)
         self.buffers: dict = {"largest": max(m.in_features * m.out_features for m in self.decoder.layers.modules()
                                              if hasattr(m, "in_features") and not hasattr(m, "base_layer"))}
-        self.layers = [_Layer(layer, dtype, self.buffers) for layer in self.decoder.layers]
+        self.layers = [_Layer(layer, dtype, self.buffers, live=sharded) for layer in self.decoder.layers]
+        self.sharded = sharded
+        self.entries: list = []     # FSDP2: each layer's registered method (attach_fsdp)
+        self.head_entry = None
         self.checkpointing = bool(checkpointing)
         self.pool = PinnedPool() if checkpointing == "offload" else None
         self.keep_rng = any(getattr(d, "p", 0) > 0 for layer in self.layers
@@ -125,16 +135,39 @@ class FastLlama:
                 torch.arange(input_ids.shape[1], device=dev)[None].expand(input_ids.shape[0], -1)
             cos, sin = self.decoder.rotary_emb(h, pos)
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
-            grad = torch.is_grad_enabled() and self.model.training
-            if grad and self.checkpointing:
+            self._recompute = torch.is_grad_enabled() and self.model.training and self.checkpointing
+            if self._recompute:
                 h = h.detach().requires_grad_(True)  # so that backward enters the first recomputed layer
-            for i, layer in enumerate(self.layers):
-                if grad and self.checkpointing:
-                    h = recompute(layer, h, cos, sin, packed, key=i, pool=self.pool, keep_rng=self.keep_rng)
-                else:
-                    h = layer(h, cos, sin, packed)
+            for i in range(len(self.layers)):
+                h = self.entries[i](h, cos, sin, packed) if self.entries else self._layer(i, h, cos, sin, packed)
             norm = self.decoder.norm
             return rms_norm(h, norm.weight, norm.variance_epsilon)
+
+    def _layer(self, i: int, h, cos, sin, packed):
+        layer = self.layers[i]
+        if self._recompute:
+            return recompute(layer, h, cos, sin, packed, key=i, pool=self.pool, keep_rng=self.keep_rng)
+        return layer(h, cos, sin, packed)
+
+    def _head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            return linear_cross_entropy_sum(h, self.head.weight, labels)
+
+    def attach_fsdp(self, register) -> None:
+        """After FSDP2's fully_shard: run each decoder layer (and an untied head) through a method of its
+        module that `register` (torch.distributed.fsdp.register_fsdp_forward_method) wraps in FSDP2's
+        pre/post-forward hooks: the gathered weights are in place while the fast code runs, and in backward
+        (the recomputation included) FSDP2 gathers again before and reduce-scatters the gradients after."""
+        if not self.sharded:
+            raise ValueError("attach_fsdp needs a FastLlama built with sharded=True")
+        self.entries = []
+        for i, module in enumerate(self.decoder.layers):
+            module.loraforge_fast = functools.partial(self._layer, i)
+            register(module, "loraforge_fast")
+            self.entries.append(module.loraforge_fast)
+        self.head.loraforge_fast = self._head_loss
+        register(self.head, "loraforge_fast")   # no-op unless the head is a group of its own (untied)
+        self.head_entry = self.head.loraforge_fast
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the batch's loss tokens, and their count (as train.loop.loss_sum)."""
@@ -145,5 +178,4 @@ class FastLlama:
         idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
-        with torch.autocast(h.device.type, enabled=False):
-            return linear_cross_entropy_sum(h, self.head.weight, labels.flatten().index_select(0, idx)), len(idx)
+        return (self.head_entry or self._head_loss)(h, labels.flatten().index_select(0, idx)), len(idx)

@@ -11,32 +11,49 @@ autograd nodes, casts and saved tensors, and (for QLoRA) go through bitsandbytes
     the output instead of two;
   - A and B stay PEFT's fp32 parameters (adapters save and load as PEFT's); they are cast inside and
     their gradients returned in fp32, without extra autograd nodes.
+Under FSDP2 (`live=True`) every tensor is read from its module at each call (FSDP2 puts the gathered
+parameter in place before a layer runs and its shard back after), and weights are never fused into
+storage of our own.
 """
 
 from __future__ import annotations
 
 import torch
 
+from loraforge.model.shard_nf4 import ATTR as NF4_STATE
+
+
+def quant_state(layer):
+    """The bitsandbytes QuantState of an NF4 linear: on its weight, or kept aside by model.shard_nf4 (FSDP2)."""
+    return getattr(layer.weight, "quant_state", None) or getattr(layer, NF4_STATE, None)
+
 
 class FrozenGroup:
     """The frozen base weights (and biases) of projections sharing one input, as one (sum out, in) matrix."""
 
-    def __init__(self, layers: list, dtype: torch.dtype, buffers: dict):
+    def __init__(self, layers: list, dtype: torch.dtype, buffers: dict, live: bool = False):
         self.layers = layers
         self.dtype = dtype
         self.buffers = buffers
+        self.live = live
         self.outs = [lyr.out_features for lyr in layers]
         self.in_features = layers[0].in_features
-        self.quantized = getattr(layers[0].weight, "quant_state", None) is not None
+        self.quantized = quant_state(layers[0]) is not None
         self.stacked = None   # (forward pass number, A stacked, s B block-diagonal): see _stack
-        biases = [lyr.bias for lyr in layers]
+        self.fused = None
+        self.has_bias = any(lyr.bias is not None for lyr in layers)
         self.bias = None
-        if any(b is not None for b in biases):
-            self.bias = torch.cat([b.detach().to(dtype) if b is not None else
-                                   torch.zeros(o, dtype=dtype, device=layers[0].weight.device)
-                                   for b, o in zip(biases, self.outs)])
-        if not self.quantized and len(layers) > 1:
+        self.refresh()
+        if not self.quantized and len(layers) > 1 and not live:
             self._fuse_storage()
+
+    def refresh(self) -> None:
+        """Read the biases again (FSDP2 swaps the tensors between calls); once, unless `live`."""
+        if self.has_bias and (self.live or self.bias is None):
+            dev = self.layers[0].weight.device
+            self.bias = torch.cat([lyr.bias.detach().to(self.dtype) if lyr.bias is not None else
+                                   torch.zeros(o, dtype=self.dtype, device=dev)
+                                   for lyr, o in zip(self.layers, self.outs)])
 
     def _fuse_storage(self) -> None:
         """16-bit base: move the group's weights into one tensor once (each layer's weight becomes a view
@@ -52,7 +69,10 @@ class FrozenGroup:
     def get(self) -> torch.Tensor:
         """The group's (sum out, in) weight in the compute dtype (NF4: rebuilt into the shared buffer)."""
         if not self.quantized:
-            w = self.fused if len(self.layers) > 1 else self.layers[0].weight
+            if len(self.layers) == 1:
+                w = self.layers[0].weight
+            else:   # unfused (FSDP2): one concatenated copy per use
+                w = self.fused if self.fused is not None else torch.cat([lyr.weight for lyr in self.layers])
             return w if w.dtype == self.dtype else w.to(self.dtype)
         return self._rebuild(range(len(self.layers)))
 
@@ -61,7 +81,8 @@ class FrozenGroup:
 
         layers = [self.layers[i] for i in members]
         shape = (sum(lyr.out_features for lyr in layers), self.in_features)
-        qdtype = layers[0].weight.quant_state.dtype
+        states = [quant_state(lyr) for lyr in layers]
+        qdtype = states[0].dtype
         # one flat buffer shared by every projection of the model (each use is over, in stream order,
         # before the next rebuild writes it)
         flat = self.buffers.get(qdtype)
@@ -70,12 +91,12 @@ class FrozenGroup:
                                                       device=layers[0].weight.device)
         buf = flat[:shape[0] * shape[1]].view(shape)
         start = 0
-        for lyr in layers:
+        for lyr, qs in zip(layers, states):
             rows = buf[start:start + lyr.out_features]
             if rows.is_cuda:
-                bnbf.dequantize_4bit(lyr.weight, lyr.weight.quant_state, out=rows)
+                bnbf.dequantize_4bit(lyr.weight, qs, out=rows)
             else:  # bitsandbytes' CPU backend has no out= variant (tests run NF4 on CPU)
-                rows.copy_(bnbf.dequantize_4bit(lyr.weight, lyr.weight.quant_state))
+                rows.copy_(bnbf.dequantize_4bit(lyr.weight, qs))
             start += lyr.out_features
         return buf if buf.dtype == self.dtype else buf.to(self.dtype)
 
@@ -193,8 +214,9 @@ class Projections:
     """One or more PEFT LoRA/DoRA layers (or plain frozen linears) that read the same input, run through
     LoraGroupFn. Call it with x; it returns the outputs, split per projection."""
 
-    def __init__(self, modules: list, dtype: torch.dtype, buffers: dict):
+    def __init__(self, modules: list, dtype: torch.dtype, buffers: dict, live: bool = False):
         self.dtype = dtype
+        self.modules, self.live = modules, live
         bases = [getattr(m, "base_layer", m) for m in modules]
         self.adapters = [_adapter(m) for m in modules]
         self.magnitudes = [_magnitude(m, a) for m, a in zip(modules, self.adapters)]
@@ -205,18 +227,31 @@ class Projections:
         members = [[i] for i in range(len(modules))] if not groupable else [list(range(len(modules)))]
         self.parts = []
         for idx in members:
-            group = FrozenGroup([bases[i] for i in idx], dtype, buffers)
-            ab = [t for i in idx if self.adapters[i] for t in (modules[i].lora_A[self.adapters[i]].weight,
-                                                               modules[i].lora_B[self.adapters[i]].weight)]
+            group = FrozenGroup([bases[i] for i in idx], dtype, buffers, live=live)
             scales = [float(modules[i].scaling[self.adapters[i]]) for i in idx if self.adapters[i]]
-            self.parts.append((idx, group, ab, scales))
+            self.parts.append((idx, group, self._factors(idx), scales))
         self.outs = [b.out_features for b in bases]
         # one group with adapters covering every projection: its output can be taken whole
         self.joined = self._joined if len(self.parts) == 1 and self.parts[0][2] and \
             self.magnitudes[0] is None else None
 
+    def _factors(self, idx: list[int]) -> list:
+        """A_1, B_1, A_2, B_2... of the projections idx (the parameters as their modules hold them now)."""
+        return [t for i in idx if self.adapters[i] for t in (self.modules[i].lora_A[self.adapters[i]].weight,
+                                                             self.modules[i].lora_B[self.adapters[i]].weight)]
+
+    def reload(self) -> None:
+        """Read every parameter from its module again: under FSDP2 (`live`) before each call, since the
+        tensors in place differ between calls (shards outside a layer's forward/backward, gathered inside)."""
+        self.parts = [(idx, group, self._factors(idx), scales) for idx, group, _, scales in self.parts]
+        self.magnitudes = [_magnitude(m, a) for m, a in zip(self.modules, self.adapters)]
+        for part in self.parts:
+            part[1].refresh()
+
     def _joined(self, x: torch.Tensor) -> torch.Tensor:
         """The group's outputs concatenated along the last dim (one tensor, no split)."""
+        if self.live:
+            self.reload()
         idx, group, ab, scales = self.parts[0]
         return LoraGroupFn.apply(x, self._dropped(idx, x), group, scales, False, *ab)
 
@@ -228,6 +263,8 @@ class Projections:
         return drop(x) if active else x
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.live:
+            self.reload()
         outs = []
         for idx, group, ab, scales in self.parts:
             if not ab:  # no adapter on this one: a frozen linear

@@ -1,0 +1,47 @@
+"""FSDP2 with the fast Llama path, on CPU with gloo: every decoder layer (and an untied head) runs the fast
+code through the method FastLlama.attach_fsdp registers with FSDP2, so two processes holding half the
+weights each follow the one-process curve of the same fast path: bf16-style grouped projections with
+recomputation, and an NF4 base (its packed bytes sharded)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import assert_same_curve, chat_rows, make_tiny_model, metrics_rows, tiny_config, write_jsonl
+from loraforge.config import build_config
+from loraforge.train.run import run_training
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _tree(model, data, out, lora: dict, checkpointing: bool, **train):
+    t = tiny_config(model, data, out, grad_accum=3, lr_scheduler="constant", warmup_ratio=0.0, num_threads=1,
+                    device="cpu", dist_timeout_s=60, eval_every=2, save_every=100, max_steps=4, **train)
+    t["lora"].update(lora)
+    t["model"] = {"fast_path": "on", "gradient_checkpointing": checkpointing}
+    return t
+
+
+@pytest.mark.parametrize("lora,checkpointing", [
+    ({"dropout": 0.0}, True),                      # q/k/v and gate/up as grouped projections, recomputed
+    ({"dropout": 0.1, "adapter": "dora"}, False),  # one projection at a time, DoRA magnitudes, no recompute
+], ids=["grouped-recompute", "dora-dropout"])
+def test_fsdp2_runs_the_fast_path_and_follows_its_one_process_curve(tmp_path, lora, checkpointing):
+    untied = make_tiny_model(tmp_path / "untied", tied=False)   # the head is an FSDP2 group of its own
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    one = run_training(build_config(_tree(untied, data, tmp_path / "one", lora, checkpointing)))
+    assert one.summary["fast_path"] is True
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(untied, data, tmp_path / "two", lora, checkpointing, distributed="fsdp")))
+    res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg), "--gpus", "2"], env=ENV,
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "(fast Llama path)" in res.stderr
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["fast_path"] is True
+    ref = metrics_rows(tmp_path / "one")
+    assert len(ref) == 4 and ref[-1]["loss"] < ref[0]["loss"]
+    assert_same_curve(metrics_rows(tmp_path / "two"), ref)
