@@ -3,12 +3,15 @@
     python bench/multi_gpu.py --out DIR                      # on a 2-GPU machine (launches torchrun itself)
     python bench/multi_gpu.py --out DIR --device cpu --tiny  # smoke test: 2 CPU processes, gloo, a tiny model
     python bench/multi_gpu.py --out DIR --nf4                # the same three cases over an NF4 base (QLoRA)
+    python bench/multi_gpu.py --out DIR --nf4 --shape 70b --cases ddp-1,fsdp-N --cap 0 --steps 4 --warmup 2
+                                                             # QLoRA of a shape too big for a small card
 
-The model is Llama-3-8B-shaped (32 layers, hidden 4096, GQA 32/8, vocab 128256) with random bf16 weights
-built from a config (no download); LoRA r=16 on every linear layer, micro-batch 2 x 2048 tokens, two
-micro-batches per GPU per optimizer step, gradient checkpointing (--checkpointing; by default each layer's
-input is offloaded to pinned CPU memory). Every case is a real `run_training` under torchrun (the trainer's
-own DDP/FSDP2 path), measured from its metrics.jsonl after warm-up steps:
+The model is Llama-3-8B-shaped (32 layers, hidden 4096, GQA 32/8, vocab 128256; --shape 70b: 80 layers, hidden
+8192, GQA 64/8) with random bf16 weights built from a config one layer at a time (no download); LoRA r=16
+on every linear layer, micro-batch 2 x 2048 tokens, two micro-batches per GPU per optimizer step, gradient
+checkpointing (--checkpointing; by default each layer's input is offloaded to pinned CPU memory). Every
+case is a real `run_training` under torchrun (the trainer's own DDP/FSDP2 path), measured from its
+metrics.jsonl after warm-up steps:
 
     ddp-1   one GPU                         tokens/s, peak memory (the single-GPU reference)
     ddp-2   two GPUs, DDP                   tokens/s  -> scaling efficiency = tok/s(2) / (2 x tok/s(1))
@@ -39,8 +42,13 @@ from pathlib import Path
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B, "tiny": TINY}
+NAMES = {"8b": "Llama-3-8B shape", "70b": "Llama-3-70B shape", "tiny": "tiny Llama"}
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + ' <|im_end|> ' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}")
 WORDS = [f"w{i}" for i in range(1000)]
@@ -72,40 +80,43 @@ def write_data(path: Path, n: int, seq: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def build_model(shape: dict, device: str):
-    """Random bf16 Llama built on the meta device and materialised on `device` (CPU for FSDP2: the
-    trainer's fully_shard moves each layer's shard to its GPU, so no GPU ever holds the whole model)."""
+def build_model(shape: dict, device: str, store_on: str, nf4: bool):
+    """Random bf16 Llama built on the meta device and materialised one decoder layer at a time on `device`
+    (the same seed per layer wherever it ends up, so every case trains the same weights), NF4-quantised
+    there with `nf4` (every decoder linear, double quantisation, as QLoRA does; the model is then marked as
+    transformers' bnb loader marks it, so PEFT wraps it with its bnb LoRA layer), and kept on `store_on`
+    (the CPU for FSDP2: the trainer's fully_shard moves each rank's shard to its GPU, so no GPU ever holds
+    the whole model). A 70B shape never exists whole in 16 bits anywhere."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from loraforge.model.quant import quantize_linears_
 
     cfg = LlamaConfig(**shape, pad_token_id=0, eos_token_id=2, bos_token_id=None)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
-    model = model.to_empty(device=device)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
-    with torch.device(device):  # its inverse frequencies are computed, not loaded: rebuild them for real
+    layers = model.model.layers
+    parts = [("layer", i, m) for i, m in enumerate(layers)] + \
+        [("top", 0, m) for m in (model.model.embed_tokens, model.model.norm, model.lm_head)]
+    for kind, i, module in parts:
+        module.to_empty(device=device, recurse=True)
+        torch.manual_seed(1000 * (kind == "top") + i)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.fill_(1.0) if name.endswith("norm.weight") or name == "weight" and p.dim() == 1 else \
+                    p.normal_(0.0, 0.02)
+        if nf4 and kind == "layer":
+            quantize_linears_(module, device, store_on=store_on)
+        module.to(store_on)
+    with torch.device(store_on):  # its inverse frequencies are computed, not loaded: rebuild them for real
         model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
-    return model, cfg
-
-
-def quantize(model, cuda: bool, keep_on_cpu: bool):
-    """NF4 for every decoder linear (quantised on the GPU when there is one, the result kept in CPU memory
-    for FSDP2); marks the model as transformers' bnb loader does, so PEFT wraps it with its bnb LoRA layer.
-    Returns layer 0's q_proj and a copy of its packed bytes, for `nf4_bytes_kept`."""
-    import torch
-
-    from loraforge.model.quant import quantize_linears_
-
-    quantize_linears_(model, "cuda" if cuda else "cpu", store_on="cpu" if keep_on_cpu else None)
-    model.is_loaded_in_4bit = True
-    q = model.model.layers[0].self_attn.q_proj
-    return q, q.weight.data.reshape(-1).view(torch.uint8).cpu().clone()
+    if nf4:
+        model.is_loaded_in_4bit = True
+    q = layers[0].self_attn.q_proj
+    return model, (q, q.weight.data.reshape(-1).view(torch.uint8).cpu().clone()) if nf4 else None
 
 
 def nf4_bytes_kept(q, original, rank: int, world: int) -> bool:
@@ -138,9 +149,8 @@ def worker(args) -> None:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
     mode = args.worker.split("-")[0]
-    shape = TINY if args.tiny else LLAMA3_8B
-    model, _ = build_model(shape, "cpu" if (mode == "fsdp" or not cuda) else "cuda")
-    probe = quantize(model, cuda, keep_on_cpu=mode == "fsdp") if args.nf4 else None
+    device = "cuda" if cuda else "cpu"
+    model, probe = build_model(SHAPES[args.shape], device, "cpu" if mode == "fsdp" else device, args.nf4)
     tokenizer = load_tokenizer(str(out / "tokenizer"))
     tree = {"base_model": str(out / "tokenizer"), "output_dir": str(out / args.worker),
             "data": {"train": str(out / "data.jsonl"), "max_seq_length": args.seq, "train_on": "all",
@@ -179,7 +189,7 @@ def launch(args, case: str, n: int, cap_gib: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), __file__,
            "--worker", case, "--out", str(out), "--device", args.device, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch),
-           "--checkpointing", args.checkpointing, *(["--tiny"] if args.tiny else []), *(["--nf4"] if args.nf4 else []),
+           "--checkpointing", args.checkpointing, "--shape", args.shape, *(["--nf4"] if args.nf4 else []),
            *(["--cap-gib", str(cap_gib)] if cap_gib else [])]
     for stale in [out / f"{case}.json", *(out / f"{case}.peak{r}" for r in range(n))]:
         stale.unlink(missing_ok=True)
@@ -201,7 +211,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="a 2-layer model, short rows (smoke test)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    ap.add_argument("--tiny", action="store_true", help="--shape tiny: a 2-layer model, short rows (smoke test)")
+    ap.add_argument("--cases", default="ddp-1,ddp-N,fsdp-N", help="which of the three cases to run")
     ap.add_argument("--nf4", action="store_true", help="QLoRA: an NF4 base in every case (bitsandbytes)")
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
@@ -215,6 +227,8 @@ def main() -> None:
     ap.add_argument("--cap-gib", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tiny:
+        args.shape = "tiny"
+    if args.shape == "tiny":
         args.seq = min(args.seq, 128)
     if args.worker:
         return worker(args)
@@ -223,15 +237,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     make_tokenizer(out / "tokenizer")
     write_data(out / "data.jsonl", n=max(64, 4 * args.gpus * args.batch * args.steps), seq=args.seq)
-    one = launch(args, "ddp-1", 1)
-    two = launch(args, f"ddp-{args.gpus}", args.gpus)
+    wanted = args.cases.split(",")
+    one = launch(args, "ddp-1", 1) if "ddp-1" in wanted else {}
+    two = launch(args, f"ddp-{args.gpus}", args.gpus) if "ddp-N" in wanted else {}
     cap = round(args.cap * one["peak_gib_per_gpu"][0], 2) if one.get("peak_gib_per_gpu") else None
-    fsdp = launch(args, f"fsdp-{args.gpus}", args.gpus, cap)
+    fsdp = launch(args, f"fsdp-{args.gpus}", args.gpus, cap) if "fsdp-N" in wanted else {}
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
-              "model": "tiny" if args.tiny else "Llama-3-8B shape, random bf16 weights", "lora_r": 16,
+              "model": f"{NAMES[args.shape]}, random bf16 weights", "lora_r": 16,
               "base": "nf4 (double quantisation), bf16 compute" if args.nf4 else "bf16",
               "micro_batch": f"{args.batch}x{args.seq}", "gradient_checkpointing": args.checkpointing,
-              "cases": [one, two, fsdp]}
+              "cases": [c for c in (one, two, fsdp) if c]}
     if "tokens_per_s" in one and "tokens_per_s" in two:
         report["scaling_efficiency"] = round(two["tokens_per_s"] / (args.gpus * one["tokens_per_s"]), 3)
     if one.get("peak_gib_per_gpu") and fsdp.get("peak_gib_per_gpu"):

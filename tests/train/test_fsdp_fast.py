@@ -40,7 +40,7 @@ def test_fsdp2_runs_the_fast_path_and_follows_its_one_process_curve(tmp_path, lo
     res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg), "--gpus", "2"], env=ENV,
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert "(fast Llama path)" in res.stderr
+    assert "(fast Llama path, embedding and head over their FSDP2 shards)" in res.stderr
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["fast_path"] is True
     ref = metrics_rows(tmp_path / "one")
     assert len(ref) == 4 and ref[-1]["loss"] < ref[0]["loss"]

@@ -84,14 +84,16 @@ DDP_GRAD_COPIES = 2
 # FSDP2 (torch.distributed.fsdp.fully_shard per decoder layer + the root) keeps 1/N of every weight, gradient
 # and optimizer state per GPU; it all-gathers a layer's weights for its forward/backward and prefetches the
 # next one (2 layers unsharded at a time). An untied embedding and lm_head are groups of their own
-# (train.distributed.edge_modules): one of them is gathered at a time, while in use; a tied pair stays in
-# the root group with the final norm, unsharded between forward and backward (the root does not reshard).
+# (train.distributed.edge_modules): one of them is gathered at a time, while in use (the fast path never
+# gathers them: model.fast.vocab_parallel); a tied pair stays in the root group with the final norm,
+# unsharded between forward and backward (the root does not reshard).
 FSDP_GATHERED_LAYERS = 2
 # Each all-gather lands in a staging buffer of the group's full size and is then copied into the unsharded
 # parameters, so the largest group briefly exists twice (torch's _fsdp_collectives: all_gather_output, then
 # split_with_sizes_copy): one more full copy of the largest group (the vocab x hidden head of an untied
-# model). Measured on 2 x H200 (bench/results/multi_gpu/): Llama-3.1-8B QLoRA, fast path, 2 x 2048, offloaded
-# checkpoints: 5.62 GiB allocated per GPU; 4.85 GiB planned without this copy, 5.83 with it.
+# model). Measured on 2 x H200 (bench/results/multi_gpu/): Llama-3.1-8B QLoRA, fast path still gathering the
+# head, 2 x 2048, offloaded checkpoints: 5.62 GiB allocated per GPU; 4.85 GiB planned without this copy, 5.83
+# with it.
 FSDP_STAGING_COPIES = 1
 
 
@@ -218,10 +220,15 @@ def _weight_bytes(shape: ModelShape, setup: TrainSetup) -> tuple[float, float]:
     if not setup.sharded:
         return weights, consts
     n = setup.gpus
-    root = other if shape.tied_embeddings else (shape.vocab * shape.hidden + shape.norm_params) * BF16
-    largest = max(shape.layer_linear_params * per_weight, shape.vocab * shape.hidden * BF16)
-    gathered = FSDP_GATHERED_LAYERS * shape.layer_linear_params * per_weight + root * (1 - 1 / n) \
-        + FSDP_STAGING_COPIES * largest
+    layer = shape.layer_linear_params * per_weight
+    if setup.fast and not shape.tied_embeddings:
+        # the fast path uses an untied embedding and head over their shards (model.fast.vocab_parallel):
+        # only decoder layers are ever gathered
+        root, largest = shape.norm_params * BF16, layer
+    else:
+        root = other if shape.tied_embeddings else (shape.vocab * shape.hidden + shape.norm_params) * BF16
+        largest = max(layer, shape.vocab * shape.hidden * BF16)
+    gathered = FSDP_GATHERED_LAYERS * layer + root * (1 - 1 / n) + FSDP_STAGING_COPIES * largest
     # NF4 quantisation constants are replicated, not sharded (model.shard_nf4 keeps each QuantState on every rank)
     return weights / n + gathered, consts
 

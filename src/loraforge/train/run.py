@@ -189,7 +189,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     n_trainable = sum(p.numel() for p in params)
     console.print(f"training {cfg.lora.adapter} r={cfg.lora.r}"
                   f"{' over an NF4 base' if cfg.model.quantization == 'nf4' else ''} on {device} "
-                  f"({'fast Llama path' if fast else 'PEFT forward'}) "
+                  f"({'fast Llama path' if fast else 'PEFT forward'}"
+                  f"{', embedding and head over their FSDP2 shards' if fast and fast.vocab_parallel else ''}) "
                   f"({'bf16' if amp_dtype else 'fp32'} compute): {n_trainable:,} trainable parameters, "
                   f"{len(train_items)} {'packed rows' if cfg.data.packing else 'examples'}, {total_steps} steps")
     result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items, cfg,

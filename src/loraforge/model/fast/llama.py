@@ -16,6 +16,7 @@ Under FSDP2 (`sharded=True`) each decoder layer and an untied head run through a
 their module with torch's `register_fsdp_forward_method` (see `attach_fsdp`), so FSDP2 gathers their
 parameters before the fast code runs and reduces the adapter's gradients after its backward, exactly as
 for the module's own forward; the projections then read their tensors from the modules at every call.
+An untied embedding and head are used over their shards (model.fast.vocab_parallel), never gathered.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
                                       rope_qkv, swiglu, swiglu_fused)
 from loraforge.model.fast.recompute import PinnedPool, recompute
+from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -117,7 +119,8 @@ class FastLlama:
         self.layers = [_Layer(layer, dtype, self.buffers, live=sharded) for layer in self.decoder.layers]
         self.sharded = sharded
         self.entries: list = []     # FSDP2: each layer's registered method (attach_fsdp)
-        self.head_entry = None
+        self.head_entry = self.embed_entry = None
+        self.vocab_parallel = False  # FSDP2: the untied embedding and head used over their shards
         self.checkpointing = bool(checkpointing)
         self.pool = PinnedPool() if checkpointing == "offload" else None
         self.keep_rng = any(getattr(d, "p", 0) > 0 for layer in self.layers
@@ -130,7 +133,7 @@ class FastLlama:
         self.buffers["pass"] = self.buffers.get("pass", 0) + 1   # the LoRA factors are cast once per pass
         packed = packed_attention(segment_ids) if segment_ids is not None else None
         with torch.autocast(dev.type, enabled=False):
-            h = self.decoder.embed_tokens(input_ids).to(self.dtype)
+            h = (self.embed_entry or self.decoder.embed_tokens)(input_ids).to(self.dtype)
             pos = position_ids if position_ids is not None else \
                 torch.arange(input_ids.shape[1], device=dev)[None].expand(input_ids.shape[0], -1)
             cos, sin = self.decoder.rotary_emb(h, pos)
@@ -165,9 +168,24 @@ class FastLlama:
             module.loraforge_fast = functools.partial(self._layer, i)
             register(module, "loraforge_fast")
             self.entries.append(module.loraforge_fast)
-        self.head.loraforge_fast = self._head_loss
-        register(self.head, "loraforge_fast")   # no-op unless the head is a group of its own (untied)
-        self.head_entry = self.head.loraforge_fast
+        from torch.distributed.fsdp import FSDPModule
+
+        emb, head = self.decoder.embed_tokens, self.head
+        # an untied embedding / head is a group of its own: used over its shards, never gathered whole (a tied
+        # pair lives in the root group, gathered for the whole forward and backward)
+        if isinstance(emb, FSDPModule) and is_row_sharded(emb.weight) and not emb.weight.requires_grad:
+            self.embed_entry = lambda ids: vocab_parallel_embedding(ids, emb.weight)
+        if isinstance(head, FSDPModule) and is_row_sharded(head.weight) and not head.weight.requires_grad:
+            self.head_entry = self._sharded_head_loss
+            self.vocab_parallel = True
+        else:
+            head.loraforge_fast = self._head_loss
+            register(head, "loraforge_fast")   # no-op unless the head is a group of its own
+            self.head_entry = head.loraforge_fast
+
+    def _sharded_head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            return vocab_parallel_ce_sum(h, self.head.weight, labels)
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the batch's loss tokens, and their count (as train.loop.loss_sum)."""
