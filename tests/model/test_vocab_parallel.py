@@ -1,7 +1,8 @@
 """Embedding lookup and cross-entropy over a row-sharded (FSDP2-layout) vocabulary, in two gloo processes:
 equal to the unsharded computation (values and the hidden states' gradient), with ranks holding different
 numbers of tokens, an odd vocabulary size (uneven shards), ignored labels, and different loss weights per
-rank (the trainer's weightless repeats). Each process runs this file as a worker under torchrun."""
+rank (the trainer's weightless repeats). Each process runs this file as a worker under torchrun (on CPU with
+gloo here; tests/gpu/test_multi_gpu.py runs the same worker on two GPUs with NCCL)."""
 
 import json
 import os
@@ -22,9 +23,13 @@ def worker(out: str) -> None:
 
     from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
 
-    dist.init_process_group("gloo")
+    device = os.environ.get("VP_DEVICE", "cpu")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (2,))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    torch.set_default_device(device)
+    mesh = init_device_mesh(device, (2,))
     torch.manual_seed(0)
     full = torch.randn(V, H, dtype=torch.float64)
     weight = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]), requires_grad=False)
@@ -51,7 +56,7 @@ def worker(out: str) -> None:
     dist.destroy_process_group()
 
 
-def _run(tmp_path, **env):
+def run_workers(tmp_path, **env):
     out = tmp_path / "rep"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(out)]
     res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **env), capture_output=True, text=True,
@@ -61,7 +66,7 @@ def _run(tmp_path, **env):
 
 
 def test_sharded_embedding_and_loss_equal_the_whole_vocabulary(tmp_path):
-    reps = _run(tmp_path)
+    reps = run_workers(tmp_path)
     assert [r["local_rows"] for r in reps] == [19, 18] and all(r["sharded"] for r in reps)
     for r in reps:
         assert r["emb_err"] == 0.0                      # one rank wrote each row: exact
@@ -70,7 +75,7 @@ def test_sharded_embedding_and_loss_equal_the_whole_vocabulary(tmp_path):
 
 
 def test_a_weightless_rank_gets_no_gradient_and_the_other_its_own(tmp_path):
-    reps = _run(tmp_path, ZERO_WEIGHT="1")
+    reps = run_workers(tmp_path, ZERO_WEIGHT="1")
     assert reps[1]["grad_norm"] == 0.0 and reps[1]["grad_err"] == 0.0
     assert reps[0]["grad_norm"] > 0.1 and reps[0]["grad_err"] < 1e-9
 
