@@ -45,3 +45,39 @@ def test_fsdp2_runs_the_fast_path_and_follows_its_one_process_curve(tmp_path, lo
     ref = metrics_rows(tmp_path / "one")
     assert len(ref) == 4 and ref[-1]["loss"] < ref[0]["loss"]
     assert_same_curve(metrics_rows(tmp_path / "two"), ref)
+
+
+def test_fsdp2_over_an_nf4_base_loaded_from_a_folder(tmp_path):
+    """The user's path: `loraforge train --gpus 2` with FSDP2 and quantization nf4 on a model folder. The
+    base is quantised one linear at a time into CPU memory (model.load.load_base store_on), the same NF4
+    bytes as quantising the loaded 16-bit model, then sharded; the run learns on the fast path."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.model.load import load_base
+    from loraforge.model.quant import quantize_linears_
+
+    untied = make_tiny_model(tmp_path / "untied", tied=False)
+    model, _, _ = load_base(str(untied), quantization="nf4", device="cpu", store_on="cpu")
+    ref = AutoModelForCausalLM.from_pretrained(untied, dtype=torch.bfloat16)
+    assert quantize_linears_(ref, "cpu") == 14
+    got = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    want = {n: m for n, m in ref.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert set(got) == set(want) and len(got) == 14 and model.is_loaded_in_4bit
+    for n in got:
+        assert torch.equal(got[n].weight.data.view(torch.uint8), want[n].weight.data.view(torch.uint8)), n
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in model.parameters())
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    tree = _tree(untied, data, tmp_path / "two", {"dropout": 0.0}, True, distributed="fsdp")
+    tree["model"]["quantization"] = "nf4"
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg), "--gpus", "2"], env=ENV,
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "over an NF4 base on cpu (fast Llama path, embedding and head over their FSDP2 shards)" in res.stderr
+    rows = metrics_rows(tmp_path / "two")
+    assert len(rows) == 4 and rows[-1]["loss"] < rows[0]["loss"]

@@ -124,9 +124,12 @@ def load_tokenizer(path: str):
 
 
 def load_base(name: str, *, dtype: str = "auto", device: str = "cpu", attn_implementation: str = "sdpa",
-              quantization: str = "none"):
+              quantization: str = "none", store_on: str | None = None):
     """(model, tokenizer, resolved path) with the base weights frozen, on `device`; quantization='nf4'
-    loads the linear layers as bitsandbytes NF4 (QLoRA; CUDA only)."""
+    loads the linear layers as bitsandbytes NF4 (QLoRA; CUDA only). With `store_on` (FSDP2: "cpu") an NF4
+    base is instead read in 16 bits into CPU memory and quantised by loraforge one linear at a time on
+    `device` (the CPU too), the result kept on `store_on`: no GPU ever holds the whole model, which FSDP2
+    then shards (transformers' own loader would put all of it on each process's GPU first)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -136,11 +139,13 @@ def load_base(name: str, *, dtype: str = "auto", device: str = "cpu", attn_imple
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     extra = {}
+    layerwise = quantization == "nf4" and store_on is not None
     if quantization == "nf4":
         from loraforge.model.quant import bnb_config, require_bitsandbytes
 
-        require_bitsandbytes(device)
-        extra = dict(quantization_config=bnb_config(), device_map={"": torch.cuda.current_device()})
+        require_bitsandbytes(device, cpu_ok=layerwise)
+        if not layerwise:
+            extra = dict(quantization_config=bnb_config(), device_map={"": torch.cuda.current_device()})
         dtype = "bfloat16"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
@@ -150,6 +155,12 @@ def load_base(name: str, *, dtype: str = "auto", device: str = "cpu", attn_imple
                              hint="no model hub is reachable here: use a local folder, a .gguf file "
                                   f"or '{EMBEDDED_MODEL}'") from None
     model.requires_grad_(False)
-    if not extra:
+    if layerwise:
+        from loraforge.model.quant import quantize_linears_
+
+        quantize_linears_(model, device, store_on=store_on)
+        model.is_loaded_in_4bit = True   # as transformers' bnb loader marks it: PEFT wraps with its bnb LoRA layer
+        model.to(store_on)
+    elif not extra:
         model.to(device)
     return model, load_tokenizer(path), path

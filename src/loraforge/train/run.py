@@ -142,11 +142,14 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     amp_dtype = resolve_precision(cfg.train.precision, device)
     autocast = (lambda: torch.autocast(device, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    # FSDP2 loads the base in CPU memory: sharding moves each layer's shard to its GPU, no GPU holds it all
-    load_on = "cpu" if dist.enabled and dist.mode == "fsdp" and cfg.model.quantization == "none" else device
+    # FSDP2 loads the base in CPU memory (an NF4 base quantised one linear at a time on the GPU): sharding
+    # then moves each layer's shard to its GPU, no GPU holds it all
+    fsdp = dist.enabled and dist.mode == "fsdp"
+    load_on = "cpu" if fsdp and cfg.model.quantization == "none" else device
     model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=cfg.model.dtype, device=load_on,
                                                     attn_implementation=cfg.model.attn_implementation,
-                                                    quantization=cfg.model.quantization)
+                                                    quantization=cfg.model.quantization,
+                                                    store_on="cpu" if fsdp else None)
     train_items, val_items, data_report = load_data(cfg, tokenizer)
     rows = train_items
     if cfg.data.packing:  # best-fit rows of max_seq_length; each example attends only to itself
