@@ -98,10 +98,9 @@ class _VocabParallelCE(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = torch.zeros(total, hidden.shape[1], device=hidden.device, dtype=acc)
             for s in range(0, total if rows else 0, chunk):
-                logits = (every_h[s:s + chunk] @ local.t()).to(acc)
-                p = torch.exp(logits - lse[s:s + chunk, None])
-                p.scatter_add_(1, rel[s:s + chunk], -hit[s:s + chunk, None].to(acc))
-                p *= valid[s:s + chunk, None]
+                p = (every_h[s:s + chunk] @ local.t()).to(acc).sub_(lse[s:s + chunk, None]).exp_()   # softmax
+                p.scatter_add_(1, rel[s:s + chunk], -hit[s:s + chunk, None].to(acc))                # - one-hot
+                p.mul_(valid[s:s + chunk, None])
                 grad[s:s + chunk] = (p.to(local.dtype) @ local).to(acc)
             own = grad.new_empty(n_max, hidden.shape[1])
             dist.reduce_scatter_tensor(own, grad, group=group)
@@ -114,8 +113,11 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad * g.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def vocab_parallel_ce_sum(hidden: torch.Tensor, weight, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def vocab_parallel_ce_sum(hidden: torch.Tensor, weight, labels: torch.Tensor,
+                          chunk: int | None = None) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, labels_i) over this rank's rows `hidden` (N, H), with `weight` a frozen
-    row-sharded (vocab, H) head; differentiable in `hidden`."""
+    row-sharded (vocab, H) head; differentiable in `hidden`. `chunk` tokens' logits at a time: by default as
+    many as keep one chunk's logits at 2^25 numbers (128 MiB in fp32; ~1/4 of a GiB with its bf16 product)."""
     local, row0, group, world, rank = _shard(weight)
+    chunk = chunk or max(1, (1 << 25) // max(local.shape[0], 1))
     return _VocabParallelCE.apply(hidden, labels, local.to(hidden.dtype), row0, group, world, rank, chunk)
