@@ -42,11 +42,13 @@ def _shard(weight):
     return weight.to_local(), rank * per_rank, group, world, rank
 
 
-def _padded_gather(x: torch.Tensor, group, world: int, fill) -> tuple[torch.Tensor, int]:
-    """All ranks' `x` (rows padded to the longest rank's count with `fill`), and that count."""
-    n = torch.tensor([x.shape[0]], device=x.device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
-    n_max = int(n.item())
+def _padded_gather(x: torch.Tensor, group, world: int, fill, n_max: int | None = None) -> tuple[torch.Tensor, int]:
+    """All ranks' `x` (rows padded to the longest rank's count with `fill`), and that count (found with one
+    all-reduce and a host sync unless given)."""
+    if n_max is None:
+        n = torch.tensor([x.shape[0]], device=x.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+        n_max = int(n.item())
     if x.shape[0] < n_max:
         pad = x.new_full((n_max - x.shape[0], *x.shape[1:]), fill)
         x = torch.cat([x, pad])
@@ -75,7 +77,7 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, hidden, labels, local, row0, group, world, rank, chunk):
         n = hidden.shape[0]
         every_h, n_max = _padded_gather(hidden, group, world, 0)
-        every_y, _ = _padded_gather(labels, group, world, IGNORE_INDEX)
+        every_y, _ = _padded_gather(labels, group, world, IGNORE_INDEX, n_max)
         rows = local.shape[0]
         rel = (every_y - row0).clamp(0, max(rows - 1, 0)).unsqueeze(1)
         hit = (every_y >= row0) & (every_y < row0 + rows)
