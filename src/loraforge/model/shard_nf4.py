@@ -10,7 +10,7 @@ before fully_shard, `prepare_nf4_for_fsdp`:
 - replaces the Params4bit by a plain frozen parameter over the same packed bytes, viewed as float32
   (zero copy, whatever quant_storage the model was loaded with), which FSDP2 shards on dim 0. Why float32:
   an integer parameter is refused by FSDP2 in torch 2.11 (it creates every sharded parameter with
-  requires_grad=True: "only Tensors of floating point dtype can require gradients", seen on the H100
+  requires_grad=True: "only Tensors of floating point dtype can require gradients", seen on the 2 x H200
   machine); a 16-bit one is not copied bit for bit: where every all-gather input of a group is bf16,
   FSDP2 copies them with CUDA's `_foreach_copy_`, which computes in fp32 and canonicalises the ~0.1% of
   packed bytes that spell a bf16 NaN (bitsandbytes issue #1945). float32 is its own compute type, so
@@ -19,7 +19,8 @@ before fully_shard, `prepare_nf4_for_fsdp`:
 - registers a forward pre-hook on each Linear4bit that puts the saved QuantState on whatever weight tensor
   is in place when it runs: after FSDP2's pre-forward all-gather of the enclosing layer, that is the
   unsharded parameter (FSDP2 keeps that object across steps and refills its storage, but the hook is
-  cheap and also fires for the recomputation of a checkpointed layer in backward).
+  cheap and also fires for the recomputation of a checkpointed layer in backward). The fast Llama path,
+  which never calls Linear4bit.forward, reads the QuantState kept aside directly (model.fast.lora.quant_state).
 
 The packed weights stay frozen (no gradient, no optimizer state); bitsandbytes' CPU inference repacking
 (which rewrites weight.data in place in eval mode) is turned off on these modules, as FSDP2 owns that storage.
