@@ -12,8 +12,8 @@ Megatron-LM's tensor parallel loss, here across the data-parallel ranks):
   so the sum is exact);
 - loss: every rank gathers all ranks' hidden states and labels, computes the logits of its vocabulary
   slice in chunks, and the log-sum-exp and the target logit of each token are combined across ranks; the
-  gradient of the hidden states is computed in the same call (a second pass over the chunks, once the
-  global log-sum-exp is known) and reduce-scattered to the token owners, so backward only scales it.
+  gradient of the hidden states is computed in the same pass over the chunks (the slice's softmax, rescaled
+  once the global log-sum-exp is known) and reduce-scattered to the token owners, so backward only scales it.
 
 Both weights are frozen here (LoRA does not train them); every rank must call these the same number of
 times (the trainer's micro-batch schedule guarantees it).
@@ -85,25 +85,30 @@ class _VocabParallelCE(torch.autograd.Function):
         acc = torch.promote_types(hidden.dtype, torch.float32)   # fp32 sums for 16-bit inputs
         lse = torch.full((total,), float("-inf"), device=hidden.device, dtype=acc)
         target = torch.zeros(total, device=hidden.device, dtype=acc)
+        want_grad = ctx.needs_input_grad[0]
+        # with the gradient: softmax over this rank's slice times its rows, rescaled below once the
+        # log-sum-exp over the whole vocabulary is known (one pass over the logits, not two)
+        grad = torch.zeros(total, hidden.shape[1], device=hidden.device, dtype=acc) if want_grad else None
         for s in range(0, total if rows else 0, chunk):
             logits = (every_h[s:s + chunk] @ local.t()).to(acc)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=1)
             target[s:s + chunk] = torch.where(hit[s:s + chunk], logits.gather(1, rel[s:s + chunk]).squeeze(1), 0.0)
+            if want_grad:
+                p = logits.sub_(lse[s:s + chunk, None]).exp_()
+                grad[s:s + chunk] = (p.to(local.dtype) @ local).to(acc)
         lses = lse.new_empty(world * total)
         dist.all_gather_into_tensor(lses, lse, group=group)
-        lse = torch.logsumexp(lses.view(world, total), dim=0)       # over the whole vocabulary
+        whole = torch.logsumexp(lses.view(world, total), dim=0)     # over the whole vocabulary
         dist.all_reduce(target, group=group)                          # each label's logit, from its owner
         valid = every_y != IGNORE_INDEX
-        losses = torch.where(valid, lse - target, 0.0)
+        losses = torch.where(valid, whole - target, 0.0)
         mine = losses[rank * n_max:rank * n_max + n].sum()
-        ctx.n = n
-        if ctx.needs_input_grad[0]:
-            grad = torch.zeros(total, hidden.shape[1], device=hidden.device, dtype=acc)
-            for s in range(0, total if rows else 0, chunk):
-                p = (every_h[s:s + chunk] @ local.t()).to(acc).sub_(lse[s:s + chunk, None]).exp_()   # softmax
-                p.scatter_add_(1, rel[s:s + chunk], -hit[s:s + chunk, None].to(acc))                # - one-hot
-                p.mul_(valid[s:s + chunk, None])
-                grad[s:s + chunk] = (p.to(local.dtype) @ local).to(acc)
+        if want_grad:
+            # d loss / d h = sum_v softmax_v w_v - w_label: this slice's softmax share is exp(lse - whole)
+            grad.mul_(torch.exp(lse - whole).unsqueeze(1))
+            if rows:
+                grad.sub_(F.embedding(rel.squeeze(1), local).to(acc) * hit.unsqueeze(1))
+            grad.mul_(valid.unsqueeze(1))
             own = grad.new_empty(n_max, hidden.shape[1])
             dist.reduce_scatter_tensor(own, grad, group=group)
             ctx.save_for_backward(own[:n].to(hidden.dtype))
