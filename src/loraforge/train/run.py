@@ -170,7 +170,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     torch.manual_seed(cfg.seed)
     compute_dtype = amp_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path,
-                                       sharded=dist.enabled and dist.mode == "fsdp", log=console.print)
+                                       sharded=fsdp, log=console.print)
     step_module = prepare_model(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, cfg, device)
