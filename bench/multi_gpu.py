@@ -125,11 +125,11 @@ def nf4_bytes_kept(q, original, rank: int, world: int) -> bool:
     import torch
 
     w = q.weight
-    local = (w.to_local() if hasattr(w, "to_local") else w.data).detach().reshape(-1).view(torch.uint8).cpu()
-    chunk = -(-original.numel() // world) if hasattr(w, "to_local") else original.numel()
-    start = rank * chunk if hasattr(w, "to_local") else 0
-    return bool(torch.equal(local, original[start:start + local.numel()])) and local.numel() == min(
-        chunk, original.numel() - start)
+    if not hasattr(w, "to_local"):  # not sharded: the whole weight
+        return bool(torch.equal(w.data.reshape(-1).view(torch.uint8).cpu(), original))
+    local = w.to_local().detach().reshape(-1).view(torch.uint8).cpu()
+    share = original.reshape(-1, w.element_size() * w.shape[1]).chunk(world)[rank].reshape(-1)  # FSDP2's dim-0 chunk
+    return bool(torch.equal(local, share))
 
 
 def worker(args) -> None:
