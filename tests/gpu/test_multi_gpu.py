@@ -49,8 +49,12 @@ def test_fsdp2_fast_path_on_two_gpus_follows_one_gpu(tmp_path, quantization):
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
         runs[name] = res.stderr
     assert "embedding and head over their FSDP2 shards" in runs["two"]
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert summaries[1]["processes"] == 2
+    # the same bf16 base on one GPU and under FSDP2 (which loads it on the CPU before sharding)
+    assert [s["compute_dtype"] for s in summaries] == ["bfloat16", "bfloat16"]
     one, two = metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one] and one[-1]["loss"] < one[0]["loss"]
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-3)
-    assert [r.get("val_loss", -1) for r in two] == pytest.approx([r.get("val_loss", -1) for r in one], rel=1e-3)
+    # bf16 weights, different reduction orders (sharded head vs liger's fused loss): the 1 %
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-2)
+    assert [r.get("val_loss", -1) for r in two] == pytest.approx([r.get("val_loss", -1) for r in one], rel=1e-2)

@@ -18,33 +18,38 @@ from loraforge.train.run import run_training
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
 
-def _tree(model, data, out, lora: dict, checkpointing: bool, **train):
+def _tree(model, data, out, lora: dict, checkpointing: bool, dtype: str = "auto", **train):
     t = tiny_config(model, data, out, grad_accum=3, lr_scheduler="constant", warmup_ratio=0.0, num_threads=1,
                     device="cpu", dist_timeout_s=60, eval_every=2, save_every=100, max_steps=4, **train)
     t["lora"].update(lora)
-    t["model"] = {"fast_path": "on", "gradient_checkpointing": checkpointing}
+    t["model"] = {"fast_path": "on", "gradient_checkpointing": checkpointing, "dtype": dtype}
     return t
 
 
-@pytest.mark.parametrize("lora,checkpointing", [
-    ({"dropout": 0.0}, True),                      # q/k/v and gate/up as grouped projections, recomputed
-    ({"dropout": 0.1, "adapter": "dora"}, False),  # one projection at a time, DoRA magnitudes, no recompute
-], ids=["grouped-recompute", "dora-dropout"])
-def test_fsdp2_runs_the_fast_path_and_follows_its_one_process_curve(tmp_path, lora, checkpointing):
+@pytest.mark.parametrize("lora,checkpointing,dtype,rel", [
+    ({"dropout": 0.0}, True, "float32", 1e-5),      # q/k/v and gate/up as grouped projections, recomputed
+    ({"dropout": 0.1, "adapter": "dora"}, False, "float32", 1e-5),  # one projection at a time, DoRA, no recompute
+    # a bf16 base under fp32 LoRA weights: FSDP2 computes the layers in bf16 and reduces in fp32, while the
+    # frozen embedding and head (used over their shards, never gathered) get no reduce dtype
+    ({"dropout": 0.0}, True, "bfloat16", 1e-2),
+], ids=["grouped-recompute", "dora-dropout", "bf16-base"])
+def test_fsdp2_runs_the_fast_path_and_follows_its_one_process_curve(tmp_path, lora, checkpointing, dtype, rel):
     untied = make_tiny_model(tmp_path / "untied", tied=False)   # the head is an FSDP2 group of its own
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows())
-    one = run_training(build_config(_tree(untied, data, tmp_path / "one", lora, checkpointing)))
-    assert one.summary["fast_path"] is True
+    one = run_training(build_config(_tree(untied, data, tmp_path / "one", lora, checkpointing, dtype)))
+    assert one.summary["fast_path"] is True and one.summary["compute_dtype"] == dtype
     cfg = tmp_path / "two.yaml"
-    cfg.write_text(yaml.safe_dump(_tree(untied, data, tmp_path / "two", lora, checkpointing, distributed="fsdp")))
+    cfg.write_text(yaml.safe_dump(_tree(untied, data, tmp_path / "two", lora, checkpointing, dtype,
+                                        distributed="fsdp")))
     res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg), "--gpus", "2"], env=ENV,
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "(fast Llama path, embedding and head over their FSDP2 shards)" in res.stderr
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["fast_path"] is True
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["fast_path"] is True and two["compute_dtype"] == dtype
     ref = metrics_rows(tmp_path / "one")
     assert len(ref) == 4 and ref[-1]["loss"] < ref[0]["loss"]
-    assert_same_curve(metrics_rows(tmp_path / "two"), ref)
+    assert_same_curve(metrics_rows(tmp_path / "two"), ref, rel=rel)
 
 
 def test_fsdp2_over_an_nf4_base_loaded_from_a_folder(tmp_path):

@@ -123,6 +123,13 @@ def load_tokenizer(path: str):
     return tok
 
 
+def base_dtype(requested: str, device: str) -> str:
+    """The frozen base's storage dtype: `auto` is bf16 for a run on the GPU, fp32 on the CPU."""
+    if requested == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return requested
+
+
 def load_base(name: str, *, dtype: str = "auto", device: str = "cpu", attn_implementation: str = "sdpa",
               quantization: str = "none", store_on: str | None = None):
     """(model, tokenizer, resolved path) with the base weights frozen, on `device`; quantization='nf4'
@@ -136,8 +143,7 @@ def load_base(name: str, *, dtype: str = "auto", device: str = "cpu", attn_imple
 
     hf_logging.disable_progress_bar()
     path = resolve_base(name)
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
+    dtype = base_dtype(dtype, device)
     extra = {}
     layerwise = quantization == "nf4" and store_on is not None
     if quantization == "nf4":

@@ -252,7 +252,11 @@ def wrap(step_module: torch.nn.Module, ctx: DistContext, device: str) -> torch.n
         policy = MixedPrecisionPolicy(param_dtype=low[0], reduce_dtype=torch.float32) \
             if low and len(dtypes) > 1 and not nf4 else MixedPrecisionPolicy()
         for layer in decoder_layers(step_module) + edge_modules(step_module):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
+            # a frozen group (the embedding, the head) has no gradient to reduce, and the fast path may use
+            # it over its shards without FSDP2 ever gathering it: a reduce dtype there would make FSDP2's
+            # end-of-backward look for gathered parameters that never existed
+            frozen = not any(p.requires_grad for p in layer.parameters())
+            fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy() if frozen else policy)
         fully_shard(step_module, mesh=mesh, mp_policy=policy)
         fast = getattr(step_module, "parts", None)
         if getattr(fast, "sharded", False):  # the fast Llama path runs each layer through FSDP2's hooks

@@ -29,7 +29,7 @@ from loraforge.data.templates import tokenize_all
 from loraforge.errors import LoraforgeError
 from loraforge.model.adapters import save_adapter, trainable_parameters
 from loraforge.model.prepare import prepare_for_training
-from loraforge.model.load import load_base, pick_device
+from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
 from loraforge.train.loop import plan_steps, prepare_model, train_loop
@@ -146,7 +146,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     # then moves each layer's shard to its GPU, no GPU holds it all
     fsdp = dist.enabled and dist.mode == "fsdp"
     load_on = "cpu" if fsdp and cfg.model.quantization == "none" else device
-    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=cfg.model.dtype, device=load_on,
+    # the dtype is the training device's (FSDP2 loads a bf16 GPU base on the CPU first, still in bf16)
+    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=base_dtype(cfg.model.dtype, device),
+                                                    device=load_on,
                                                     attn_implementation=cfg.model.attn_implementation,
                                                     quantization=cfg.model.quantization,
                                                     store_on="cpu" if fsdp else None)
@@ -214,7 +216,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "final_val_loss": result.final_val_loss, "best_val_loss": result.state.best_val_loss,
                "best_step": result.state.best_step, "train_seconds": round(result.seconds, 2),
                "tokens_seen": result.state.tokens_seen, "device": device,
-               "precision": "bf16" if amp_dtype else "fp32", "trainable_parameters": n_trainable,
+               "precision": "bf16" if amp_dtype else "fp32", "compute_dtype": str(compute_dtype).removeprefix("torch."),
+               "trainable_parameters": n_trainable,
                "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
