@@ -235,3 +235,25 @@ def test_fused_qkv_rope_swiglu_and_varlen_match_the_torch_forms():
     go = torch.randn_like(ref)
     for a_, b_ in zip(torch.autograd.grad(got, (qa, ka, va), go), torch.autograd.grad(ref, (qa, ka, va), go)):
         assert rel(a_, b_) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (96, 200)])
+def test_nf4_kernel_rebuilds_bitsandbytes_weights_bit_for_bit(shape):
+    """model.fast.nf4 compiled: the same bf16 weight as bitsandbytes' dequantize_4bit (double quantisation,
+    the 8B shapes and one whose size is not a multiple of the kernel's block), also from float32 words."""
+    import bitsandbytes.functional as bnbf
+
+    from loraforge.model.fast import nf4
+
+    torch.manual_seed(0)
+    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ref = bnbf.dequantize_4bit(packed, qs)
+    out = torch.empty_like(ref)
+    assert nf4.applies(qs, out)
+    nf4.dequantize_nf4(packed, qs, out)
+    # bitsandbytes adds the offset to the decoded absmax in a separate op; a fused multiply-add may round
+    # that fp32 sum differently in rare blocks, which can move a weight by one bf16 unit
+    assert (out != ref).float().mean() < 1e-3
+    assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=0)
+    assert torch.equal(nf4.dequantize_nf4(packed.view(-1).view(torch.float32), qs, torch.empty_like(ref)), out)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from loraforge.model.fast import nf4
 from loraforge.model.shard_nf4 import ATTR as NF4_STATE
 
 
@@ -93,7 +94,9 @@ class FrozenGroup:
         start = 0
         for lyr, qs in zip(layers, states):
             rows = buf[start:start + lyr.out_features]
-            if rows.is_cuda:
+            if nf4.applies(qs, rows):   # one launch instead of two bitsandbytes dispatches (model.fast.nf4)
+                nf4.dequantize_nf4(lyr.weight, qs, rows)
+            elif rows.is_cuda:
                 bnbf.dequantize_4bit(lyr.weight, qs, out=rows)
             else:  # bitsandbytes' CPU backend has no out= variant (tests run NF4 on CPU)
                 rows.copy_(bnbf.dequantize_4bit(lyr.weight, qs))
