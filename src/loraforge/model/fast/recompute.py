@@ -39,8 +39,13 @@ class PinnedPool:
         return view
 
     def _fetch(self, key: int, device) -> None:
+        src = self.stored[key]
+        # allocated on the compute stream, which uses and frees it: a tensor allocated on the side stream
+        # would come from that stream's own pool of the caching allocator, reserved beside the main one
+        t = torch.empty(src.shape, dtype=src.dtype, device=device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))   # t's memory is free in stream order
         with torch.cuda.stream(self.stream):
-            t = self.stored[key].to(device, non_blocking=True)
+            t.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         self.fetched[key] = (t, ev)
@@ -50,9 +55,7 @@ class PinnedPool:
         if key not in self.fetched:
             self._fetch(key, device)
         t, ev = self.fetched.pop(key)
-        current = torch.cuda.current_stream(device)
-        current.wait_event(ev)
-        t.record_stream(current)
+        torch.cuda.current_stream(device).wait_event(ev)
         if key - 1 in self.stored and key - 1 not in self.fetched:
             self._fetch(key - 1, device)
         return t
