@@ -30,7 +30,8 @@ OFFLOAD_SPEED = 0.6
 PADDING_WASTE = 0.25
 # Data-parallel scaling: N GPUs run at N x this fraction of one GPU's speed (gradient all-reduce and FSDP
 # all-gathers are not fully hidden behind compute). Measured on 2 x H200, Llama-3.1-8B QLoRA on the fast path
-# (bench/results/multi_gpu/): DDP 0.93 with offloaded checkpoints (1.00 without), FSDP2 0.88.
+# (bench/results/multi_gpu/): DDP 0.93-1.03 over three calls, FSDP2 0.88 (gathered head) and 0.93 (sharded head);
+# Llama-3.1-70B QLoRA under FSDP2 0.91.
 MULTI_GPU_EFFICIENCY = 0.9
 
 
