@@ -216,8 +216,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "final_val_loss": result.final_val_loss, "best_val_loss": result.state.best_val_loss,
                "best_step": result.state.best_step, "train_seconds": round(result.seconds, 2),
                "tokens_seen": result.state.tokens_seen, "device": device,
-               "precision": "bf16" if amp_dtype else "fp32", "compute_dtype": str(compute_dtype).removeprefix("torch."),
-               "trainable_parameters": n_trainable,
+               "precision": "bf16" if amp_dtype else "fp32",
+               "compute_dtype": str(compute_dtype).removeprefix("torch."), "trainable_parameters": n_trainable,
                "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)

@@ -10,7 +10,7 @@ one Triton kernel: the block's absmax is decoded from its 8-bit code and the sec
 each packed byte gives two weights (high nibble first, as bitsandbytes packs them). The arithmetic is
 bitsandbytes': NF4 value (fp32) × absmax (fp32), rounded once to the output dtype.
 
-Tested against bitsandbytes (tests/gpu/test_fast_gpu.py on CUDA; tests/model/test_fast_nf4.py under
+Tested against bitsandbytes (tests/gpu/test_fast_gpu.py on CUDA; tests/model/test_fast_nf4_kernel.py under
 Triton's CPU interpreter where Triton is installed).
 """
 
@@ -61,7 +61,9 @@ def _have_triton() -> bool:
 
 def applies(qs, out: torch.Tensor) -> bool:
     """This kernel handles the state: NF4 with 16 entries, an even block size, fp32 tables, on CUDA."""
-    if not out.is_cuda or not _have_triton() or getattr(qs, "quant_type", None) != "nf4" or qs.blocksize % 2 or qs.code.numel() != 16:
+    if not out.is_cuda or not _have_triton() or getattr(qs, "quant_type", None) != "nf4":
+        return False
+    if qs.blocksize % 2 or qs.code.numel() != 16:
         return False
     if qs.nested:
         return qs.absmax.dtype == torch.uint8 and qs.state2.absmax.dtype == torch.float32 and \
