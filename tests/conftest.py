@@ -87,6 +87,23 @@ def chat_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", chat_rows())
 
 
+@pytest.fixture()
+def triton_interpreter(monkeypatch):
+    """Run one of loraforge's Triton kernel modules (model.fast.kernels, model.fast.nf4: each builds its
+    kernel in a cached `_kernel()`) under Triton's CPU interpreter: call it with the module."""
+    used = []
+
+    def interpret(module):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        module._kernel.cache_clear()
+        used.append(module)
+        return module
+
+    yield interpret
+    for module in used:  # the next user compiles the kernel again, without the interpreter
+        module._kernel.cache_clear()
+
+
 def tiny_config(model_dir: Path, data: Path, out: Path, **train) -> dict:
     """A config tree for a fast deterministic run on the tiny model."""
     t = {"epochs": 2, "learning_rate": 5e-3, "batch_size": 4, "grad_accum": 2, "eval_every": 3, "save_every": 3,

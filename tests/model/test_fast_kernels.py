@@ -9,13 +9,10 @@ triton = pytest.importorskip("triton")
 
 
 @pytest.fixture
-def interpreted(monkeypatch):
+def interpreted(triton_interpreter):
     from loraforge.model.fast import kernels
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels._kernel.cache_clear()
-    yield kernels
-    kernels._kernel.cache_clear()
+    return triton_interpreter(kernels)
 
 
 def _rot(x, cos, sin):

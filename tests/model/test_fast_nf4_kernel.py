@@ -11,13 +11,10 @@ bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture
-def interpreted(monkeypatch):
+def interpreted(triton_interpreter):
     from loraforge.model.fast import nf4
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    nf4._kernel.cache_clear()
-    yield nf4
-    nf4._kernel.cache_clear()
+    return triton_interpreter(nf4)
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-absmax"])
