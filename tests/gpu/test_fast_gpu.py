@@ -250,7 +250,7 @@ def test_nf4_kernel_rebuilds_bitsandbytes_weights_bit_for_bit(shape):
     packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     ref = bnbf.dequantize_4bit(packed, qs)
     out = torch.empty_like(ref)
-    assert nf4.applies(qs, out)
+    assert nf4.handles(qs) and nf4.have_triton()
     nf4.dequantize_nf4(packed, qs, out)
     # bitsandbytes adds the offset to the decoded absmax in a separate op; a fused multiply-add may round
     # that fp32 sum differently in rare blocks, which can move a weight by one bf16 unit

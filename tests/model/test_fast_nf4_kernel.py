@@ -37,9 +37,23 @@ def test_kernel_rebuilds_the_weight_bitsandbytes_rebuilds(interpreted, nested):
     assert torch.allclose(half.float(), ref, rtol=2 ** -7, atol=0)
 
 
-def test_kernel_applies_only_to_what_it_handles(interpreted):
+def test_kernel_takes_nf4_states_only_and_the_fast_path_uses_it_only_on_cuda(interpreted):
     w = torch.randn(64, 64).to(torch.bfloat16)
-    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    assert not interpreted.applies(qs, torch.empty(64, 64))   # not on CUDA: bitsandbytes' path
+    _, nested = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    _, plain = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
     _, fp4 = bnbf.quantize_4bit(w, blocksize=64, quant_type="fp4")
-    assert fp4.quant_type == "fp4" and not interpreted.applies(fp4, torch.empty(64, 64))
+    assert interpreted.handles(nested) and interpreted.handles(plain)
+    assert fp4.quant_type == "fp4" and not interpreted.handles(fp4)
+    nested.blocksize = 63
+    assert not interpreted.handles(nested)
+
+    from loraforge.model.fast.lora import FrozenGroup
+    from loraforge.model.quant import quantize_linears_
+
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(64, 32, bias=False))
+    assert quantize_linears_(lin, "cpu") == 2
+    group = FrozenGroup(list(lin), torch.bfloat16, {})
+    assert group.quantized and group.nf4_kernel   # chosen for the group; CPU tensors still go to bitsandbytes
+    rebuilt = group.get()
+    ref = torch.cat([bnbf.dequantize_4bit(m.weight, m.weight.quant_state) for m in lin])
+    assert torch.equal(rebuilt, ref.to(torch.bfloat16))

@@ -40,6 +40,10 @@ class FrozenGroup:
         self.outs = [lyr.out_features for lyr in layers]
         self.in_features = layers[0].in_features
         self.quantized = quant_state(layers[0]) is not None
+        # loraforge's NF4 kernel rebuilds these weights on CUDA (model.fast.nf4); decided once: the states'
+        # type and table dtypes never change (FSDP2 keeps the same QuantState objects aside)
+        self.nf4_kernel = self.quantized and nf4.have_triton() and all(nf4.handles(quant_state(lyr))
+                                                                       for lyr in layers)
         self.stacked = None   # (forward pass number, A stacked, s B block-diagonal): see _stack
         self.fused = None
         self.has_bias = any(lyr.bias is not None for lyr in layers)
@@ -94,7 +98,7 @@ class FrozenGroup:
         start = 0
         for lyr, qs in zip(layers, states):
             rows = buf[start:start + lyr.out_features]
-            if nf4.applies(qs, rows):   # one launch instead of two bitsandbytes dispatches (model.fast.nf4)
+            if self.nf4_kernel and rows.is_cuda:   # one launch instead of two bitsandbytes dispatches
                 nf4.dequantize_nf4(lyr.weight, qs, rows)
             elif rows.is_cuda:
                 bnbf.dequantize_4bit(lyr.weight, qs, out=rows)

@@ -53,17 +53,16 @@ def _kernel():
 
 
 @functools.cache
-def _have_triton() -> bool:
+def have_triton() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
 
 
-def applies(qs, out: torch.Tensor) -> bool:
-    """This kernel handles the state: NF4 with 16 entries, an even block size, fp32 tables, on CUDA."""
-    if not out.is_cuda or not _have_triton() or getattr(qs, "quant_type", None) != "nf4":
-        return False
-    if qs.blocksize % 2 or qs.code.numel() != 16:
+def handles(qs) -> bool:
+    """The kernel handles this QuantState: NF4 with 16 entries, an even block size, fp32 tables (it runs
+    where the weight is on CUDA and Triton is installed)."""
+    if getattr(qs, "quant_type", None) != "nf4" or qs.blocksize % 2 or qs.code.numel() != 16:
         return False
     if qs.nested:
         return qs.absmax.dtype == torch.uint8 and qs.state2.absmax.dtype == torch.float32 and \
@@ -82,7 +81,8 @@ def dequantize_nf4(weight: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
     if qs.nested:
         s2 = qs.state2
         offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor(qs.offset, device=out.device)
-        args = (qs.absmax, s2.absmax, s2.code, offset.float(), s2.blocksize)
+        offset = offset if offset.dtype == torch.float32 else offset.float()
+        args = (qs.absmax, s2.absmax, s2.code, offset, s2.blocksize)
     else:
         args = (qs.absmax, qs.absmax, code, code, 2)   # unused second-level arguments
     absmax, absmax2, code2, offset, qblock2 = args
