@@ -42,8 +42,9 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
     busy = _busy([(e["ts"], e["ts"] + e["dur"]) for e in on_compute])
     start, end = busy[0][0], busy[-1][1]
     # host side: runtime launches by correlation id, CPU ops for the enclosing-op blame
+    # (Triton kernels are launched through the driver API: cuLaunchKernel, category cuda_driver)
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     cpu_ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation")),
                      key=lambda e: e["ts"])
     first_after = {}
@@ -66,7 +67,8 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
             other += gap
         blame[("host-bound: " if late else "waiting: ") + where] += gap
         gaps.append(gap)
-    syncs = Counter(e["name"] for e in events if e.get("cat") == "cuda_runtime" and e["name"] in SYNC_CALLS)
+    syncs = Counter(e["name"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                    and e["name"] in SYNC_CALLS)
     wall = end - start
     busy_us = sum(e - s for s, e in busy)
     return {"compute_stream": compute, "steps": steps,

@@ -10,6 +10,8 @@ imported, so it gets a process of its own and is imported first there). Rows:
   plain-lora   bf16 base, HF gradient checkpointing        plain-dora   the same with use_dora
   ours-qlora   loraforge: NF4 via load_base, FastLlama (checkpointing offloaded to pinned CPU memory)
   ours-qlora-gc  the same with the layer inputs kept on the GPU
+  ours-*-nographs / ours-*-graphs  the same with model.cuda_graphs off / on (CUDA graphs of the decoder
+               stack; the plain ours rows run `auto`, which takes them for host-bound shapes such as 1b)
   ours-lora / ours-dora       bf16 base, FastLlama
   unsloth-qlora / unsloth-lora  Unsloth's FastLanguageModel, its offloaded checkpointing
 r = alpha = 16 on all seven linear projections, dropout 0, lr 2e-4, batch B x T random token ids with
@@ -145,7 +147,9 @@ def build(row: str, path: str, mix: bool = False):
     model = attach_adapter(model, LoraSection(adapter="dora" if method == "dora" else "lora", r=16, alpha=16,
                                               dropout=0.0))
     model.train()
-    fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True if method.endswith("-gc") else "offload")
+    flags = method.split("-")[1:]
+    fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True if "gc" in flags else "offload",
+                     graphs="off" if "nographs" in flags else "on" if "graphs" in flags else "auto")
 
     keys += ["segment_ids"] if mix else []
 
@@ -319,7 +323,7 @@ def ratios(rows: list[dict]) -> dict:
     for (shape, row), r in by.items():
         if not row.startswith("ours-"):
             continue
-        method = row.split("-", 1)[1].removesuffix("-gc")
+        method = row.split("-")[1]   # ours-qlora-gc, ours-qlora-nographs: against the peers' qlora
         for peer in ("plain", "unsloth"):
             p = by.get((shape, f"{peer}-{method}"))
             if p:

@@ -52,6 +52,16 @@ def test_idle_gaps_are_measured_and_blamed():
                       "waiting: RecomputedLayerBackward > LoraGroupFn": 0.1}
 
 
+def test_triton_launches_through_the_driver_api_are_found():
+    """Triton kernels are launched with cuLaunchKernel (category cuda_driver): a late one is host-bound, not
+    an unexplained wait."""
+    late = {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 395, "dur": 5, "args": {"correlation": 2}}
+    events = [_op("LigerRMSNormFunction", 380, 40), _k(10, 100, 1), _launch(5, 1), _k(400, 100, 2), late]
+    s = timeline.idle_summary({"traceEvents": events}, steps=1, min_gap_us=20)
+    assert s["idle_host_bound_ms_per_step"] == pytest.approx(290 / 1e3)
+    assert s["top_idle_causes_ms_per_step"] == {"host-bound: LigerRMSNormFunction": 0.29}
+
+
 def test_trace_without_gpu_events_is_reported():
     assert "error" in timeline.idle_summary({"traceEvents": [_op("x", 0, 1)]}, steps=1)
 

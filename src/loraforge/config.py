@@ -49,6 +49,11 @@ class ModelSection(_Section):
         "auto", description="loraforge's fused Llama-family forward: auto = on CUDA for Llama/Mistral/Qwen, "
                             "on = also on CPU, off = PEFT's own forward."
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fast path with gradient checkpointing on one GPU: replay the decoder stack as CUDA "
+                            "graphs once a batch shape repeats (unpacked rows of one length). auto = where the host "
+                            "limits the step (small models: 2x for a 1B model on an H100), on = wherever they apply."
+    )
 
 
 class DataSection(_Section):

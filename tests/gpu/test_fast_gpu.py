@@ -124,6 +124,42 @@ def test_offloaded_recomputation_equals_kept_activations():
         assert torch.equal(a[1][k], b[1][k]), k
 
 
+@pytest.mark.parametrize("quantize,adapter,ckpt", [(False, "lora", True), (True, "lora", "offload"),
+                                                   (True, "dora", "offload")], ids=["bf16", "nf4-offload", "dora"])
+def test_cuda_graphs_replay_the_eager_steps(quantize, adapter, ckpt):
+    """The stack captured as CUDA graphs (model.fast.graphs) gives the eager path's loss and gradients, step
+    after step: after adapter updates that bump no version counter, around a step of another shape (eager),
+    and with gradients accumulated over two replays."""
+    model = _small_llama(quantize, adapter)
+    batch = _batch()
+    other = {k: v[:, :120] for k, v in batch.items()}
+    eager = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="off")
+    graphed = FastLlama(model, dtype=BF16, checkpointing=ckpt)
+    for step in range(4):
+        ref = _grads(model, eager, batch)
+        got = _grads(model, graphed, batch)
+        assert got[0] == pytest.approx(ref[0], rel=1e-3), step
+        for k in ref[1]:
+            assert rel(got[1][k], ref[1][k]) < 1e-2, (step, k)
+        if step == 2:
+            _grads(model, graphed, other)   # eager: the graphs stay those of the first shape
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.mul_(1.1)
+    g = graphed.graphs
+    assert g.failed is None and g.fwd is not None and g.bwd is not None and g.eager is False
+    assert g.key[0] == (2, 200, 256)
+    single = _grads(model, graphed, batch)[1]
+    model.zero_grad(set_to_none=True)
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=BF16):
+            s, n = loss_sum(model, batch, graphed)
+        (s / n).backward()
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel(p.grad.float(), 2 * single[k]) < 1e-3, k
+
+
 def _text_rows(n=400):
     import csv
     from importlib.resources import files

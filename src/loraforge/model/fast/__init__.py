@@ -8,14 +8,15 @@ __all__ = ["FastLlama", "why_not_fast", "fast_engine"]
 
 
 def fast_engine(model, mode: str, device: str, dtype, checkpointing, log=print,
-                sharded: bool = False) -> FastLlama | None:
+                sharded: bool = False, graphs: str = "auto") -> FastLlama | None:
     """The FastLlama for this PEFT model when `mode` (model.fast_path) and the model allow it, else None
     (with a message saying why, when the user asked for it or a GPU run falls back). `sharded`: the run
-    will shard the model with FSDP2 (FastLlama.attach_fsdp is then called after fully_shard)."""
+    will shard the model with FSDP2 (FastLlama.attach_fsdp is then called after fully_shard); `graphs`:
+    model.cuda_graphs."""
     if mode == "off" or (mode == "auto" and device != "cuda"):
         return None
     reason = why_not_fast(model)
     if reason:
         log(f"[yellow]note:[/] training on the plain PEFT path: {reason}")
         return None
-    return FastLlama(model, dtype=dtype, checkpointing=checkpointing, sharded=sharded)
+    return FastLlama(model, dtype=dtype, checkpointing=checkpointing, sharded=sharded, graphs=graphs)

@@ -26,6 +26,7 @@ import functools
 import torch
 
 from loraforge.data.templates import IGNORE_INDEX
+from loraforge.model.fast.graphs import StackGraphs
 from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
                                       rope_qkv, swiglu, swiglu_fused)
@@ -91,19 +92,26 @@ class _Layer:
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
         x = rms_norm(h, self.norm1.weight, self.norm1.variance_epsilon)
         q, k, v = self._qkv(x, cos, sin)
-        h = h + self.o(attention(q, k, v, self.scaling, packed))[0]
+        h = self.o.add_to(h, attention(q, k, v, self.scaling, packed))
         x = rms_norm(h, self.norm2.weight, self.norm2.variance_epsilon)
         if self.gate_up.joined:
             act = swiglu_fused(self.gate_up.joined(x))
         else:
             act = swiglu(*self.gate_up(x))
-        return h + self.down(act)[0]
+        return self.down.add_to(h, act)
+
+
+def _one_process() -> bool:
+    """No other process shares the gradients (DDP reduces them in autograd hooks, which graphs bypass)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 class FastLlama:
     """Training/validation loss of a PEFT Llama-family model through the fast forward."""
 
-    def __init__(self, model, *, dtype: torch.dtype, checkpointing: bool | str = True, sharded: bool = False):
+    def __init__(self, model, *, dtype: torch.dtype, checkpointing: bool | str = True, sharded: bool = False,
+                 graphs: str = "auto"):
         reason = why_not_fast(model)
         if reason:
             raise ValueError(reason)
@@ -125,6 +133,16 @@ class FastLlama:
         self.pool = PinnedPool() if checkpointing == "offload" else None
         self.keep_rng = any(getattr(d, "p", 0) > 0 for layer in self.layers
                             for p in layer.projections() for d in p.dropouts)
+        # CUDA graphs of the checkpointed stack (model.fast.graphs): "auto" = on CUDA where they apply and
+        # the steps are host-bound, "on" = wherever they apply, "eager" = the same stack functions without
+        # graphs, on any device (tests), "off" = never
+        self.graphs = None
+        if graphs != "off" and self.checkpointing and not sharded and not self.keep_rng:
+            params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.decoder.layers]
+            weights = sum(g.in_features * sum(g.outs) for _, g, _, _ in
+                          (part for proj in self.layers[0].projections() for part in proj.parts))
+            self.graphs = StackGraphs(self.layers, params, self.pool, capture=graphs != "eager",
+                                      layer_weights=weights, only_host_bound=graphs == "auto")
 
     def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, H) in the compute dtype. Packed rows (data.packing) give their
@@ -139,10 +157,15 @@ class FastLlama:
             cos, sin = self.decoder.rotary_emb(h, pos)
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
             self._recompute = torch.is_grad_enabled() and self.model.training and self.checkpointing
-            if self._recompute:
-                h = h.detach().requires_grad_(True)  # so that backward enters the first recomputed layer
-            for i in range(len(self.layers)):
-                h = self.entries[i](h, cos, sin, packed) if self.entries else self._layer(i, h, cos, sin, packed)
+            if self._recompute and packed is None and self.graphs is not None and \
+                    (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos):
+                h = self.graphs(h, cos, sin)
+            else:
+                if self._recompute:
+                    h = h.detach().requires_grad_(True)  # so that backward enters the first recomputed layer
+                for i in range(len(self.layers)):
+                    h = self.entries[i](h, cos, sin, packed) if self.entries else \
+                        self._layer(i, h, cos, sin, packed)
             norm = self.decoder.norm
             return rms_norm(h, norm.weight, norm.variance_epsilon)
 

@@ -160,12 +160,14 @@ def _stack(group: FrozenGroup, ab: tuple, scales: list[float]):
 
 class LoraGroupFn(torch.autograd.Function):
     """For projections i of a group: y_i = x W_i^T + b_i + s_i (xd A_i^T) B_i^T, concatenated along the
-    last dim. Inputs: x, xd (= dropout(x), or x itself), the group, scales, `dora`, then A_1, B_1, A_2,
-    B_2... With `dora` (one projection) it also returns DoRA's row norms ||W + s B A|| (no gradient), from
-    the same rebuilt W, so DoRA costs no extra NF4 rebuild."""
+    last dim. Inputs: x, xd (= dropout(x), or x itself), the group, scales, `dora`, `residual`, then A_1,
+    B_1, A_2, B_2... With `dora` (one projection) it also returns DoRA's row norms ||W + s B A|| (no
+    gradient), from the same rebuilt W, so DoRA costs no extra NF4 rebuild. A `residual` (the decoder's
+    stream, for o_proj and down_proj) is added by the adapter's GEMM itself (beta = 1): no separate add
+    kernel, no extra (N, H) tensor; its gradient is the incoming one, passed on as it is."""
 
     @staticmethod
-    def forward(ctx, x, xd, group: FrozenGroup, scales: list, dora: bool, *ab):
+    def forward(ctx, x, xd, group: FrozenGroup, scales: list, dora: bool, residual, *ab):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
@@ -173,11 +175,15 @@ class LoraGroupFn(torch.autograd.Function):
         xa = xd2 @ a_cat.t()                               # (N, sum r)
         out = x.new_empty(*lead, b_blk.shape[0])           # returned as allocated (not a view: RoPE may
         y = out.view(-1, out.shape[-1])                    # then rotate it in place)
-        torch.mm(xa, b_blk.t(), out=y)                     # the adapter's share
+        if residual is None:
+            torch.mm(xa, b_blk.t(), out=y)                 # the adapter's share
+        else:                                              # the residual stream + the adapter's share
+            torch.addmm(residual.reshape(y.shape), xa, b_blk.t(), out=y)
         if group.bias is not None:
             y += group.bias
         w = group.add_product_(y, x2)                      # + x W^T, accumulated by the GEMM itself
         ctx.group, ctx.scales, ctx.same, ctx.lead = group, scales, xd is x, lead
+        ctx.residual = residual is not None
         ctx.ranks = [t.shape[0] for t in ab[0::2]]
         ctx.param_dtypes = [t.dtype for t in ab]
         ctx.save_for_backward(xd2, xa, a_cat, b_blk)
@@ -214,7 +220,7 @@ class LoraGroupFn(torch.autograd.Function):
             else:
                 dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
             dx = dx.view(*ctx.lead, dx.shape[-1])
-        return (dx, dxd, None, None, None, *grads)
+        return (dx, dxd, None, None, None, dy if ctx.residual else None, *grads)
 
 
 class Projections:
@@ -260,7 +266,17 @@ class Projections:
         if self.live:
             self.reload()
         idx, group, ab, scales = self.parts[0]
-        return LoraGroupFn.apply(x, self._dropped(idx, x), group, scales, False, *ab)
+        return LoraGroupFn.apply(x, self._dropped(idx, x), group, scales, False, None, *ab)
+
+    def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """h + this (single) projection of x: the residual added inside the LoRA function where it can be
+        (an adapter without DoRA's rescaling), else an add."""
+        if self.joined is None or len(self.outs) != 1:
+            return h + self(x)[0]
+        if self.live:
+            self.reload()
+        idx, group, ab, scales = self.parts[0]
+        return LoraGroupFn.apply(x, self._dropped(idx, x), group, scales, False, h, *ab)
 
     def _dropped(self, idx: list[int], x: torch.Tensor) -> torch.Tensor:
         """The adapter's input: dropout(x) for a single projection with active dropout (grouped projections
@@ -283,7 +299,7 @@ class Projections:
             if len(idx) == 1 and self.magnitudes[i] is not None:
                 outs.append(self._dora(x, xd, group, ab, scales, self.magnitudes[i]))
                 continue
-            y = LoraGroupFn.apply(x, xd, group, scales, False, *ab)
+            y = LoraGroupFn.apply(x, xd, group, scales, False, None, *ab)
             outs.extend(y.split([self.outs[j] for j in idx], dim=-1) if len(idx) > 1 else [y])
         return outs
 
@@ -294,7 +310,7 @@ class Projections:
         input to the base term of the rescaling; here it does not (identical without dropout)."""
         bias, group.bias = group.bias, None
         try:
-            y, norm = LoraGroupFn.apply(x, xd, group, scales, True, *ab)
+            y, norm = LoraGroupFn.apply(x, xd, group, scales, True, None, *ab)
         finally:
             group.bias = bias
         y = y * (magnitude / norm).to(y.dtype)

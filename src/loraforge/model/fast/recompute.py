@@ -21,6 +21,7 @@ class PinnedPool:
         self.buffers: dict[int, torch.Tensor] = {}
         self.stored: dict[int, torch.Tensor] = {}
         self.fetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None   # the last store's source
         self.stream = None
 
     def store(self, key: int, t: torch.Tensor) -> torch.Tensor:
@@ -30,13 +31,25 @@ class PinnedPool:
         if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
             buf = self.buffers[key] = torch.empty(int(t.numel() * 1.25) + 1, dtype=t.dtype, pin_memory=True)
         view = buf[:t.numel()].view(t.shape)
-        self.stream.wait_stream(torch.cuda.current_stream(t.device))   # t is computed
+        current = torch.cuda.current_stream(t.device)
+        self.stream.wait_stream(current)   # t is computed
         with torch.cuda.stream(self.stream):
             view.copy_(t, non_blocking=True)
-        t.record_stream(self.stream)   # t's memory is not reused before the copy has read it
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        # t stays referenced until the compute stream has waited for its copy (at the next store, or at
+        # finish): no record_stream, whose deferred free a CUDA graph capture cannot reuse (model.fast.graphs)
+        self.finish(current)
+        self.pending = (t, ev)
         self.stored[key] = view
         self.fetched.pop(key, None)
         return view
+
+    def finish(self, current) -> None:
+        """The compute stream waits for the last stored copy, and that source tensor is released."""
+        if self.pending is not None:
+            current.wait_event(self.pending[1])
+            self.pending = None
 
     def _fetch(self, key: int, device) -> None:
         src = self.stored[key]
@@ -52,6 +65,7 @@ class PinnedPool:
 
     def load(self, key: int, device) -> torch.Tensor:
         """The stored tensor back on `device` (usable on the current stream); starts fetching key - 1."""
+        self.finish(torch.cuda.current_stream(device))
         if key not in self.fetched:
             self._fetch(key, device)
         t, ev = self.fetched.pop(key)

@@ -1,0 +1,226 @@
+"""CUDA graphs of the decoder stack, for training steps that repeat one batch shape (model.fast).
+
+Why: with checkpointing, a step launches every kernel of the stack three times (forward, recomputation,
+backward): ~7,000 launches a step for a 32-layer model. The H100 profile of the 8B QLoRA benchmark
+(bench/results/train_speed/profiles/s5_8b_ours-qlora_nf4_kernel.idle.json) has the GPU computing 357 ms of
+a ~400 ms step and waiting for the host the rest. A graph replays all those launches in one call.
+
+What runs in the graphs: the stack's forward without grad (each layer's input stored: in pinned host memory
+with offload, else kept on the GPU), and its backward (each layer, top down, recomputed with grad and
+back-propagated with torch.autograd.grad). Both are captured into one memory pool, at the second
+consecutive training step of the same shape (the first, eager, compiles the Triton kernels, picks the
+cuDNN plans and allocates the pinned buffers); every step of another shape runs eagerly, as before. The
+embedding, the final norm and the loss stay outside (the loss kernel reads a host count).
+
+The adapter's gradients are written by the backward graph into buffers of its own (outside the graphs'
+pool), which become the parameters' `.grad` (or are added to them when gradients accumulate); so the graphs
+apply only where nothing else must see the gradients arrive: one process (DDP and FSDP2 reduce them in
+autograd hooks), no dropout (its random masks), unpacked rows (varlen attention takes the longest example
+as a host integer). FastLlama decides with `applies`.
+
+Without CUDA (`capture=False`) the same stack functions run eagerly: tests on CPU compare them, gradients
+included, against the per-layer path (model.fast.recompute); the GPU tests compare the graphs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+HOST_BOUND_WORK = 5e11   # tokens x weights of one layer, see StackGraphs.host_bound
+
+
+def stack_forward(layers, h, cos, sin, pool):
+    """Run the layers without grad; (output, saved inputs: None where the pool holds them)."""
+    saved = []
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            if pool is not None:
+                pool.store(i, h)
+                saved.append(None)
+            else:
+                saved.append(h)
+            h = layer(h, cos, sin, None)
+        if pool is not None:
+            pool.finish(torch.cuda.current_stream(h.device))
+    return h, saved
+
+
+def stack_backward(layers, params, grad, cos, sin, saved, pool, into=None) -> list[torch.Tensor] | None:
+    """Each layer, top down, recomputed with grad and back-propagated from `grad`. The gradients of
+    `params` (one list per layer) are returned flattened in that order, made contiguous (they may be
+    slices of one block matrix, see lora.LoraGroupFn); or, with `into` (one list of buffers per layer),
+    copied there as soon as each layer's are known, so that nothing of a layer outlives its backward."""
+    out = []
+    for i in reversed(range(len(layers))):
+        h = pool.load(i, grad.device) if saved[i] is None else saved[i]
+        h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = layers[i](h, cos, sin, None)
+        res = torch.autograd.grad(y, [h, *params[i]], grad, allow_unused=True)
+        grad = res[0]
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params[i], res[1:])]
+        if into is not None:
+            torch._foreach_copy_(into[i], grads)
+        else:
+            out = [g.contiguous() for g in grads] + out
+    return None if into is not None else out
+
+
+def give_grads(params: list, grads: list) -> None:
+    """grads become the parameters' .grad, or are added to the .grad already there (accumulation)."""
+    to, frm = [], []
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g
+        else:
+            to.append(p.grad)
+            frm.append(g)
+    if to:
+        torch._foreach_add_(to, frm)
+
+
+class StackGraphs:
+    """The decoder stack's forward and backward for one batch shape, as two CUDA graphs (or, with
+    capture=False, the same functions run eagerly)."""
+
+    def __init__(self, layers, params: list[list[torch.nn.Parameter]], pool, capture: bool = True,
+                 layer_weights: int = 0, only_host_bound: bool = False):
+        self.layers, self.params, self.pool, self.capture = layers, params, pool, capture
+        # "auto": graphs only where the host is what a step waits for (see host_bound)
+        self.layer_weights, self.only_host_bound = layer_weights, only_host_bound
+        self.flat = [p for ps in params for p in ps]
+        self.seen = None      # the last eager step's shape key
+        self.key = None       # the captured shape
+        self.failed = None    # why capture failed (the stack then stays eager)
+        self.fwd = self.bwd = None
+        self.anchor = None
+        self.eager = None     # whether the last step's stack ran without graphs (None: not through here)
+        self.saved = None
+
+    @staticmethod
+    def shape_key(h, cos):
+        return tuple(h.shape), h.dtype, tuple(cos.shape), h.device
+
+    def ready(self, h, cos) -> bool:
+        """True when this step runs through the graphs: captured for this shape, or the shape repeats."""
+        key = self.shape_key(h, cos)
+        if not self.capture:
+            return True
+        if self.only_host_bound and not self.host_bound(h.shape[0] * h.shape[1]):
+            return False
+        if self.failed is not None or (self.key is not None and key != self.key):
+            return False
+        if self.key == key or self.seen == key:
+            return True
+        self.seen = key
+        return False
+
+    def host_bound(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens leaves the GPU waiting for the host: its per-layer matmul work
+        (tokens x the layer's projection weights) is small. Measured on the H100 (bench/results/train_speed/
+        h100_s6_graphs.json): Llama-3.2-1B shape at 4,096 tokens (2.5e11) trains 2.1-2.4x faster with the
+        graphs; Llama-3.1-8B at 4,096 (8.9e11) gains at most a few percent and holds ~0.7 GiB more (the
+        graphs' pool is not shared with the eager loss and optimizer). The line is drawn between them."""
+        return tokens * self.layer_weights <= HOST_BOUND_WORK
+
+    def __call__(self, h, cos, sin) -> torch.Tensor:
+        # the node's one input with grad is a scalar of our own, not the parameters: their AccumulateGrad
+        # nodes, made here on the default stream, would be kept alive into the backward capture, and autograd
+        # syncing the capture stream with the default one there invalidates the capture
+        if self.anchor is None or self.anchor.device != h.device:
+            self.anchor = torch.zeros((), device=h.device, requires_grad=True)
+        return _Stack.apply(self, h, cos, sin, self.anchor)
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(self, h, cos, sin) -> torch.Tensor:
+        if self.capture and self.fwd is None and self.failed is None:
+            try:
+                self._capture_forward(h, cos, sin)
+            except Exception as e:  # noqa: BLE001 - the stack then runs eagerly, as without graphs
+                self._fail("forward", e)
+        self.eager = not self.capture or self.failed is not None
+        if self.eager:
+            self.step_cos, self.step_sin = cos, sin
+            out, self.saved = stack_forward(self.layers, h, cos, sin, self.pool)
+            return out
+        self.h_in.copy_(h)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.fwd.replay()
+        return self.out.detach()
+
+    def _capture_forward(self, h, cos, sin) -> None:
+        torch.cuda.synchronize()
+        # the eager steps' cached blocks would sit beside the graphs' own pool: give them back first
+        torch.cuda.empty_cache()
+        self.h_in, self.cos, self.sin = h.detach().clone(), cos.detach().clone(), sin.detach().clone()
+        self.fwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fwd, capture_error_mode="thread_local"):
+            self.out, self.saved = stack_forward(self.layers, self.h_in, self.cos, self.sin, self.pool)
+        # the pinned buffers the graphs read and write stay alive, even if a larger eager step replaces them
+        self.keep = dict(self.pool.buffers) if self.pool is not None else {}
+        self.key = self.shape_key(h, cos)
+
+    # -- backward ----------------------------------------------------------------------------------------
+    def backward(self, grad) -> None:
+        if not self.eager and self.bwd is None:
+            try:
+                self._capture_backward(grad)
+            except Exception as e:  # noqa: BLE001
+                self._fail("backward", e)
+                self.step_cos, self.step_sin, self.eager = self.cos, self.sin, True
+        if self.eager:   # the inputs stored by this step's forward (eager, or the forward graph's replay)
+            grads = stack_backward(self.layers, self.params, grad, self.step_cos, self.step_sin, self.saved,
+                                   self.pool)
+            self.saved = self.step_cos = self.step_sin = None
+            if self.failed is not None:
+                self.fwd = self.bwd = self.out = self.grads = None   # the graphs' pool goes back
+            give_grads(self.flat, grads)
+            return
+        # a .grad that is still one of the graph's own tensors (no zero_grad(set_to_none=True) since the
+        # last step) is moved out before the replay overwrites it
+        for p, g in zip(self.flat, self.grads):
+            if p.grad is not None and p.grad.data_ptr() == g.data_ptr():
+                p.grad = p.grad.clone()
+        self.grad_in.copy_(grad)
+        self.bwd.replay()
+        give_grads(self.flat, self.grads)
+
+    def _capture_backward(self, grad) -> None:
+        # the gradients' own buffers, outside the graphs' pool: memory freed during the forward capture is
+        # reused by the backward capture, so a gradient left in the pool would be overwritten by the next
+        # forward replay (the next micro-batch) while it is still the parameter's .grad
+        self.grads = [torch.empty_like(p) for p in self.flat]
+        per_layer, start = [], 0
+        for ps in self.params:
+            per_layer.append(self.grads[start:start + len(ps)])
+            start += len(ps)
+        self.bwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.bwd, pool=self.fwd.pool(), capture_error_mode="thread_local"):
+            self.grad_in = torch.empty_like(grad)
+            stack_backward(self.layers, self.params, self.grad_in, self.cos, self.sin, self.saved, self.pool,
+                           into=per_layer)
+
+    def _fail(self, what: str, e: Exception) -> None:
+        self.failed = f"capturing the {what} failed: {e!r}"
+        if self.pool is not None:
+            self.pool.fetched.clear()   # copies queued by the aborted capture
+        warnings.warn(f"CUDA graphs are off for the rest of this run ({self.failed}); the decoder stack runs "
+                      "eagerly, as with model.cuda_graphs: off", stacklevel=2)
+
+
+class _Stack(torch.autograd.Function):
+    """The stack as one autograd node: forward and backward run through StackGraphs, which hands the
+    parameters their gradients itself (so none are returned here; `anchor` only makes the output need grad)."""
+
+    @staticmethod
+    def forward(ctx, graphs: StackGraphs, h, cos, sin, anchor):
+        ctx.graphs = graphs
+        return graphs.forward(h, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.graphs.backward(grad)
+        return None, None, None, None, None

@@ -1,0 +1,142 @@
+"""The whole-stack path that CUDA graphs capture (model.fast.graphs), run eagerly on CPU: the same loss and
+gradients as the per-layer path and as PEFT, gradients that accumulate over micro-batches, and the
+conditions under which the graphs stay out (dropout, packed rows, a shape seen once). The graphs themselves
+are compared on the device: tests/gpu/test_fast_gpu.py."""
+
+import pytest
+import torch
+
+from loraforge.config import build_config
+from loraforge.model.fast import FastLlama
+from loraforge.model.fast.graphs import StackGraphs
+from loraforge.train.loop import loss_sum, split_model
+from test_fast_path import _adapted, _batch, _close, _loss_and_grads
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_stack_path_has_the_per_layer_loss_and_gradients(kind, adapter):
+    model = _adapted(kind, adapter)
+    batch = _batch()
+    ref_loss, ref_n, ref = _loss_and_grads(model, split_model(model), batch)
+    per_layer = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")
+    assert per_layer.graphs is None
+    loss0, _, grads0 = _loss_and_grads(model, per_layer, batch)
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="eager")
+    loss, n, grads = _loss_and_grads(model, fast, batch)
+    assert fast.graphs.eager is True and fast.graphs.saved is None   # the stack ran, and let go of its inputs
+    assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5) and loss == pytest.approx(loss0, rel=1e-6)
+    assert grads.keys() == ref.keys()
+    for k in grads:
+        _close(grads[k], ref[k], 1e-5, k)
+        _close(grads[k], grads0[k], 1e-6, k)
+
+
+def test_gradients_accumulate_over_micro_batches():
+    model = _adapted("llama")
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="eager")
+    a, b = _batch(2), _batch(7)
+    ga = _loss_and_grads(model, fast, a)[2]
+    gb = _loss_and_grads(model, fast, b)[2]
+    model.zero_grad(set_to_none=True)
+    for batch in (a, b):
+        fast.loss_sum(batch)[0].backward()
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            _close(p.grad, ga[k] + gb[k], 1e-6, k)
+
+
+def test_graphs_stay_out_with_dropout_packed_rows_and_without_checkpointing():
+    assert FastLlama(_adapted("llama", dropout=0.1), dtype=torch.float32, checkpointing=True).graphs is None
+    model = _adapted("llama")
+    assert FastLlama(model, dtype=torch.float32, checkpointing=False).graphs is None
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="eager")
+    batch = _batch()
+    packed = {"input_ids": batch["input_ids"][:1], "labels": batch["labels"][:1],
+              "position_ids": torch.arange(20)[None] % 10, "segment_ids": (torch.arange(20)[None] >= 10).long()}
+    fast.loss_sum(packed)[0].backward()
+    assert fast.graphs.eager is None   # the per-layer path ran
+    model.eval()
+    with torch.no_grad():
+        fast.loss_sum(batch)
+    assert fast.graphs.eager is None
+
+
+def test_backward_into_buffers_gives_the_returned_gradients():
+    """The backward graph copies each layer's gradients into buffers as soon as they are known (`into`);
+    they equal the returned ones."""
+    from loraforge.model.fast.graphs import stack_backward, stack_forward
+
+    model = _adapted("llama")
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")
+    h = torch.randn(2, 10, 48)
+    cos, sin = model.get_base_model().model.rotary_emb(h, torch.arange(10)[None].expand(2, -1))
+    params = [[p for p in layer.parameters() if p.requires_grad] for layer in fast.decoder.layers]
+    out, saved = stack_forward(fast.layers, h, cos, sin, None)
+    g = torch.randn_like(out)
+    returned = stack_backward(fast.layers, params, g, cos, sin, saved, None)
+    into = [[torch.full_like(p, float("nan")) for p in ps] for ps in params]
+    assert stack_backward(fast.layers, params, g, cos, sin, saved, None, into=into) is None
+    flat = [t for ts in into for t in ts]
+    assert len(flat) == len(returned) == 2 * 14   # two layers, seven projections, A and B
+    for a, b in zip(flat, returned):
+        assert torch.equal(a, b)
+
+
+def test_auto_keeps_graphs_to_host_bound_steps():
+    """auto: graphs for steps whose per-layer matmul work is small (a 1B model), not for an 8B one."""
+    from loraforge.model.fast.graphs import HOST_BOUND_WORK
+
+    auto = StackGraphs([], [], None, layer_weights=60_817_408, only_host_bound=True)   # Llama-3.2-1B layer
+    assert auto.host_bound(4096) and not StackGraphs([], [], None, layer_weights=218_103_808,
+                                                     only_host_bound=True).host_bound(4096)   # Llama-3.1-8B
+    big = StackGraphs([], [], None, layer_weights=int(HOST_BOUND_WORK), only_host_bound=True)
+    h, cos = torch.zeros(1, 2, 4), torch.zeros(1, 2, 2)
+    assert not big.ready(h, cos) and not big.ready(h, cos)   # never captures
+    on = StackGraphs([], [], None, layer_weights=int(HOST_BOUND_WORK), only_host_bound=False)
+    assert not on.ready(h, cos) and on.ready(h, cos)
+    fast = FastLlama(_adapted("llama"), dtype=torch.float32, checkpointing=True)
+    # q, k, v (2 heads of 12), o; gate, up, down: the frozen weights of one layer of SHAPE
+    assert fast.graphs.layer_weights == 48 * (48 + 2 * 24 + 48) + 3 * 48 * 80
+
+
+def test_capture_waits_for_a_shape_that_repeats():
+    graphs = StackGraphs([], [], None, capture=True)
+    a, b, cos = torch.zeros(2, 8, 4), torch.zeros(2, 9, 4), torch.zeros(1, 8, 2)
+    assert not graphs.ready(a, cos)      # first sight: eager (warms up kernels and buffers)
+    assert graphs.ready(a, cos)          # seen twice in a row: captured now
+    graphs.key = graphs.shape_key(a, cos)
+    assert not graphs.ready(b, cos)      # another shape: eager, the graphs stay for a
+    assert graphs.ready(a, cos)
+    graphs.failed = "capture failed"
+    assert not graphs.ready(a, cos)
+
+
+def test_cuda_graphs_option_reaches_the_fast_path(tiny_model, tmp_path):
+    from conftest import chat_rows, tiny_config, write_jsonl
+    from loraforge.model.load import load_base
+    from loraforge.model.prepare import prepare_for_training
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
+    tree = tiny_config(tiny_model, data, tmp_path / "run")
+    tree["lora"] = {"dropout": 0.0}   # dropout keeps the graphs out (its masks)
+    tree["model"] = {"fast_path": "on", "gradient_checkpointing": True, "cuda_graphs": "off"}
+    cfg = build_config(tree)
+    base, _, _ = load_base(str(tiny_model), device="cpu")
+    _, fast = prepare_for_training(base, cfg, "cpu", torch.float32, base_path=str(tiny_model))
+    assert fast is not None and fast.graphs is None
+    tree["model"]["cuda_graphs"] = "auto"
+    base, _, _ = load_base(str(tiny_model), device="cpu")
+    _, fast = prepare_for_training(base, build_config(tree), "cpu", torch.float32, base_path=str(tiny_model))
+    assert fast.graphs is not None and fast.graphs.capture
+    # on CPU the stack never captures: the per-layer path trains, with PEFT's loss
+    model = fast.model
+    s, n = fast.loss_sum(_tokens(model))
+    ref = loss_sum(model, _tokens(model), split_model(model))[0]
+    assert float(s) == pytest.approx(float(ref), rel=1e-5) and fast.graphs.eager is None
+
+
+def _tokens(model):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
