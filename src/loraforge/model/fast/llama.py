@@ -65,6 +65,7 @@ class _Layer:
         self.down = Projections([mlp.down_proj], dtype, buffers, live)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(at, "q_norm", None), getattr(at, "k_norm", None)
+        self.buffers = buffers
         self.head_dim = at.head_dim
         self.scaling = at.scaling
         self.q_heads = self.qkv.outs[0] // at.head_dim
@@ -90,6 +91,7 @@ class _Layer:
         return q, k, v
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
+        self.buffers["holds"] = None   # see lora.FrozenGroup._rebuild
         x = rms_norm(h, self.norm1.weight, self.norm1.variance_epsilon)
         q, k, v = self._qkv(x, cos, sin)
         h = self.o.add_to(h, attention(q, k, v, self.scaling, packed))
