@@ -52,7 +52,7 @@ class ModelSection(_Section):
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="Fast path with gradient checkpointing on one GPU: replay the decoder stack as CUDA "
                             "graphs once a batch shape repeats (unpacked rows of one length). auto = where the host "
-                            "limits the step (small models: 2x for a 1B model on an H100), on = wherever they apply."
+                            "limits the step (small models: 1.4x for a 1B model on an H100), on = wherever they apply."
     )
 
 

@@ -119,10 +119,11 @@ class StackGraphs:
 
     def host_bound(self, tokens: int) -> bool:
         """Whether a step of `tokens` tokens leaves the GPU waiting for the host: its per-layer matmul work
-        (tokens x the layer's projection weights) is small. Measured on the H100 (bench/results/train_speed/
-        h100_s6_graphs.json): Llama-3.2-1B shape at 4,096 tokens (2.5e11) trains 2.1-2.4x faster with the
-        graphs; Llama-3.1-8B at 4,096 (8.9e11) gains at most a few percent and holds ~0.7 GiB more (the
-        graphs' pool is not shared with the eager loss and optimizer). The line is drawn between them."""
+        (tokens x the layer's projection weights) is small. Measured on H100s: Llama-3.2-1B shape at 4,096
+        tokens (2.5e11) trains 1.40x faster with the graphs (bench/results/train_speed/h100_s7_graphs.json;
+        2.1-2.5x in session 6's calls, whose host was slower: the eager rate moves with the host CPU);
+        Llama-3.1-8B at 4,096 (8.9e11) gained 0.5% and held 0.5-0.6 GiB more (the graphs' pool is not shared
+        with the eager loss and optimizer; session 6, README of that folder). The line is drawn between them."""
         return tokens * self.layer_weights <= HOST_BOUND_WORK
 
     def __call__(self, h, cos, sin) -> torch.Tensor:
