@@ -28,7 +28,7 @@ attention), plain transformers position_ids (its masks detect packed rows from p
 says `packed_attention` false where the installed transformers does not). Mix rows add pack_len,
 real_tokens_per_step and length_mix {mean, p10, p50, p90} of the examples trained on.
 With --rounds N the row list runs N times, interleaved, and the ratios compare median rates: one row's
-rate moved by 5-15% between calls (Unsloth's QLoRA 8,749 and 10,142 tokens/s on the same H100 kind).
+rate moved by 5-16% between calls (Unsloth's QLoRA 8,749 and 10,142 tokens/s on the same H100 kind).
 Prints one JSON object; with --out also writes train_speed.json there.
 """
 
