@@ -35,6 +35,7 @@ Prints one JSON object; with --out also writes train_speed.json there.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -294,7 +295,7 @@ def main() -> None:
         if not (folder / "config.json").is_file():
             subprocess.run([sys.executable, __file__, "--make", base, str(folder), "--tokenizer", a.tokenizer],
                            check=True, env=env)
-        for rnd, row in ((r, row) for r in range(a.rounds) for row in a.rows.split(",")):
+        for rnd, row in itertools.product(range(a.rounds), a.rows.split(",")):
             cmd = [sys.executable, __file__, "--child", row, str(folder), "--batch", str(a.batch), "--seq",
                    str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps)] + \
                 (["--profile", str(prof_dir)] if prof_dir else []) + \
@@ -327,13 +328,11 @@ def main() -> None:
 def ratios(rows: list[dict]) -> dict:
     """Each ours-* row against the peers' row of its method and shape: speed = ratio of the median tokens/s over
     the rounds, reserved = ratio of the largest peak reserved; with several rounds also each round's speed ratio
-    (how much of a difference is noise between runs of one row)."""
+    (how much of a difference is noise between runs of one row), for the rounds where both rows ran."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "tokens_per_s" in r:
             groups.setdefault((r["shape"], r["row"]), []).append(r)
-    rate = lambda rs: statistics.median(x["tokens_per_s"] for x in rs)  # noqa: E731
-    mem = lambda rs: max(x["peak_reserved_gib"] for x in rs)  # noqa: E731
     out = {}
     for (shape, row), ours in groups.items():
         if not row.startswith("ours-"):
@@ -341,14 +340,25 @@ def ratios(rows: list[dict]) -> dict:
         method = row.split("-")[1]   # ours-qlora-gc, ours-qlora-nographs: against the peers' qlora
         for peer in ("plain", "unsloth"):
             theirs = groups.get((shape, f"{peer}-{method}"))
-            if theirs:
-                entry = {"speed": round(rate(ours) / rate(theirs), 3),
-                         "reserved": round(mem(ours) / mem(theirs), 3)}
-                if len(ours) > 1 and len(ours) == len(theirs):
-                    entry["speed_per_round"] = [round(o["tokens_per_s"] / t["tokens_per_s"], 3)
-                                                for o, t in zip(ours, theirs)]
-                out[f"{shape}/{row} vs {peer}-{method}"] = entry
+            if not theirs:
+                continue
+            entry = {"speed": round(_median_rate(ours) / _median_rate(theirs), 3),
+                     "reserved": round(_peak(ours) / _peak(theirs), 3)}
+            by_round = {t["round"]: t for t in theirs if "round" in t}
+            pairs = [(o, by_round[o["round"]]) for o in ours if o.get("round") in by_round]
+            if len(pairs) > 1:
+                entry["speed_per_round"] = [round(o["tokens_per_s"] / t["tokens_per_s"], 3) for o, t in pairs]
+            out[f"{shape}/{row} vs {peer}-{method}"] = entry
     return out
+
+
+def _median_rate(rows: list[dict]) -> float:
+    return statistics.median(r["tokens_per_s"] for r in rows)
+
+
+def _peak(rows: list[dict]) -> float:
+    return max(r["peak_reserved_gib"] for r in rows)
+
 
 if __name__ == "__main__":
     main()

@@ -44,3 +44,13 @@ def test_rounds_use_median_rates_largest_memory_and_list_each_rounds_ratio(ratio
     assert got["reserved"] == pytest.approx(7.1 / 7.3, abs=1e-3)
     assert got["speed_per_round"] == [1.375, 1.0, 1.105]
     assert not any(k.startswith("1b/") for k in ratios(rows))        # no peer of that shape
+
+
+def test_each_rounds_ratio_pairs_rows_of_the_same_round(ratios):
+    rows = [row("ours-lora", 12000, 16.0, rnd=0), {"row": "unsloth-lora", "shape": "8b", "error": "oom", "round": 0},
+            row("ours-lora", 11000, 16.1, rnd=1), row("unsloth-lora", 10000, 16.8, rnd=1),
+            {"row": "ours-lora", "shape": "8b", "error": "timeout", "round": 2}, row("unsloth-lora", 9000, 16.8, rnd=2),
+            row("ours-lora", 13200, 16.0, rnd=3), row("unsloth-lora", 11000, 16.8, rnd=3)]
+    got = ratios(rows)["8b/ours-lora vs unsloth-lora"]
+    assert got["speed_per_round"] == [1.1, 1.2]          # rounds 1 and 3: the only ones where both rows ran
+    assert got["speed"] == pytest.approx(12000 / 10000, abs=1e-3)
