@@ -86,6 +86,45 @@ def test_fast_loss_and_grads_match_peft(kind, adapter, ckpt):
         _close(grads[k], ref_grads[k], 1e-5, k)
 
 
+@pytest.mark.parametrize("ranks", [None, {"k_proj": 2}], ids=["equal-ranks", "rank-pattern"])
+def test_grouped_gradients_reach_grad_without_a_copy_at_r_equal_alpha(ranks):
+    """At r = alpha (scale 1, the default) the B gradients of a group (q/k/v, gate/up) are handed to autograd
+    as contiguous tensors, which it keeps as .grad: no copy kernel per projection and step. They equal
+    PEFT's, also with unequal ranks in a group (which keep the strided slices and autograd's copy)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model("llama"), LoraConfig(r=4, lora_alpha=4, target_modules="all-linear",
+                                                       rank_pattern=ranks or {}, alpha_pattern=ranks or {}))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data.normal_(0, 0.2)
+    model.train()
+    batch = _batch()
+    _, _, ref_grads = _loss_and_grads(model, split_model(model), batch)
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")
+    model.zero_grad(set_to_none=True)
+    loss, _ = fast.loss_sum(batch)
+    with Count() as count:
+        loss.backward()
+    copies = count.ops.count("aten.copy_.default")
+    assert copies == (0 if ranks is None else 3 * 2)   # with a rank pattern: q/k/v's B slices, 2 layers
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            _close(p.grad, ref_grads[k], 1e-5, k)
+
+
 def test_adapter_update_without_version_bump_reaches_the_next_pass():
     """The fast path casts and stacks the LoRA factors once per forward pass. An update that leaves the
     parameters' version counters alone (as fused and 8-bit optimizers do; here through .data) must still

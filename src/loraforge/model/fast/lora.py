@@ -212,13 +212,12 @@ class LoraGroupFn(torch.autograd.Function):
         # one cast each for all projections (PEFT keeps A and B in fp32); the per-projection gradients are
         # slices of them, scaled only where the scale is not 1 (r = alpha, the default)
         da_cat = da_cat.to(ctx.param_dtypes[0])
-        db_blk = db_blk.to(ctx.param_dtypes[1])
         grads = []
-        r0 = o0 = 0
-        for r, o, s in zip(ctx.ranks, group.outs, ctx.scales):
-            db = db_blk[o0:o0 + o, r0:r0 + r]
+        r0 = 0
+        for r, db, s in zip(ctx.ranks, _diagonal_blocks(db_blk, ctx.ranks, group.outs, ctx.param_dtypes[1]),
+                            ctx.scales):
             grads += [da_cat[r0:r0 + r], db * s if s != 1.0 else db]
-            r0, o0 = r0 + r, o0 + o
+            r0 += r
         dx = dxd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dx = group.grad_input(dy2)                     # (N, in)
@@ -228,6 +227,24 @@ class LoraGroupFn(torch.autograd.Function):
                 dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
             dx = dx.view(*ctx.lead, dx.shape[-1])
         return (dx, dxd, None, None, None, dy if ctx.residual else None, *grads)
+
+
+def _diagonal_blocks(db_blk: torch.Tensor, ranks: list[int], outs: list[int], dtype) -> list[torch.Tensor]:
+    """The (out_i, r_i) diagonal blocks of the block gradient, cast to the parameters' dtype, each contiguous
+    where the ranks are equal (the usual case): gathered by one cat into a (sum out, r) tensor whose row
+    slices they are. A strided slice of the block matrix would do as a gradient, but autograd copies every
+    non-contiguous gradient before it keeps it as .grad: one copy kernel per projection and step (160 on an
+    8B model, the "Memcpy DtoD" rows of bench/results/train_speed/profiles/s8_8b_ours-lora.txt)."""
+    if len(ranks) == 1:
+        return [db_blk.to(dtype)]
+    starts = [sum(outs[:i]) for i in range(len(outs))]
+    if len(set(ranks)) == 1:
+        r = ranks[0]
+        rows = torch.cat([db_blk[o0:o0 + o, i * r:(i + 1) * r] for i, (o0, o) in enumerate(zip(starts, outs))])
+        return list(rows.to(dtype).split(outs))
+    db_blk = db_blk.to(dtype)
+    r_starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    return [db_blk[o0:o0 + o, r0:r0 + r] for o0, o, r0, r in zip(starts, outs, r_starts, ranks)]
 
 
 class Projections:
