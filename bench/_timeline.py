@@ -7,6 +7,9 @@ what the host was doing: the CPU ops (outer to inner, e.g. `RecomputedLayerBackw
 launched the kernel ending the gap, and whether the launch came late (the CPU was behind: host-bound) or
 early (the stream waited on something else: an event, another stream, a sync). Host syncs
 (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize, blocking cudaMemcpy) are counted.
+Where the profiled loop marks its phases with `torch.profiler.record_function("phase:forward")` (and
+backward, optimizer), the idle time is also split by the phase whose launch ended each gap ("outside" where
+none encloses it, e.g. the host work between two steps).
 
     summary = idle_summary(json.load(open("trace.json")), steps=2)
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+PHASE = "phase:"   # the prefix of the loop's phase annotations
 
 
 def _busy(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -51,6 +55,8 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
     for e in sorted(on_compute, key=lambda e: e["ts"]):
         first_after.setdefault(e["ts"], e)
     blame: Counter = Counter()
+    by_phase: Counter = Counter()
+    phases = [e for e in cpu_ops if e["name"].startswith(PHASE)]
     host_bound = other = 0.0
     gaps = []
     for (_, prev_end), (nxt_start, _) in zip(busy, busy[1:]):
@@ -66,6 +72,7 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
         else:
             other += gap
         blame[("host-bound: " if late else "waiting: ") + where] += gap
+        by_phase[_phase(phases, launch["ts"] if launch else nxt_start)] += gap
         gaps.append(gap)
     syncs = Counter(e["name"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
                     and e["name"] in SYNC_CALLS)
@@ -79,12 +86,22 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
             "idle_waiting_ms_per_step": round(other / steps / 1e3, 3),
             "gaps_over_min_per_step": round(len(gaps) / steps, 1), "min_gap_us": min_gap_us,
             "host_syncs": dict(syncs),
-            "top_idle_causes_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in blame.most_common(top)}}
+            "top_idle_causes_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in blame.most_common(top)}} | \
+        ({"idle_by_phase_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in by_phase.most_common()}}
+         if phases else {})
+
+
+def _phase(phases: list[dict], ts: float) -> str:
+    """The phase (a `phase:` annotation) running at host time ts, or "outside"."""
+    for e in phases:
+        if e["ts"] <= ts <= e["ts"] + e["dur"]:
+            return e["name"][len(PHASE):]
+    return "outside"
 
 
 def _enclosing(cpu_ops: list[dict], ts: float, depth: int = 3) -> str:
     """The innermost `depth` CPU ops running at host time ts, outer to inner."""
     stack = [e for e in cpu_ops if e["ts"] <= ts <= e["ts"] + e["dur"]]
     stack.sort(key=lambda e: (e["ts"], -e["dur"]))
-    names = [e["name"] for e in stack if not e["name"].startswith("ProfilerStep")]
+    names = [e["name"] for e in stack if not e["name"].startswith(("ProfilerStep", PHASE))]
     return " > ".join(names[-depth:]) if names else "(no CPU op)"

@@ -197,13 +197,18 @@ def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, pr
     torch.cuda.synchronize()
     secs = time.time() - t0
     if profile:  # two more steps under torch.profiler: where the GPU time goes, kernel by kernel
-        from torch.profiler import ProfilerActivity, profile as prof
+        from torch.profiler import ProfilerActivity, profile as prof, record_function
 
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            for b in data[:2]:
-                loss_fn(b).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            for b in data[:2]:   # the timed loop's steps, its phases marked for _timeline's idle split
+                with record_function("phase:forward"):
+                    loss = loss_fn(b)
+                with record_function("phase:backward"):
+                    loss.backward()
+                with record_function("phase:optimizer"):
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                float(loss)
             torch.cuda.synchronize()
         profile.mkdir(parents=True, exist_ok=True)
         (profile / f"{row}.txt").write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=45,

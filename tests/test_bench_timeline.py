@@ -62,6 +62,25 @@ def test_triton_launches_through_the_driver_api_are_found():
     assert s["top_idle_causes_ms_per_step"] == {"host-bound: LigerRMSNormFunction": 0.29}
 
 
+def test_idle_is_split_by_the_phase_whose_launch_ended_the_gap():
+    """The loop's `phase:` annotations split the idle time: a gap ended by a launch in the forward counts
+    for the forward, one whose launch no phase encloses (host work between steps) for "outside"; the blame
+    strings leave the annotations out."""
+    ann = {"ph": "X", "cat": "user_annotation"}
+    events = [ann | {"name": "phase:forward", "ts": 0, "dur": 300},
+              ann | {"name": "phase:backward", "ts": 300, "dur": 300},
+              _op("aten::mm", 250, 20),
+              _k(10, 100, 1), _launch(5, 1),
+              _k(260, 40, 2), _launch(255, 2),     # gap 110-260 (150 us), launched late in the forward
+              _k(400, 50, 3), _launch(310, 3),     # gap 300-400 (100 us), launched early in the backward
+              _k(700, 50, 4), _launch(650, 4)]     # gap 450-700 (250 us), launched after both phases
+    s = timeline.idle_summary({"traceEvents": events}, steps=1, min_gap_us=20)
+    assert s["idle_by_phase_ms_per_step"] == {"outside": 0.25, "forward": 0.15, "backward": 0.1}
+    assert s["top_idle_causes_ms_per_step"]["host-bound: aten::mm"] == 0.15
+    plain = timeline.idle_summary({"traceEvents": events[2:]}, steps=1, min_gap_us=20)
+    assert "idle_by_phase_ms_per_step" not in plain
+
+
 def test_trace_without_gpu_events_is_reported():
     assert "error" in timeline.idle_summary({"traceEvents": [_op("x", 0, 1)]}, steps=1)
 
