@@ -6,7 +6,8 @@ stream with the most kernel time as the compute stream, and measures its idle ga
 what the host was doing: the CPU ops (outer to inner, e.g. `RecomputedLayerBackward > LoraGroupFn > aten::mm`) that
 launched the kernel ending the gap, and whether the launch came late (the CPU was behind: host-bound) or
 early (the stream waited on something else: an event, another stream, a sync). Host syncs
-(cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize, blocking cudaMemcpy) are counted.
+(cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize, blocking cudaMemcpy) are counted, with
+the CPU ops that made them.
 Where the profiled loop marks its phases with `torch.profiler.record_function("phase:forward")` (and
 backward, optimizer), the idle time is also split by the phase whose launch ended each gap ("outside" where
 none encloses it, e.g. the host work between two steps).
@@ -74,8 +75,10 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
         blame[("host-bound: " if late else "waiting: ") + where] += gap
         by_phase[_phase(phases, launch["ts"] if launch else nxt_start)] += gap
         gaps.append(gap)
-    syncs = Counter(e["name"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
-                    and e["name"] in SYNC_CALLS)
+    sync_calls = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and e["name"] in SYNC_CALLS]
+    syncs = Counter(e["name"] for e in sync_calls)
+    # where each sync was called from: after one, the GPU has nothing queued until the host launches again
+    sync_sites = Counter(_enclosing(cpu_ops, e["ts"]) for e in sync_calls)
     wall = end - start
     busy_us = sum(e - s for s, e in busy)
     return {"compute_stream": compute, "steps": steps,
@@ -86,6 +89,7 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
             "idle_waiting_ms_per_step": round(other / steps / 1e3, 3),
             "gaps_over_min_per_step": round(len(gaps) / steps, 1), "min_gap_us": min_gap_us,
             "host_syncs": dict(syncs),
+            "host_sync_sites_per_step": {k: round(v / steps, 1) for k, v in sync_sites.most_common(top)},
             "top_idle_causes_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in blame.most_common(top)}} | \
         ({"idle_by_phase_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in by_phase.most_common()}}
          if phases else {})

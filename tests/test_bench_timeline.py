@@ -47,6 +47,7 @@ def test_idle_gaps_are_measured_and_blamed():
     assert s["idle_waiting_ms_per_step"] == pytest.approx(200 / 2 / 1e3)
     assert s["gaps_over_min_per_step"] == 1.0
     assert s["host_syncs"] == {"cudaStreamSynchronize": 1}
+    assert s["host_sync_sites_per_step"] == {"RecomputedLayerBackward": 0.5}
     causes = s["top_idle_causes_ms_per_step"]
     assert causes == {"host-bound: RecomputedLayerBackward > LoraGroupFn > aten::mm": 0.1,
                       "waiting: RecomputedLayerBackward > LoraGroupFn": 0.1}
