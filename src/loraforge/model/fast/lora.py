@@ -18,6 +18,8 @@ storage of our own.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from loraforge.model.fast import nf4
@@ -213,11 +215,9 @@ class LoraGroupFn(torch.autograd.Function):
         # slices of them, scaled only where the scale is not 1 (r = alpha, the default)
         da_cat = da_cat.to(ctx.param_dtypes[0])
         grads = []
-        r0 = 0
-        for r, db, s in zip(ctx.ranks, _diagonal_blocks(db_blk, ctx.ranks, group.outs, ctx.param_dtypes[1]),
-                            ctx.scales):
-            grads += [da_cat[r0:r0 + r], db * s if s != 1.0 else db]
-            r0 += r
+        for da, db, s in zip(da_cat.split(ctx.ranks), _diagonal_blocks(db_blk, ctx.ranks, group.outs,
+                                                                      ctx.param_dtypes[1]), ctx.scales):
+            grads += [da, db * s if s != 1.0 else db]
         dx = dxd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dx = group.grad_input(dy2)                     # (N, in)
@@ -237,14 +237,11 @@ def _diagonal_blocks(db_blk: torch.Tensor, ranks: list[int], outs: list[int], dt
     8B model, the "Memcpy DtoD" rows of bench/results/train_speed/profiles/s8_8b_ours-lora.txt)."""
     if len(ranks) == 1:
         return [db_blk.to(dtype)]
-    starts = [sum(outs[:i]) for i in range(len(outs))]
+    spans = list(zip(itertools.accumulate(outs, initial=0), outs, itertools.accumulate(ranks, initial=0), ranks))
     if len(set(ranks)) == 1:
-        r = ranks[0]
-        rows = torch.cat([db_blk[o0:o0 + o, i * r:(i + 1) * r] for i, (o0, o) in enumerate(zip(starts, outs))])
-        return list(rows.to(dtype).split(outs))
+        return list(torch.cat([db_blk[o0:o0 + o, r0:r0 + r] for o0, o, r0, r in spans]).to(dtype).split(outs))
     db_blk = db_blk.to(dtype)
-    r_starts = [sum(ranks[:i]) for i in range(len(ranks))]
-    return [db_blk[o0:o0 + o, r0:r0 + r] for o0, o, r0, r in zip(starts, outs, r_starts, ranks)]
+    return [db_blk[o0:o0 + o, r0:r0 + r] for o0, o, r0, r in spans]
 
 
 class Projections:
