@@ -7,7 +7,7 @@ what the host was doing: the CPU ops (outer to inner, e.g. `RecomputedLayerBackw
 launched the kernel ending the gap, and whether the launch came late (the CPU was behind: host-bound) or
 early (the stream waited on something else: an event, another stream, a sync). Host syncs
 (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize, blocking cudaMemcpy) are counted, with
-the CPU ops that made them.
+the CPU ops that made them, and device-to-device copies are summed by the CPU ops that launched them.
 Where the profiled loop marks its phases with `torch.profiler.record_function("phase:forward")` (and
 backward, optimizer), the idle time is also split by the phase whose launch ended each gap ("outside" where
 none encloses it, e.g. the host work between two steps).
@@ -79,6 +79,12 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
     syncs = Counter(e["name"] for e in sync_calls)
     # where each sync was called from: after one, the GPU has nothing queued until the host launches again
     sync_sites = Counter(_enclosing(cpu_ops, e["ts"]) for e in sync_calls)
+    # device-to-device copies (clone, contiguous, copy_ of same-layout tensors): who launched them
+    copies: Counter = Counter()
+    for e in gpu:
+        if "DtoD" in e["name"]:
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            copies[_enclosing(cpu_ops, launch["ts"], depth=4) if launch else "?"] += e["dur"]
     wall = end - start
     busy_us = sum(e - s for s, e in busy)
     return {"compute_stream": compute, "steps": steps,
@@ -90,7 +96,8 @@ def idle_summary(trace: dict, steps: int, min_gap_us: float = 20.0, top: int = 1
             "gaps_over_min_per_step": round(len(gaps) / steps, 1), "min_gap_us": min_gap_us,
             "host_syncs": dict(syncs),
             "host_sync_sites_per_step": {k: round(v / steps, 1) for k, v in sync_sites.most_common(top)},
-            "top_idle_causes_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in blame.most_common(top)}} | \
+            "top_idle_causes_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in blame.most_common(top)},
+            "device_copies_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in copies.most_common(top)}} | \
         ({"idle_by_phase_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in by_phase.most_common()}}
          if phases else {})
 

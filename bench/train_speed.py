@@ -35,6 +35,7 @@ Prints one JSON object; with --out also writes train_speed.json there.
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import os
@@ -211,14 +212,20 @@ def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, pr
                 float(loss)
             torch.cuda.synchronize()
         profile.mkdir(parents=True, exist_ok=True)
-        (profile / f"{row}.txt").write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=45,
-                                                                   max_name_column_width=70))
+        table = p.key_averages()
+        (profile / f"{row}.txt").write_text(table.table(sort_by="cuda_time_total", row_limit=45,
+                                                        max_name_column_width=70))
+        # the host's side: where the CPU time of a step goes (a step whose GPU waits for launches)
+        (profile / f"{row}.cpu.txt").write_text(table.table(sort_by="self_cpu_time_total", row_limit=45,
+                                                            max_name_column_width=70))
         from _timeline import idle_summary  # the GPU's idle gaps and who kept it waiting
 
         trace = Path(f"/tmp/lf-trace-{row}.json")
         try:  # a trace this code cannot read must not cost the row its timing
             p.export_chrome_trace(str(trace))
             idle = idle_summary(json.loads(trace.read_text()), steps=2)
+            with gzip.open(profile / f"{row}.trace.json.gz", "wb") as f:   # for chrome://tracing, Perfetto
+                f.write(trace.read_bytes())
         except Exception as e:  # noqa: BLE001
             idle = {"error": repr(e)}
         trace.unlink(missing_ok=True)
@@ -273,8 +280,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=1, help="run the whole row list this many times, interleaved "
                     "(ours, peer, ours, peer...); ratios then use each row's median rate (and its largest memory)")
-    ap.add_argument("--profile", type=Path, help="also write per row into this folder: a torch.profiler table, "
-                    "the GPU's idle time (<row>.idle.json) and what is alive at the memory peak (<row>.memory.json)")
+    ap.add_argument("--profile", type=Path, help="also write per row into this folder: torch.profiler tables "
+                    "(GPU time, host CPU time), the trace (<row>.trace.json.gz), the GPU's idle time (<row>.idle.json) and what is alive at the memory peak (<row>.memory.json)")
     ap.add_argument("--child", nargs=2, metavar=("ROW", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--make", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--mix", action="store_true", help=argparse.SUPPRESS)

@@ -37,10 +37,16 @@ def test_idle_gaps_are_measured_and_blamed():
         _k(300, 50, 6, stream=9), _launch(30, 6),   # another stream: not the compute stream
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 800, "dur": 3, "args": {}},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 810, "dur": 3, "args": {}},
+        _op("RopeQKVBackward", 820, 30), _op("aten::clone", 825, 10),
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "ts": 760, "dur": 8,
+         "args": {"stream": 7, "correlation": 8}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 826, "dur": 3, "args": {"correlation": 8}},
     ]
     s = timeline.idle_summary({"traceEvents": events}, steps=2, min_gap_us=20)
     assert s["compute_stream"] == 7
     assert s["wall_ms_per_step"] == pytest.approx((770 - 10) / 2 / 1e3)
+    assert s["device_copies_ms_per_step"] == {
+        "RecomputedLayerBackward > RopeQKVBackward > aten::clone": pytest.approx(8 / 2 / 1e3)}
     assert s["compute_busy_ms_per_step"] == pytest.approx((100 + 90 + 100 + 50 + 10) / 2 / 1e3)
     assert s["idle_ms_per_step"] == pytest.approx((200 + 200 + 10) / 2 / 1e3)
     assert s["idle_host_bound_ms_per_step"] == pytest.approx(200 / 2 / 1e3)

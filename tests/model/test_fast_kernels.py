@@ -44,18 +44,27 @@ def test_rope_kernel_rotates_q_and_k_heads_in_place(interpreted, per_row):
     assert torch.allclose(back, qkv, atol=1e-5)
 
 
-def test_rope_function_gradient_equals_autograd_of_the_rotation(interpreted):
+@pytest.mark.parametrize("fresh_grad", [False, True])
+def test_rope_function_gradient_equals_autograd_of_the_rotation(interpreted, fresh_grad):
+    """The gradient is the inverse rotation; a gradient the caller holds stays untouched unless the caller
+    says it is autograd's own (then it is rotated in place: as the decoder layer uses it, behind a split)."""
     torch.manual_seed(1)
     bsz, t, hq, hkv, d = 2, 6, 4, 1, 16
     qkv = torch.randn(bsz, t, (hq + 2 * hkv) * d)
     cos, sin = _cos_sin(bsz, t, d)
     w = torch.randn_like(qkv)
     x = qkv.clone().requires_grad_(True)
-    y = interpreted.RopeQKV.apply(x * 1, cos, sin, hq + hkv, d)
-    (y * w).sum().backward()
+    y = interpreted.RopeQKV.apply(x * 1, cos, sin, hq + hkv, d, fresh_grad)
+    if fresh_grad:   # the layer's use: q, k, v split out of the rotated buffer
+        parts = y.view(bsz, t, -1, d).split([hq, hkv, hkv], dim=2)
+        (gx,) = torch.autograd.grad(parts, x, [p for p in w.view(bsz, t, -1, d).split([hq, hkv, hkv], dim=2)])
+    else:
+        held = w.clone()
+        (gx,) = torch.autograd.grad(y, x, held)
+        assert torch.equal(held, w), "the caller's gradient tensor was rotated in place"
     x2 = qkv.clone().requires_grad_(True)
     r = x2.view(bsz, t, -1, d)
     y2 = torch.cat([_rot(r[:, :, :hq + hkv], cos[:, :, None], sin[:, :, None]), r[:, :, hq + hkv:]], 2)
     (y2.reshape(bsz, t, -1) * w).sum().backward()
     assert torch.allclose(y, y2.reshape(bsz, t, -1), atol=1e-6)
-    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(gx, x2.grad, atol=1e-5)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import chat_rows, tiny_config, write_jsonl
 from loraforge.config import LoraSection, build_config
@@ -86,22 +87,23 @@ def test_fast_loss_and_grads_match_peft(kind, adapter, ckpt):
         _close(grads[k], ref_grads[k], 1e-5, k)
 
 
+class _Count(TorchDispatchMode):
+    """The ATen ops run while it is active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("ranks", [None, {"k_proj": 2}], ids=["equal-ranks", "rank-pattern"])
 def test_grouped_gradients_reach_grad_without_a_copy_at_r_equal_alpha(ranks):
     """At r = alpha (scale 1, the default) the B gradients of a group (q/k/v, gate/up) are handed to autograd
     as contiguous tensors, which it keeps as .grad: no copy kernel per projection and step. They equal
     PEFT's, also with unequal ranks in a group (which keep the strided slices and autograd's copy)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(_model("llama"), LoraConfig(r=4, lora_alpha=4, target_modules="all-linear",
@@ -116,13 +118,44 @@ def test_grouped_gradients_reach_grad_without_a_copy_at_r_equal_alpha(ranks):
     fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")
     model.zero_grad(set_to_none=True)
     loss, _ = fast.loss_sum(batch)
-    with Count() as count:
+    with _Count() as count:
         loss.backward()
     copies = count.ops.count("aten.copy_.default")
     assert copies == (0 if ranks is None else 3 * 2)   # with a rank pattern: q/k/v's B slices, 2 layers
     for k, p in model.named_parameters():
         if p.requires_grad:
             _close(p.grad, ref_grads[k], 1e-5, k)
+
+
+def test_recomputation_reuses_the_forwards_thin_products():
+    """With checkpointing, the forward without grad keeps each group's x A^T and the recomputation in backward
+    takes it instead of multiplying again: one matmul fewer per projection group and layer (4 groups x 2
+    layers), the same gradients as PEFT's; a later pass never takes an earlier pass's product."""
+    model = _adapted("llama")
+    batch = _batch()
+    _, _, ref_grads = _loss_and_grads(model, split_model(model), batch)
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")
+    mms = {}
+    for keep in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, _ = fast.loss_sum(batch)
+        fast.buffers["keep_xa"] = keep   # as hidden() sets it; False: every group multiplies again
+        with _Count() as count:
+            loss.backward()
+        mms[keep] = sum(op in ("aten.mm.default", "aten.mm.out") for op in count.ops)
+        for k, p in model.named_parameters():
+            if p.requires_grad:
+                _close(p.grad, ref_grads[k], 1e-5, k)
+    assert mms[False] - mms[True] == 4 * SHAPE["num_hidden_layers"]
+    groups = [g for layer in fast.layers for proj in layer.projections() for _, g, _, _ in proj.parts]
+    assert all(g.kept_xa is None for g in groups), "a kept product outlived its recomputation"
+    loss, _ = fast.loss_sum(_batch(seed=5))              # kept again by this pass's forward...
+    assert all(g.kept_xa is not None for g in groups)
+    fast.buffers["pass"] += 1                            # ...but a later pass's recomputation multiplies
+    model.zero_grad(set_to_none=True)
+    with _Count() as count:
+        loss.backward()
+    assert sum(op in ("aten.mm.default", "aten.mm.out") for op in count.ops) == mms[False]
 
 
 def test_adapter_update_without_version_bump_reaches_the_next_pass():

@@ -66,17 +66,20 @@ class RopeQKV(torch.autograd.Function):
     that wrote qkv saved no output, so nothing else reads the pre-rotation values)."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, heads: int, head_dim: int):
+    def forward(ctx, qkv, cos, sin, heads: int, head_dim: int, fresh_grad: bool = False):
         rope_qk_(qkv, cos, sin, heads, head_dim)
         ctx.mark_dirty(qkv)
         ctx.save_for_backward(cos, sin)
-        ctx.heads, ctx.head_dim = heads, head_dim
+        ctx.heads, ctx.head_dim, ctx.fresh_grad = heads, head_dim, fresh_grad
         return qkv
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        # a copy: the incoming gradient may be a tensor someone else holds (autograd.grad's grad_outputs)
-        grad = grad.clone(memory_format=torch.contiguous_format)
+        # the incoming gradient may be a tensor someone else holds (autograd.grad's grad_outputs): rotated in
+        # a copy, unless the caller knows it is autograd's own (`fresh_grad`: the decoder layer, whose q/k/v
+        # split hands back a new concatenation; one (N, 6144) copy a layer and step saved at 8B)
+        if not ctx.fresh_grad or not grad.is_contiguous():
+            grad = grad.clone(memory_format=torch.contiguous_format)
         rope_qk_(grad, cos, sin, ctx.heads, ctx.head_dim, backward=True)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None

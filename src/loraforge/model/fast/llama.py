@@ -79,7 +79,9 @@ class _Layer:
         bsz, t, _ = x.shape
         heads = [self.q_heads, self.kv_heads, self.kv_heads]
         if self.qkv.joined and self.q_norm is None:
-            qkv = rope_qkv(self.qkv.joined(x), cos, sin, self.q_heads, self.kv_heads, self.head_dim)
+            # its gradient comes from the split below: a new tensor, which RoPE's backward may rotate in place
+            qkv = rope_qkv(self.qkv.joined(x), cos, sin, self.q_heads, self.kv_heads, self.head_dim,
+                           fresh_grad=True)
             q, k, v = qkv.view(bsz, t, -1, self.head_dim).split(heads, dim=2)
             return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k, v = (y.view(bsz, t, -1, self.head_dim) for y in self.qkv(x))
@@ -159,6 +161,7 @@ class FastLlama:
             cos, sin = self.decoder.rotary_emb(h, pos)
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
             self._recompute = torch.is_grad_enabled() and self.model.training and self.checkpointing
+            self.buffers["keep_xa"] = self._recompute   # see lora._thin_product
             if self._recompute and packed is None and self.graphs is not None and \
                     (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos):
                 h = self.graphs(h, cos, sin)

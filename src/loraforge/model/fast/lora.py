@@ -47,7 +47,15 @@ class FrozenGroup:
         self.nf4_kernel = self.quantized and nf4.have_triton() and all(nf4.handles(quant_state(lyr))
                                                                        for lyr in layers)
         self.stacked = None   # (forward pass number, A stacked, s B block-diagonal): see _stack
+        self.kept_xa = None   # (forward pass number, xd A^T): see LoraGroupFn.forward
+        # the input gradient's order, from the GEMMs' times at Llama-3-8B shapes on an H100 (bench/
+        # lora_gemm_orders.py; b_thin_first vs b_base_first in results/train_speed/h100_s9_lora_gemm_orders
+        # .json): writing dx with the thin product first and letting the base GEMM accumulate onto it
+        # (beta = 1) saves a read and a write of dx: down_proj (in 14336, out 4096) 0.804 vs 0.871 ms, q/k/v
+        # 0.349 vs 0.362, o 0.243 vs 0.257; for gate/up (out = 7 x in) the other order is faster (1.449 vs
+        # 1.463 ms)
         self.fused = None
+        self.thin_first = sum(self.outs) <= 2 * self.in_features
         self.has_bias = any(lyr.bias is not None for lyr in layers)
         self.bias = None
         self.refresh()
@@ -136,11 +144,11 @@ class FrozenGroup:
             o0 += o
         return None
 
-    def grad_input(self, dy2: torch.Tensor) -> torch.Tensor:
-        """dy2 (N, sum out) W: the base's share of the input gradient."""
+    def grad_input(self, dy2: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """dy2 (N, sum out) W: the base's share of the input gradient (added to `into` where given)."""
         if not self.split:
-            return dy2 @ self.get()
-        dx, o0 = None, 0
+            return dy2 @ self.get() if into is None else into.addmm_(dy2, self.get())
+        dx, o0 = into, 0
         for i, o in enumerate(self.outs):
             w, d = self._rebuild([i]), dy2[:, o0:o0 + o]
             dx = d @ w if dx is None else dx.addmm_(d, w)
@@ -181,7 +189,8 @@ class LoraGroupFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
         a_cat, b_blk = _stack(group, ab, scales)
-        xa = xd2 @ a_cat.t()                               # (N, sum r)
+        # (N, sum r); x needs grad in the recomputation (its input is made to), never in the pass without grad
+        xa = _thin_product(group, xd2, a_cat, x.requires_grad)
         out = x.new_empty(*lead, b_blk.shape[0])           # returned as allocated (not a view: RoPE may
         y = out.view(-1, out.shape[-1])                    # then rotate it in place)
         if residual is None:
@@ -220,13 +229,34 @@ class LoraGroupFn(torch.autograd.Function):
             grads += [da, db * s if s != 1.0 else db]
         dx = dxd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dx = group.grad_input(dy2)                     # (N, in)
-            if ctx.same:
-                dx.addmm_(dxa, a_cat)
+            if ctx.same and group.thin_first:              # (N, in): see FrozenGroup.thin_first
+                dx = group.grad_input(dy2, into=dxa @ a_cat)
             else:
-                dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
+                dx = group.grad_input(dy2)
+                if ctx.same:
+                    dx.addmm_(dxa, a_cat)
+                else:
+                    dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
             dx = dx.view(*ctx.lead, dx.shape[-1])
         return (dx, dxd, None, None, None, dy if ctx.residual else None, *grads)
+
+
+def _thin_product(group: FrozenGroup, xd2: torch.Tensor, a_cat: torch.Tensor, grad: bool) -> torch.Tensor:
+    """xd A^T, computed once per pass where the layers are recomputed: the forward without grad keeps it
+    (N x sum r: 0.9 MB a layer for Llama-3-8B at 4,096 tokens) and the recomputation in backward (`grad`)
+    takes it instead of reading the input again (the same product of the same bits). FastLlama.hidden sets
+    buffers["keep_xa"] for checkpointed training passes only (`pass` tells the passes apart)."""
+    key = group.buffers.get("pass", 0)
+    kept, group.kept_xa = group.kept_xa, None
+    if not group.buffers.get("keep_xa"):
+        return xd2 @ a_cat.t()
+    if grad:
+        if kept is not None and kept[0] == key and kept[1].shape[0] == xd2.shape[0]:
+            return kept[1]
+        return xd2 @ a_cat.t()
+    xa = xd2 @ a_cat.t()
+    group.kept_xa = (key, xa)
+    return xa
 
 
 def _diagonal_blocks(db_blk: torch.Tensor, ranks: list[int], outs: list[int], dtype) -> list[torch.Tensor]:

@@ -55,12 +55,13 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
-             head_dim: int) -> torch.Tensor:
-    """qkv (B, T, (Hq + 2 Hkv) * D) with RoPE applied to its q and k heads (in place on CUDA)."""
+             head_dim: int, fresh_grad: bool = False) -> torch.Tensor:
+    """qkv (B, T, (Hq + 2 Hkv) * D) with RoPE applied to its q and k heads (in place on CUDA; with
+    `fresh_grad`, its gradient too, see kernels.RopeQKV)."""
     if qkv.is_cuda and _triton():
         from loraforge.model.fast.kernels import RopeQKV
 
-        return RopeQKV.apply(qkv, cos, sin, q_heads + kv_heads, head_dim)
+        return RopeQKV.apply(qkv, cos, sin, q_heads + kv_heads, head_dim, fresh_grad)
     bsz, t, _ = qkv.shape
     x = qkv.view(bsz, t, -1, head_dim)
     qk = x[:, :, :q_heads + kv_heads]
