@@ -5,6 +5,7 @@ projection) it times on the GPU:
   forward   f_base: x W^T alone (what the base model pays)
             f_thin_first: x A^T, then y = (x A^T) B^T (+ residual), then y += x W^T (the GEMM's beta = 1):
                           what LoraGroupFn.forward runs
+            f_base_first: y = x W^T (+ residual), then y += (x A^T) B^T
             f_kcat: one GEMM over K = in + r, [x | x A^T] [W | B]^T, x copied into the wider buffer first
             f_thin: x A^T alone (what the recomputation saves by taking the forward's product)
   backward  b_base: dy W alone
@@ -62,6 +63,10 @@ def group_times(inn: int, out: int, r: int, residual: bool, tokens: int, iters: 
         y = torch.mm(t, b.t()) if h is None else torch.addmm(h, t, b.t())
         return y.addmm_(x, w.t())
 
+    def f_base_first():
+        y = x @ w.t() if h is None else torch.addmm(h, x, w.t())
+        return y.addmm_(x @ a.t(), b.t())
+
     def f_kcat():
         x_cat[:, :inn].copy_(x)
         torch.mm(x, a.t(), out=x_cat[:, inn:])
@@ -80,7 +85,8 @@ def group_times(inn: int, out: int, r: int, residual: bool, tokens: int, iters: 
         return (dxa @ a).addmm_(dy, w)
 
     res = {name: time_ms(fn, iters) for name, fn in [
-        ("f_base", lambda: x @ w.t()), ("f_thin_first", f_thin_first), ("f_kcat", f_kcat),
+        ("f_base", lambda: x @ w.t()), ("f_thin_first", f_thin_first), ("f_base_first", f_base_first),
+        ("f_kcat", f_kcat),
         ("f_thin", lambda: x @ a.t()), ("b_base", lambda: dy @ w), ("b_base_first", b_base_first),
         ("b_thin_first", b_thin_first)]}
     # the orders compute the same thing (bf16 sums in another order)
