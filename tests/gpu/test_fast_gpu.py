@@ -233,7 +233,7 @@ def test_packed_rows_give_each_examples_loss_on_the_fast_path():
 
 def test_fused_qkv_rope_swiglu_and_varlen_match_the_torch_forms():
     """The pieces of the joined layer path: RoPE in place on the fused q/k/v buffer (forward and gradient),
-    SwiGLU on the fused [gate | up] output, and varlen attention over packed rows = masked SDPA."""
+    SwiGLU on the fused [gate | up] output with the adapter's term added in the kernel, and varlen attention over packed rows = masked SDPA."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from loraforge.data.packing import segment_attention
@@ -252,12 +252,18 @@ def test_fused_qkv_rope_swiglu_and_varlen_match_the_torch_forms():
     (gref,) = torch.autograd.grad(ref, x, g)
     assert rel(out, ref) < 1e-2 and rel(gx, gref) < 1e-2
 
-    gu = torch.randn(bsz, t, 2 * 384, device="cuda", dtype=BF16, requires_grad=True)
-    gd = torch.randn(bsz, t, 384, device="cuda", dtype=BF16)
-    (ggu,) = torch.autograd.grad(ops.swiglu_fused(gu * 1), gu, gd)
-    a, b = gu.chunk(2, -1)
+    from loraforge.model.fast.swiglu_lora import swiglu_lora, swiglu_lora_backward_
+
+    n, inter, ranks = bsz * t, 384, (16, 8)      # the LoRA term added inside the SwiGLU kernel
+    gu = torch.randn(n, 2 * inter, device="cuda", dtype=BF16, requires_grad=True)
+    xa = torch.randn(n, sum(ranks), device="cuda", dtype=BF16)
+    b_blk = torch.block_diag(*(torch.randn(inter, r, device="cuda", dtype=BF16) * 0.3 for r in ranks))
+    gd = torch.randn(n, inter, device="cuda", dtype=BF16)
+    a, b = (gu + xa @ b_blk.t()).chunk(2, -1)
     (gref,) = torch.autograd.grad(F.silu(a) * b, gu, gd)
-    assert rel(ops.swiglu_fused(gu.detach()), F.silu(a) * b) < 1e-2 and rel(ggu, gref) < 2e-2
+    h = swiglu_lora(gu.detach(), xa, b_blk, ranks)
+    ggu = swiglu_lora_backward_(gu.detach().clone(), xa, b_blk, ranks, gd)
+    assert rel(h, F.silu(a) * b) < 1e-2 and rel(ggu, gref) < 2e-2
 
     seg = torch.tensor([[0] * 30 + [1] * 50 + [2] * 16, [0] * 96], device="cuda")
     packed = ops.packed_attention(seg)

@@ -2,7 +2,8 @@
 
 FastLlama wraps a PEFT model; it does not change it. It reads the same parameters (frozen base
 weights, bf16 or NF4; PEFT's lora_A/lora_B/magnitude) and runs its own forward: fused LoRA projections
-(model.fast.lora), liger's RMSNorm/RoPE/SwiGLU kernels on CUDA (model.fast.ops), flash attention via
+(model.fast.lora), liger's RMSNorm/RoPE/SwiGLU kernels on CUDA (model.fast.ops; SwiGLU with the
+adapter's term inside, model.fast.swiglu_lora), flash attention via
 SDPA, per-layer recomputation with the layer input optionally parked in pinned CPU memory
 (model.fast.recompute), and a fused linear cross-entropy over the loss positions only. The PEFT
 model's own forward stays the reference: tests compare losses and gradients against it.
@@ -29,7 +30,7 @@ from loraforge.data.templates import IGNORE_INDEX
 from loraforge.model.fast.graphs import StackGraphs
 from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
-                                      rope_qkv, swiglu, swiglu_fused)
+                                      rope_qkv, swiglu)
 from loraforge.model.fast.recompute import PinnedPool, recompute
 from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
 
@@ -60,7 +61,8 @@ class _Layer:
         at, mlp = layer.self_attn, layer.mlp
         self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, buffers, live)
         self.o = Projections([at.o_proj], dtype, buffers, live)
-        # gate and up as one GEMM whose [gate | up] output the SwiGLU kernel reads in place
+        # gate and up as one GEMM whose [gate | up] output the SwiGLU kernel reads in place (and the adapter's
+        # term with it: lora.GateUpSwiGLUFn)
         self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], dtype, buffers, live)
         self.down = Projections([mlp.down_proj], dtype, buffers, live)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -98,8 +100,8 @@ class _Layer:
         q, k, v = self._qkv(x, cos, sin)
         h = self.o.add_to(h, attention(q, k, v, self.scaling, packed))
         x = rms_norm(h, self.norm2.weight, self.norm2.variance_epsilon)
-        if self.gate_up.joined:
-            act = swiglu_fused(self.gate_up.joined(x))
+        if self.gate_up.joined:   # the adapter's term added inside the SwiGLU kernel (model.fast.swiglu_lora)
+            act = self.gate_up.swiglu(x)
         else:
             act = swiglu(*self.gate_up(x))
         return self.down.add_to(h, act)

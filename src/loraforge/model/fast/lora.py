@@ -23,6 +23,7 @@ import itertools
 import torch
 
 from loraforge.model.fast import nf4
+from loraforge.model.fast.swiglu_lora import swiglu_lora, swiglu_lora_backward_
 from loraforge.model.shard_nf4 import ATTR as NF4_STATE
 
 
@@ -144,6 +145,16 @@ class FrozenGroup:
             o0 += o
         return None
 
+    def product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 W^T (N, sum out), written by the GEMM alone (beta = 0)."""
+        if not self.split:
+            return x2 @ self.get().t()
+        y, o0 = x2.new_empty(x2.shape[0], sum(self.outs)), 0
+        for i, o in enumerate(self.outs):   # beta = 0: the GEMM does not read the uninitialised columns
+            y[:, o0:o0 + o].addmm_(x2, self._rebuild([i]).t(), beta=0)
+            o0 += o
+        return y
+
     def grad_input(self, dy2: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """dy2 (N, sum out) W: the base's share of the input gradient (added to `into` where given)."""
         if not self.split:
@@ -217,28 +228,67 @@ class LoraGroupFn(torch.autograd.Function):
         xd2, xa, a_cat, b_blk = ctx.saved_tensors
         group = ctx.group
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dxa = dy2 @ b_blk                                  # (N, sum r)
-        db_blk = dy2.t() @ xa                              # (sum out, sum r): the diagonal blocks are used
-        da_cat = dxa.t() @ xd2                             # (sum r, in)
-        # one cast each for all projections (PEFT keeps A and B in fp32); the per-projection gradients are
-        # slices of them, scaled only where the scale is not 1 (r = alpha, the default)
-        da_cat = da_cat.to(ctx.param_dtypes[0])
-        grads = []
-        for da, db, s in zip(da_cat.split(ctx.ranks), _diagonal_blocks(db_blk, ctx.ranks, group.outs,
-                                                                      ctx.param_dtypes[1]), ctx.scales):
-            grads += [da, db * s if s != 1.0 else db]
+        dxa, grads = _adapter_grads(ctx, dy2, xd2, xa, b_blk)
         dx = dxd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            if ctx.same and group.thin_first:              # (N, in): see FrozenGroup.thin_first
-                dx = group.grad_input(dy2, into=dxa @ a_cat)
+            if ctx.same:
+                dx = _grad_input(group, dy2, dxa, a_cat)
             else:
                 dx = group.grad_input(dy2)
-                if ctx.same:
-                    dx.addmm_(dxa, a_cat)
-                else:
-                    dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
+                dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
             dx = dx.view(*ctx.lead, dx.shape[-1])
         return (dx, dxd, None, None, None, dy if ctx.residual else None, *grads)
+
+
+class GateUpSwiGLUFn(torch.autograd.Function):
+    """h = silu(g) * u for a joined gate/up group, [g | u] = x W^T + (x A^T)(s B)^T: the base GEMM writes
+    x W^T alone and the SwiGLU kernel adds the adapter's term (model.fast.swiglu_lora). Saves x, x A^T and
+    the base output (which the backward overwrites with [dg | du]); the rest is LoraGroupFn's backward."""
+
+    @staticmethod
+    def forward(ctx, x, group: FrozenGroup, scales: list, *ab):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        a_cat, b_blk = _stack(group, ab, scales)
+        xa = _thin_product(group, x2, a_cat, x.requires_grad)
+        y = group.product(x2)
+        if group.bias is not None:
+            y += group.bias
+        ctx.ranks = [t.shape[0] for t in ab[0::2]]
+        h = swiglu_lora(y, xa, b_blk, tuple(ctx.ranks))
+        ctx.group, ctx.scales, ctx.lead = group, scales, lead
+        ctx.param_dtypes = [t.dtype for t in ab]
+        ctx.save_for_backward(x2, xa, a_cat, b_blk, y)
+        return h.view(*lead, h.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dh):
+        x2, xa, a_cat, b_blk, y = ctx.saved_tensors
+        dy2 = swiglu_lora_backward_(y, xa, b_blk, tuple(ctx.ranks), dh.reshape(-1, dh.shape[-1]))
+        dxa, grads = _adapter_grads(ctx, dy2, x2, xa, b_blk)
+        dx = _grad_input(ctx.group, dy2, dxa, a_cat) if ctx.needs_input_grad[0] else None
+        return (dx.view(*ctx.lead, dx.shape[-1]) if dx is not None else None, None, None, *grads)
+
+
+def _adapter_grads(ctx, dy2, xd2, xa, b_blk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """dy B (the adapter's share of the input gradient, before A) and the gradients of A_1, B_1, A_2..."""
+    dxa = dy2 @ b_blk                                  # (N, sum r)
+    db_blk = dy2.t() @ xa                              # (sum out, sum r): the diagonal blocks are used
+    # one cast each for all projections (PEFT keeps A and B in fp32); the per-projection gradients are
+    # slices of them, scaled only where the scale is not 1 (r = alpha, the default)
+    da_cat = (dxa.t() @ xd2).to(ctx.param_dtypes[0])   # (sum r, in)
+    grads = []
+    for da, db, s in zip(da_cat.split(ctx.ranks), _diagonal_blocks(db_blk, ctx.ranks, ctx.group.outs,
+                                                                  ctx.param_dtypes[1]), ctx.scales):
+        grads += [da, db * s if s != 1.0 else db]
+    return dxa, grads
+
+
+def _grad_input(group: FrozenGroup, dy2, dxa, a_cat) -> torch.Tensor:
+    """dy W + (dy B) A, (N, in), in the order FrozenGroup.thin_first picks."""
+    if group.thin_first:
+        return group.grad_input(dy2, into=dxa @ a_cat)
+    return group.grad_input(dy2).addmm_(dxa, a_cat)
 
 
 def _thin_product(group: FrozenGroup, xd2: torch.Tensor, a_cat: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -318,6 +368,13 @@ class Projections:
             self.reload()
         idx, group, ab, scales = self.parts[0]
         return LoraGroupFn.apply(x, self._dropped(idx, x), group, scales, False, None, *ab)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a joined gate/up group, the adapter's term added inside SwiGLU (GateUpSwiGLUFn)."""
+        if self.live:
+            self.reload()
+        _, group, ab, scales = self.parts[0]
+        return GateUpSwiGLUFn.apply(x, group, scales, *ab)
 
     def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """h + this (single) projection of x: the residual added inside the LoRA function where it can be

@@ -1,8 +1,8 @@
 """Elementwise pieces of a Llama-family block: RMSNorm, RoPE, SwiGLU, attention, and the loss over the lm_head.
 
 On CUDA with liger-kernel installed these run as its Triton kernels (fused, no fp32 copies of the
-activations, SwiGLU straight from the fused [gate | up] output, fused linear cross-entropy that never
-builds the logits), RoPE on the fused q/k/v output as loraforge's kernel (model.fast.kernels), and
+activations, fused linear cross-entropy that never builds the logits; SwiGLU over a joined gate/up group
+is model.fast.swiglu_lora's kernel), RoPE on the fused q/k/v output as loraforge's kernel (model.fast.kernels), and
 packed rows' attention as varlen flash attention; elsewhere as plain torch code that computes the same
 thing the way transformers' Llama modules do. Every function takes and returns tensors in the compute
 dtype; tests compare both paths against transformers' own modules.
@@ -76,20 +76,6 @@ def _triton() -> bool:
     except ImportError:
         return False
     return True
-
-
-def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for the fused [gate | up] output of one grouped projection, without splitting it:
-    liger's kernel reads both halves by column offset and writes the gradient into the same buffer."""
-    if use_kernels(gate_up):
-        from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
-
-        # given as 2-D: liger's backward returns the gradient in the 2-D shape it works in
-        n = gate_up.shape[-1]
-        out = LigerFusedGateUpSiLUMulFunction.apply(gate_up.view(-1, n), True)
-        return out.view(*gate_up.shape[:-1], n // 2)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, packed=None) -> torch.Tensor:
