@@ -52,10 +52,9 @@ class FrozenGroup:
         # the input gradient's order, from the GEMMs' times at Llama-3-8B shapes on an H100 (bench/
         # lora_gemm_orders.py; b_thin_first vs b_base_first in results/train_speed/h100_s9_lora_gemm_orders
         # .json): writing dx with the thin product first and letting the base GEMM accumulate onto it
-        # (beta = 1) saves a read and a write of dx: down_proj (in 14336, out 4096) 0.804 vs 0.871 ms, q/k/v
-        # 0.349 vs 0.362, o 0.243 vs 0.257; for gate/up (out = 7 x in) the other order is faster (1.449 vs
-        # 1.463 ms)
-        self.fused = None
+        # (beta = 1) saves a read and a write of dx: down_proj (in 14336, out 4096) 0.784 vs 0.884 ms, q/k/v
+        # 0.337 vs 0.350, o 0.246 vs 0.260; for gate/up (out = 7 x in) the other order is faster (1.463 vs
+        # 1.539 ms)
         self.thin_first = sum(self.outs) <= 2 * self.in_features
         self.has_bias = any(lyr.bias is not None for lyr in layers)
         self.bias = None

@@ -3,11 +3,12 @@
 The gate/up projections of a Llama MLP feed only SwiGLU: h = silu(g) * u, [g | u] = x W^T + (x A^T)(s B)^T.
 LoraGroupFn writes the adapter's share (x A^T)(s B)^T into the (N, 2 I) output first and lets the base GEMM
 accumulate onto it: one extra write and read of that output (235 MB for Llama-3-8B at 4,096 tokens) and a
-GEMM with beta = 1, which cuBLAS runs slower. On an H100 at those shapes the group's forward took 1.49 ms
-against 1.23 ms for the base GEMM alone (bench/lora_gemm_orders.py, f_thin_first vs f_base). Here the base
-GEMM writes x W^T alone (beta = 0) and the SwiGLU kernel, which reads that output anyway, adds the rank-r
-term tile by tile (a (rows, r) x (r, cols) product from registers) before the activation; its backward does
-the same before writing dg and du over the output's memory (nothing else reads it).
+GEMM with beta = 1, which cuBLAS runs slower. On an H100 at those shapes the group's forward took 1.45 ms
+against 1.22 ms for the base GEMM alone (bench/lora_gemm_orders.py, f_thin_first vs f_base in
+bench/results/train_speed/h100_s9_lora_gemm_orders.json). Here the base GEMM writes x W^T alone (beta = 0)
+and the SwiGLU kernel, which reads that output anyway, adds the rank-r term tile by tile (a (rows, r) x
+(r, cols) product from registers) before the activation; its backward does the same before writing dg and
+du over the output's memory (nothing else reads it).
 
 `swiglu_lora` / `swiglu_lora_backward_` run the Triton kernels for 16-bit tensors on CUDA and the same
 arithmetic in torch elsewhere (tests compare the two under Triton's interpreter; tests/gpu compiled).
