@@ -250,3 +250,22 @@ def test_offload_option_parses():
     assert build_config({"model": {"gradient_checkpointing": True}}).model.gradient_checkpointing is True
     with pytest.raises(LoraforgeError, match="gradient_checkpointing"):
         build_config({"model": {"gradient_checkpointing": "sometimes"}})
+
+
+def test_live_projections_read_their_modules_at_every_call():
+    """Under FSDP2 (`live`) a group reads weights and factors from its modules at each call (FSDP2 swaps the
+    tensors in place between calls): the same outputs as a group built once, and a new weight is seen."""
+    from loraforge.model.fast.lora import Projections
+
+    model = _adapted("llama")
+    attn = model.get_base_model().model.layers[0].self_attn
+    mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+    x = torch.randn(2, 5, SHAPE["hidden_size"])
+    live = Projections(mods, torch.float32, {}, live=True)
+    ref = [y.detach().clone() for y in live(x)]
+    attn.k_proj.base_layer.weight.data = attn.k_proj.base_layer.weight.data * 2
+    moved = live(x)
+    fixed = Projections(mods, torch.float32, {})
+    for a, b, c, name in zip(moved, fixed(x), ref, "qkv"):
+        _close(a, b, 1e-6, name)
+        assert torch.equal(a, c) == (name != "k"), name

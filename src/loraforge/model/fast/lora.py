@@ -48,7 +48,8 @@ class FrozenGroup:
         self.nf4_kernel = self.quantized and nf4.have_triton() and all(nf4.handles(quant_state(lyr))
                                                                        for lyr in layers)
         self.stacked = None   # (forward pass number, A stacked, s B block-diagonal): see _stack
-        self.kept_xa = None   # (forward pass number, xd A^T): see LoraGroupFn.forward
+        self.fused = None
+        self.kept_xa = None   # (forward pass number, xd A^T): see _thin_product
         # the input gradient's order, from the GEMMs' times at Llama-3-8B shapes on an H100 (bench/
         # lora_gemm_orders.py; b_thin_first vs b_base_first in results/train_speed/h100_s9_lora_gemm_orders
         # .json): writing dx with the thin product first and letting the base GEMM accumulate onto it
