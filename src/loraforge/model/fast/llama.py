@@ -2,11 +2,11 @@
 
 FastLlama wraps a PEFT model; it does not change it. It reads the same parameters (frozen base
 weights, bf16 or NF4; PEFT's lora_A/lora_B/magnitude) and runs its own forward: fused LoRA projections
-(model.fast.lora), liger's RMSNorm/RoPE/SwiGLU kernels on CUDA (model.fast.ops; SwiGLU with the
-adapter's term inside, model.fast.swiglu_lora), flash attention via
-SDPA, per-layer recomputation with the layer input optionally parked in pinned CPU memory
-(model.fast.recompute), and a fused linear cross-entropy over the loss positions only. The PEFT
-model's own forward stays the reference: tests compare losses and gradients against it.
+(model.fast.lora), liger's RMSNorm/RoPE kernels on CUDA (model.fast.ops), SwiGLU with the adapter's
+gate/up term added inside the kernel (model.fast.swiglu_lora), flash attention via SDPA, per-layer
+recomputation with the layer input optionally parked in pinned CPU memory (model.fast.recompute), and a
+fused linear cross-entropy over the loss positions only. The PEFT model's own forward stays the
+reference: tests compare losses and gradients against it.
 
 Batches must be right-padded (loraforge's collate does that): with causal attention a real token
 never sees a pad on its right, so no attention mask is needed and the result equals the masked one.

@@ -8,7 +8,9 @@ autograd nodes, casts and saved tensors, and (for QLoRA) go through bitsandbytes
   - the frozen weight is rebuilt right before each use, in forward and again in backward, so no 16-bit
     copy outlives one matmul; the saved tensors are the input and the small (N, r) product only;
   - the LoRA product is written first and the base GEMM accumulates onto it (beta = 1), one pass over
-    the output instead of two;
+    the output instead of two; gate/up, whose output only SwiGLU reads, skips even that: the base GEMM
+    writes alone and the SwiGLU kernel adds the adapter's term (GateUpSwiGLUFn, model.fast.swiglu_lora);
+  - with recomputation, the forward's x A^T is kept for the recomputed pass (_thin_product);
   - A and B stay PEFT's fp32 parameters (adapters save and load as PEFT's); they are cast inside and
     their gradients returned in fp32, without extra autograd nodes.
 Under FSDP2 (`live=True`) every tensor is read from its module at each call (FSDP2 puts the gathered
