@@ -281,7 +281,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="run the whole row list this many times, interleaved "
                     "(ours, peer, ours, peer...); ratios then use each row's median rate (and its largest memory)")
     ap.add_argument("--profile", type=Path, help="also write per row into this folder: torch.profiler tables "
-                    "(GPU time, host CPU time), the trace (<row>.trace.json.gz), the GPU's idle time (<row>.idle.json) and what is alive at the memory peak (<row>.memory.json)")
+                    "(GPU time, host CPU time), the trace (<row>.trace.json.gz), the GPU's idle time "
+                    "(<row>.idle.json) and what is alive at the memory peak (<row>.memory.json)")
     ap.add_argument("--child", nargs=2, metavar=("ROW", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--make", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--mix", action="store_true", help=argparse.SUPPRESS)

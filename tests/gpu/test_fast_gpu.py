@@ -233,7 +233,8 @@ def test_packed_rows_give_each_examples_loss_on_the_fast_path():
 
 def test_fused_qkv_rope_swiglu_and_varlen_match_the_torch_forms():
     """The pieces of the joined layer path: RoPE in place on the fused q/k/v buffer (forward and gradient),
-    SwiGLU on the fused [gate | up] output with the adapter's term added in the kernel, and varlen attention over packed rows = masked SDPA."""
+    SwiGLU on the fused [gate | up] output with the adapter's term added in the kernel, and varlen attention
+    over packed rows = masked SDPA."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from loraforge.data.packing import segment_attention

@@ -303,7 +303,7 @@ def _thin_product(group: FrozenGroup, xd2: torch.Tensor, a_cat: torch.Tensor, gr
     if not group.buffers.get("keep_xa"):
         return xd2 @ a_cat.t()
     if grad:
-        if kept is not None and kept[0] == key and kept[1].shape[0] == xd2.shape[0]:
+        if kept is not None and kept[0] == key:
             return kept[1]
         return xd2 @ a_cat.t()
     xa = xd2 @ a_cat.t()
