@@ -53,7 +53,9 @@ def _kernel():
 
 
 @functools.cache
+@functools.cache
 def have_triton() -> bool:
+    """Triton is installed (the fast path's own kernels: here, kernels.py, swiglu_lora.py)."""
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None

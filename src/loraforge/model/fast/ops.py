@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from loraforge.model.fast.nf4 import have_triton
+
 
 @functools.cache
 def _liger():
@@ -58,7 +60,7 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: i
              head_dim: int, fresh_grad: bool = False) -> torch.Tensor:
     """qkv (B, T, (Hq + 2 Hkv) * D) with RoPE applied to its q and k heads (in place on CUDA; with
     `fresh_grad`, its gradient too, see kernels.RopeQKV)."""
-    if qkv.is_cuda and _triton():
+    if qkv.is_cuda and have_triton():
         from loraforge.model.fast.kernels import RopeQKV
 
         return RopeQKV.apply(qkv, cos, sin, q_heads + kv_heads, head_dim, fresh_grad)
@@ -67,15 +69,6 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: i
     qk = x[:, :, :q_heads + kv_heads]
     cos, sin = cos[:, :, None].to(qkv.dtype), sin[:, :, None].to(qkv.dtype)
     return torch.cat([qk * cos + _rotate_half(qk) * sin, x[:, :, q_heads + kv_heads:]], dim=2).view(bsz, t, -1)
-
-
-@functools.cache
-def _triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, packed=None) -> torch.Tensor:

@@ -21,6 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from loraforge.model.fast.nf4 import have_triton
+
 
 @functools.cache
 def _kernel():
@@ -64,13 +66,7 @@ BLOCK_M, BLOCK_N = 64, 64
 
 
 def _use_kernel(y: torch.Tensor) -> bool:
-    if not (y.is_cuda and y.dtype in (torch.bfloat16, torch.float16)):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return y.is_cuda and y.dtype in (torch.bfloat16, torch.float16) and have_triton()
 
 
 def _launch(backward: bool, y, xa, b_blk, ranks, other):
