@@ -142,11 +142,11 @@ def test_cuda_graphs_replay_the_eager_steps(quantize, adapter, ckpt):
         for k in ref[1]:
             assert rel(got[1][k], ref[1][k]) < 1e-2, (step, k)
         if step == 2:
-            _grads(model, graphed, other)   # eager: the graphs stay those of the first shape
+            _grads(model, graphed, other)   # eager (its first sight): the first shape's graphs stay
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.mul_(1.1)
-    g = graphed.graphs
+    g = graphed.graphs.current
     assert g.failed is None and g.fwd is not None and g.bwd is not None and g.eager is False
     assert g.key[0] == (2, 200, 256)
     single = _grads(model, graphed, batch)[1]

@@ -1,6 +1,6 @@
 """The whole-stack path that CUDA graphs capture (model.fast.graphs), run eagerly on CPU: the same loss and
-gradients as the per-layer path and as PEFT, gradients that accumulate over micro-batches, and the
-conditions under which the graphs stay out (dropout, packed rows, a shape seen once). The graphs themselves
+gradients as the per-layer path and as PEFT, gradients that accumulate over micro-batches, one set of graphs
+per batch shape, and the conditions under which the graphs stay out (packed rows, a shape seen once). The graphs themselves
 are compared on the device: tests/gpu/test_fast_gpu.py."""
 
 import pytest
@@ -24,7 +24,7 @@ def test_stack_path_has_the_per_layer_loss_and_gradients(kind, adapter):
     loss0, _, grads0 = _loss_and_grads(model, per_layer, batch)
     fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="eager")
     loss, n, grads = _loss_and_grads(model, fast, batch)
-    assert fast.graphs.eager is True and fast.graphs.saved is None   # the stack ran, and let go of its inputs
+    assert fast.graphs.eager is True and fast.graphs.current.saved is None   # the stack ran, let go of its inputs
     assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5) and loss == pytest.approx(loss0, rel=1e-6)
     assert grads.keys() == ref.keys()
     for k in grads:
@@ -46,10 +46,11 @@ def test_gradients_accumulate_over_micro_batches():
             _close(p.grad, ga[k] + gb[k], 1e-6, k)
 
 
-def test_graphs_stay_out_with_dropout_packed_rows_and_without_checkpointing():
-    assert FastLlama(_adapted("llama", dropout=0.1), dtype=torch.float32, checkpointing=True).graphs is None
+def test_graphs_apply_with_dropout_and_without_checkpointing_but_not_to_packed_rows():
+    assert FastLlama(_adapted("llama", dropout=0.1), dtype=torch.float32, checkpointing=True).graphs is not None
     model = _adapted("llama")
-    assert FastLlama(model, dtype=torch.float32, checkpointing=False).graphs is None
+    assert FastLlama(model, dtype=torch.float32, checkpointing=False).graphs is not None
+    assert FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off").graphs is None
     fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="eager")
     batch = _batch()
     packed = {"input_ids": batch["input_ids"][:1], "labels": batch["labels"][:1],
@@ -119,7 +120,7 @@ def test_cuda_graphs_option_reaches_the_fast_path(tiny_model, tmp_path):
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
     tree = tiny_config(tiny_model, data, tmp_path / "run")
-    tree["lora"] = {"dropout": 0.0}   # dropout keeps the graphs out (its masks)
+    tree["lora"] = {"dropout": 0.1}
     tree["model"] = {"fast_path": "on", "gradient_checkpointing": True, "cuda_graphs": "off"}
     cfg = build_config(tree)
     base, _, _ = load_base(str(tiny_model), device="cpu")
@@ -140,3 +141,35 @@ def _tokens(model):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def test_each_batch_shape_gets_graphs_of_its_own():
+    """GraphSet: one StackGraphs per shape, each captured at its own second step; shapes beyond the limit
+    stay eager; interleaved shapes each replay their own graphs."""
+    from loraforge.model.fast.graphs import GraphSet
+
+    graphs = GraphSet([], [], None, capture=True, limit=2)
+    made = []
+    graphs.make = lambda: made.append(StackGraphs([], [], None, capture=True)) or made[-1]
+    a, b, c, cos = torch.zeros(2, 8, 4), torch.zeros(2, 16, 4), torch.zeros(2, 24, 4), torch.zeros(1, 8, 2)
+    assert not graphs.ready(a, cos) and not graphs.ready(b, cos)   # first sight of each: eager
+    assert graphs.ready(a, cos) and graphs.current is made[0]
+    assert graphs.ready(b, cos) and graphs.current is made[1]
+    assert not graphs.ready(c, cos) and not graphs.ready(c, cos)   # a third shape: over the limit, eager
+    assert len(made) == 2
+    big = GraphSet([], [], None, layer_weights=10 ** 9, only_host_bound=True)
+    assert not big.wanted(4096) and GraphSet([], [], None, layer_weights=10 ** 9).wanted(4096)
+    assert GraphSet([], [], None, layer_weights=10 ** 6, only_host_bound=True).wanted(4096)
+
+
+def test_stack_path_with_dropout_over_two_shapes_matches_per_layer():
+    """Two batch shapes through one FastLlama's stack path (eager), dropout on: each step the per-layer loss."""
+    model = _adapted("llama", dropout=0.2)
+    per_layer = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")
+    stack = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="eager")
+    for seed, batch in enumerate([_batch(), {k: v[:, :12] for k, v in _batch().items()}, _batch()]):
+        torch.manual_seed(seed)
+        ref = _loss_and_grads(model, per_layer, batch)[0]
+        torch.manual_seed(seed)
+        assert _loss_and_grads(model, stack, batch)[0] == pytest.approx(ref, rel=1e-6)
+    assert len(stack.graphs.by_key) == 2

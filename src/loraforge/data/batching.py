@@ -4,10 +4,15 @@ Batch order is a pure function of (seed, epoch): examples are shuffled, cut into
 batches, sorted by length inside each window (so a batch holds similar lengths and padding stays
 small) and the batches are shuffled again. A resumed run recomputes the same order and skips the
 batches it already did, so no sampler state has to be saved.
+
+Length buckets: where the trainer replays CUDA graphs (one per batch shape), batches are padded up to one
+of a few lengths taken from the data (`length_buckets`) and to a full batch of rows, so that their shapes
+repeat; padding rows and columns carry no loss.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
@@ -41,23 +46,41 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> l
     return batches
 
 
-def pad_right(seqs: list[list[int]], fill: int):
-    """A (len(seqs), longest) long tensor: each sequence left-aligned, the rest `fill`."""
+def length_buckets(lengths: list[int], batch_size: int, seed: int, n_buckets: int = 6,
+                   multiple: int = 16) -> list[int]:
+    """At most `n_buckets` padded lengths for batches of examples of these lengths: the quantiles of one
+    epoch's batch maxima (batch_order groups similar lengths), rounded up to a multiple of `multiple`."""
+    maxima = sorted(max(lengths[i] for i in b) for b in batch_order(lengths, batch_size, seed, 0))
+    cuts = {maxima[max(0, math.ceil(len(maxima) * k / n_buckets) - 1)] for k in range(1, n_buckets + 1)}
+    return sorted({-(-c // multiple) * multiple for c in cuts})
+
+
+def bucket_length(longest: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `longest` tokens (itself when it is longer than every bucket)."""
+    return next((b for b in buckets if b >= longest), longest)
+
+
+def pad_right(seqs: list[list[int]], fill: int, length: int | None = None, rows: int | None = None):
+    """A (rows, length) long tensor (default: len(seqs), the longest): each sequence left-aligned, the
+    rest `fill`."""
     import torch
 
-    out = torch.full((len(seqs), max(len(x) for x in seqs)), fill, dtype=torch.long)
+    out = torch.full((max(rows or 0, len(seqs)), max(length or 0, max(len(x) for x in seqs))), fill,
+                     dtype=torch.long)
     for row, x in enumerate(seqs):
         out[row, :len(x)] = torch.tensor(x, dtype=torch.long)
     return out
 
 
-def collate(items: list[Tokenized], pad_id: int):
+def collate(items: list[Tokenized], pad_id: int, buckets: list[int] | None = None, rows: int | None = None):
     """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors;
-    packed rows (data.packing) also get position_ids and segment_ids (see data.packing.collate_rows)."""
+    packed rows (data.packing) also get position_ids and segment_ids (see data.packing.collate_rows).
+    With `buckets` the length is padded up to a bucket, and with `rows` the batch to that many rows."""
     if items and hasattr(items[0], "seq_lens"):
         from loraforge.data.packing import collate_rows  # packing imports this module
 
         return collate_rows(items, pad_id)
-    return {"input_ids": pad_right([t.input_ids for t in items], pad_id),
-            "attention_mask": pad_right([[1] * len(t.input_ids) for t in items], 0),
-            "labels": pad_right([t.labels for t in items], IGNORE_INDEX)}
+    length = bucket_length(max(len(t.input_ids) for t in items), buckets) if buckets else None
+    return {"input_ids": pad_right([t.input_ids for t in items], pad_id, length, rows),
+            "attention_mask": pad_right([[1] * len(t.input_ids) for t in items], 0, length, rows),
+            "labels": pad_right([t.labels for t in items], IGNORE_INDEX, length, rows)}

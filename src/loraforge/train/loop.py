@@ -11,6 +11,12 @@ Under torchrun the step's micro-batches are dealt to the ranks (see train.distri
 the same number of forwards, the loss is normalised by the global loss-token count, gradients are reduced
 once per step, and dropout is seeded per (step, micro-batch), so the curve does not depend on the number
 of processes. Rank 0 alone writes metrics and checkpoints.
+
+The host never waits for the GPU inside a step: token counts and loss positions come from the host's own
+lists, batches are copied from pinned memory without blocking, and the loss and gradient norm stay on the
+device (LogInterval) until a metrics row is due (every `log_every` steps), which is read one step late, once
+the next step is queued, so the GPU always has work. Where the fast path replays CUDA graphs, batches are
+padded to a few lengths (data.batching.length_buckets) so that their shapes repeat.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.config import RunConfig
-from loraforge.data.batching import batch_order, collate
+from loraforge.data.batching import batch_order, collate, length_buckets
 from loraforge.data.packing import segment_attention
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 from loraforge.errors import LoraforgeError
@@ -60,23 +66,38 @@ def split_model(model):
     return decoder, head
 
 
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the loss tokens of (B, T) labels, predicted from positions 0..T-2."""
+    return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated host batch on `device`, with its loss positions (`loss_index`) found on the host: on CUDA
+    copied from pinned memory without blocking, so the host goes on queueing work."""
+    batch = {**batch, "loss_index": loss_positions(batch["labels"])}
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def loss_sum(model, batch: dict, parts=None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the loss tokens of a batch, and their count."""
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    n = int(keep.sum())
     if hasattr(parts, "loss_sum"):  # the fast Llama-family path (loraforge.model.fast)
         return parts.loss_sum(batch)
+    idx = batch.get("loss_index")
+    idx = loss_positions(batch["labels"]) if idx is None else idx
+    labels = batch["labels"][:, 1:].flatten().index_select(0, idx)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "segment_ids" in batch:  # packed rows: each example attends only to itself, positions restart
         inputs.update(attention_mask=segment_attention(batch["segment_ids"]), position_ids=batch["position_ids"])
     if parts is None:  # the plain path: the model's own forward builds every logit
-        logits = model(**inputs).logits
-        return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum"), n
+        logits = model(**inputs).logits[:, :-1]
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, idx)
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), len(idx)
     decoder, head = parts
-    hidden = decoder(**inputs).last_hidden_state
-    logits = head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, labels[keep], reduction="sum"), n
+    hidden = decoder(**inputs).last_hidden_state[:, :-1]
+    logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)).float()
+    return F.cross_entropy(logits, labels, reduction="sum"), len(idx)
 
 
 class StepModule(torch.nn.Module):
@@ -106,19 +127,18 @@ def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, d
     was_training = model.training
     model.eval()
     forward = step_module if step_module is not None else StepModule(model, fast)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     starts = list(range(0, len(order), batch_size))
     mine = starts[dist.rank::dist.world]
     for j in range(math.ceil(len(starts) / dist.world)):
         start = mine[j] if j < len(mine) else starts[0]
-        batch = {k: v.to(device) for k, v in collate([items[i] for i in order[start:start + batch_size]],
-                                                     pad_id).items()}
+        batch = to_device(collate([items[i] for i in order[start:start + batch_size]], pad_id), device)
         with autocast():
             s, n = forward(batch)
-        if j < len(mine):
-            total, count = total + float(s), count + n
-    total, count = dist.all_sum([total, count], device)
+        if j < len(mine):   # summed on the device: one read at the end
+            total, count = total + s.detach(), count + n
+    total, count = dist.all_sum([float(total), count], device)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -180,6 +200,33 @@ def seed_micro_batch(device: torch.device, seed: int, step: int, micro: int) -> 
         torch.default_generator.manual_seed(value)
 
 
+def loss_tokens(item: Tokenized) -> int:
+    """The loss tokens loss_sum counts in an item: labels other than IGNORE_INDEX after the first position."""
+    return sum(1 for x in item.labels[1:] if x != IGNORE_INDEX)
+
+
+class LogInterval:
+    """The steps since the last metrics row: their summed loss and gradient norms stay on the device; the
+    row is read (one sync) only when it is due."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset(time.time())
+
+    def reset(self, now: float) -> None:
+        self.loss = torch.zeros((), device=self.device, dtype=torch.float32)
+        self.grad_norm = None
+        self.steps = self.n_loss = self.tokens = 0
+        self.since = now
+
+    def add(self, loss_sum: torch.Tensor, n_loss: int, tokens: int, grad_norm) -> None:
+        self.loss += loss_sum
+        if grad_norm is not None:
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            self.grad_norm = grad_norm.float() if self.grad_norm is None else self.grad_norm + grad_norm.float()
+        self.steps, self.n_loss, self.tokens = self.steps + 1, self.n_loss + n_loss, self.tokens + tokens
+
+
 def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list[Tokenized],
                val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
                log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None) -> LoopResult:
@@ -192,82 +239,125 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
     metrics_path = run_dir / "metrics.jsonl"
     config_yaml = cfg.to_yaml()
     batches = micro_batches(train_items, cfg, state)
+    buckets = _buckets(train_items, cfg, fast, log)
+    rows = tc.batch_size if buckets else None
+    n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
     t0 = time.time()
     model.train()
+    interval, pending = LogInterval(device), None
 
     mlog = metrics_path.open("a") if dist.is_main else open(os.devnull, "w")  # rank 0 alone writes
+
+    def write_row(row: dict) -> bool:
+        """Read a due row's device values (waits for its last step), write it; True when a stop was asked."""
+        nonlocal last_train
+        (loss, n_loss), stopping = row.pop("_loss"), row.pop("_stop")
+        loss, stopping = dist.all_sum([float(loss), float(stopping)], device)
+        last_train = row["loss"] = loss / max(n_loss, 1)
+        if row["grad_norm"] is not None:
+            row["grad_norm"] = float(row["grad_norm"]) / row.pop("_steps")
+        else:
+            row.pop("_steps")
+        if math.isnan(last_train):
+            raise LoraforgeError(f"the loss became NaN at step {row['step']}",
+                                 hint="lower train.learning_rate or use train.precision=fp32")
+        now = time.time()
+        row["tokens_per_s"] = round(row.pop("_tokens") / max(now - row.pop("_since"), 1e-9), 1)
+        row["elapsed_s"] = round(now - t0, 2)
+        mlog.write(json.dumps(row) + "\n")
+        mlog.flush()
+        progress.update(row["step"], last_train, row["lr"], row["tokens_per_s"], val_loss)
+        return stopping > 0
+
     with _StopFlag() as stop, TrainProgress(total_steps, state.step) as progress, mlog, \
             D.peer_failures(dist, tc.dist_timeout_s):
         while state.step < total_steps:
-            # 1. this step's micro-batches (the same on every rank); this rank takes every W-th one;
-            #    the loss tokens of the whole step are counted across ranks
+            # 1. this step's micro-batches (the same on every rank); this rank takes every W-th one; the
+            #    step's loss tokens are counted over all of them on the host (every rank holds the whole step)
             group = []
             for _ in range(tc.grad_accum):
                 epoch, bi, items = next(batches)
                 group.append((epoch, bi, items))
                 if epoch * per_epoch + bi + 1 >= round(per_epoch * tc.epochs):
                     break  # the last micro-batch of the run
-            mine = [(j, collate(group[j][2], pad_id)) for j in range(dist.rank, len(group), dist.world)]
-            n_loss, n_tokens = dist.all_sum([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, b in mine),
-                                             sum(int(b["attention_mask"].sum()) for _, b in mine)], device)
+            mine = [(j, collate(group[j][2], pad_id, buckets, rows)) for j in range(dist.rank, len(group), dist.world)]
+            n_loss = sum(n_loss_of[id(t)] for _, _, items in group for t in items)
+            n_tokens = sum(len(t.input_ids) for _, _, items in group for t in items)
 
             # 2. forward + backward, each micro-batch weighted by its share of the step's loss tokens
             #    (times W: DDP/FSDP2 average the ranks' gradients); gradients are reduced once per step
-            step_start, step_loss = time.time(), 0.0
+            step_loss = torch.zeros((), device=device, dtype=torch.float32)
             n_fwd = math.ceil(len(group) / dist.world)
             for k in range(n_fwd):
-                j, batch = mine[k] if k < len(mine) else (None, collate(group[0][2], pad_id))  # weightless repeat
-                batch = {key: v.to(device) for key, v in batch.items()}
+                j, batch = mine[k] if k < len(mine) else (None, collate(group[0][2], pad_id, buckets, rows))
+                batch = to_device(batch, device)   # j None: a weightless repeat, so every rank runs n_fwd
                 seed_micro_batch(device, cfg.seed, state.step, j or 0)
                 with D.grad_sync(step_module, dist, sync=k == n_fwd - 1):
                     with autocast():
                         s, _ = step_module(batch)
-                    accelerator.backward(s * (dist.world / n_loss if j is not None else 0.0))
+                    accelerator.backward(s * (dist.world / max(n_loss, 1) if j is not None else 0.0))
                 if j is not None:
-                    step_loss += float(s.detach())
+                    step_loss += s.detach().float()
 
-            # 3. clip, step, schedule
-            grad_norm = None
-            if tc.max_grad_norm:
-                grad_norm = D.full_value(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+            # 3. clip, step, schedule (the grad norm stays a device tensor)
+            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # 4. bookkeeping: position, metrics, validation, checkpoint
-            step_loss, stopping = dist.all_sum([step_loss, float(stop.signum is not None)], device)
+            # 4. bookkeeping: position; the previous row, now that this step is queued; validation; checkpoint
             epoch, bi, _ = group[-1]
             state.step += 1
             state.epoch, state.batch_in_epoch = (epoch + 1, 0) if bi + 1 == per_epoch else (epoch, bi + 1)
-            state.tokens_seen += int(n_tokens)
-            last_train = step_loss / n_loss
-            tok_s = n_tokens / max(time.time() - step_start, 1e-9)
-            row = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / per_epoch, 4),
-                   "loss": last_train, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens_per_s": round(tok_s, 1), "elapsed_s": round(time.time() - t0, 2)}
-            if state.step % tc.eval_every == 0 or state.step == total_steps:
-                if val_items:
-                    val_loss = evaluate_loss(model, val_items, tc.batch_size, pad_id, device, autocast, fast, dist,
-                                             step_module)
-                    row["val_loss"] = val_loss
+            state.tokens_seen += n_tokens
+            interval.add(step_loss, n_loss, n_tokens, grad_norm)
+            stopping = pending is not None and write_row(pending)
+            pending = None
+            evaluate = state.step % tc.eval_every == 0 or state.step == total_steps
+            stopping = stopping or (not dist.enabled and stop.signum is not None)
+            if state.step % tc.log_every == 0 or evaluate or stopping or state.step % tc.save_every == 0:
+                pending = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / per_epoch, 4),
+                           "loss": None, "lr": scheduler.get_last_lr()[0], "grad_norm": interval.grad_norm,
+                           "_loss": (interval.loss, interval.n_loss), "_steps": interval.steps,
+                           "_tokens": interval.tokens, "_since": interval.since, "_stop": stop.signum is not None}
+                interval.reset(time.time())
+            if pending is not None and (evaluate or stopping or state.step % tc.save_every == 0
+                                        or state.step == total_steps):
+                row, pending = pending, None
+                if evaluate and val_items:
+                    val_loss = row["val_loss"] = evaluate_loss(model, val_items, tc.batch_size, pad_id, device,
+                                                               autocast, fast, dist, step_module)
+                stopping = write_row(row) or stopping
+                if "val_loss" in row:
                     _track_validation(state, val_loss, last_train, log)
-            if math.isnan(last_train):
-                raise LoraforgeError(f"the loss became NaN at step {state.step}",
-                                     hint="lower train.learning_rate or use train.precision=fp32")
-            mlog.write(json.dumps(row) + "\n")
-            mlog.flush()
-            progress.update(state.step, last_train, row["lr"], tok_s, val_loss)
+                interval.since = time.time()   # the next row's rate leaves validation out
             if state.step % tc.save_every == 0 or stopping:
                 ckpt = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, config_yaml,
                                        tc.keep_last, dist=dist, step_module=step_module)
+                interval.since = time.time()
                 if stopping:
                     name = signal.Signals(stop.signum).name if stop.signum is not None else "a stop signal"
                     raise TrainingInterrupted(f"{name} received: stopped after step {state.step}/{total_steps}; "
                                               f"checkpoint saved in {ckpt}",
                                               hint="continue with the same command and --resume")
+        if pending is not None:
+            write_row(pending)
     return LoopResult(state, last_train, val_loss, time.time() - t0)
+
+
+def _buckets(items: list[Tokenized], cfg: RunConfig, fast, log) -> list[int] | None:
+    """The padded lengths of the training batches where the fast path replays CUDA graphs (each length's
+    shape then repeats), else None (each batch padded to its own longest example)."""
+    if fast is None or cfg.data.packing or not items:
+        return None
+    buckets = length_buckets([len(t.input_ids) for t in items], cfg.train.batch_size, cfg.seed)
+    if not fast.graphs_want_buckets(cfg.train.batch_size * buckets[-1]):
+        return None
+    log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
+        f"{cfg.train.batch_size} rows, so that CUDA graphs replay them")
+    return buckets
 
 
 def _track_validation(state: TrainerState, val_loss: float, train_loss: float, log) -> None:

@@ -5,6 +5,9 @@ backward): ~7,000 launches a step for a 32-layer model. The H100 profile of the 
 (bench/results/train_speed/profiles/s5_8b_ours-qlora_nf4_kernel.idle.json) has the GPU computing 357 ms of
 a ~400 ms step and waiting for the host the rest. A graph replays all those launches in one call.
 
+Several shapes: a run whose batches are padded to a few lengths (data.batching's length buckets) gets one
+pair of graphs per shape (GraphSet), each captured at that shape's second step, up to MAX_SHAPES.
+
 What runs in the graphs: the stack's forward without grad (each layer's input stored: in pinned host memory
 with offload, else kept on the GPU), and its backward (each layer, top down, recomputed with grad and
 back-propagated with torch.autograd.grad). Both are captured into one memory pool, at the second
@@ -15,8 +18,9 @@ embedding, the final norm and the loss stay outside (the loss kernel reads a hos
 The adapter's gradients are written by the backward graph into buffers of its own (outside the graphs'
 pool), which become the parameters' `.grad` (or are added to them when gradients accumulate); so the graphs
 apply only where nothing else must see the gradients arrive: one process (DDP and FSDP2 reduce them in
-autograd hooks), no dropout (its random masks), unpacked rows (varlen attention takes the longest example
-as a host integer). FastLlama decides with `applies`.
+autograd hooks), and unpacked rows (varlen attention takes the longest example as a host integer). LoRA
+dropout runs inside them: its masks are functions of a seed tensor refilled before each replay
+(model.fast.dropout). FastLlama decides where they apply.
 
 Without CUDA (`capture=False`) the same stack functions run eagerly: tests on CPU compare them, gradients
 included, against the per-layer path (model.fast.recompute); the GPU tests compare the graphs.
@@ -29,6 +33,7 @@ import warnings
 import torch
 
 HOST_BOUND_WORK = 5e11   # tokens x weights of one layer, see StackGraphs.host_bound
+MAX_SHAPES = 8           # batch shapes captured by one GraphSet (each holds its own memory pool)
 
 
 def stack_forward(layers, h, cos, sin, pool):
@@ -210,6 +215,46 @@ class StackGraphs:
             self.pool.fetched.clear()   # copies queued by the aborted capture
         warnings.warn(f"CUDA graphs are off for the rest of this run ({self.failed}); the decoder stack runs "
                       "eagerly, as with model.cuda_graphs: off", stacklevel=2)
+
+
+class GraphSet:
+    """One StackGraphs per batch shape (each captured at its shape's second step), for runs whose batches come
+    in a few padded lengths; a shape beyond the first `limit` runs eagerly. Arguments as StackGraphs'."""
+
+    def __init__(self, layers, params, pool, capture: bool = True, layer_weights: int = 0,
+                 only_host_bound: bool = False, limit: int = MAX_SHAPES):
+        self.args = (layers, params, pool)
+        self.capture, self.layer_weights, self.only_host_bound, self.limit = \
+            capture, layer_weights, only_host_bound, limit
+        self.by_key: dict = {}
+        self.current: StackGraphs | None = None
+
+    def make(self) -> StackGraphs:
+        return StackGraphs(*self.args, capture=self.capture, layer_weights=self.layer_weights,
+                           only_host_bound=self.only_host_bound)
+
+    def wanted(self, tokens: int) -> bool:
+        """Whether steps of `tokens` tokens would replay graphs once their shape repeats (so batches are worth
+        padding to a few lengths): capture is on and, under `auto`, such steps are host-bound."""
+        return self.capture and (not self.only_host_bound or tokens * self.layer_weights <= HOST_BOUND_WORK)
+
+    def ready(self, h, cos) -> bool:
+        key = StackGraphs.shape_key(h, cos)
+        graphs = self.by_key.get(key)
+        if graphs is None:
+            if len(self.by_key) >= self.limit:
+                return False
+            graphs = self.by_key[key] = self.make()
+        self.current = graphs
+        return graphs.ready(h, cos)
+
+    @property
+    def eager(self):
+        """Whether the last step's stack ran without graphs (None: no step went through here)."""
+        return None if self.current is None else self.current.eager
+
+    def __call__(self, h, cos, sin) -> torch.Tensor:
+        return self.current(h, cos, sin)
 
 
 class _Stack(torch.autograd.Function):

@@ -27,7 +27,8 @@ import functools
 import torch
 
 from loraforge.data.templates import IGNORE_INDEX
-from loraforge.model.fast.graphs import StackGraphs
+from loraforge.model.fast.dropout import new_seed, reseed_
+from loraforge.model.fast.graphs import GraphSet
 from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
                                       rope_qkv, swiglu)
@@ -57,14 +58,15 @@ def why_not_fast(model) -> str | None:
 
 
 class _Layer:
-    def __init__(self, layer, dtype, buffers, live=False):
+    def __init__(self, layer, dtype, buffers, live=False, index=0):
         at, mlp = layer.self_attn, layer.mlp
-        self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, buffers, live)
-        self.o = Projections([at.o_proj], dtype, buffers, live)
+        s = 16 * index   # each group's dropout stream (model.fast.dropout): 4 groups of at most 3 projections
+        self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, buffers, live, stream=s)
+        self.o = Projections([at.o_proj], dtype, buffers, live, stream=s + 4)
         # gate and up as one GEMM whose [gate | up] output the SwiGLU kernel reads in place (and the adapter's
         # term with it: lora.GateUpSwiGLUFn)
-        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], dtype, buffers, live)
-        self.down = Projections([mlp.down_proj], dtype, buffers, live)
+        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], dtype, buffers, live, stream=s + 8)
+        self.down = Projections([mlp.down_proj], dtype, buffers, live, stream=s + 12)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(at, "q_norm", None), getattr(at, "k_norm", None)
         self.buffers = buffers
@@ -130,31 +132,43 @@ class FastLlama:
         # projection (a group above it is rebuilt one projection at a time, see lora.FrozenGroup.split)
         self.buffers: dict = {"largest": max(m.in_features * m.out_features for m in self.decoder.layers.modules()
                                              if hasattr(m, "in_features") and not hasattr(m, "base_layer"))}
-        self.layers = [_Layer(layer, dtype, self.buffers, live=sharded) for layer in self.decoder.layers]
+        self.buffers["dropout_seed"] = new_seed(self.head.weight.device)
+        self.layers = [_Layer(layer, dtype, self.buffers, live=sharded, index=i)
+                       for i, layer in enumerate(self.decoder.layers)]
         self.sharded = sharded
         self.entries: list = []     # FSDP2: each layer's registered method (attach_fsdp)
         self.head_entry = self.embed_entry = None
         self.vocab_parallel = False  # FSDP2: the untied embedding and head used over their shards
         self.checkpointing = bool(checkpointing)
         self.pool = PinnedPool() if checkpointing == "offload" else None
-        self.keep_rng = any(getattr(d, "p", 0) > 0 for layer in self.layers
-                            for p in layer.projections() for d in p.dropouts)
+        # the LoRA dropout masks are functions of buffers["dropout_seed"] (model.fast.dropout), refilled before
+        # each training forward: a recomputed layer and a graph's replay draw the same masks, no RNG state kept
+        self.dropout = any(getattr(d, "p", 0) > 0 for layer in self.layers
+                           for p in layer.projections() for d in p.dropouts)
         # CUDA graphs of the checkpointed stack (model.fast.graphs): "auto" = on CUDA where they apply and
         # the steps are host-bound, "on" = wherever they apply, "eager" = the same stack functions without
-        # graphs, on any device (tests), "off" = never
+        # graphs, on any device (tests), "off" = never. Without checkpointing too: the graphed stack
+        # recomputes each layer in its backward, which costs a forward's GEMMs again but holds less memory,
+        # and where the graphs apply (`auto`: small, host-bound steps) the launches they save weigh more
         self.graphs = None
-        if graphs != "off" and self.checkpointing and not sharded and not self.keep_rng:
+        if graphs != "off" and not sharded:
             params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.decoder.layers]
             weights = sum(g.in_features * sum(g.outs) for _, g, _, _ in
                           (part for proj in self.layers[0].projections() for part in proj.parts))
-            self.graphs = StackGraphs(self.layers, params, self.pool, capture=graphs != "eager",
-                                      layer_weights=weights, only_host_bound=graphs == "auto")
+            self.graphs = GraphSet(self.layers, params, self.pool, capture=graphs != "eager", layer_weights=weights,
+                                   only_host_bound=graphs == "auto")
 
     def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, H) in the compute dtype. Packed rows (data.packing) give their
         position_ids and segment_ids: attention then stays inside each example."""
         dev = input_ids.device
         self.buffers["pass"] = self.buffers.get("pass", 0) + 1   # the LoRA factors are cast once per pass
+        training = torch.is_grad_enabled() and self.model.training
+        if training and self.dropout:
+            seed = self.buffers["dropout_seed"]
+            if seed.device != dev:
+                seed = self.buffers["dropout_seed"] = new_seed(dev)
+            reseed_(seed)
         packed = packed_attention(segment_ids) if segment_ids is not None else None
         with torch.autocast(dev.type, enabled=False):
             h = (self.embed_entry or self.decoder.embed_tokens)(input_ids).to(self.dtype)
@@ -162,10 +176,11 @@ class FastLlama:
                 torch.arange(input_ids.shape[1], device=dev)[None].expand(input_ids.shape[0], -1)
             cos, sin = self.decoder.rotary_emb(h, pos)
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
-            self._recompute = torch.is_grad_enabled() and self.model.training and self.checkpointing
-            self.buffers["keep_xa"] = self._recompute   # see lora._thin_product
-            if self._recompute and packed is None and self.graphs is not None and \
-                    (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos):
+            graphed = training and packed is None and self.graphs is not None and \
+                (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos)
+            self._recompute = training and self.checkpointing
+            self.buffers["keep_xa"] = self._recompute or graphed   # see lora._thin_product
+            if graphed:
                 h = self.graphs(h, cos, sin)
             else:
                 if self._recompute:
@@ -176,10 +191,16 @@ class FastLlama:
             norm = self.decoder.norm
             return rms_norm(h, norm.weight, norm.variance_epsilon)
 
+    def graphs_want_buckets(self, tokens: int) -> bool:
+        """Whether training batches of about `tokens` tokens should come in a few padded lengths (data.batching's
+        buckets): CUDA graphs would then replay for every batch after its length's first two steps."""
+        return self.graphs is not None and self.graphs.wanted(tokens) and _one_process() and \
+            self.head.weight.is_cuda
+
     def _layer(self, i: int, h, cos, sin, packed):
         layer = self.layers[i]
         if self._recompute:
-            return recompute(layer, h, cos, sin, packed, key=i, pool=self.pool, keep_rng=self.keep_rng)
+            return recompute(layer, h, cos, sin, packed, key=i, pool=self.pool)
         return layer(h, cos, sin, packed)
 
     def _head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -220,10 +241,13 @@ class FastLlama:
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the batch's loss tokens, and their count (as train.loop.loss_sum)."""
         labels = batch["labels"][:, 1:]
-        # the loss positions, found before the forward is queued: this host-device sync then waits for an
-        # idle GPU instead of stalling the CPU in the middle of the step (packed rows add one more, for the
-        # longest example, in ops.packed_attention, also before the forward)
-        idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        # the loss positions: found on the host by the training loop (`loss_index`, no sync), else found here
+        # before the forward is queued, so that this host-device sync waits for an idle GPU instead of
+        # stalling the CPU in the middle of the step (packed rows add one more, for the longest example, in
+        # ops.packed_attention, also before the forward)
+        idx = batch.get("loss_index")
+        if idx is None:
+            idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
         return (self.head_entry or self._head_loss)(h, labels.flatten().index_select(0, idx)), len(idx)

@@ -25,6 +25,7 @@ import itertools
 import torch
 
 from loraforge.model.fast import nf4
+from loraforge.model.fast.dropout import seeded_dropout
 from loraforge.model.fast.swiglu_lora import swiglu_lora, swiglu_lora_backward_
 from loraforge.model.shard_nf4 import ATTR as NF4_STATE
 
@@ -228,48 +229,53 @@ class LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *_):
         xd2, xa, a_cat, b_blk = ctx.saved_tensors
-        group = ctx.group
         dy2 = dy.reshape(-1, dy.shape[-1])
         dxa, grads = _adapter_grads(ctx, dy2, xd2, xa, b_blk)
-        dx = dxd = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            if ctx.same:
-                dx = _grad_input(group, dy2, dxa, a_cat)
-            else:
-                dx = group.grad_input(dy2)
-                dxd = (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
-            dx = dx.view(*ctx.lead, dx.shape[-1])
+        dx, dxd = _input_grads(ctx, dy2, dxa, a_cat)
         return (dx, dxd, None, None, None, dy if ctx.residual else None, *grads)
 
 
 class GateUpSwiGLUFn(torch.autograd.Function):
-    """h = silu(g) * u for a joined gate/up group, [g | u] = x W^T + (x A^T)(s B)^T: the base GEMM writes
-    x W^T alone and the SwiGLU kernel adds the adapter's term (model.fast.swiglu_lora). Saves x, x A^T and
-    the base output (which the backward overwrites with [dg | du]); the rest is LoraGroupFn's backward."""
+    """h = silu(g) * u for a joined gate/up group, [g | u] = x W^T + (xd A^T)(s B)^T (xd = dropout(x), or x
+    itself): the base GEMM writes x W^T alone and the SwiGLU kernel adds the adapter's term
+    (model.fast.swiglu_lora). Saves xd, xd A^T and the base output (which the backward overwrites with
+    [dg | du]), and x where dropout made xd another tensor; the rest is LoraGroupFn's backward."""
 
     @staticmethod
-    def forward(ctx, x, group: FrozenGroup, scales: list, *ab):
+    def forward(ctx, x, xd, group: FrozenGroup, scales: list, *ab):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
         a_cat, b_blk = _stack(group, ab, scales)
-        xa = _thin_product(group, x2, a_cat, x.requires_grad)
+        xa = _thin_product(group, xd2, a_cat, x.requires_grad)
         y = group.product(x2)
         if group.bias is not None:
             y += group.bias
         ctx.ranks = [t.shape[0] for t in ab[0::2]]
         h = swiglu_lora(y, xa, b_blk, tuple(ctx.ranks))
-        ctx.group, ctx.scales, ctx.lead = group, scales, lead
+        ctx.group, ctx.scales, ctx.lead, ctx.same = group, scales, lead, xd is x
         ctx.param_dtypes = [t.dtype for t in ab]
-        ctx.save_for_backward(x2, xa, a_cat, b_blk, y)
+        ctx.save_for_backward(xd2, xa, a_cat, b_blk, y)
         return h.view(*lead, h.shape[-1])
 
     @staticmethod
     def backward(ctx, dh):
-        x2, xa, a_cat, b_blk, y = ctx.saved_tensors
+        xd2, xa, a_cat, b_blk, y = ctx.saved_tensors
         dy2 = swiglu_lora_backward_(y, xa, b_blk, tuple(ctx.ranks), dh.reshape(-1, dh.shape[-1]))
-        dxa, grads = _adapter_grads(ctx, dy2, x2, xa, b_blk)
-        dx = _grad_input(ctx.group, dy2, dxa, a_cat) if ctx.needs_input_grad[0] else None
-        return (dx.view(*ctx.lead, dx.shape[-1]) if dx is not None else None, None, None, *grads)
+        dxa, grads = _adapter_grads(ctx, dy2, xd2, xa, b_blk)
+        dx, dxd = _input_grads(ctx, dy2, dxa, a_cat)
+        return (dx, dxd, None, None, *grads)
+
+
+def _input_grads(ctx, dy2, dxa, a_cat) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dxd) of a group's function: one tensor dx = dy W + (dy B) A where xd is x, else the base's
+    share for x and the adapter's for xd (which the dropout's backward takes to x)."""
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None
+    if ctx.same:
+        return _grad_input(ctx.group, dy2, dxa, a_cat).view(*ctx.lead, a_cat.shape[-1]), None
+    dx = ctx.group.grad_input(dy2).view(*ctx.lead, a_cat.shape[-1])
+    return dx, (dxa @ a_cat).view(*ctx.lead, a_cat.shape[-1])
 
 
 def _adapter_grads(ctx, dy2, xd2, xa, b_blk) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -330,22 +336,25 @@ class Projections:
     """One or more PEFT LoRA/DoRA layers (or plain frozen linears) that read the same input, run through
     LoraGroupFn. Call it with x; it returns the outputs, split per projection."""
 
-    def __init__(self, modules: list, dtype: torch.dtype, buffers: dict, live: bool = False):
+    def __init__(self, modules: list, dtype: torch.dtype, buffers: dict, live: bool = False, stream: int = 0):
         self.dtype = dtype
+        self.buffers = buffers
         self.modules, self.live = modules, live
         bases = [getattr(m, "base_layer", m) for m in modules]
         self.adapters = [_adapter(m) for m in modules]
         self.magnitudes = [_magnitude(m, a) for m, a in zip(modules, self.adapters)]
         self.dropouts = [m.lora_dropout[a] if a else None for m, a in zip(modules, self.adapters)]
         groupable = all(self.adapters) and not any(g is not None for g in self.magnitudes) and \
-            all(getattr(d, "p", 0) == 0 for d in self.dropouts)
-        # DoRA, dropout or a projection without adapter: each projection on its own
+            len({getattr(d, "p", 0) for d in self.dropouts}) == 1
+        # DoRA, dropout rates that differ or a projection without adapter: each projection on its own; a
+        # group shares one dropout mask (model.fast.dropout), drawn from its own stream
         members = [[i] for i in range(len(modules))] if not groupable else [list(range(len(modules)))]
         self.parts = []
         for idx in members:
             group = FrozenGroup([bases[i] for i in idx], dtype, buffers, live=live)
             scales = [float(modules[i].scaling[self.adapters[i]]) for i in idx if self.adapters[i]]
             self.parts.append((idx, group, self._factors(idx), scales))
+        self.streams = {idx[0]: stream + k for k, (idx, *_) in enumerate(self.parts)}
         self.outs = [b.out_features for b in bases]
         # one group with adapters covering every projection: its output can be taken whole
         self.joined = self._joined if len(self.parts) == 1 and self.parts[0][2] and \
@@ -375,8 +384,8 @@ class Projections:
         """silu(gate) * up of a joined gate/up group, the adapter's term added inside SwiGLU (GateUpSwiGLUFn)."""
         if self.live:
             self.reload()
-        _, group, ab, scales = self.parts[0]
-        return GateUpSwiGLUFn.apply(x, group, scales, *ab)
+        idx, group, ab, scales = self.parts[0]
+        return GateUpSwiGLUFn.apply(x, self._dropped(idx, x), group, scales, *ab)
 
     def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """h + this (single) projection of x: the residual added inside the LoRA function where it can be
@@ -389,11 +398,11 @@ class Projections:
         return LoraGroupFn.apply(x, self._dropped(idx, x), group, scales, False, h, *ab)
 
     def _dropped(self, idx: list[int], x: torch.Tensor) -> torch.Tensor:
-        """The adapter's input: dropout(x) for a single projection with active dropout (grouped projections
-        never have any, see __init__), else x itself."""
+        """The adapter's input: dropout(x) with the group's mask while training (model.fast.dropout: the
+        same mask in the forward, its recomputation and a CUDA graph's replay), else x itself."""
         drop = self.dropouts[idx[0]]
-        active = len(idx) == 1 and drop is not None and drop.training and getattr(drop, "p", 0)
-        return drop(x) if active else x
+        p = getattr(drop, "p", 0) if drop is not None and drop.training else 0
+        return seeded_dropout(x, self.buffers["dropout_seed"], self.streams[idx[0]], p) if p else x
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.live:

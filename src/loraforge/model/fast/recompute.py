@@ -4,7 +4,8 @@ Only the layer's input is kept between forward and backward; backward runs the l
 back-propagates through it. With `offload`, that input waits in a pinned host buffer (copied with
 non-blocking transfers on a side stream, one reused buffer per layer) instead of on the GPU: for
 an 8B model at 2 x 2048 tokens that is 32 MiB a layer, 1 GiB a step, moved while the GPU computes.
-Dropout masks are reproduced in the second run by restoring the RNG state of the first.
+The second run draws the same LoRA dropout masks as the first: they are functions of a seed tensor
+(model.fast.dropout), not of the generator's state.
 """
 
 from __future__ import annotations
@@ -77,11 +78,8 @@ class PinnedPool:
 
 class RecomputedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, key, pool, keep_rng, h, *extra):
+    def forward(ctx, fn, key, pool, h, *extra):
         ctx.fn, ctx.extra, ctx.device = fn, extra, h.device
-        ctx.rng = None
-        if keep_rng:
-            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(h.device) if h.is_cuda else None)
         ctx.pool, ctx.key = (pool, key) if pool is not None and h.is_cuda else (None, key)
         if ctx.pool is not None:
             pool.store(key, h.detach())
@@ -97,19 +95,12 @@ class RecomputedLayer(torch.autograd.Function):
         else:
             (h,) = ctx.saved_tensors
         h = h.detach().requires_grad_(True)
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None):
-            if ctx.rng is not None:
-                torch.set_rng_state(ctx.rng[0])
-                if ctx.rng[1] is not None:
-                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            with torch.enable_grad():
-                out = ctx.fn(h, *ctx.extra)
+        with torch.enable_grad():   # dropout masks are functions of a seed tensor (model.fast.dropout): the same
+            out = ctx.fn(h, *ctx.extra)
         torch.autograd.backward(out, grad_out)
-        return (None, None, None, None, h.grad) + (None,) * len(ctx.extra)
+        return (None, None, None, h.grad) + (None,) * len(ctx.extra)
 
 
-def recompute(fn, h: torch.Tensor, *extra, key: int = 0, pool: PinnedPool | None = None,
-              keep_rng: bool = False) -> torch.Tensor:
+def recompute(fn, h: torch.Tensor, *extra, key: int = 0, pool: PinnedPool | None = None) -> torch.Tensor:
     """fn(h, *extra) whose activations are rebuilt in backward; `extra` must not need gradients."""
-    return RecomputedLayer.apply(fn, key, pool, keep_rng, h, *extra)
+    return RecomputedLayer.apply(fn, key, pool, h, *extra)

@@ -1,0 +1,88 @@
+"""LoRA dropout whose mask is a pure function of (a seed held in a device tensor, a stream id, the element).
+
+Why not torch's dropout (PEFT's `lora_dropout`): its mask comes from the generator's state at the moment it
+runs, so a recomputed layer must save and restore that state around the recomputation, and a CUDA graph
+would replay the capture's offsets. Here the seed is read by the kernel from a one-element tensor that
+FastLlama refills before every forward pass (drawn from the device's generator, which the training loop
+seeds per micro-batch): the forward, its recomputation in backward and a CUDA graph's replay all see the
+same seed and so the same mask, with nothing saved. The mask is never stored: backward multiplies the
+incoming gradient by the same regenerated mask (dropout is linear in its input for a fixed mask).
+
+One mask per group of projections that read the same input (q/k/v, gate/up): PEFT draws one per
+projection. The expected update is the same; the groups keep their single fused GEMMs (model.fast.lora).
+
+On CUDA the mask is drawn by Triton's Philox (`tl.rand`) in one pass over the input; elsewhere by a CPU
+torch.Generator seeded from the same tensor (the CPU has no graphs: `.item()` costs nothing there).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from loraforge.model.fast.nf4 import have_triton
+
+BLOCK = 2048
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def seeded_dropout(x_ptr, out_ptr, seed_ptr, n, stream, p, scale, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        seed = tl.load(seed_ptr) + stream
+        keep = tl.rand(seed, offs) >= p
+        x = tl.load(x_ptr + offs, mask=m, other=0.0)
+        y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+
+    return triton, seeded_dropout
+
+
+def _apply_mask(x: torch.Tensor, seed: torch.Tensor, stream: int, p: float) -> torch.Tensor:
+    """x * mask / (1 - p), the mask drawn from (seed, stream)."""
+    scale = 1.0 / (1.0 - p)
+    if x.is_cuda and have_triton():
+        triton, kernel = _kernel()
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        n = x.numel()
+        kernel[(triton.cdiv(n, BLOCK),)](x, out, seed, n, stream, p, scale, BLOCK=BLOCK)
+        return out
+    gen = torch.Generator(device=x.device).manual_seed((int(seed.item()) + stream) % (2 ** 63))
+    keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
+    return x * keep.to(x.dtype) * scale
+
+
+class SeededDropout(torch.autograd.Function):
+    """dropout(x) with the mask of (seed, stream); backward regenerates it."""
+
+    @staticmethod
+    def forward(ctx, x, seed, stream: int, p: float):
+        ctx.seed, ctx.stream, ctx.p = seed, stream, p
+        return _apply_mask(x, seed, stream, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _apply_mask(grad, ctx.seed, ctx.stream, ctx.p), None, None, None
+
+
+def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, stream: int, p: float) -> torch.Tensor:
+    """Dropout of `x` with probability `p`, its mask fixed by the seed tensor's value and `stream`."""
+    return SeededDropout.apply(x, seed, stream, p) if p > 0 else x
+
+
+def new_seed(device: torch.device | str) -> torch.Tensor:
+    """The one-element int64 tensor the masks read their seed from."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def reseed_(seed: torch.Tensor) -> None:
+    """A fresh seed from the device's default generator, written on the device (no host sync)."""
+    seed.random_(0, 2 ** 31)
