@@ -45,13 +45,16 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {  # public configs: Llama-3.1-8B and Llama-3.2-1B
+SHAPES = {  # public configs: Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (a Llama too)
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False,
                max_position_embeddings=8192, rms_norm_eps=1e-5),
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True,
                max_position_embeddings=8192, rms_norm_eps=1e-5),
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True,
+                 max_position_embeddings=8192, rms_norm_eps=1e-5),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_ROWS = ["plain-qlora", "ours-qlora", "ours-qlora-gc", "unsloth-qlora", "plain-lora", "ours-lora",

@@ -63,7 +63,7 @@ def test_kernels_match_transformers_modules():
     assert rel(gh, gh_ref) < 2e-2
 
 
-def _small_llama(quantize: bool, adapter: str = "lora"):
+def _small_llama(quantize: bool, adapter: str = "lora", dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loraforge.model.quant import quantize_linears_
@@ -75,7 +75,7 @@ def _small_llama(quantize: bool, adapter: str = "lora"):
     if quantize:
         assert quantize_linears_(model) == 21
     model.cuda().requires_grad_(False)
-    model = attach_adapter(model, LoraSection(adapter=adapter, r=16, alpha=16, dropout=0.0))
+    model = attach_adapter(model, LoraSection(adapter=adapter, r=16, alpha=16, dropout=dropout))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.02)
@@ -300,3 +300,44 @@ def test_nf4_kernel_rebuilds_bitsandbytes_weights_bit_for_bit(shape):
     assert (out != ref).float().mean() < 1e-3
     assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=0)
     assert torch.equal(nf4.dequantize_nf4(packed.view(-1).view(torch.float32), qs, torch.empty_like(ref)), out)
+
+
+def test_seeded_dropout_kernel():
+    """The Triton mask: the rate asked for, the same mask for the same seed and stream, survivors scaled, and a
+    backward that applies the same mask."""
+    from loraforge.model.fast.dropout import new_seed, reseed_, seeded_dropout
+
+    x = torch.randn(4096, 1000, device="cuda", dtype=BF16, requires_grad=True)
+    seed = new_seed("cuda")
+    reseed_(seed)
+    a = seeded_dropout(x, seed, 3, 0.1)
+    assert torch.equal(a, seeded_dropout(x, seed, 3, 0.1)) and not torch.equal(a, seeded_dropout(x, seed, 4, 0.1))
+    assert float((a == 0).float().mean()) == pytest.approx(0.1, abs=0.005)
+    kept = a != 0
+    assert rel(a[kept].float(), (x[kept] / 0.9).float()) < 1e-2
+    g = torch.randn_like(a)
+    a.backward(g)
+    assert torch.equal(x.grad != 0, kept) and rel(x.grad[kept].float(), (g[kept] / 0.9).float()) < 1e-2
+
+
+@pytest.mark.parametrize("ckpt", [True, False], ids=["checkpointed", "no-checkpointing"])
+def test_cuda_graphs_with_dropout_replay_the_eager_steps(ckpt):
+    """LoRA dropout inside the captured stack: step after step (fresh masks each step, the generator seeded
+    alike), the graphs give the eager per-layer path's loss and gradients, with or without checkpointing."""
+    model = _small_llama(False, dropout=0.1)
+    batch = _batch()
+    eager = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="off")
+    graphed = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="on")
+    losses = []
+    for step in range(4):
+        torch.cuda.manual_seed(100 + step)
+        ref = _grads(model, eager, batch)
+        torch.cuda.manual_seed(100 + step)
+        got = _grads(model, graphed, batch)
+        assert got[0] == pytest.approx(ref[0], rel=1e-3), step
+        for k in ref[1]:
+            assert rel(got[1][k], ref[1][k]) < 1e-2, (step, k)
+        losses.append(got[0])
+    g = graphed.graphs.current
+    assert g.failed is None and g.fwd is not None and g.eager is False
+    assert len(set(losses)) == 4   # fresh masks every step

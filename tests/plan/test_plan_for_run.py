@@ -27,7 +27,7 @@ def test_tiny_run_text_on_a_gpu():
     cfg = build_config({"data": {"max_seq_length": 64}, "train": {"batch_size": 4, "epochs": 2},
                         "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
     lengths = [20, 30, 40, 90]  # the longest is cut to max_seq_length
-    text, fits = estimate_for_run(cfg, TINY, lengths, *H100)
+    text, fits, _ = estimate_for_run(cfg, TINY, lengths, *H100)
     assert fits
     lines = text.splitlines()
     assert len(lines) == 2 and "warning" not in text
@@ -44,7 +44,7 @@ def test_tiny_run_text_on_a_gpu():
 
 
 def test_cpu_gets_one_line_without_vram_check():
-    text, fits = estimate_for_run(build_config({}), TINY, [10, 20], None, None)
+    text, fits, _ = estimate_for_run(build_config({}), TINY, [10, 20], None, None)
     assert fits and len(text.splitlines()) == 1
     assert "training on CPU" in text and " of " not in text
 
@@ -52,7 +52,7 @@ def test_cpu_gets_one_line_without_vram_check():
 def test_warning_and_a_fix_that_fits_on_a_12gb_card():
     cfg = build_config({"base_model": "meta-llama/Llama-3.1-8B-Instruct", "data": {"max_seq_length": 2048}})
     card = ("NVIDIA GeForce RTX 3060", 12 * GIB)
-    text, fits = estimate_for_run(cfg, LLAMA8B, [2048] * 10, *card)
+    text, fits, _ = estimate_for_run(cfg, LLAMA8B, [2048] * 10, *card)
     assert not fits
     assert "[yellow]warning:[/] this run needs ~" in text and "but NVIDIA GeForce RTX 3060 has 12.0 GiB" in text
     fix = re.search(r"cheapest fix: (.*) -> ~([\d.]+) GiB \(add: (.*)\)", text)
@@ -61,13 +61,13 @@ def test_warning_and_a_fix_that_fits_on_a_12gb_card():
     fixed = load_config(None, fix[3].split(), base={"base_model": cfg.base_model,
                                                     "data": {"max_seq_length": 2048}})
     assert fixed.model.quantization == "nf4"
-    text2, fits2 = estimate_for_run(fixed, LLAMA8B, [2048] * 10, *card)
+    text2, fits2, _ = estimate_for_run(fixed, LLAMA8B, [2048] * 10, *card)
     assert fits2 and "warning" not in text2
 
 
 def test_model_plan_cannot_read_is_a_note_not_an_error():
     moe = {**LLAMA8B, "num_local_experts": 8}
-    text, fits = estimate_for_run(build_config({}), moe, [10], *H100)
+    text, fits, _ = estimate_for_run(build_config({}), moe, [10], *H100)
     assert fits and "no memory estimate" in text and "mixture-of-experts" in text
 
 

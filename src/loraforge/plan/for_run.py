@@ -1,7 +1,7 @@
 """The plan shown at the start of `loraforge train`: peak memory against the card it runs on, speed, time.
 
-    text, fits = estimate_for_run(cfg, model.config.to_dict(), [len(t.input_ids) for t in train_items],
-                                  "NVIDIA H100 80GB HBM3", 85_520_809_984, n_gpus=1)
+    text, fits, tokens_per_s = estimate_for_run(cfg, model.config.to_dict(), [len(t.input_ids) for t in train_items],
+                                                "NVIDIA H100 80GB HBM3", 85_520_809_984, n_gpus=1)
 
 The trainer knows what `loraforge plan` has to assume: the model's real config.json, every example's token
 count (the peak comes from the longest batch, not from max_seq_length) and the GPU's name and memory. The text
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rich.markup import escape
 
@@ -77,16 +77,22 @@ def fix_overrides(old: TrainSetup, new: TrainSetup) -> list[str] | None:
     return out
 
 
+class RunEstimate(NamedTuple):
+    text: str                     # rich markup to print
+    fits: bool                    # whether the peak fits the card
+    tokens_per_s: float | None    # the predicted training speed (None: no GPU or no speed model for it)
+
+
 def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths: list[int],
-                     gpu_name: str | None, gpu_mem_bytes: int | None, n_gpus: int = 1) -> tuple[str, bool]:
-    """(rich text to print, whether the run fits) for `cfg` on the model and data the trainer has loaded.
+                     gpu_name: str | None, gpu_mem_bytes: int | None, n_gpus: int = 1) -> RunEstimate:
+    """The estimate for `cfg` on the model and data the trainer has loaded.
 
     `token_lengths` are the training examples' token counts; `gpu_name`/`gpu_mem_bytes` come from
     torch.cuda.get_device_properties (None on CPU); `n_gpus` data-parallel processes, `batch` per GPU.
     """
     name = Path(str(model_config.get("_name_or_path") or cfg.base_model)).name or cfg.base_model
     if not token_lengths:
-        return "plan: no training examples to estimate", True
+        return RunEstimate("plan: no training examples to estimate", True, None)
     lengths = [min(n, cfg.data.max_seq_length) for n in token_lengths]  # the trainer drops or cuts longer ones
     longest, avg = max(lengths), max(1, round(sum(lengths) / len(lengths)))
     try:
@@ -94,10 +100,11 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
         setup = setup_from_config(cfg, shape, seq=longest, gpus=n_gpus)
         mem = estimate(shape, setup)
     except LoraforgeError as e:
-        return f"[dim]plan: no memory estimate for this model ({escape(str(e).splitlines()[0])})[/]", True
+        return RunEstimate(f"[dim]plan: no memory estimate for this model ({escape(str(e).splitlines()[0])})[/]",
+                           True, None)
     if gpu_name is None or gpu_mem_bytes is None:
-        return (f"[dim]plan: training on CPU; on a GPU this run would need ~{mem.total:.1f} GiB "
-                f"(`loraforge plan` compares cards)[/]"), True
+        return RunEstimate(f"[dim]plan: training on CPU; on a GPU this run would need ~{mem.total:.1f} GiB "
+                           f"(`loraforge plan` compares cards)[/]", True, None)
     gpu, card = gpu_from_device(gpu_name, gpu_mem_bytes), escape(gpu_name)
     fits = mem.total <= gpu.memory_gib
     parts = sorted(mem.parts().items(), key=lambda kv: -kv[1])[:3]
@@ -105,6 +112,7 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
     lines = [f"plan: peak memory ~{mem.total:.1f} GiB{per_gpu} of {gpu.memory_gib:.1f} GiB on {card} (longest "
              f"example {longest} tokens x batch {setup.batch}; "
              + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in parts) + ")"]
+    speed = None
     if gpu.bf16_tflops:
         speed = tokens_per_second(gpu, shape, setup, avg)
         tokens = sum(lengths) * cfg.train.epochs
@@ -123,4 +131,4 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
             lines.append(f"  cheapest fix: {' + '.join(fix.changes)} -> ~{fix.total_gib:.1f} GiB{how}")
         else:
             lines.append("  no usual change makes it fit: use a larger card or several GPUs")
-    return "\n".join(lines), fits
+    return RunEstimate("\n".join(lines), fits, speed)

@@ -165,8 +165,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         from loraforge.plan.for_run import estimate_for_run  # `loraforge plan`'s estimate for this exact run
 
         gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
-        console.print(estimate_for_run(cfg, model.config.to_dict(), [len(t.input_ids) for t in train_items],
-                                       gpu and gpu.name, gpu and gpu.total_memory, dist.world)[0])
+        plan = estimate_for_run(cfg, model.config.to_dict(), [len(t.input_ids) for t in train_items],
+                                gpu and gpu.name, gpu and gpu.total_memory, dist.world)
+        console.print(plan.text)
 
     train_items = rows
     torch.manual_seed(cfg.seed)
@@ -218,7 +219,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "tokens_seen": result.state.tokens_seen, "device": device,
                "precision": "bf16" if amp_dtype else "fp32",
                "compute_dtype": str(compute_dtype).removeprefix("torch."), "trainable_parameters": n_trainable,
-               "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
+               "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world,
+               "tokens_per_s": round(result.state.tokens_seen / max(result.seconds, 1e-9), 1),
+               "planned_tokens_per_s": round(plan.tokens_per_s, 1) if dist.is_main and plan.tokens_per_s else None,
+               "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if device == "cuda" else None}
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
     dist.barrier()

@@ -1,0 +1,312 @@
+"""The benchmark of record for training speed: what users run, end to end, against the peers in one device call.
+
+`loraforge train CONFIG` (a real config file; wall time from the command's start to the adapter written, and
+tokens/s of training alone from its summary.json) against Unsloth + TRL's SFTTrainer set up the way Unsloth's
+notebooks do it (FastLanguageModel, get_peft_model with its offloaded checkpointing, adamw_8bit,
+train_on_responses_only) and plain TRL + PEFT (SFTTrainer with a LoraConfig, prompt-completion data: loss on
+the answer only). Same data, chat template, max_seq_length, r = alpha = 16 on all linear layers, dropout 0.05,
+learning rate, epochs and effective batch; each tool in its own process.
+
+    python bench/train_e2e.py prepare --out .e2e            # on any machine: the runs' data files (needs ../shared)
+    python bench/train_e2e.py run --data .e2e --smol DIR --runs 135m-banking77,135m-snips --out $OUT/x.json
+
+Runs (`RUNS`): SmolLM2-135M-Instruct (real weights, DIR = its HF folder) on all of BANKING77 and on SNIPS 2017
+turned into slot-extraction chats (answers are JSON); a Llama-3.2-1B shape and a Llama-3.1-8B shape QLoRA
+(random weights, SmolLM2's tokenizer and chat template) on an Alpaca-like length mix (bench/_mix.py's lengths,
+median ~250 tokens), packing off and on. tokens/s counts each tool's real (non-pad) training tokens: the
+training set's tokens x epochs over the time of its training loop (for the peers, trainer.train()). The final
+validation loss is the mean loss of the answer tokens of the same held-out file, read by each tool.
+Prints one JSON object: {"command", "device", "rows": [...]} (the format of bench/results/train_e2e/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SYSTEM = {"banking77": "Classify the customer's banking query. Reply with the intent label only.",
+          "snips": "Extract the slots of the request as a JSON object (slot name: text). Reply with the JSON only."}
+RUNS = {   # model: smollm2 (the HF folder given) or a bench/train_speed.py shape built with random weights
+    "135m-banking77": dict(model="smollm2", data="banking77", seq=256, batch=16, accum=1),
+    "135m-snips": dict(model="smollm2", data="snips", seq=256, batch=16, accum=1),
+    "1b-mix": dict(model="1b", data="mix", seq=2048, batch=4, accum=2),
+    "1b-mix-packed": dict(model="1b", data="mix", seq=2048, batch=1, accum=2, packing=True),
+    "8b-mix": dict(model="8b", data="mix8b", seq=2048, batch=2, accum=4, qlora=True),
+    "8b-mix-packed": dict(model="8b", data="mix8b", seq=2048, batch=1, accum=4, qlora=True, packing=True),
+}
+TOOLS = ["loraforge", "unsloth-trl", "trl"]
+LR, R, DROPOUT, SEED = 2e-4, 16, 0.05, 3407
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---- data (prepare) ---------------------------------------------------------------------------------------
+def _chat(system: str, user: str, answer: str) -> dict:
+    return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                         {"role": "assistant", "content": answer}]}
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _snips(shared: Path) -> list[dict]:
+    rows = []
+    for f in sorted(shared.glob("train_*_full.json")):
+        raw = f.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:   # one file is not valid UTF-8 as published (a Latin-1 byte)
+            text = raw.decode("latin-1")
+        for intent, queries in json.loads(text).items():
+            for q in queries:
+                slots = {}
+                for piece in q["data"]:
+                    if "entity" in piece:
+                        slots.setdefault(piece["entity"], piece["text"].strip())
+                rows.append(_chat(SYSTEM["snips"], "".join(p["text"] for p in q["data"]).strip(),
+                                  json.dumps(slots, ensure_ascii=False)))
+    return rows
+
+
+def _mix(n: int, seed: int, words: list[str]) -> list[dict]:
+    """Alpaca-like chats whose lengths follow bench/_mix.py's mix (in words ~ tokens), a third prompt."""
+    sys.path.insert(0, str(HERE))
+    from _mix import sample_lengths
+
+    rng = random.Random(seed)
+    lengths = sample_lengths(10 ** 9, seed)[:n]
+    rows = []
+    for n_tok in lengths:
+        body = [rng.choice(words) for _ in range(max(8, int(n_tok * 0.75)))]   # ~1.3 tokens a word
+        cut = len(body) // 3
+        rows.append(_chat("You are a helpful assistant.", " ".join(body[:cut]), " ".join(body[cut:])))
+    return rows
+
+
+def prepare(out: Path, shared: Path) -> None:
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from loraforge.quickstart import make_splits
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, val, _ = make_splits(0, 1)
+    chats = lambda rows: [_chat(SYSTEM["banking77"], r["text"], r["category"]) for r in rows]  # noqa: E731
+    _write(out / "banking77-train.jsonl", chats(train))
+    _write(out / "banking77-val.jsonl", chats(val))
+    snips = _snips(shared / "data" / "snips2017")
+    random.Random(SEED).shuffle(snips)
+    _write(out / "snips-train.jsonl", snips[500:])
+    _write(out / "snips-val.jsonl", snips[:500])
+    words = sorted({w for r in train for w in r["text"].split() if w.isalpha()})
+    for name, n in (("mix", 2400), ("mix8b", 640)):
+        rows = _mix(n + 64, SEED, words)
+        _write(out / f"{name}-train.jsonl", rows[64:])
+        _write(out / f"{name}-val.jsonl", rows[:64])
+    print(json.dumps({p.name: sum(1 for _ in p.open()) for p in sorted(out.glob("*.jsonl"))}))
+
+
+# ---- one tool on one run (its own process) -----------------------------------------------------------------
+def run_loraforge(spec: dict, work: Path) -> dict:
+    import yaml
+
+    cfg = {"base_model": spec["model_dir"], "output_dir": str(work / "run"), "seed": SEED,
+           "model": {"quantization": "nf4" if spec.get("qlora") else "none",
+                     "gradient_checkpointing": "offload" if spec.get("qlora") else False},
+           "data": {"train": spec["train"], "validation": spec["val"], "max_seq_length": spec["seq"],
+                    "packing": bool(spec.get("packing"))},
+           "lora": {"r": R, "alpha": R, "dropout": DROPOUT},
+           "train": {"epochs": spec["epochs"], "learning_rate": LR, "batch_size": spec["batch"],
+                     "grad_accum": spec["accum"]}}
+    path = work / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(path)], capture_output=True, text=True)
+    wall = time.time() - t0
+    (work / "log.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        return {"error": (proc.stdout + proc.stderr)[-3000:]}
+    s = json.loads((work / "run" / "summary.json").read_text())
+    return {"wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"], "tokens": s["tokens_seen"],
+            "tokens_per_s": s["tokens_per_s"], "peak_reserved_gib": s["peak_reserved_gib"],
+            "final_val_loss": s["final_val_loss"], "planned_tokens_per_s": s["planned_tokens_per_s"]}
+
+
+def run_peer(tool: str, spec: dict, work: Path) -> dict:
+    """Unsloth + TRL (as its notebooks) or plain TRL + PEFT; runs in this process (`child`)."""
+    import torch
+
+    cuda = torch.cuda.is_available()   # (CPU: a smoke test of the set-up only)
+    t_start = time.time()
+    if tool == "unsloth-trl":
+        from unsloth import FastLanguageModel  # noqa: first, it patches transformers and TRL
+        from unsloth.chat_templates import train_on_responses_only
+
+        model, tok = FastLanguageModel.from_pretrained(spec["model_dir"], max_seq_length=spec["seq"], dtype=None,
+                                                       load_in_4bit=bool(spec.get("qlora")), local_files_only=True)
+        model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=R, lora_dropout=DROPOUT, bias="none",
+                                                 target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                                 random_state=SEED)
+    else:
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16) if spec.get("qlora") else None
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16, device_map={"": 0} if cuda else None,
+                                                     quantization_config=quant, attn_implementation="sdpa")
+        tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+        peft_config = LoraConfig(r=R, lora_alpha=R, lora_dropout=DROPOUT, target_modules=TARGETS, bias="none",
+                                 task_type="CAUSAL_LM")
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    data = load_dataset("json", data_files={"train": spec["train"], "val": spec["val"]})
+    if tool == "unsloth-trl":   # the notebooks: the chat template applied to text, then responses only
+        data = data.map(lambda r: {"text": tok.apply_chat_template(r["messages"], tokenize=False)},
+                        remove_columns=["messages"])
+    else:                       # TRL's prompt-completion form: loss on the completion only
+        data = data.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
+                        remove_columns=["messages"])
+    args = SFTConfig(output_dir=str(work / "out"), per_device_train_batch_size=spec["batch"],
+                     per_device_eval_batch_size=spec["batch"], gradient_accumulation_steps=spec["accum"],
+                     num_train_epochs=spec["epochs"], learning_rate=LR, warmup_ratio=0.05, weight_decay=0.01,
+                     lr_scheduler_type="cosine", optim="adamw_8bit" if tool == "unsloth-trl" else "adamw_torch_fused",
+                     bf16=cuda, logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none",
+                     seed=SEED, max_length=spec["seq"], packing=bool(spec.get("packing")),
+                     gradient_checkpointing=bool(spec.get("qlora")) and tool == "trl",
+                     dataset_text_field="text", dataset_num_proc=4)
+    kw = {} if tool == "unsloth-trl" else {"peft_config": peft_config}
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=data["train"], eval_dataset=data["val"],
+                         args=args, **kw)
+    if tool == "unsloth-trl":
+        trainer = train_on_responses_only(trainer, instruction_part="<|im_start|>user\n",
+                                          response_part="<|im_start|>assistant\n")
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * spec["epochs"]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    trainer.train()
+    if cuda:
+        torch.cuda.synchronize()
+    secs = time.time() - t0
+    peak = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None
+    val = trainer.evaluate()["eval_loss"]
+    return {"wall_seconds": round(time.time() - t_start, 1), "train_seconds": round(secs, 2), "tokens": tokens,
+            "tokens_per_s": round(tokens / secs, 1), "peak_reserved_gib": peak and round(peak, 3),
+            "final_val_loss": val}
+
+
+# ---- the device run ----------------------------------------------------------------------------------------
+def model_dir(name: str, smol: str, cache: Path) -> str:
+    if name == "smollm2":
+        return smol
+    out = cache / f"model-{name}"
+    if not (out / "config.json").is_file():
+        sys.path.insert(0, str(HERE))
+        from train_speed import make_model
+
+        make_model(name, out, smol)
+    return str(out)
+
+
+def bench_rate(spec: dict, shape: str) -> float | None:
+    """bench/train_speed.py's ours-lora row for the same shape and batch (the loop users never run)."""
+    if shape != "135m":
+        return None
+    out = subprocess.run([sys.executable, str(HERE / "train_speed.py"), "--tokenizer", spec["model_dir"],
+                          "--shapes", shape, "--rows", "ours-lora", "--batch", str(spec["batch"]), "--seq", "128",
+                          "--steps", "30", "--warmup", "5"], capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout)["rows"][0]["tokens_per_s"]
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared")
+    r = sub.add_parser("run")
+    r.add_argument("--data", type=Path, required=True)
+    r.add_argument("--smol", required=True, help="SmolLM2-135M-Instruct's HF folder (also the tokenizer)")
+    r.add_argument("--runs", default="135m-banking77,135m-snips")
+    r.add_argument("--tools", default=",".join(TOOLS))
+    r.add_argument("--epochs", type=float, default=1.0)
+    r.add_argument("--cache", type=Path, default=Path("/tmp/lf-e2e"))
+    r.add_argument("--timeout", type=int, default=900, help="seconds per tool and run")
+    r.add_argument("--bench-rate", action="store_true", help="also time train_speed.py's ours-lora row (135m)")
+    r.add_argument("--out", type=Path)
+    c = sub.add_parser("child")
+    c.add_argument("tool")
+    c.add_argument("spec", type=Path)
+    a = ap.parse_args()
+    if a.cmd == "prepare":
+        return prepare(a.out, a.shared)
+    if a.cmd == "child":
+        spec = json.loads(a.spec.read_text())
+        print("RESULT " + json.dumps(run_peer(a.tool, spec, a.spec.parent)))
+        return
+    import torch
+
+    rows = []
+    for run in a.runs.split(","):
+        conf = RUNS[run]
+        spec = {**conf, "epochs": a.epochs, "model_dir": model_dir(conf["model"], a.smol, a.cache),
+                "train": str(a.data / f"{conf['data']}-train.jsonl"), "val": str(a.data / f"{conf['data']}-val.jsonl")}
+        for tool in a.tools.split(","):
+            work = a.cache / run / tool
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "spec.json").write_text(json.dumps(spec))
+            try:
+                if tool == "loraforge":
+                    res = run_loraforge(spec, work)
+                else:
+                    proc = subprocess.run([sys.executable, __file__, "child", tool, str(work / "spec.json")],
+                                          capture_output=True, text=True, timeout=a.timeout)
+                    (work / "log.txt").write_text(proc.stdout + proc.stderr)
+                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                    res = json.loads(line[-1][7:]) if line else {"error": (proc.stdout + proc.stderr)[-3000:]}
+            except subprocess.TimeoutExpired:
+                res = {"error": f"timed out after {a.timeout} s"}
+            if tool == "loraforge" and a.bench_rate and "error" not in res:
+                res["bench_tokens_per_s"] = bench_rate(spec, "135m" if conf["model"] == "smollm2" else conf["model"])
+            rows.append({"run": run, "tool": tool, **res})
+            print(json.dumps(rows[-1])[:400], file=sys.stderr, flush=True)
+            if a.out:   # each row as it comes: a call cut short keeps what it measured
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+    out = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+           else "cpu", "epochs": a.epochs, "rows": rows, "ratios": ratios(rows)}
+    text = json.dumps(out, indent=1)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text)
+    print(text)
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Per run: loraforge's tokens/s and peak memory over each peer's (rows that finished)."""
+    out = {}
+    ok = {(r["run"], r["tool"]): r for r in rows if "error" not in r}
+    for (run, tool), r in ok.items():
+        ours = ok.get((run, "loraforge"))
+        if tool != "loraforge" and ours:
+            out[f"{run}:{tool}"] = {"speed": round(ours["tokens_per_s"] / r["tokens_per_s"], 3),
+                                    "memory": r["peak_reserved_gib"] and
+                                    round(ours["peak_reserved_gib"] / r["peak_reserved_gib"], 3),
+                                    "val_loss_delta": round(ours["final_val_loss"] / r["final_val_loss"] - 1, 4)}
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
