@@ -175,7 +175,7 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
                         remove_columns=["messages"])
     args = SFTConfig(output_dir=str(work / "out"), per_device_train_batch_size=spec["batch"],
                      per_device_eval_batch_size=spec["batch"], gradient_accumulation_steps=spec["accum"],
-                     num_train_epochs=spec["epochs"], learning_rate=LR, warmup_ratio=0.05, weight_decay=0.01,
+                     num_train_epochs=spec["epochs"], learning_rate=LR, warmup_steps=0.05, weight_decay=0.01,
                      lr_scheduler_type="cosine", optim="adamw_8bit" if tool == "unsloth-trl" else "adamw_torch_fused",
                      bf16=cuda, logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none",
                      seed=SEED, max_length=spec["seq"], packing=bool(spec.get("packing")),
@@ -270,9 +270,9 @@ def main() -> None:
                 if tool == "loraforge":
                     res = run_loraforge(spec, work)
                 else:
-                    proc = subprocess.run([sys.executable, __file__, "child", tool, str(work / "spec.json")],
-                                          capture_output=True, text=True, timeout=a.timeout)
-                    (work / "log.txt").write_text(proc.stdout + proc.stderr)
+                    with (work / "log.txt").open("w") as log:   # kept when the child times out
+                        proc = subprocess.run([sys.executable, __file__, "child", tool, str(work / "spec.json")],
+                                              stdout=subprocess.PIPE, stderr=log, text=True, timeout=a.timeout)
                     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                     res = json.loads(line[-1][7:]) if line else {"error": (proc.stdout + proc.stderr)[-3000:]}
             except subprocess.TimeoutExpired:
