@@ -31,13 +31,14 @@ from loraforge.config import RunConfig
 from loraforge.data.batching import batch_order, collate
 from loraforge.data.packing import segment_attention
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
-from loraforge.errors import LoraforgeError
+from loraforge.errors import LoraforgeError, Stopped
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, save_checkpoint
-from loraforge.train.progress import TrainProgress
+from loraforge.train.precision import Precision
+from loraforge.train.progress import TrainProgress, announce_stop
 
 
-class TrainingInterrupted(LoraforgeError):
+class TrainingInterrupted(Stopped):
     """Raised after a checkpoint was saved in answer to SIGTERM/SIGINT."""
 
 
@@ -163,6 +164,7 @@ class _StopFlag:
         if self.signum is not None:  # second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
+        announce_stop(signum)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -182,7 +184,8 @@ def seed_micro_batch(device: torch.device, seed: int, step: int, micro: int) -> 
 
 def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list[Tokenized],
                val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
-               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None) -> LoopResult:
+               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None,
+               precision: Precision | None = None) -> LoopResult:
     tc = cfg.train
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
@@ -194,7 +197,8 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
     batches = micro_batches(train_items, cfg, state)
     last_train = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
-    t0 = time.time()
+    t0 = state.start_clock()  # elapsed time continues across resumes
+    precision = precision or Precision("fp32", device.type, accelerator.backward)  # fp16: loss scaling
     model.train()
 
     mlog = metrics_path.open("a") if dist.is_main else open(os.devnull, "w")  # rank 0 alone writes
@@ -224,15 +228,16 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                 with D.grad_sync(step_module, dist, sync=k == n_fwd - 1):
                     with autocast():
                         s, _ = step_module(batch)
-                    accelerator.backward(s * (dist.world / n_loss if j is not None else 0.0))
+                    precision.backward(s * (dist.world / n_loss if j is not None else 0.0))
                 if j is not None:
                     step_loss += float(s.detach())
 
             # 3. clip, step, schedule
             grad_norm = None
             if tc.max_grad_norm:
+                precision.unscale(optimizer)
                 grad_norm = D.full_value(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
-            optimizer.step()
+            precision.step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
