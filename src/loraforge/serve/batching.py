@@ -215,7 +215,7 @@ class BatchWorker:
         elif any(a != BASE for a in adapters):
             raise RuntimeError("adapter requested but none is loaded")
         with decode_attention(ids.device):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :].float().cpu()
 
