@@ -82,9 +82,18 @@ def generate(
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
 ) -> None:
     """Answer prompts with a fine-tuned run (or a bare base model), greedy decoding."""
-    from loraforge.eval.generate import load_for_inference, generate_answers
+    from loraforge.data.templates import prompt_text
+    from loraforge.eval.generate import build_messages, generate_answers, load_for_inference
+    from loraforge.serve.server import context_limit
 
     handle = load_for_inference(model)
+    tok, limit = handle.tokenizer, context_limit(handle.model)
+    for i, p in enumerate(prompt, 1):  # as serve's 400 context_length_exceeded, before any decoding
+        n = len(tok(prompt_text(tok, build_messages(p, system or handle.system)), add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens > limit:
+            raise LoraforgeError(f"prompt {i} is {n:,} tokens; with --max-new-tokens {max_new_tokens} it needs "
+                                 f"{n + max_new_tokens:,}, more than the model's context of {limit:,} tokens",
+                                 hint="shorten the prompt or lower --max-new-tokens")
     answers = generate_answers(handle, prompt, system=system, max_new_tokens=max_new_tokens)
     for p, a in zip(prompt, answers):
         typer.echo(f"> {p}\n{a}\n")
@@ -99,7 +108,9 @@ def chat(
     """Chat in the terminal with a fine-tuned run, answers streamed as they are generated."""
     from loraforge.eval.generate import chat_loop, load_for_inference
 
-    chat_loop(load_for_inference(model), system=system, max_new_tokens=max_new_tokens)
+    handle = load_for_inference(model)
+    typer.echo(f"chatting with {model}; an empty line or Ctrl-D ends the chat", err=True)
+    chat_loop(handle, system=system, max_new_tokens=max_new_tokens)
 
 
 @app.command()

@@ -139,6 +139,12 @@ async def _cancel_on_disconnect(request, job) -> None:
             return
 
 
+def context_limit(model, override: int | None = None) -> int:
+    """Most tokens (prompt + answer) the model takes: its max_position_embeddings (2048 when unknown)."""
+    cfg = getattr(model, "config", None)
+    return override or getattr(cfg, "max_position_embeddings", None) or 2048
+
+
 def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 5.0,
               max_context: int | None = None):
     """The Starlette app; `app.state.worker` is its BatchWorker (closed on shutdown)."""
@@ -152,8 +158,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
     from loraforge.data.templates import prompt_text
 
     tok = registry.tokenizer
-    cfg = getattr(registry.model, "config", None)
-    limit = max_context or getattr(cfg, "max_position_embeddings", None) or 2048
+    limit = context_limit(registry.model, max_context)
     worker = BatchWorker(registry, max_batch=max_batch, wait_ms=wait_ms)
     created = int(time.time())
 
@@ -172,6 +177,9 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
 
     def parse(body: dict, chat: bool) -> tuple[Job, str, bool]:
         name = body.get("model")
+        if name is None:
+            raise BadRequest(400, f"the request names no model: give \"model\", one of {', '.join(registry.names())}",
+                             param="model", code="missing_model")
         if not isinstance(name, str) or not registry.knows(name):
             raise BadRequest(404, f"the model '{name}' does not exist; available: {', '.join(registry.names())}",
                              param="model", code="model_not_found")
