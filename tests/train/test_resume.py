@@ -123,3 +123,49 @@ def test_keep_last_prunes_old_checkpoints(tiny_model, chat_file, tmp_path):
     run_training(build_config(_tree(tiny_model, chat_file, tmp_path / "run", max_steps=7, save_every=2, keep_last=2)))
     names = [c.name for c in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["step-00000004", "step-00000006"]
+
+
+def test_first_signal_says_so_at_once_and_a_second_quits(capfd):
+    from loraforge.train.loop import _StopFlag
+
+    with _StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs in the main thread between bytecodes
+        assert stop.signum == signal.SIGINT
+        assert "SIGINT received: stopping after this step, saving a checkpoint (Ctrl-C again to quit without " \
+               "saving)" in capfd.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+
+
+def test_quit_without_saving_is_exit_130(tiny_model, chat_file, tmp_path, capsys, monkeypatch):
+    import loraforge.train.run as R
+    from loraforge.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "run_training", interrupted)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(_tree(tiny_model, chat_file, tmp_path / "run")))
+    assert main(["train", str(cfg_file)]) == 130
+    assert "quit: interrupted without saving" in capsys.readouterr().err
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename(tiny_model, chat_file, tmp_path, monkeypatch):
+    import loraforge.train.checkpoint as C
+
+    events = []
+    real_fsync, real_rename = os.fsync, Path.rename
+    monkeypatch.setattr(C.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                   real_fsync(fd)))
+    monkeypatch.setattr(Path, "rename", lambda self, dst: (events.append(("rename", str(self))),
+                                                           real_rename(self, dst))[1])
+    run_training(build_config(_tree(tiny_model, chat_file, tmp_path / "run", max_steps=2, save_every=2)))
+    (ckpt,) = list_checkpoints(tmp_path / "run" / "checkpoints")
+    tmp = str(ckpt.parent / f".{ckpt.name}.tmp")
+    renamed = events.index(("rename", tmp))
+    synced = {Path(p).name for kind, p in events[:renamed] if kind == "fsync" and p.startswith(tmp)}
+    assert synced >= {p.name for p in ckpt.iterdir() if p.is_file()} | {f".{ckpt.name}.tmp"}
+    assert ("fsync", str(ckpt.parent)) in events[renamed:]

@@ -310,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:  # click turns a KeyboardInterrupt (a second Ctrl-C) into this return value
+            raise KeyboardInterrupt
     except LoraforgeError as e:
         err.print(Text(f"{e.label}: ", style=STYLES.get(e.exit_code, "bold")) + Text(str(e)))
         return e.exit_code
