@@ -35,3 +35,15 @@ def test_fp16_follows_bf16(tiny_model, chat_file, tmp_path, fast_path):
     # the scaler may skip a first step or two while the scale backs off: compare the curves after that
     diffs = [abs(a - b) / max(b, 1e-3) for a, b in zip(fp16[5:], bf16[5:])]
     assert sum(diffs) / len(diffs) < 0.1 and fp16[-1] == pytest.approx(bf16[-1], rel=0.15)
+
+
+def test_fp16_run_stores_the_base_in_fp16_and_trains_fp32_adapters(tiny_model, chat_file, tmp_path):
+    """What a T4/V100 runs: fp16 compute, the frozen base stored in fp16 (model.dtype auto), LoRA weights
+    in fp32 (the scaler refuses to unscale fp16 gradients)."""
+    tree = tiny_config(tiny_model, chat_file, tmp_path / "run", epochs=4, learning_rate=1e-2, precision="fp16")
+    res = run_training(build_config(tree))
+    frozen = {p.dtype for p in res.model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in res.model.parameters() if p.requires_grad}
+    assert frozen == {torch.float16} and trained == {torch.float32}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in rows) and rows[-1]["loss"] < 0.6 * rows[0]["loss"]

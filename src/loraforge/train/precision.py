@@ -7,7 +7,9 @@ overflowed is skipped while the scale backs off), auto (bf16 where the device ha
 GPU, the T4/V100 case; else fp32).
 
 The training loop calls `backward`, `unscale` (before clipping) and `step` instead of the plain calls; the
-scaler's state is kept in the TrainerState so a resumed run continues with the same scale.
+scaler's state is kept in the TrainerState so a resumed run continues with the same scale. Under FSDP2 each
+process holds a shard of the gradients, so the scaler is torch's ShardedGradScaler, which agrees across the
+processes on whether a step overflowed (under DDP the gradients are already the same on every process).
 """
 
 from __future__ import annotations
@@ -42,16 +44,22 @@ class Precision:
 
     DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, name: str, device: str, backward=None):
+    def __init__(self, name: str, device: str, backward=None, sharded: bool = False):
         self.name, self.device = name, device
         self.dtype = self.DTYPES[name]
-        self.scaler = torch.amp.GradScaler(device) if name == "fp16" else None
+        self.scaler = None
+        if name == "fp16" and sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(device)
+        elif name == "fp16":
+            self.scaler = torch.amp.GradScaler(device)
         self._backward = backward or (lambda loss: loss.backward())
         self.state = None  # the TrainerState the scaler's state is kept in (see track)
 
     @classmethod
-    def for_run(cls, requested: str, device: str, backward=None) -> Precision:
-        return cls(pick_precision(requested, device), device, backward)
+    def for_run(cls, requested: str, device: str, backward=None, sharded: bool = False) -> Precision:
+        return cls(pick_precision(requested, device), device, backward, sharded)
 
     def autocast(self):
         return torch.autocast(self.device, dtype=self.dtype) if self.dtype else contextlib.nullcontext()

@@ -131,17 +131,20 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
     accelerator = Accelerator(cpu=device == "cpu")
-    precision = Precision.for_run(cfg.train.precision, device, backward=accelerator.backward)
+    fsdp = dist.enabled and dist.mode == "fsdp"
+    precision = Precision.for_run(cfg.train.precision, device, backward=accelerator.backward, sharded=fsdp)
     for path in (cfg.data.train, cfg.data.validation):  # named before the model loads
         if path:
             check_data_file(path, hint="check data.train / data.validation")
 
     # FSDP2 loads the base in CPU memory (an NF4 base quantised one linear at a time on the GPU): sharding
     # then moves each layer's shard to its GPU, no GPU holds it all
-    fsdp = dist.enabled and dist.mode == "fsdp"
     load_on = "cpu" if fsdp and cfg.model.quantization == "none" else device
     # the dtype is the training device's (FSDP2 loads a bf16 GPU base on the CPU first, still in bf16)
-    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=base_dtype(cfg.model.dtype, device),
+    # a GPU without bf16 computes in fp16: its frozen base is stored in fp16 too (auto would store bf16)
+    dtype = "float16" if precision.name == "fp16" and cfg.model.dtype == "auto" and device == "cuda" \
+        else base_dtype(cfg.model.dtype, device)
+    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=dtype,
                                                     device=load_on,
                                                     attn_implementation=cfg.model.attn_implementation,
                                                     quantization=cfg.model.quantization,
