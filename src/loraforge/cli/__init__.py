@@ -89,7 +89,8 @@ def generate(
     handle = load_for_inference(model)
     tok, limit = handle.tokenizer, context_limit(handle.model)
     for i, p in enumerate(prompt, 1):  # as serve's 400 context_length_exceeded, before any decoding
-        n = len(tok(prompt_text(tok, build_messages(p, system or handle.system)), add_special_tokens=False)["input_ids"])
+        text = prompt_text(tok, build_messages(p, system or handle.system))
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
         if n + max_new_tokens > limit:
             raise LoraforgeError(f"prompt {i} is {n:,} tokens; with --max-new-tokens {max_new_tokens} it needs "
                                  f"{n + max_new_tokens:,}, more than the model's context of {limit:,} tokens",

@@ -211,7 +211,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                   f"({'fast Llama path' if fast else 'PEFT forward'}"
                   f"{', embedding and head over their FSDP2 shards' if fast and fast.vocab_parallel else ''}) "
                   f"({precision.name} compute{', loss scaling' if precision.scaler else ''}): "
-                  f"{n_trainable:,} trainable parameters, {_count(len(train_items), 'packed row' if cfg.data.packing else 'example')}, "
+                  f"{n_trainable:,} trainable parameters, "
+                  f"{_count(len(train_items), 'packed row' if cfg.data.packing else 'example')}, "
                   f"{_count(total_steps, 'step')}")
     result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, precision.autocast, train_items,
                         val_items, cfg, run_dir, state, log=console.print, fast=fast, dist=dist,
