@@ -101,7 +101,8 @@ class TrainSection(_Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     log_every: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Compute precision: auto = bf16 on GPU (and on CPUs with bf16 units), else fp32."
+        "auto", description="Compute precision: auto = bf16 where the device has it (GPUs, CPUs with bf16 units), "
+                            "fp16 with loss scaling on GPUs without (T4, V100), else fp32."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")

@@ -80,12 +80,13 @@ def test_two_processes_match_one_and_resume_on_other_counts(tiny_model, referenc
     assert_same_curve(metrics_rows(out), ref[:4])  # the global batch, loss normalisation and validation match 1 process
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
 
-    _gpus2(cfg, "train.max_steps=6", "train.distributed=fsdp", "--resume")  # a DDP checkpoint into FSDP2 shards
+    # a DDP checkpoint into FSDP2 shards; a longer run is a change to what is trained, said explicitly
+    _gpus2(cfg, "train.max_steps=6", "train.distributed=fsdp", "--resume", "--resume-with-changes")
     assert_same_curve(metrics_rows(out), ref[:6])
     assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["step-00000003", "step-00000006"]
 
     # the FSDP2 checkpoint (gathered on rank 0, global data position) continues in 1 process
-    resumed = run_training(build_config(_tree(tiny_model, data, out)), resume=True)
+    resumed = run_training(build_config(_tree(tiny_model, data, out)), resume=True, with_changes=True)
     assert_same_curve(metrics_rows(out), ref)
     assert resumed.summary["final_val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5)
 

@@ -68,7 +68,8 @@ def worker(cfg_file: str, report: str, storage: str, resume: bool) -> None:
 
     for n, m in linears.items():
         m.register_forward_hook(check(n))
-    res = run_training(cfg, overwrite=not resume, resume=resume, base=(model, tok, cfg.base_model))
+    res = run_training(cfg, overwrite=not resume, resume=resume, with_changes=resume,  # max_steps 4 -> none
+                       base=(model, tok, cfg.base_model))
     rank = int(os.environ.get("RANK", "0"))
     shards = {}
     prepared = {id(p) for p in packed_nf4_parameters(model).values()}

@@ -6,7 +6,9 @@
     loraforge generate runs/x "Where is my card?"
 
 Each subcommand imports its stage lazily, so `--help` answers at once. A `LoraforgeError` is printed as one
-message without a traceback and the process exits with code 2.
+message without a traceback. Exit codes: 0 done (or nothing to do), 2 a mistake to fix (config, data, model,
+usage), 3 stopped on purpose (SIGTERM / Ctrl-C) with a checkpoint saved: `--resume` continues, 130 quit by a
+second Ctrl-C without saving, 1 an unexpected failure (a bug: a traceback).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def train(
     config: Annotated[Optional[Path], typer.Argument(help="YAML run config (see examples/).")] = None,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last good checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder (otherwise refused).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder (otherwise refused); the old "
+                                                 "one is kept until the new run has started.")] = False,
+    resume_with_changes: Annotated[bool, typer.Option(help="Let --resume continue with a config that changes "
+                                                           "training (recorded in resume_changes.jsonl).")] = False,
     gpus: Annotated[int, typer.Option(help="Data-parallel processes on this machine, one per GPU (relaunches "
                                            "through torchrun; with train.device=cpu: CPU processes).")] = 1,
 ) -> None:
@@ -53,11 +58,14 @@ def train(
     if gpus != 1 and not D.launched_by_torchrun():
         D.check_gpu_count(gpus, cfg.train.device)
         args = ["train", *([str(config)] if config else []), *(overrides or []),
-                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
+                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
+                *(["--resume-with-changes"] if resume_with_changes else [])]
         raise SystemExit(D.run_torchrun(gpus, args))  # torchrun's exit code (typer.Exit would be lost here)
     from loraforge.train.run import run_training
 
-    result = run_training(cfg, resume=resume, overwrite=overwrite)
+    if resume_with_changes and not resume:
+        raise LoraforgeError("--resume-with-changes goes with --resume", hint="add --resume")
+    result = run_training(cfg, resume=resume, overwrite=overwrite, with_changes=resume_with_changes)
     if cfg.eval.test and D.launch_rank() != 0:
         return  # rank 0 alone evaluates
     if cfg.eval.test:  # the end-of-run evaluation and HTML report
@@ -74,9 +82,19 @@ def generate(
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
 ) -> None:
     """Answer prompts with a fine-tuned run (or a bare base model), greedy decoding."""
-    from loraforge.eval.generate import load_for_inference, generate_answers
+    from loraforge.data.templates import prompt_text
+    from loraforge.eval.generate import build_messages, generate_answers, load_for_inference
+    from loraforge.serve.server import context_limit
 
     handle = load_for_inference(model)
+    tok, limit = handle.tokenizer, context_limit(handle.model)
+    for i, p in enumerate(prompt, 1):  # as serve's 400 context_length_exceeded, before any decoding
+        text = prompt_text(tok, build_messages(p, system or handle.system))
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens > limit:
+            raise LoraforgeError(f"prompt {i} is {n:,} tokens; with --max-new-tokens {max_new_tokens} it needs "
+                                 f"{n + max_new_tokens:,}, more than the model's context of {limit:,} tokens",
+                                 hint="shorten the prompt or lower --max-new-tokens")
     answers = generate_answers(handle, prompt, system=system, max_new_tokens=max_new_tokens)
     for p, a in zip(prompt, answers):
         typer.echo(f"> {p}\n{a}\n")
@@ -91,7 +109,9 @@ def chat(
     """Chat in the terminal with a fine-tuned run, answers streamed as they are generated."""
     from loraforge.eval.generate import chat_loop, load_for_inference
 
-    chat_loop(load_for_inference(model), system=system, max_new_tokens=max_new_tokens)
+    handle = load_for_inference(model)
+    typer.echo(f"chatting with {model}; an empty line or Ctrl-D ends the chat", err=True)
+    chat_loop(handle, system=system, max_new_tokens=max_new_tokens)
 
 
 @app.command()
@@ -281,20 +301,27 @@ def eval_run(
 from loraforge.cli import data_cmds  # noqa: E402,F401  (loraforge data ...)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the exit code (2 for user errors)."""
-    try:
-        app(args=argv, standalone_mode=False)
-    except LoraforgeError as e:
-        from rich.console import Console
-        from rich.text import Text
+STYLES = {0: "bold green", 2: "bold red", 3: "bold yellow"}
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(e)))
-        return 2
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code (see the module docstring)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:  # click turns a KeyboardInterrupt (a second Ctrl-C) into this return value
+            raise KeyboardInterrupt
+    except LoraforgeError as e:
+        err.print(Text(f"{e.label}: ", style=STYLES.get(e.exit_code, "bold")) + Text(str(e)))
+        return e.exit_code
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         return int(code or 0)
     except KeyboardInterrupt:
+        err.print("quit: interrupted without saving")
         return 130
     except Exception as e:  # usage errors (typer's click exceptions) arrive here in non-standalone mode
         if hasattr(e, "show") and hasattr(e, "exit_code"):

@@ -43,6 +43,13 @@ def _data_tokenizer(model: str):
     return load_tokenizer(resolve_base(model))
 
 
+def _fail_without_valid(report) -> None:
+    """After the report: no valid record is a failure (exit 2), and no output file was written."""
+    if report.records and not report.valid:
+        raise LoraforgeError(f"none of the {report.records:,} records is valid (see the problems above); "
+                             f"no output written", where=report.path)
+
+
 def _print_json(report) -> None:
     import json
 
@@ -61,6 +68,7 @@ def data_convert(path: DataFile, out: Annotated[Path, typer.Argument(help="Outpu
     report = validate_file(path, _read_options(fmt, columns, template, system), out=out,
                            rejects=sibling(out, "rejects"))
     _print_json(report) if json_out else show_validation(report)
+    _fail_without_valid(report)
 
 
 @data_app.command("validate")
@@ -83,6 +91,7 @@ def data_validate(
                            rejects=rejects or Path(f"{path.name.split('.')[0]}.rejects.jsonl"),
                            tokenizer=_data_tokenizer(model) if model else None, max_seq_length=max_seq_length)
     _print_json(report) if json_out else show_validation(report)
+    _fail_without_valid(report)
     if strict and not report.clean:
         raise LoraforgeError(f"{report.invalid:,} invalid records and {report.with_warnings:,} with warnings "
                              f"(--strict)", where=str(path), hint="fix them, or drop --strict to only report")

@@ -29,8 +29,9 @@ KINDS: dict[str, Kind] = {
     "bad_row": Kind("table rows that do not fit the header", "quote fields that contain the delimiter"),
     "not_an_object": Kind("records that are not objects", "each record must be a JSON object"),
     "unknown_format": Kind("records of no known format",
-                           "use messages, sharegpt, alpaca or text records, or map columns with "
-                           "--prompt-column/--response-column (data.format=columns)"),
+                           "use messages, sharegpt, alpaca or text records, or map table columns: "
+                           "`--columns PROMPT,RESPONSE` (loraforge data), data.format=columns "
+                           "data.prompt_column=... data.response_column=... (train)"),
     "mixed_format": Kind("records of another format than the file's", "keep one format per file"),
     "missing_field": Kind("missing fields"),
     "wrong_type": Kind("fields of the wrong type"),

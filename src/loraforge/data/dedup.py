@@ -188,6 +188,7 @@ def dedup_file(path: str | Path, out: str | Path, *, removed: str | Path | None 
     with JsonlSink(rejects or sibling(out, "rejects"), inputs=(path,), lazy=True) as rej, Spool(out) as spool:
         sources, dup_of = find_duplicates(iter_valid(path, opts, tally, rej), methods, threshold,
                                           semantic_threshold, embed, on_example=lambda ex: spool.add(to_record(ex)))
+        tally.require_valid()
         with JsonlSink(out, inputs=(path,)) as kept, JsonlSink(removed, inputs=(path,), lazy=True) as gone:
             for i, line in enumerate(spool.lines()):
                 if i in dup_of:

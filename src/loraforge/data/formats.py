@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.data.checks import ROLES, Problem, check_turns, first_error
-from loraforge.data.readers import Raw, dumps, read_raw
+from loraforge.data.readers import Raw, check_data_file, dumps, read_raw
 from loraforge.errors import LoraforgeError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "text", "columns")
@@ -270,9 +270,7 @@ def read_examples(path: str | Path, fmt: str = "auto", *, prompt_column: str | N
                   response_column: str | None = None, system_prompt: str | None = None,
                   prompt_template: str | None = None) -> list[Example]:
     """Read one file into normalised examples; raises LoraforgeError naming file:line on bad records."""
-    p = Path(path)
-    if not p.is_file():
-        raise LoraforgeError("data file not found", where=str(p), hint="check data.train / data.validation")
+    p = check_data_file(path, hint="check data.train / data.validation")
     opts = ReadOptions(fmt, prompt_column, response_column, prompt_template, system_prompt)
     examples = []
     for item in RecordStream(p, opts):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,12 +67,23 @@ def file_kind(path: Path) -> str:
     return {".csv": "csv", ".tsv": "tsv", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "jsonl")
 
 
+def check_data_file(path: str | Path, hint: str = "check the path") -> Path:
+    """The path, if it is a readable file; else a LoraforgeError saying what it is instead."""
+    p = Path(path)
+    if p.is_dir():
+        raise LoraforgeError("this is a folder, not a data file", where=str(p), hint="give the file inside it")
+    if not p.is_file():
+        raise LoraforgeError("data file not found", where=str(p), hint=hint)
+    if not os.access(p, os.R_OK):
+        raise LoraforgeError("the data file is not readable (permission denied)", where=str(p),
+                             hint="check its permissions")
+    return p
+
+
 def read_raw(path: str | Path, byte_range: tuple[int, int, int] | None = None) -> Iterator[Raw]:
     """Every record of a data file, in order; see the module docstring. For JSONL, `byte_range`
     (start, end, number of the line at start) reads only the lines that start in [start, end)."""
-    p = Path(path)
-    if not p.is_file():
-        raise LoraforgeError("data file not found", where=str(p), hint="check the path")
+    p = check_data_file(path)
     kind = file_kind(p)
     if kind in ("csv", "tsv"):
         return _table(p, "\t" if kind == "tsv" else ",")

@@ -33,7 +33,8 @@ def _kv(title: str, rows: list[tuple[str, object]]) -> Table:
 
 
 def _input_rows(t: Tally) -> list[tuple[str, object]]:
-    fmt = f"{t.format} (detected at {t.detected_at})" if t.detected_at else f"{t.format} (given)"
+    fmt = (f"{t.format} (detected at {t.detected_at})" if t.detected_at else f"{t.format} (given)" if t.format
+           else "none detected (no record of a known format)")
     rows = [("file", t.path), ("format", fmt), ("records", t.records), ("valid", t.valid), ("invalid", t.invalid)]
     if len([k for k in t.formats if k != "unknown"]) > 1:
         rows.append(("formats seen", ", ".join(f"{k} {v:,}" for k, v in t.formats.items())))

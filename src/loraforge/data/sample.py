@@ -55,4 +55,5 @@ def sample_file(path: str | Path, tokenizer, *, n: int = 5, seed: int = 0, train
         raise LoraforgeError(f"train_on must be assistant or all, got {train_on!r}")
     tally = Tally(str(path))
     picked = reservoir(iter_valid(path, opts, tally, None), n, seed)
+    tally.require_valid()
     return tally, [render_example(tokenizer, ex, train_on) for ex in picked]

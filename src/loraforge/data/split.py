@@ -134,6 +134,7 @@ def split_file(path: str | Path, train_out: str | Path, validation_out: str | Pa
             sources += part.sources
             if near is not None:
                 sigs += [near.signature(similarity_text(ex)) for ex in part.examples]
+        tally.require_valid()
         key_arr = np.frombuffer(bytes(keys), dtype=f"V{KEY}")
         _, first, inverse = np.unique(key_arr, return_index=True, return_inverse=True)
         first_of = first[inverse.reshape(-1)]            # each record -> the first record with its key

@@ -112,6 +112,7 @@ def inspect_file(path: str | Path, tokenizer, *, max_seq_length: int = 2048, bat
         pending.append(ex)
         if len(pending) >= BATCH:
             measure()
+    tally.require_valid()
     measure()
     stats.turns, stats.roles = dict(sorted(turns.items())), dict(roles.most_common())
     if categorical(len(labels), tally.valid, tally.labelled > 0):

@@ -111,6 +111,17 @@ class Tally:
         if self.records == 0:
             raise LoraforgeError("the data file has no records", where=self.path)
 
+    def require_valid(self) -> None:
+        """A command that needs valid records stops here (exit 2, no output written) when there are none."""
+        if self.valid or not self.groups:
+            return
+        g = max(self.groups.values(), key=lambda g: g.count)
+        hint = KINDS[g.kind].hint
+        raise LoraforgeError(f"none of the {self.records:,} records is valid: {g.count:,} with {g.title} "
+                             f"(first: {g.examples[0]})", where=self.path,
+                             hint=f"{hint + '; ' if hint else ''}`loraforge data validate {self.path}` lists "
+                                  f"every problem")
+
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "groups"}
         d["problems"] = {k: {"title": g.title, "severity": g.severity, "count": g.count, "examples": g.examples}
@@ -207,6 +218,9 @@ def validate_file(path: str | Path, opts: ReadOptions = ReadOptions(), *, out: s
             if sink is not None:
                 sink.abort()
         raise
+    if out_sink is not None and not report.valid:
+        out_sink.abort()  # no empty output: the command reports the problems and fails
+        out_sink = None
     for sink in (out_sink, rej_sink):
         if sink is not None:
             sink.close()

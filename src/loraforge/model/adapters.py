@@ -8,6 +8,8 @@ load_adapter:   a saved adapter over a base model, for inference or evaluation.
 from __future__ import annotations
 
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from loraforge.config import ALL_LINEAR, LoraSection
@@ -20,6 +22,15 @@ def linear_names(model) -> set[str]:
 
     return {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+
+
+@contextmanager
+def peft_wrapping():
+    """Around PEFT wrapping a model: PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`
+    property itself (no argument avoids it), so that one FutureWarning, and nothing else, is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def attach_adapter(model, lora: LoraSection, base_path: str | None = None):
@@ -38,7 +49,8 @@ def attach_adapter(model, lora: LoraSection, base_path: str | None = None):
                              hint=f"choose among: {', '.join(sorted(present))}")
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                           use_dora=lora.adapter == "dora", bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, peft_cfg)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, peft_cfg)
     if base_path:
         peft_model.peft_config["default"].base_model_name_or_path = base_path
     return peft_model
@@ -74,7 +86,8 @@ def load_adapter(base_model, adapter_dir: str | Path, *, trainable: bool = False
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoraforgeError("no adapter_config.json here: not a PEFT adapter folder", where=str(adapter_dir))
     try:
-        return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=trainable)
+        with peft_wrapping():
+            return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=trainable)
     except (RuntimeError, ValueError) as e:  # shape mismatch: adapter made for another base
         raise LoraforgeError(f"this adapter does not fit the base model: {str(e).splitlines()[0]}",
                              where=str(adapter_dir), hint="load it over the base model it was trained on") from None

@@ -97,6 +97,15 @@ def _rebuild(cache, fn):
     return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v, *_ in cache])
 
 
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache: transformers renamed `past_key_values` to `cache` (the old name
+    warns, and is removed in 5.40); older 5.x releases know only the old one."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 class BatchWorker:
     """Owns the model's forward passes; `submit` a Job and read its `emit` callbacks."""
 
@@ -215,8 +224,9 @@ class BatchWorker:
         elif any(a != BASE for a in adapters):
             raise RuntimeError("adapter requested but none is loaded")
         with decode_attention(ids.device):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1, **kwargs)
+            kwargs[_cache_argument(model)] = cache
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                        **kwargs)
         return out.logits[:, -1, :].float().cpu()
 
     def _pick(self, jobs: list[Job], logits) -> list[int]:

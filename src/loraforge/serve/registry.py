@@ -56,6 +56,8 @@ class Registry:
     def load(self, name: str, path: str | Path) -> None:
         from peft import PeftModel
 
+        from loraforge.model.adapters import peft_wrapping
+
         path = Path(path)
         if not name or name == self.base_name or name == BASE or "/" in name:
             raise LoraforgeError(f"'{name}' cannot be an adapter name", hint="pick a short name without '/'")
@@ -72,10 +74,11 @@ class Registry:
                 raise LoraforgeError(f"an adapter named '{name}' is already loaded", hint="unload it first")
             check_shapes(self.model, path)
             try:
-                if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(str(path), adapter_name=name)
-                else:
-                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                with peft_wrapping():
+                    if isinstance(self.model, PeftModel):
+                        self.model.load_adapter(str(path), adapter_name=name)
+                    else:
+                        self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
             except (RuntimeError, ValueError, KeyError, OSError) as e:  # shape mismatch: another base
                 self._drop(name)
                 raise LoraforgeError(f"this adapter does not fit the base model: {str(e).splitlines()[0][:300]}",

@@ -10,6 +10,11 @@ Sampling: `temperature` (0 = greedy, up to 2), `top_p` (0 < p <= 1), `seed` (sam
 `stop` (a string or up to 4), `max_tokens` / `max_completion_tokens`, and `n` = 1 only. Unlike OpenAI,
 an absent temperature means greedy, so a fine-tuned model answers reproducibly unless asked to sample.
 `ignore_eos` (as in vLLM) decodes through end-of-turn tokens up to max_tokens, for load tests.
+
+Messages: roles system (or developer), user and assistant; `content` a string or OpenAI's list of parts
+(text parts only). A tool/function message or an unknown role is a 400 (no tool calling). A last message
+from the assistant is continued: its text is the start of the answer, and the reply holds what follows.
+A client that goes away (streaming or not) cancels its request: its row leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
+import sys
 import time
 import uuid
 
@@ -83,6 +90,61 @@ def parse_sampling(body: dict) -> Sampling:
                     stop=tuple(stops), ignore_eos=ignore_eos)
 
 
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _content(m: dict, i: int) -> str:
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(400, f"messages[{i}].content[{j}]: only text parts are supported "
+                                      f"(got type {kind!r})", param=f"messages[{i}].content")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise BadRequest(400, f"messages[{i}].content must be a string or a list of text parts, got {content!r}",
+                     param=f"messages[{i}].content")
+
+
+def chat_messages(msgs) -> tuple[list[dict], str]:
+    """The request's messages as {role, content} turns, and the text of a last assistant turn to continue
+    ("" when the last turn is not the assistant's); a BadRequest names the message that is wrong."""
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    turns = []
+    for i, m in enumerate(msgs):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role in ("tool", "function"):
+            raise BadRequest(400, f"messages[{i}]: '{role}' messages are not supported (this server does not "
+                                  f"call tools)", param=f"messages[{i}].role")
+        if role not in ROLES:
+            raise BadRequest(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                             param=f"messages[{i}].role")
+        turns.append({"role": ROLES[role], "content": _content(m, i)})
+    if turns[-1]["role"] == "assistant":
+        return turns, turns[-1]["content"]
+    return turns, ""
+
+
+async def _cancel_on_disconnect(request, job) -> None:
+    """Wait for the client to go away, then cancel its job (the worker drops its row at the next step)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancelled.set()
+            return
+
+
+def context_limit(model, override: int | None = None) -> int:
+    """Most tokens (prompt + answer) the model takes: its max_position_embeddings (2048 when unknown)."""
+    cfg = getattr(model, "config", None)
+    return override or getattr(cfg, "max_position_embeddings", None) or 2048
+
+
 def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 5.0,
               max_context: int | None = None):
     """The Starlette app; `app.state.worker` is its BatchWorker (closed on shutdown)."""
@@ -96,8 +158,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
     from loraforge.data.templates import prompt_text
 
     tok = registry.tokenizer
-    cfg = getattr(registry.model, "config", None)
-    limit = max_context or getattr(cfg, "max_position_embeddings", None) or 2048
+    limit = context_limit(registry.model, max_context)
     worker = BatchWorker(registry, max_batch=max_batch, wait_ms=wait_ms)
     created = int(time.time())
 
@@ -116,6 +177,9 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
 
     def parse(body: dict, chat: bool) -> tuple[Job, str, bool]:
         name = body.get("model")
+        if name is None:
+            raise BadRequest(400, f"the request names no model: give \"model\", one of {', '.join(registry.names())}",
+                             param="model", code="missing_model")
         if not isinstance(name, str) or not registry.knows(name):
             raise BadRequest(404, f"the model '{name}' does not exist; available: {', '.join(registry.names())}",
                              param="model", code="model_not_found")
@@ -126,13 +190,8 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
             raise BadRequest(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
         sampling = parse_sampling(body)
         if chat:
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in msgs):
-                raise BadRequest(400, "messages must be a non-empty list of {role, content} objects with "
-                                      "string content", param="messages")
-            text = prompt_text(tok, [{"role": m["role"], "content": m["content"]} for m in msgs])
+            turns, started = chat_messages(body.get("messages"))
+            text = prompt_text(tok, turns) + started  # prompt_text leaves a last assistant turn out
         else:
             text = body.get("prompt")
             if isinstance(text, list) and len(text) == 1:
@@ -166,6 +225,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         kind = "chat.completion" if chat else "text_completion"
         worker.submit(job)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
 
         def usage():
             return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
@@ -180,6 +240,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
                         parts.append(delta)
             finally:
                 job.cancelled.set()
+                watcher.cancel()
             if finish == "error":
                 return error(500, "".join(parts), type_="server_error")
             if finish == "adapter_unloaded":
@@ -216,6 +277,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
                         break
             finally:  # also on a client that went away: the worker drops its row
                 job.cancelled.set()
+                watcher.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -296,12 +358,33 @@ def load_registry(base: str, adapters: dict[str, str], *, device: str = "auto", 
     return registry
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads, so a busy port is said at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        busy = e.errno in (98, 48, 10048)  # EADDRINUSE on Linux, macOS, Windows
+        raise LoraforgeError(f"cannot listen on {host}:{port}: " + ("the port is in use" if busy else e.strerror),
+                             hint="pick another --port, or stop what listens there" if busy else
+                             "check --host") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(base: str, adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, wait_ms: float = 5.0, device: str = "auto",
           name: str | None = None) -> None:
-    """Load everything (CLI errors surface before the port opens), then serve until Ctrl-C."""
+    """Take the port, load everything (CLI errors surface before anyone can connect), then serve until Ctrl-C."""
     uvicorn = _need("uvicorn")
     _need("starlette")
+    sock = bind(host, port)
     registry = load_registry(base, adapters, device=device, name=name)
     app = build_app(registry, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {', '.join(registry.names())} on http://{shown}:{sock.getsockname()[1]}/v1 "
+          f"(OpenAI-compatible; Ctrl-C to stop)", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -4,8 +4,10 @@ A checkpoint folder `checkpoints/step-00000050/` holds the adapter (PEFT format)
 scheduler state, RNG states, the trainer state (step, epoch, position in the epoch, metrics so far)
 and the run config. It is written into a temporary folder, closed with a MANIFEST.json of SHA-256
 digests, and renamed into place, so a killed process leaves either a whole checkpoint or none.
-On resume the newest checkpoint whose files match its manifest is used; a truncated or corrupt one
-is reported and skipped. Only the last `keep_last` checkpoints are kept.
+Every file is fsynced before the rename (and the folder after it), so a power cut cannot leave a renamed
+checkpoint with empty files. On resume the newest checkpoint whose files match its manifest is used; a
+truncated or corrupt one is reported and moved to `checkpoints/corrupt/` (kept for a look, never counted
+among the last `keep_last` checkpoints that are kept), and a save that was killed (`.step-*.tmp`) is removed.
 
 Under torchrun rank 0 alone writes (the others wait), and the data position is global, so a checkpoint
 resumes on any number of processes. With FSDP2 the sharded adapter and optimizer state are gathered to
@@ -18,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from loraforge.errors import LoraforgeError
 from loraforge.train.distributed import SINGLE, DistContext
 
 PREFIX = "step-"
+CORRUPT = "corrupt"
 
 
 @dataclass
@@ -39,6 +44,17 @@ class TrainerState:
     best_val_loss: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)  # validation results so far
+    elapsed_s: float = 0.0   # training seconds so far, over every process that worked on the run
+    grad_scaler: dict | None = None  # fp16's loss scale (train.precision)
+
+    def start_clock(self) -> float:
+        """The time.time() at which this run started, were it never stopped; elapsed() counts from it."""
+        self._t0 = time.time() - self.elapsed_s
+        return self._t0
+
+    def elapsed(self) -> float:
+        t0 = getattr(self, "_t0", None)
+        return self.elapsed_s if t0 is None else time.time() - t0
 
 
 def _sha256(path: Path) -> str:
@@ -128,15 +144,32 @@ def _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, 
     write_adapter(model, tmp, weights)
     torch.save(optim_state, tmp / "optimizer.pt")
     torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+    state.elapsed_s = round(state.elapsed(), 3)
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
     manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    for p in tmp.iterdir():
+        if p.is_file():
+            _fsync(p)
+    _fsync(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    _fsync(ckpt_root)
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -164,12 +197,28 @@ def verify(ckpt: Path) -> str | None:
 
 
 def latest_good(ckpt_root: Path, warn=print) -> Path | None:
+    """The newest whole checkpoint. Removes what killed saves left (`.step-*.tmp`) and moves each unusable
+    checkpoint it meets to `corrupt/`, so it is neither tried nor counted again (rank 0 alone calls it)."""
+    if ckpt_root.is_dir():
+        for partial in ckpt_root.glob(f".{PREFIX}*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
     for ckpt in reversed(list_checkpoints(ckpt_root)):
         problem = verify(ckpt)
         if problem is None:
             return ckpt
-        warn(f"checkpoint {ckpt} is unusable: {problem}; trying the previous one")
+        aside = _quarantine(ckpt)
+        warn(f"checkpoint {ckpt} is unusable: {problem}; moved to {aside}; trying the previous one")
     return None
+
+
+def _quarantine(ckpt: Path) -> Path:
+    dest_dir = ckpt.parent / CORRUPT
+    dest_dir.mkdir(exist_ok=True)
+    dest, n = dest_dir / ckpt.name, 1
+    while dest.exists():
+        dest, n = dest_dir / f"{ckpt.name}.{n}", n + 1
+    ckpt.rename(dest)
+    return dest
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, dist: DistContext = SINGLE,

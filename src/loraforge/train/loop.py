@@ -37,13 +37,14 @@ from loraforge.config import RunConfig
 from loraforge.data.batching import batch_order, collate, length_buckets
 from loraforge.data.packing import segment_attention
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
-from loraforge.errors import LoraforgeError
+from loraforge.errors import LoraforgeError, Stopped
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, save_checkpoint
-from loraforge.train.progress import TrainProgress
+from loraforge.train.precision import Precision
+from loraforge.train.progress import TrainProgress, announce_stop
 
 
-class TrainingInterrupted(LoraforgeError):
+class TrainingInterrupted(Stopped):
     """Raised after a checkpoint was saved in answer to SIGTERM/SIGINT."""
 
 
@@ -183,6 +184,7 @@ class _StopFlag:
         if self.signum is not None:  # second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
+        announce_stop(signum)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -229,7 +231,8 @@ class LogInterval:
 
 def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list[Tokenized],
                val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
-               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None) -> LoopResult:
+               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None,
+               precision: Precision | None = None) -> LoopResult:
     tc = cfg.train
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
@@ -244,7 +247,8 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
-    t0 = time.time()
+    t0 = state.start_clock()  # elapsed time continues across resumes
+    precision = precision or Precision("fp32", device.type, accelerator.backward)  # fp16: loss scaling
     model.train()
     interval, pending = LogInterval(device), None
 
@@ -297,13 +301,16 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                 with D.grad_sync(step_module, dist, sync=k == n_fwd - 1):
                     with autocast():
                         s, _ = step_module(batch)
-                    accelerator.backward(s * (dist.world / max(n_loss, 1) if j is not None else 0.0))
+                    precision.backward(s * (dist.world / max(n_loss, 1) if j is not None else 0.0))
                 if j is not None:
                     step_loss += s.detach().float()
 
             # 3. clip, step, schedule (the grad norm stays a device tensor)
-            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
-            optimizer.step()
+            grad_norm = None
+            if tc.max_grad_norm:
+                precision.unscale(optimizer)
+                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            precision.step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 

@@ -6,12 +6,15 @@
       metrics.jsonl        one row per optimizer step (loss, lr, grad norm, tokens/s, val_loss)
       checkpoints/         crash-safe checkpoints (see train.checkpoint)
       adapter/             the final PEFT adapter + tokenizer (PeftModel.from_pretrained loads it)
-      summary.json         final losses, steps, time
+      summary.json         final losses, steps, time (written last: its presence means the run finished)
+      resume_changes.jsonl what --resume-with-changes changed, and at which step
+
+Everything is checked (run folder, data, model, adapter, optimizer) before the run folder is touched; see
+train.folder for how an old run survives a failed --overwrite.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -25,14 +28,17 @@ from loraforge.config import RunConfig
 from loraforge.data.batching import split_validation
 from loraforge.data.formats import Example, read_examples
 from loraforge.data.packing import pack
+from loraforge.data.readers import check_data_file
 from loraforge.data.templates import tokenize_all
-from loraforge.errors import LoraforgeError
+from loraforge.errors import LoraforgeError, NothingToDo
 from loraforge.model.adapters import save_adapter, trainable_parameters
 from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
+from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
 from loraforge.train.loop import plan_steps, prepare_model, train_loop
+from loraforge.train.precision import Precision, pick_precision
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -49,30 +55,13 @@ class RunResult:
 
 def resolve_precision(requested: str, device: str) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
-    if requested == "fp32":
-        return None
-    if device == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-    else:
-        ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if requested == "bf16" and not ok:
-        raise LoraforgeError(f"train.precision=bf16 but this {device} has no bf16 support",
-                             hint="use train.precision=fp32 (or auto)")
-    return torch.bfloat16 if ok else None
+    return Precision.DTYPES[pick_precision(requested, device)]
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = Path(cfg.output_dir)
-    if resume:
-        if not run_dir.is_dir():
-            raise LoraforgeError("nothing to resume: the run folder does not exist", where=str(run_dir),
-                                 hint="start the run without --resume")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise LoraforgeError("the run folder already exists and is not empty", where=str(run_dir),
-                                 hint="pass --resume to continue it, --overwrite to replace it, "
-                                      "or set output_dir to a new folder")
+    """Check and create the run folder at once (for callers that put files in it before training)."""
+    run_dir = check_output_dir(cfg, resume, overwrite)
+    if not resume and run_dir.exists() and overwrite:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -124,9 +113,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, base=None,
-                 dir_ready: bool = False) -> RunResult:
+                 dir_ready: bool = False, with_changes: bool = False) -> RunResult:
     """Train as `cfg` says. `base` = (model, tokenizer, path) reuses an already loaded base model;
-    `dir_ready` says the caller already created output_dir (with prepare_run_dir) and put data in it."""
+    `dir_ready` says the caller already created output_dir (with prepare_run_dir) and put data in it;
+    `with_changes` lets --resume continue with a config that changes training (recorded in the run folder)."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -134,20 +124,27 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     dist = D.init_distributed(cfg.train.distributed, pick_device(cfg.train.device), cfg.train.dist_timeout_s)
     console.quiet = not dist.is_main
     D.check_same(dist, "config", cfg.to_yaml())
-    run_dir = Path(cfg.output_dir) if dir_ready else dist.on_main(prepare_run_dir, cfg, resume, overwrite)
+    # 1. everything is checked before the run folder is touched: folder, resume, data, model, adapter
+    run_dir = Path(cfg.output_dir) if dir_ready else check_output_dir(cfg, resume, overwrite)
+    changes = check_resume(run_dir, cfg, with_changes) if resume else {}
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
     accelerator = Accelerator(cpu=device == "cpu")
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    autocast = (lambda: torch.autocast(device, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    fsdp = dist.enabled and dist.mode == "fsdp"
+    precision = Precision.for_run(cfg.train.precision, device, backward=accelerator.backward, sharded=fsdp)
+    for path in (cfg.data.train, cfg.data.validation):  # named before the model loads
+        if path:
+            check_data_file(path, hint="check data.train / data.validation")
 
     # FSDP2 loads the base in CPU memory (an NF4 base quantised one linear at a time on the GPU): sharding
     # then moves each layer's shard to its GPU, no GPU holds it all
-    fsdp = dist.enabled and dist.mode == "fsdp"
     load_on = "cpu" if fsdp and cfg.model.quantization == "none" else device
     # the dtype is the training device's (FSDP2 loads a bf16 GPU base on the CPU first, still in bf16)
-    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=base_dtype(cfg.model.dtype, device),
+    # a GPU without bf16 computes in fp16: its frozen base is stored in fp16 too (auto would store bf16)
+    dtype = "float16" if precision.name == "fp16" and cfg.model.dtype == "auto" and device == "cuda" \
+        else base_dtype(cfg.model.dtype, device)
+    model, tokenizer, base_path = base or load_base(cfg.base_model, dtype=dtype,
                                                     device=load_on,
                                                     attn_implementation=cfg.model.attn_implementation,
                                                     quantization=cfg.model.quantization,
@@ -160,8 +157,6 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     if dist.enabled:
         D.check_same(dist, "training data", D.data_fingerprint(train_items + val_items))
     if dist.is_main:
-        write_json(run_dir / "data_report.json", data_report)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
         from loraforge.plan.for_run import estimate_for_run  # `loraforge plan`'s estimate for this exact run
 
         gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
@@ -171,7 +166,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 
     train_items = rows
     torch.manual_seed(cfg.seed)
-    compute_dtype = amp_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
+    compute_dtype = precision.dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path,
                                        sharded=fsdp, log=console.print)
     step_module = prepare_model(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
@@ -181,26 +176,48 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     warmup = round(cfg.train.warmup_ratio * total_steps)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
-    state = TrainerState()
-    if resume:
-        ckpt = latest_good(run_dir / "checkpoints", warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
-        if ckpt is None:
-            raise LoraforgeError("no usable checkpoint to resume from", where=str(run_dir / "checkpoints"),
-                                 hint="start again with --overwrite")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, dist, step_module)
+
+    # 2. the run folder: created (or swapped for the old run) now; put back as it was if the start fails
+    folder = RunFolder(run_dir, resume or dir_ready)
+    dist.on_main(folder.open)
+    try:
+        state = TrainerState()
+        if resume:
+            warn = lambda m: console.print(f"[yellow]warning:[/] {m}")  # noqa: E731
+            ckpt = dist.on_main(latest_good, run_dir / "checkpoints", warn=warn)
+            if ckpt is None:
+                raise LoraforgeError("no usable checkpoint to resume from", where=str(run_dir / "checkpoints"),
+                                     hint="start again with --overwrite")
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, dist, step_module)
+            if state.step >= total_steps:
+                raise NothingToDo(f"the checkpoint {ckpt.name} is at the last step ({state.step}/{total_steps})",
+                                  where=str(run_dir), hint="start a new run with another output_dir, or --overwrite")
+            apply_changes(changes, cfg, optimizer, scheduler)
+            if dist.is_main:
+                _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+                record_changes(run_dir, changes, state.step)
+            console.print(f"resuming from {ckpt} (step {state.step}/{total_steps})")
         if dist.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        console.print(f"resuming from {ckpt} (step {state.step}/{total_steps})")
+            write_json(run_dir / "data_report.json", data_report)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        precision.track(state)
+    except BaseException:
+        dist.on_main(folder.abort)
+        raise
+    dist.on_main(folder.commit)
 
     n_trainable = sum(p.numel() for p in params)
     console.print(f"training {cfg.lora.adapter} r={cfg.lora.r}"
                   f"{' over an NF4 base' if cfg.model.quantization == 'nf4' else ''} on {device} "
                   f"({'fast Llama path' if fast else 'PEFT forward'}"
                   f"{', embedding and head over their FSDP2 shards' if fast and fast.vocab_parallel else ''}) "
-                  f"({'bf16' if amp_dtype else 'fp32'} compute): {n_trainable:,} trainable parameters, "
-                  f"{len(train_items)} {'packed rows' if cfg.data.packing else 'examples'}, {total_steps} steps")
-    result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items, cfg,
-                        run_dir, state, log=console.print, fast=fast, dist=dist, step_module=step_module)
+                  f"({precision.name} compute{', loss scaling' if precision.scaler else ''}): "
+                  f"{n_trainable:,} trainable parameters, "
+                  f"{_count(len(train_items), 'packed row' if cfg.data.packing else 'example')}, "
+                  f"{_count(total_steps, 'step')}")
+    result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, precision.autocast, train_items,
+                        val_items, cfg, run_dir, state, log=console.print, fast=fast, dist=dist,
+                        step_module=step_module, precision=precision)
     model.eval()
     adapter_dir = run_dir / "adapter"
     if dist.enabled:  # rank 0 writes (FSDP2: after gathering the shards)
@@ -216,8 +233,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     summary = {"steps": result.state.step, "final_train_loss": result.final_train_loss,
                "final_val_loss": result.final_val_loss, "best_val_loss": result.state.best_val_loss,
                "best_step": result.state.best_step, "train_seconds": round(result.seconds, 2),
-               "tokens_seen": result.state.tokens_seen, "device": device,
-               "precision": "bf16" if amp_dtype else "fp32",
+               "tokens_seen": result.state.tokens_seen, "device": device, "precision": precision.name,
                "compute_dtype": str(compute_dtype).removeprefix("torch."), "trainable_parameters": n_trainable,
                "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world,
                "tokens_per_s": round(result.state.tokens_seen / max(result.seconds, 1e-9), 1),
@@ -230,6 +246,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     console.print(f"adapter saved in {adapter_dir}  (final train loss {result.final_train_loss:.4f}"
                   + (f", validation loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else ")"))
     return RunResult(run_dir, adapter_dir, model, tokenizer, base_path, summary)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
