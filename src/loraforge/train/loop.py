@@ -182,7 +182,8 @@ def seed_micro_batch(device: torch.device, seed: int, step: int, micro: int) -> 
 
 def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list[Tokenized],
                val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
-               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None) -> LoopResult:
+               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None,
+               on_log=None) -> LoopResult:  # on_log(row): every metrics row, also to train.tracking
     tc = cfg.train
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
@@ -258,6 +259,8 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                                      hint="lower train.learning_rate or use train.precision=fp32")
             mlog.write(json.dumps(row) + "\n")
             mlog.flush()
+            if on_log is not None:
+                on_log(row)
             progress.update(state.step, last_train, row["lr"], tok_s, val_loss)
             if state.step % tc.save_every == 0 or stopping:
                 ckpt = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, config_yaml,

@@ -7,6 +7,8 @@
       checkpoints/         crash-safe checkpoints (see train.checkpoint)
       adapter/             the final PEFT adapter + tokenizer (PeftModel.from_pretrained loads it)
       summary.json         final losses, steps, time
+      tracking.json        the trackers' run ids and last steps (train.report_to; see train.tracking)
+      tensorboard/, wandb/ TensorBoard event files, W&B offline runs (when reported to)
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
-from loraforge.train.loop import plan_steps, prepare_model, train_loop
+from loraforge.train.loop import TrainingInterrupted, plan_steps, prepare_model, train_loop
+from loraforge.train.tracking import Reporters, open_reporters
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -198,8 +201,16 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                   f"{', embedding and head over their FSDP2 shards' if fast and fast.vocab_parallel else ''}) "
                   f"({'bf16' if amp_dtype else 'fp32'} compute): {n_trainable:,} trainable parameters, "
                   f"{len(train_items)} {'packed rows' if cfg.data.packing else 'examples'}, {total_steps} steps")
-    result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items, cfg,
-                        run_dir, state, log=console.print, fast=fast, dist=dist, step_module=step_module)
+    reporters = Reporters()  # train.report_to's trackers, on rank 0 (see train.tracking)
+    if dist.is_main and cfg.train.report_to:
+        reporters = open_reporters(cfg, run_dir, state.step if resume else None, warn=console.print)
+    try:
+        result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items,
+                            cfg, run_dir, state, log=console.print, fast=fast, dist=dist, step_module=step_module,
+                            on_log=reporters.log if reporters else None)
+    except BaseException as e:
+        reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
+        raise
     model.eval()
     adapter_dir = run_dir / "adapter"
     if dist.enabled:  # rank 0 writes (FSDP2: after gathering the shards)
@@ -221,6 +232,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
+    reporters.finish("finished")
     dist.barrier()
     D.finish(dist)
     console.print(f"adapter saved in {adapter_dir}  (final train loss {result.final_train_loss:.4f}"
