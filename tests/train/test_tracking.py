@@ -1,0 +1,199 @@
+"""train.report_to: every tracker, read back with its own reader, holds the same numbers as metrics.jsonl;
+a run that crashes after logging a step past its checkpoint and is resumed continues the same tracked run
+with every step exactly once; `loraforge eval`'s scores and report land in the same runs; a missing package
+is one clear error naming the extra."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import metrics_rows, tiny_config
+from loraforge.config import build_config
+from loraforge.errors import LoraforgeError
+from loraforge.train import run as run_mod
+from loraforge.train import tracking
+from loraforge.train.run import run_training
+from tracker_readers import mlflow_history, tensorboard_history, trackio_history, wandb_history, wandb_summary
+
+# Trackio reads its store location once, at import: point it at a scratch folder before anything imports it
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="trackio-test-"))
+os.environ.setdefault("WANDB_SILENT", "true")
+ALL = ["tensorboard", "mlflow", "wandb", "trackio"]
+KEYS = {"train/loss": "loss", "train/lr": "lr", "train/grad_norm": "grad_norm", "val/loss": "val_loss"}
+
+
+def _expected(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    return {name: [(r["step"], r[key]) for r in rows if r.get(key) is not None] for name, key in KEYS.items()}
+
+
+def _assert_same(got: dict, rows: list[dict], rel: float = 1e-5) -> None:
+    for name, want in _expected(rows).items():
+        have = got.get(name, [])
+        assert [s for s, _ in have] == [s for s, _ in want], f"{name}: steps {[s for s, _ in have]}"
+        assert [v for _, v in have] == pytest.approx([v for _, v in want], rel=rel), name
+
+
+@pytest.fixture(scope="module")
+def tracked(tiny_model, tmp_path_factory):
+    """A run reported to all four trackers that crashes after step 7 was logged (checkpoint at 6), is
+    resumed to step 12, and then gets an evaluation's scores and report."""
+    for pkg in ("tensorboard", "mlflow", "wandb", "trackio"):
+        pytest.importorskip(pkg)
+    root = tmp_path_factory.mktemp("tracked")
+    from conftest import chat_rows, write_jsonl
+
+    data = write_jsonl(root / "train.jsonl", chat_rows())
+    tree = tiny_config(tiny_model, data, root / "runs" / "tiny-a", epochs=4, max_steps=12, save_every=3, eval_every=4,
+                       report_to=ALL, report_project="lf-test")
+    real = run_mod.train_loop
+
+    def crash_after_7(*a, on_log=None, **k):
+        def hook(row):
+            on_log(row)
+            if row["step"] == 7:
+                raise RuntimeError("simulated crash")
+        return real(*a, on_log=hook, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(run_mod, "train_loop", crash_after_7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(build_config(tree))
+    mp.undo()
+    run_dir = root / "runs" / "tiny-a"
+    first = tracking.read_state(run_dir)
+    assert {n: first[n]["last_step"] for n in ALL} == {n: 7 for n in ALL}
+    run_training(build_config(tree), resume=True)
+    html = run_dir / "eval" / "report.html"
+    html.parent.mkdir()
+    html.write_text("<html>report</html>")
+    result = {"metric": "exact_match", "models": {"base": {"value": 0.25, "ci": [0.1, 0.4]},
+                                                  "finetuned": {"value": 0.75, "ci": [0.6, 0.9]}}}
+    done = tracking.report_eval(run_dir, build_config(tree), result, [html])
+    return run_dir, first, done
+
+
+def test_state_keeps_the_same_tracked_runs_across_resume(tracked):
+    run_dir, first, done = tracked
+    state = tracking.read_state(run_dir)
+    assert done == ALL
+    for name in ("mlflow", "wandb", "trackio"):
+        assert state[name]["run_id"] == first[name]["run_id"]
+    assert all(state[n]["last_step"] == 12 for n in ALL)
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+
+
+def test_tensorboard_event_files_match_metrics(tracked):
+    run_dir, _, _ = tracked
+    got = tensorboard_history(run_dir / "tensorboard")
+    _assert_same(got, metrics_rows(run_dir))
+    assert got["eval/finetuned_exact_match"] == [(12, pytest.approx(0.75))]
+
+
+def test_mlflow_store_matches_metrics_and_holds_config_and_report(tracked):
+    import mlflow
+
+    run_dir, _, _ = tracked
+    st = tracking.read_state(run_dir)["mlflow"]
+    assert st["tracking_uri"] == f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    _assert_same(mlflow_history(st["tracking_uri"], st["run_id"], list(KEYS)), metrics_rows(run_dir))
+    mlflow.set_tracking_uri(st["tracking_uri"])
+    df = mlflow.search_runs(experiment_names=["lf-test"])
+    row = df[df["run_id"] == st["run_id"]].iloc[0]
+    assert row["tags.mlflow.runName"] == "tiny-a" and row["status"] == "FINISHED"
+    assert float(row["params.train.learning_rate"]) == pytest.approx(5e-3)
+    assert row["metrics.eval/finetuned_exact_match"] == pytest.approx(0.75)
+    arts = {a.path for a in mlflow.MlflowClient(st["tracking_uri"]).list_artifacts(st["run_id"], "eval")}
+    assert arts == {"eval/report.html"}
+
+
+def test_wandb_offline_files_match_metrics(tracked):
+    run_dir, _, _ = tracked
+    st = tracking.read_state(run_dir)["wandb"]
+    _assert_same(wandb_history(run_dir, st["run_id"]), metrics_rows(run_dir))
+    sessions = sorted(run_dir.glob(f"wandb/offline-run-*-{st['run_id']}"))
+    assert len(sessions) == 3                       # first run, resumed run, evaluation: one W&B run id
+    summary = wandb_summary(sessions[-1])
+    assert summary["eval/finetuned_exact_match"] == pytest.approx(0.75)
+    assert (sessions[-1] / "files" / "report.html").is_file()
+
+
+def test_trackio_store_matches_metrics(tracked):
+    run_dir, _, _ = tracked
+    st = tracking.read_state(run_dir)["trackio"]
+    got = trackio_history("lf-test", st["run_id"])
+    _assert_same(got, metrics_rows(run_dir))
+    assert got["eval/finetuned_exact_match"] == [(12, pytest.approx(0.75))]
+
+
+def test_missing_tracker_package_names_the_extra(tiny_model, chat_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails as if not installed
+    cfg = build_config(tiny_config(tiny_model, chat_file, tmp_path / "run", report_to=["wandb"]))
+    with pytest.raises(LoraforgeError, match=r"wandb package is not installed") as e:
+        tracking.open_reporters(cfg, tmp_path, None)
+    assert 'loraforge[track]' in str(e.value)
+
+
+def test_a_failing_tracker_is_dropped_and_training_goes_on():
+    class Broken(tracking.Reporter):
+        name = "broken"
+
+        def __init__(self):
+            self.stored_step = 0
+
+        def log(self, metrics, step):
+            raise OSError("disk full")
+
+    warned = []
+    reps = tracking.Reporters(None, [Broken()], warn=warned.append)
+    reps.state["broken"] = {}
+    reps._saved_at = time.monotonic()
+    reps.log({"step": 1, "loss": 2.0})
+    assert not reps and "broken failed (OSError: disk full)" in warned[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_server_on_localhost(tiny_model, chat_file, tmp_path):
+    pytest.importorskip("mlflow")
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        tree = tiny_config(tiny_model, chat_file, tmp_path / "run", max_steps=6, report_to=["mlflow"],
+                           tracking_uri=uri)
+        run_training(build_config(tree))
+        run_id = tracking.read_state(tmp_path / "run")["mlflow"]["run_id"]
+        _assert_same(mlflow_history(uri, run_id, list(KEYS)), metrics_rows(tmp_path / "run"))
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        df = mlflow.search_runs(experiment_names=["loraforge"])
+        assert list(df["run_id"]) == [run_id] and df["status"].iloc[0] == "FINISHED"
+        assert df["metrics.train/loss"].iloc[0] == pytest.approx(metrics_rows(tmp_path / "run")[-1]["loss"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
