@@ -50,7 +50,7 @@ def ema(values: list[float], weight: float) -> list[float]:
 
 
 def fmt(v: float) -> str:
-    """A tick or value label: 3 significant digits at most, scientific below 1e-3, k/M above 1e4."""
+    """A value label: 3 significant digits at most, scientific below 1e-3, k/M from 1e4 on."""
     if v == 0:
         return "0"
     a = abs(v)
@@ -58,10 +58,23 @@ def fmt(v: float) -> str:
         return f"{v / 1e6:.3g}M"
     if a >= 1e4:
         return f"{v / 1e3:.3g}k"
+    if a >= 100:
+        return f"{v:.0f}"
     if a < 1e-3:
-        m, e = f"{v:.2e}".split("e")
-        return f"{float(m):g}e{int(e)}"
+        return _sci(v)
     return f"{v:.3g}"
+
+
+def _sci(v: float) -> str:
+    m, e = f"{v:.2e}".split("e")
+    return f"{float(m):g}e{int(e)}"
+
+
+def fmt_ticks(ticks: list[float]) -> list[str]:
+    """An axis' labels in one style: all scientific when the largest is under 0.01 (0, 2.5e-4, 5e-4)."""
+    if 0 < max(abs(t) for t in ticks) < 0.01:
+        return ["0" if t == 0 else _sci(t) for t in ticks]
+    return [fmt(t) for t in ticks]
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -131,11 +144,11 @@ def line_chart(series: list[Series], *, title: str = "", x_label: str = "step", 
             f'aria-label="{escape(title)}"><rect width="100%" height="100%" fill="#fff"/>'),
            f'<text x="{ml}" y="18" font-size="13" font-weight="bold">{escape(title)}'
            f'{" (log scale)" if log else ""}</text>']
-    for t in yt:
+    for t, label in zip(yt, fmt_ticks(yt)):
         out.append(f'<line x1="{ml}" y1="{sy(t):.1f}" x2="{ml + w}" y2="{sy(t):.1f}" stroke="#eee"/>'
-                   f'<text x="{ml - 6}" y="{sy(t) + 4:.1f}" font-size="10" text-anchor="end">{fmt(t)}</text>')
-    for t in xt:
-        out.append(f'<text x="{sx(t):.1f}" y="{mt + h + 14}" font-size="10" text-anchor="middle">{fmt(t)}</text>')
+                   f'<text x="{ml - 6}" y="{sy(t) + 4:.1f}" font-size="10" text-anchor="end">{label}</text>')
+    for t, label in zip(xt, fmt_ticks(xt)):
+        out.append(f'<text x="{sx(t):.1f}" y="{mt + h + 14}" font-size="10" text-anchor="middle">{label}</text>')
     out += [f'<line x1="{ml}" y1="{mt + h}" x2="{ml + w}" y2="{mt + h}" stroke="#444"/>',
             f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + h}" stroke="#444"/>',
             f'<text x="{ml + w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">{escape(x_label)}</text>']
