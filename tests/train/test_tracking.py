@@ -77,6 +77,7 @@ def tracked(tiny_model, tmp_path_factory):
     return run_dir, first, done
 
 
+@pytest.mark.slow   # the fixture starts the four trackers three times (~30 s; more on a busy machine)
 def test_state_keeps_the_same_tracked_runs_across_resume(tracked):
     run_dir, first, done = tracked
     state = tracking.read_state(run_dir)
@@ -88,6 +89,7 @@ def test_state_keeps_the_same_tracked_runs_across_resume(tracked):
     assert [r["step"] for r in rows] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_match_metrics(tracked):
     run_dir, _, _ = tracked
     got = tensorboard_history(run_dir / "tensorboard")
@@ -95,6 +97,7 @@ def test_tensorboard_event_files_match_metrics(tracked):
     assert got["eval/finetuned_exact_match"] == [(12, pytest.approx(0.75))]
 
 
+@pytest.mark.slow
 def test_mlflow_store_matches_metrics_and_holds_config_and_report(tracked):
     import mlflow
 
@@ -112,6 +115,7 @@ def test_mlflow_store_matches_metrics_and_holds_config_and_report(tracked):
     assert arts == {"eval/report.html"}
 
 
+@pytest.mark.slow
 def test_wandb_offline_files_match_metrics(tracked):
     run_dir, _, _ = tracked
     st = tracking.read_state(run_dir)["wandb"]
@@ -123,6 +127,7 @@ def test_wandb_offline_files_match_metrics(tracked):
     assert (sessions[-1] / "files" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_trackio_store_matches_metrics(tracked):
     run_dir, _, _ = tracked
     st = tracking.read_state(run_dir)["trackio"]

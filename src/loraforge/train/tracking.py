@@ -17,8 +17,10 @@ Every numeric field of a metrics row is logged at the row's step as train/<field
 config goes in as hyperparameters. `RUN_DIR/tracking.json` keeps each tracker's run id and the last step it
 stored, so `train --resume` continues the same tracked run and skips the steps it already has (a resumed run
 recomputes them with the same values); `loraforge eval` adds its scores and the HTML report to the same run.
-log() only hands the row over: TensorBoard's event writer thread, MLflow's async logging, W&B's service
-process and Trackio's sender thread do the writing, so a step never waits on disk or network. A tracker that
+log() only queues the row for loraforge's reporting thread, which hands it to the trackers, whose own
+background writers (TensorBoard's event writer thread, MLflow's async logging, W&B's service process, Trackio's
+sender thread) do the writing: a step never waits on a tracker, its disk or its network
+(bench/tracking_overhead.py measures both sides). A tracker that
 fails while training is reported once and dropped; the run goes on (metrics.jsonl stays the record).
 """
 
@@ -27,6 +29,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -246,27 +250,49 @@ CLASSES = {c.name: c for c in (TensorBoardReporter, MLflowReporter, WandbReporte
 
 
 class Reporters:
-    """The run's reporters together; what train.run hands to train_loop as on_log."""
+    """The run's reporters together; what train.run hands to train_loop as on_log. Once start_thread() ran,
+    log() only queues the row: one background thread hands rows to the trackers (so the step never waits on a
+    tracker's own Python work: building protobufs, its queue's lock, a socket write)."""
 
     def __init__(self, run_dir: Path | None = None, reporters: list[Reporter] | None = None, warn=print):
         self.run_dir, self.reporters, self.warn = run_dir, reporters or [], warn
         self.state: dict[str, dict] = {}
+        self.busy_s: dict[str, float] = {}   # background time each tracker took, all rows together
         self._saved_at = 0.0
+        self._queue: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
 
     def __bool__(self) -> bool:
         return bool(self.reporters)
 
+    def start_thread(self) -> None:
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="loraforge-trackers", daemon=True)
+        self._thread.start()
+
     def log(self, row: dict) -> None:
+        if self._queue is not None:
+            self._queue.put(row)
+        else:
+            self._deliver(row)
+
+    def _work(self) -> None:
+        while (row := self._queue.get()) is not None:
+            self._deliver(row)
+
+    def _deliver(self, row: dict) -> None:
         step, metrics = int(row["step"]), numeric(row)
         for r in list(self.reporters):
             if step <= r.stored_step:
                 continue   # already in the tracker from before the resume
+            t = time.perf_counter()
             try:
                 r.log(metrics, step)
                 self.state[r.name]["last_step"] = step
             except Exception as e:  # a dashboard going down must not stop the training
                 self.warn(f"[yellow]warning:[/] {r.name} failed ({type(e).__name__}: {e}); no longer reporting to it")
                 self.reporters.remove(r)
+            self.busy_s[r.name] = self.busy_s.get(r.name, 0.0) + time.perf_counter() - t
         if self.reporters and time.monotonic() - self._saved_at > SAVE_EVERY_S:
             self.save()
 
@@ -275,6 +301,11 @@ class Reporters:
         write_state(self.run_dir, self.state)
 
     def finish(self, status: str) -> None:
+        """Hand over the rows still queued, then end every tracked run as `status`."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = self._queue = None
         for r in self.reporters:
             try:
                 r.finish(status)
@@ -315,6 +346,7 @@ def open_reporters(cfg, run_dir: Path, resume_step: int | None, warn=print) -> R
         out.state[name] = {**info, "last_step": max(r.stored_step, resume_step or 0)}
     if out:
         out.save()
+        out.start_thread()
     return out
 
 
