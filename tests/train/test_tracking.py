@@ -4,6 +4,7 @@ with every step exactly once; `loraforge eval`'s scores and report land in the s
 is one clear error naming the extra."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -177,10 +178,11 @@ def test_mlflow_server_on_localhost(tiny_model, chat_file, tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # no job workers
     try:
         uri = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while True:
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=2)
@@ -200,5 +202,5 @@ def test_mlflow_server_on_localhost(tiny_model, chat_file, tmp_path):
         assert list(df["run_id"]) == [run_id] and df["status"].iloc[0] == "FINISHED"
         assert df["metrics.train/loss"].iloc[0] == pytest.approx(metrics_rows(tmp_path / "run")[-1]["loss"])
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)   # the server and the uvicorn process it started
         server.wait(timeout=30)
