@@ -137,6 +137,27 @@ def test_trackio_store_matches_metrics(tracked):
     assert got["eval/finetuned_exact_match"] == [(12, pytest.approx(0.75))]
 
 
+def test_eval_adds_scores_and_report_to_the_tracked_run(tiny_model, tmp_path):
+    pytest.importorskip("tensorboard")
+    from conftest import chat_rows, write_jsonl
+    from loraforge.eval.run import evaluate_run
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    tree = tiny_config(tiny_model, data, tmp_path / "run", max_steps=2, eval_every=1, report_to=["tensorboard"])
+    tree["eval"] = {"test": str(write_jsonl(tmp_path / "test.jsonl", chat_rows(3))), "max_new_tokens": 4}
+    run_training(build_config(tree))
+    r = evaluate_run(tmp_path / "run", run_base=False, regression=False, log=lambda m: None)
+    got = tensorboard_history(tmp_path / "run" / "tensorboard")
+    assert got["eval/finetuned_exact_match"] == [(2, pytest.approx(r["models"]["finetuned"]["value"]))]
+    _assert_same(got, metrics_rows(tmp_path / "run"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    text = acc.Tensors("eval/report/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert str((tmp_path / "run" / "eval" / "report.html").resolve()) in text and "| finetuned |" in text
+
+
 def test_missing_tracker_package_names_the_extra(tiny_model, chat_file, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails as if not installed
     cfg = build_config(tiny_config(tiny_model, chat_file, tmp_path / "run", report_to=["wandb"]))

@@ -26,9 +26,11 @@ fails while training is reported once and dropped; the run goes on (metrics.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import queue
 import threading
 import time
@@ -226,10 +228,11 @@ class TrackioReporter(Reporter):
         trackio = _need("trackio", "trackio")
         from trackio.sqlite_storage import SQLiteStorage
 
-        self.run = trackio.init(project=self.project, name=self.saved.get("run") or self.run_name,
-                                config=flat_config(self.cfg.model_dump(mode="json")),
-                                resume="must" if self.saved else "never", embed=False,
-                                auto_log_gpu=False, auto_log_cpu=False)
+        with contextlib.redirect_stdout(sys.stderr):   # its banner: not on the command's stdout
+            self.run = trackio.init(project=self.project, name=self.saved.get("run") or self.run_name,
+                                    config=flat_config(self.cfg.model_dump(mode="json")),
+                                    resume="must" if self.saved else "never", embed=False,
+                                    auto_log_gpu=False, auto_log_cpu=False)
         if self.saved:
             self.stored_step = SQLiteStorage.get_max_step_for_run(self.project, run_id=self.run.id) or 0
         return {"run": self.run.name, "run_id": self.run.id}
@@ -243,7 +246,8 @@ class TrackioReporter(Reporter):
         self.run.log({**scores, **{f"eval/{f.stem}": trackio.Markdown(text) for f in files[:1]}}, step=step)
 
     def finish(self, status):
-        self.run.finish()
+        with contextlib.redirect_stdout(sys.stderr):
+            self.run.finish()
 
 
 CLASSES = {c.name: c for c in (TensorBoardReporter, MLflowReporter, WandbReporter, TrackioReporter)}
