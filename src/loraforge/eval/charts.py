@@ -110,6 +110,12 @@ def _thin(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return pts[::k] + ([pts[-1]] if (len(pts) - 1) % k else [])
 
 
+def _smoothed(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The EMA of a series (the same list when it is too short to smooth)."""
+    weight = ema_weight(len(pts))
+    return list(zip([x for x, _ in pts], ema([y for _, y in pts], weight))) if weight else pts
+
+
 def use_log(ys: list[float]) -> bool:
     """A log axis helps when every value is positive and they span more than a factor of 20."""
     return bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 20
@@ -123,7 +129,8 @@ def line_chart(series: list[Series], *, title: str = "", x_label: str = "step", 
     if not pts:
         return '<p class="empty-chart">no data to plot</p>'
     ys = [y for _, y in pts]
-    log = use_log(ys) if log_y is None else (log_y and min(ys) > 0)
+    shown = [y for s in series for _, y in (_smoothed(s.points) if s.smooth else s.points) if math.isfinite(y)]
+    log = use_log(shown) and min(ys) > 0 if log_y is None else (log_y and min(ys) > 0)   # by the lines, not the noise
     xt = nice_ticks(min(x for x, _ in pts), max(x for x, _ in pts))
     yt = log_ticks(min(ys), max(ys)) if log else nice_ticks(min(ys), max(ys))
     x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
@@ -158,13 +165,10 @@ def line_chart(series: list[Series], *, title: str = "", x_label: str = "step", 
     for s in series:
         css = f' class="{escape(s.css)}"' if s.css else ""
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
-        main = s.points
-        if s.smooth and len(s.points) > 1:
-            weight = ema_weight(len(s.points))
-            if weight:
-                out.append(f'<polyline class="raw" fill="none" stroke="{s.color}" stroke-opacity="0.2" '
-                           f'stroke-width="1" points="{path(s.points)}"/>')
-                main = list(zip([x for x, _ in s.points], ema([y for _, y in s.points], weight)))
+        main = _smoothed(s.points) if s.smooth else s.points
+        if main is not s.points:
+            out.append(f'<polyline class="raw" fill="none" stroke="{s.color}" stroke-opacity="0.2" '
+                       f'stroke-width="1" points="{path(s.points)}"/>')
         if len(main) > 1:
             out.append(f'<polyline{css} fill="none" stroke="{s.color}" stroke-width="2"{dash} points="{path(main)}"/>')
         if s.markers or len(main) == 1:
