@@ -179,9 +179,42 @@ def test_a_failing_tracker_is_dropped_and_training_goes_on():
     warned = []
     reps = tracking.Reporters(None, [Broken()], warn=warned.append)
     reps.state["broken"] = {}
-    reps._saved_at = time.monotonic()
     reps.log({"step": 1, "loss": 2.0})
     assert not reps and "broken failed (OSError: disk full)" in warned[0]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_logs_every_step_once(tiny_model, chat_file, tmp_path):
+    """kill -9 after the run logged steps past its last checkpoint; --resume: TensorBoard (events past the
+    checkpoint purged) and W&B (steps it has skipped) hold every step once, with metrics.jsonl's values."""
+    for pkg in ("tensorboard", "wandb"):
+        pytest.importorskip(pkg)
+    import yaml
+
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config(tiny_model, chat_file, out, epochs=60, max_steps=60,
+                                                   grad_accum=1, save_every=10, eval_every=7, num_threads=1,
+                                                   report_to=["tensorboard", "wandb"])))
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        state = tracking.read_state(out) if (out / "tracking.json").is_file() else {}
+        if min((s.get("last_step", 0) for s in state.values()), default=0) >= 14:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    proc.wait(timeout=60)
+    assert len(metrics_rows(out)) > 10   # rows past the checkpoint at step 10, logged before the kill
+    res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg_file), "--resume"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = metrics_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    _assert_same(tensorboard_history(out / "tensorboard"), rows, rel=1e-4)
+    _assert_same(wandb_history(out, tracking.read_state(out)["wandb"]["run_id"]), rows, rel=1e-4)
 
 
 def _free_port() -> int:

@@ -1,15 +1,13 @@
 """Read back what each tracker stored, with the tracker's own reader: {metric name: [(step, value), ...]}.
 
 TensorBoard: its EventAccumulator. MLflow: MlflowClient.get_metric_history. Trackio: its SQLite store.
-W&B (offline): wandb 0.31 ships no reader for its run files any more, so `wandb_history` walks the file's
-LevelDB-log framing (7-byte record headers in 32 KiB blocks, after the ":W&B" file header) and decodes each
-record with wandb's own protobuf classes (wandb.proto.wandb_internal_pb2.Record).
+W&B (offline): wandb 0.31 ships no reader for its run files any more, so loraforge.train.wandb_files walks
+their LevelDB-log framing and decodes each record with wandb's own protobuf classes.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 
@@ -39,39 +37,13 @@ def trackio_history(project: str, run_id: str) -> dict[str, list[tuple[int, floa
     return {k: sorted(v) for k, v in out.items()}
 
 
-def wandb_records(path: Path):
-    """Every Record of one offline run file (`run-<id>.wandb`), in order."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a W&B run file"
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:                                  # the rest of a block too short for a header: padding
-            pos += left
-            continue
-        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if n == 0 and kind == 0:
-            pos += left
-            continue
-        buf += data[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):                            # FULL, or the LAST fragment of a record
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            buf = b""
-            yield rec
-
-
 def wandb_history(run_dir: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """The history rows of every offline session of the run (a resumed run writes a second file)."""
+    """The history rows of every session of the run (a resumed run writes a second file)."""
+    from loraforge.train.wandb_files import history, run_files
+
     out: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
-        for rec in wandb_records(f):
-            if rec.WhichOneof("record_type") != "history":
-                continue
-            row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+    for f in run_files(run_dir, run_id):
+        for row in history(f):
             for k, v in row.items():
                 if "/" in k and isinstance(v, (int, float)):
                     out.setdefault(k, []).append((row["_step"], v))
@@ -80,9 +52,11 @@ def wandb_history(run_dir: Path, run_id: str) -> dict[str, list[tuple[int, float
 
 def wandb_summary(session: Path) -> dict:
     """The run summary one offline session ended with (its summary records, later updates winning)."""
+    from loraforge.train.wandb_files import records
+
     out: dict = {}
     for f in session.glob("run-*.wandb"):
-        for rec in wandb_records(f):
+        for rec in records(f):
             if rec.WhichOneof("record_type") == "summary":
                 out.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.summary.update})
     return out

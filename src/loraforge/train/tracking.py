@@ -14,9 +14,11 @@ reports. The run's name is its folder's name, the project (W&B, Trackio; MLflow'
     trackio       Trackio's local store ($TRACKIO_DIR, default ~/.cache/huggingface/trackio; `trackio show`)
 
 Every numeric field of a metrics row is logged at the row's step as train/<field> (val_<x> as val/<x>); the
-config goes in as hyperparameters. `RUN_DIR/tracking.json` keeps each tracker's run id and the last step it
-stored, so `train --resume` continues the same tracked run and skips the steps it already has (a resumed run
-recomputes them with the same values); `loraforge eval` adds its scores and the HTML report to the same run.
+config goes in as hyperparameters. `RUN_DIR/tracking.json` keeps each tracker's run id, so `train --resume`
+continues the same tracked run: each tracker is asked how far it got (MLflow's metric history, Trackio's store,
+W&B's run files), gets the steps up to the checkpoint it lacks from metrics.jsonl (a kill loses what a tracker
+had not yet written) and skips those it has (the resumed run recomputes them with the same values);
+TensorBoard's events are purged and replayed. `loraforge eval` adds its scores and the HTML report to the run.
 log() only queues the row for loraforge's reporting thread, which hands it to the trackers, whose own
 background writers (TensorBoard's event writer thread, MLflow's async logging, W&B's service process, Trackio's
 sender thread) do the writing: a step never waits on a tracker, its disk or its network
@@ -40,7 +42,6 @@ from loraforge.errors import LoraforgeError
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 STATE_FILE = "tracking.json"
-SAVE_EVERY_S = 10.0   # tracking.json's last steps are rewritten at most this often (and at the end)
 
 
 def _need(module: str, tracker: str):
@@ -81,6 +82,7 @@ class Reporter:
     tracking.json; log() hands one row over; finish() ends the run as finished / interrupted / failed."""
 
     name = ""
+    replays_all = False
 
     def __init__(self, cfg, run_dir: Path, saved: dict | None):
         self.cfg, self.run_dir, self.saved = cfg, run_dir, saved or {}
@@ -103,11 +105,12 @@ class Reporter:
 
 class TensorBoardReporter(Reporter):
     name = "tensorboard"
+    replays_all = True   # resuming: every step is purged and replayed (which events a kill lost is unknown)
 
     def start(self, resume_step):
         tb = _need("torch.utils.tensorboard", "tensorboard")
         self.logdir = self.run_dir / "tensorboard"
-        # events past the checkpoint we resume from are purged (TensorBoard drops them when reading)
+        # events past `resume_step` are purged (TensorBoard drops them when reading)
         purge = resume_step + 1 if resume_step is not None else None
         self.writer = tb.SummaryWriter(str(self.logdir), purge_step=purge, flush_secs=10)
         if resume_step is None:
@@ -206,7 +209,10 @@ class WandbReporter(Reporter):
                               dir=str(self.run_dir), mode=mode, resume="allow" if self.saved else None,
                               config=self.cfg.model_dump(mode="json"), reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
-        self.stored_step = int(self.saved.get("last_step") or 0)
+        if self.saved:   # what the run's own files hold (a kill loses what W&B had not written yet)
+            from loraforge.train.wandb_files import last_step
+
+            self.stored_step = last_step(self.run_dir, self.run.id)
         return {"run_id": self.run.id, "mode": mode}
 
     def log(self, metrics, step):
@@ -262,7 +268,6 @@ class Reporters:
         self.run_dir, self.reporters, self.warn = run_dir, reporters or [], warn
         self.state: dict[str, dict] = {}
         self.busy_s: dict[str, float] = {}   # background time each tracker took, all rows together
-        self._saved_at = 0.0
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
 
@@ -274,20 +279,20 @@ class Reporters:
         self._thread = threading.Thread(target=self._work, name="loraforge-trackers", daemon=True)
         self._thread.start()
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, only: Reporter | None = None) -> None:
         if self._queue is not None:
-            self._queue.put(row)
+            self._queue.put((row, only))
         else:
-            self._deliver(row)
+            self._deliver(row, only)
 
     def _work(self) -> None:
-        while (row := self._queue.get()) is not None:
-            self._deliver(row)
+        while (item := self._queue.get()) is not None:
+            self._deliver(*item)
 
-    def _deliver(self, row: dict) -> None:
+    def _deliver(self, row: dict, only: Reporter | None = None) -> None:
         step, metrics = int(row["step"]), numeric(row)
-        for r in list(self.reporters):
-            if step <= r.stored_step:
+        for r in [only] if only is not None else list(self.reporters):
+            if only is None and step <= r.stored_step:
                 continue   # already in the tracker from before the resume
             t = time.perf_counter()
             try:
@@ -297,11 +302,10 @@ class Reporters:
                 self.warn(f"[yellow]warning:[/] {r.name} failed ({type(e).__name__}: {e}); no longer reporting to it")
                 self.reporters.remove(r)
             self.busy_s[r.name] = self.busy_s.get(r.name, 0.0) + time.perf_counter() - t
-        if self.reporters and time.monotonic() - self._saved_at > SAVE_EVERY_S:
-            self.save()
+        if self.reporters and self.run_dir is not None:
+            self.save()   # after every row (off the training thread): a killed run knows what each tracker got
 
     def save(self) -> None:
-        self._saved_at = time.monotonic()
         write_state(self.run_dir, self.state)
 
     def finish(self, status: str) -> None:
@@ -339,7 +343,7 @@ def open_reporters(cfg, run_dir: Path, resume_step: int | None, warn=print) -> R
     for name in cfg.train.report_to:
         r = CLASSES[name](cfg, Path(run_dir), saved.get(name))
         try:
-            info = r.start(resume_step)
+            info = r.start(0 if resume_step is not None and r.replays_all else resume_step)
         except LoraforgeError:
             raise
         except Exception as e:
@@ -351,6 +355,15 @@ def open_reporters(cfg, run_dir: Path, resume_step: int | None, warn=print) -> R
     if out:
         out.save()
         out.start_thread()
+    if out and resume_step is not None:
+        # steps up to the checkpoint that a tracker lacks (a kill loses what it had not written) come from
+        # metrics.jsonl, which holds exactly those steps now, before the resumed run's own rows
+        rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+            if (Path(run_dir) / "metrics.jsonl").is_file() else []
+        for r in out.reporters:
+            for row in rows:
+                if r.stored_step < row["step"] <= resume_step:
+                    out.log(row, only=r)
     return out
 
 
