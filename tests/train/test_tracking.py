@@ -217,6 +217,24 @@ def test_sigkill_then_resume_logs_every_step_once(tiny_model, chat_file, tmp_pat
     _assert_same(wandb_history(out, tracking.read_state(out)["wandb"]["run_id"]), rows, rel=1e-4)
 
 
+@pytest.mark.slow
+def test_only_rank_zero_reports(tiny_model, chat_file, tmp_path):
+    """Two CPU processes (torchrun, gloo): one TensorBoard event file, from rank 0, with every step once."""
+    pytest.importorskip("tensorboard")
+    import yaml
+
+    from test_distributed import ENV, _tree
+
+    out = tmp_path / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(tiny_model, chat_file, out, max_steps=4, report_to=["tensorboard"])))
+    res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg), "--gpus", "2"], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    _assert_same(tensorboard_history(out / "tensorboard"), metrics_rows(out))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
