@@ -139,12 +139,14 @@ def print_table(infos: list[dict], console=None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=None, header_style="bold")
     heads = list(table_cells(infos[0])) if infos else []
+    empty = [h for h in ("val metric", "eval") if all(table_cells(i)[h] == "–" for i in infos)]
+    heads = [h for h in heads if h not in empty]   # columns no run has a value for
     for h in heads:
         table.add_column(h, justify="right" if h in ("steps", "time") else "left", no_wrap=h in ("run", "status"))
     for info in infos:
         cells = table_cells(info)
         cells["status"] = f"[{STATUS_STYLE.get(info['status'], 'white')}]{cells['status']}[/]"
-        table.add_row(*cells.values())
+        table.add_row(*(cells[h] for h in heads))
     console.print(table)
 
 
