@@ -3,6 +3,7 @@ a run that crashes after logging a step past its checkpoint and is resumed conti
 with every step exactly once; `loraforge eval`'s scores and report land in the same runs; a missing package
 is one clear error naming the extra."""
 
+import json
 import os
 import signal
 import socket
@@ -112,6 +113,8 @@ def test_mlflow_store_matches_metrics_and_holds_config_and_report(tracked):
     assert row["tags.mlflow.runName"] == "tiny-a" and row["status"] == "FINISHED"
     assert float(row["params.train.learning_rate"]) == pytest.approx(5e-3)
     assert row["metrics.eval/finetuned_exact_match"] == pytest.approx(0.75)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert row["metrics.summary/best_val_loss"] == pytest.approx(summary["best_val_loss"])
     arts = {a.path for a in mlflow.MlflowClient(st["tracking_uri"]).list_artifacts(st["run_id"], "eval")}
     assert arts == {"eval/report.html"}
 
@@ -123,8 +126,9 @@ def test_wandb_offline_files_match_metrics(tracked):
     _assert_same(wandb_history(run_dir, st["run_id"]), metrics_rows(run_dir))
     sessions = sorted(run_dir.glob(f"wandb/offline-run-*-{st['run_id']}"))
     assert len(sessions) == 3                       # first run, resumed run, evaluation: one W&B run id
-    summary = wandb_summary(sessions[-1])
-    assert summary["eval/finetuned_exact_match"] == pytest.approx(0.75)
+    assert wandb_summary(sessions[-1])["eval/finetuned_exact_match"] == pytest.approx(0.75)
+    trained = json.loads((run_dir / "summary.json").read_text())
+    assert wandb_summary(sessions[-2])["summary/tokens_seen"] == trained["tokens_seen"]
     assert (sessions[-1] / "files" / "report.html").is_file()
 
 

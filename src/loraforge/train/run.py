@@ -232,7 +232,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
-    reporters.finish("finished")
+    reporters.finish("finished", summary)
     dist.barrier()
     D.finish(dist)
     console.print(f"adapter saved in {adapter_dir}  (final train loss {result.final_train_loss:.4f}"

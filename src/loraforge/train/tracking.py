@@ -99,6 +99,9 @@ class Reporter:
     def log_eval(self, scores: dict[str, float], step: int, files: list[Path], text: str) -> None:
         raise NotImplementedError
 
+    def log_summary(self, values: dict[str, float], step: int) -> None:
+        self.log(values, step)
+
     def finish(self, status: str) -> None:
         raise NotImplementedError
 
@@ -218,6 +221,9 @@ class WandbReporter(Reporter):
     def log(self, metrics, step):
         self.run.log(metrics, step=step)
 
+    def log_summary(self, values, step):
+        self.run.summary.update(values)
+
     def log_eval(self, scores, step, files, text):
         self.run.summary.update(scores)
         for f in files:
@@ -308,14 +314,19 @@ class Reporters:
     def save(self) -> None:
         write_state(self.run_dir, self.state)
 
-    def finish(self, status: str) -> None:
-        """Hand over the rows still queued, then end every tracked run as `status`."""
+    def finish(self, status: str, summary: dict | None = None) -> None:
+        """Hand over the rows still queued, add the run's summary.json numbers (summary/<key>), then end every
+        tracked run as `status`."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = self._queue = None
+        values = {f"summary/{k}": float(v) for k, v in (summary or {}).items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         for r in self.reporters:
             try:
+                if values:
+                    r.log_summary(values, int(summary.get("steps") or 0))
                 r.finish(status)
             except Exception as e:
                 self.warn(f"[yellow]warning:[/] {r.name} could not close its run: {e}")
