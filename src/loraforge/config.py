@@ -111,6 +111,12 @@ class TrainSection(_Section):
                            "fsdp = FSDP2 shards the frozen base per decoder layer (for bases too large for one GPU).")
     dist_timeout_s: float = Field(600, gt=0, description="Seconds a process waits for the others (a dead or stuck "
                                                           "rank stops the run after this long).")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=list, description="Trackers that get every metrics row, the config and the eval scores "
+                                          "(extra `track`): tensorboard, mlflow, wandb (offline), trackio.")
+    report_project: str = Field("loraforge", description="W&B / Trackio project and MLflow experiment of the run.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                                       "sqlite:///.../mlflow.db beside the run folder).")
 
 
 class EvalSection(_Section):

@@ -101,19 +101,24 @@ def _has_colour(rows, bpp, rgb, tol=12):
     return False
 
 
-@pytest.mark.slow
-def test_chromium_screenshot_shows_plots_and_tables(result, tmp_path):
+def chromium_screenshot(html: str, tmp_path, width: int, height: int):
+    """The page rendered by headless Chromium: (width, height, bytes per pixel, rows); skips without Chromium."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    page = tmp_path / "report.html"
-    page.write_text(render_html(result))
+    page = tmp_path / "page.html"
+    page.write_text(html)
     shot = tmp_path / "shot.png"
     subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                    "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()],
+                    f"--window-size={width},{height}", f"--screenshot={shot}", page.as_uri()],
                    check=True, timeout=90, capture_output=True)
-    w, h, bpp, rows = _png_pixels(shot.read_bytes())
+    return _png_pixels(shot.read_bytes())
+
+
+@pytest.mark.slow
+def test_chromium_screenshot_shows_plots_and_tables(result, tmp_path):
+    w, h, bpp, rows = chromium_screenshot(render_html(result), tmp_path, 1280, 2400)
     assert (w, h) == (1280, 2400)
     assert _has_colour(rows, bpp, (0x00, 0x72, 0xb2))   # train loss curve and the fine-tuned bar
     assert _has_colour(rows, bpp, (0xd5, 0x5e, 0x00))   # validation loss curve

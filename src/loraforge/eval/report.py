@@ -16,6 +16,8 @@ import json
 from html import escape
 from typing import Any
 
+from loraforge.eval.charts import Series, line_chart
+
 LABELS = {"base": "base", "fewshot": "few-shot base", "finetuned": "fine-tuned"}
 COLORS = {"base": "#8c8c8c", "fewshot": "#e69f00", "finetuned": "#0072b2", "train": "#0072b2", "val": "#d55e00"}
 MAX_EXAMPLES = 500
@@ -40,47 +42,12 @@ def _p(x: float | None) -> str:
     return "–" if x is None else "<0.001" if x < 0.001 else f"{x:.3f}"
 
 
-def line_chart(series: dict[str, list[list[float]]], *, width: int = 640, height: int = 280, title: str = "") -> str:
-    """An SVG line chart of named (x, y) series with axes and a legend."""
-    pts = [p for s in series.values() for p in s]
-    if not pts:
-        return '<p class="empty-chart">no data to plot</p>'
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    ml, mr, mt, mb = 56, 16, 28, 36
-    w, h = width - ml - mr, height - mt - mb
-
-    def sx(x: float) -> float:
-        return ml + (x - x0) / (x1 - x0) * w
-
-    def sy(y: float) -> float:
-        return mt + h - (y - y0) / (y1 - y0) * h
-
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-              f'aria-label="{escape(title)}"><rect width="100%" height="100%" fill="#fff"/>'),
-             f'<text x="{ml}" y="18" font-size="13" font-weight="bold">{escape(title)}</text>',
-             f'<line x1="{ml}" y1="{mt + h}" x2="{ml + w}" y2="{mt + h}" stroke="#444"/>',
-             f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + h}" stroke="#444"/>']
-    for t in range(5):
-        yv = y0 + (y1 - y0) * t / 4
-        xv = x0 + (x1 - x0) * t / 4
-        parts.append(f'<text x="{ml - 6}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">{yv:.3g}</text>')
-        parts.append(f'<line x1="{ml}" y1="{sy(yv):.1f}" x2="{ml + w}" y2="{sy(yv):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{sx(xv):.1f}" y="{mt + h + 14}" font-size="10" text-anchor="middle">{xv:.4g}</text>')
-    parts.append(f'<text x="{ml + w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">step</text>')
-    for k, (name, s) in enumerate(series.items()):
-        color = COLORS.get(name, "#333")
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
-        if len(s) > 1:
-            parts.append(f'<polyline class="series-{escape(name)}" fill="none" stroke="{color}" stroke-width="2" '
-                         f'points="{coords}"/>')
-        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in s]
-        lx = ml + w - 150
-        parts.append(f'<rect x="{lx}" y="{mt + 4 + 16 * k}" width="12" height="4" fill="{color}"/>'
-                     f'<text x="{lx + 18}" y="{mt + 10 + 16 * k}" font-size="11">{escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def loss_chart(curves: dict[str, list[list[float]]], *, title: str = "loss") -> str:
+    """Train loss EMA-smoothed (raw faint behind it), validation loss as dots joined by a line."""
+    return line_chart([Series("train", [tuple(p) for p in curves.get("train") or []], COLORS["train"], smooth=True,
+                              css="series-train"),
+                       Series("validation", [tuple(p) for p in curves.get("val") or []], COLORS["val"], markers=True,
+                              css="series-val")], title=title, y_label="loss")
 
 
 def interval_chart(models: dict[str, dict], metric: str, *, width: int = 640) -> str:
@@ -257,7 +224,6 @@ def _examples(r: dict) -> str:
 
 def render_html(r: dict) -> str:
     """The whole report as one HTML string; reads only the eval.json dict."""
-    curves = {k: v for k, v in (("train", r["curves"]["train"]), ("val", r["curves"]["val"])) if v}
     errors = "".join(f"<li class='err'>{escape(e['stage'])}: {escape(e['error'])}</li>" for e in r.get("errors", []))
     never = ", ".join(f"{LABELS.get(m, m)}: {n}" for m, n in r.get("never_stopped", {}).items())
     return f"""<!DOCTYPE html>
@@ -269,7 +235,7 @@ max_new_tokens={r.get('decoding', {}).get('max_new_tokens', '–')}, stop at the
 Answers cut by max_new_tokens (model never stopped): {escape(never) or '–'}. Created {escape(r['created'])}.</p>
 {f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
 <h2>Training and validation loss</h2>
-{line_chart(curves, title="loss")}
+{loss_chart(r["curves"])}
 <h2>Overfitting</h2>
 {_overfit(r['overfit'])}
 <h2>Scores</h2>

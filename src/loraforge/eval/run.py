@@ -318,7 +318,11 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
             ex["judge"] = judge_cell(judged, i)
     if var_gens:
         result["variants"] = _variant_rows(var_gens, refs, cfg, opts, errors)
-    write_outputs(result, out_dir)
+    json_path, html_path = write_outputs(result, out_dir)
+    if cfg.train.report_to:  # the scores and the report go to the run's trackers too (train.tracking)
+        from loraforge.train.tracking import report_eval
+
+        report_eval(run_dir, cfg, result, [html_path, json_path], warn=log)
     return result
 
 

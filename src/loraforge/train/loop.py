@@ -232,7 +232,8 @@ class LogInterval:
 def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list[Tokenized],
                val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
                log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None,
-               precision: Precision | None = None) -> LoopResult:
+               precision: Precision | None = None,
+               on_log=None) -> LoopResult:  # on_log(row): every metrics row, also to train.tracking
     tc = cfg.train
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
@@ -272,6 +273,8 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
         row["elapsed_s"] = round(now - t0, 2)
         mlog.write(json.dumps(row) + "\n")
         mlog.flush()
+        if on_log is not None:
+            on_log(row)
         progress.update(row["step"], last_train, row["lr"], row["tokens_per_s"], val_loss)
         return stopping > 0
 

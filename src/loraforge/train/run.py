@@ -8,6 +8,8 @@
       adapter/             the final PEFT adapter + tokenizer (PeftModel.from_pretrained loads it)
       summary.json         final losses, steps, time (written last: its presence means the run finished)
       resume_changes.jsonl what --resume-with-changes changed, and at which step
+      tracking.json        the trackers' run ids and last steps (train.report_to; see train.tracking)
+      tensorboard/, wandb/ TensorBoard event files, W&B offline runs (when reported to)
 
 Everything is checked (run folder, data, model, adapter, optimizer) before the run folder is touched; see
 train.folder for how an old run survives a failed --overwrite.
@@ -37,8 +39,9 @@ from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
 from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
-from loraforge.train.loop import plan_steps, prepare_model, train_loop
+from loraforge.train.loop import TrainingInterrupted, plan_steps, prepare_model, train_loop
 from loraforge.train.precision import Precision, pick_precision
+from loraforge.train.tracking import Reporters, open_reporters
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -215,9 +218,17 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                   f"{n_trainable:,} trainable parameters, "
                   f"{_count(len(train_items), 'packed row' if cfg.data.packing else 'example')}, "
                   f"{_count(total_steps, 'step')}")
-    result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, precision.autocast, train_items,
-                        val_items, cfg, run_dir, state, log=console.print, fast=fast, dist=dist,
-                        step_module=step_module, precision=precision)
+    reporters = Reporters()  # train.report_to's trackers, on rank 0 (see train.tracking)
+    if dist.is_main and cfg.train.report_to:
+        reporters = open_reporters(cfg, run_dir, state.step if resume else None, warn=console.print)
+    try:
+        result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, precision.autocast, train_items,
+                            val_items, cfg, run_dir, state, log=console.print, fast=fast, dist=dist,
+                            step_module=step_module, precision=precision,
+                            on_log=reporters.log if reporters else None)
+    except BaseException as e:
+        reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
+        raise
     model.eval()
     adapter_dir = run_dir / "adapter"
     if dist.enabled:  # rank 0 writes (FSDP2: after gathering the shards)
@@ -241,6 +252,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if device == "cuda" else None}
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
+    reporters.finish("finished", summary)
     dist.barrier()
     D.finish(dist)
     console.print(f"adapter saved in {adapter_dir}  (final train loss {result.final_train_loss:.4f}"
