@@ -27,6 +27,7 @@ import functools
 import torch
 
 from loraforge.data.templates import IGNORE_INDEX
+from loraforge.model.fast.chunked import chunk_rows, mlp_backward_chunked, mlp_forward_chunked
 from loraforge.model.fast.graphs import StackGraphs
 from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
@@ -53,6 +54,22 @@ def why_not_fast(model) -> str | None:
     for m in base.modules():
         if hasattr(m, "lora_A") and len(getattr(m, "active_adapters", ["x"])) > 1:
             return "more than one active adapter"
+    return _rope_reason(base)
+
+
+def _rope_reason(base) -> str | None:
+    """The fast path rotates with the tables of the model's own rotary embedding (any rope_type transformers
+    computes: llama3, yarn, linear, dynamic...); its kernels need them (T, head_dim) with equal halves."""
+    rot, layer = getattr(base.model, "rotary_emb", None), base.model.layers[0].self_attn
+    if rot is None:
+        return "the model has no shared rotary embedding (model.rotary_emb)"
+    dev = next(iter(rot.buffers()), torch.empty(0)).device
+    with torch.no_grad():
+        cos, sin = rot(torch.zeros(1, dtype=torch.float32, device=dev), torch.arange(2, device=dev)[None])
+    half = layer.head_dim // 2
+    if cos.shape[-1] != layer.head_dim or not torch.equal(cos[..., :half], cos[..., half:]):
+        kind = (getattr(base.config, "rope_parameters", None) or {}).get("rope_type", "?")
+        return f"its rotary embedding (rope_type '{kind}') is not a full rotate-half RoPE over each head"
     return None
 
 
@@ -72,6 +89,7 @@ class _Layer:
         self.scaling = at.scaling
         self.q_heads = self.qkv.outs[0] // at.head_dim
         self.kv_heads = self.qkv.outs[1] // at.head_dim
+        self.mlp_chunk: int | str = 0   # model.mlp_chunk_tokens (FastLlama sets it)
 
     def projections(self):
         return (self.qkv, self.o, self.gate_up, self.down)
@@ -94,17 +112,42 @@ class _Layer:
         q, k = rope(q, k, cos, sin)
         return q, k, v
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
+    def attn(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
+        """h + attention(norm1(h)): the layer's first half."""
         self.buffers["holds"] = None   # see lora.FrozenGroup._rebuild
         x = rms_norm(h, self.norm1.weight, self.norm1.variance_epsilon)
         q, k, v = self._qkv(x, cos, sin)
-        h = self.o.add_to(h, attention(q, k, v, self.scaling, packed))
+        return self.o.add_to(h, attention(q, k, v, self.scaling, packed))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """h + MLP(norm2(h)): the second half, per token (model.fast.chunked runs it on row chunks)."""
         x = rms_norm(h, self.norm2.weight, self.norm2.variance_epsilon)
         if self.gate_up.joined:   # the adapter's term added inside the SwiGLU kernel (model.fast.swiglu_lora)
             act = self.gate_up.swiglu(x)
         else:
             act = swiglu(*self.gate_up(x))
         return self.down.add_to(h, act)
+
+    def rows(self, h: torch.Tensor) -> int:
+        """Tokens per MLP chunk for this batch (0: the MLP runs whole)."""
+        return chunk_rows(h.shape[0] * h.shape[1], self.mlp_chunk)
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
+        h = self.attn(h, cos, sin, packed)
+        rows = self.rows(h)
+        if rows and not torch.is_grad_enabled():
+            return mlp_forward_chunked(self.mlp, h, rows, self.buffers)
+        return self.mlp(h)
+
+    def backward_through(self, h: torch.Tensor, grad: torch.Tensor, cos, sin, packed=None) -> None:
+        """Recompute the layer from its input h (a leaf with grad) and back-propagate `grad` into h.grad and
+        the adapter's .grad (model.fast.recompute); the MLP one chunk at a time where rows() says so."""
+        rows = self.rows(h)
+        if not rows:
+            torch.autograd.backward(self(h, cos, sin, packed), grad)
+            return
+        mid = self.attn(h, cos, sin, packed)
+        torch.autograd.backward(mid, mlp_backward_chunked(self.mlp, mid, grad, rows, self.buffers))
 
 
 def _one_process() -> bool:
@@ -117,7 +160,7 @@ class FastLlama:
     """Training/validation loss of a PEFT Llama-family model through the fast forward."""
 
     def __init__(self, model, *, dtype: torch.dtype, checkpointing: bool | str = True, sharded: bool = False,
-                 graphs: str = "auto"):
+                 graphs: str = "auto", mlp_chunk_tokens: int | str = "auto"):
         reason = why_not_fast(model)
         if reason:
             raise ValueError(reason)
@@ -131,6 +174,8 @@ class FastLlama:
         self.buffers: dict = {"largest": max(m.in_features * m.out_features for m in self.decoder.layers.modules()
                                              if hasattr(m, "in_features") and not hasattr(m, "base_layer"))}
         self.layers = [_Layer(layer, dtype, self.buffers, live=sharded) for layer in self.decoder.layers]
+        for layer in self.layers:   # long inputs: the MLP one chunk of tokens at a time (model.fast.chunked)
+            layer.mlp_chunk = mlp_chunk_tokens
         self.sharded = sharded
         self.entries: list = []     # FSDP2: each layer's registered method (attach_fsdp)
         self.head_entry = self.embed_entry = None
@@ -164,7 +209,8 @@ class FastLlama:
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
             self._recompute = torch.is_grad_enabled() and self.model.training and self.checkpointing
             self.buffers["keep_xa"] = self._recompute   # see lora._thin_product
-            if self._recompute and packed is None and self.graphs is not None and \
+            # the graphs' backward recomputes whole layers: not for batches whose MLP runs in chunks
+            if self._recompute and packed is None and self.graphs is not None and not self.layers[0].rows(h) and \
                     (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos):
                 h = self.graphs(h, cos, sin)
             else:

@@ -4,7 +4,9 @@ Only the layer's input is kept between forward and backward; backward runs the l
 back-propagates through it. With `offload`, that input waits in a pinned host buffer (copied with
 non-blocking transfers on a side stream, one reused buffer per layer) instead of on the GPU: for
 an 8B model at 2 x 2048 tokens that is 32 MiB a layer, 1 GiB a step, moved while the GPU computes.
-Dropout masks are reproduced in the second run by restoring the RNG state of the first.
+Dropout masks are reproduced in the second run by restoring the RNG state of the first. A function with
+a `backward_through(h, grad, *extra)` method (a decoder layer, model.fast.llama) recomputes and
+back-propagates itself (its MLP one chunk of tokens at a time on long inputs, model.fast.chunked).
 """
 
 from __future__ import annotations
@@ -103,9 +105,12 @@ class RecomputedLayer(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            through = getattr(ctx.fn, "backward_through", None)   # a decoder layer: its MLP maybe in chunks
             with torch.enable_grad():
-                out = ctx.fn(h, *ctx.extra)
-        torch.autograd.backward(out, grad_out)
+                if through is not None:
+                    through(h, grad_out, *ctx.extra)
+                else:
+                    torch.autograd.backward(ctx.fn(h, *ctx.extra), grad_out)
         return (None, None, None, None, h.grad) + (None,) * len(ctx.extra)
 
 
