@@ -183,3 +183,37 @@ def test_scaled_rope_fast_loss_and_grads_match_peft(kind, name):
         far = fast.hidden(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
         near = fast.hidden(batch["input_ids"], batch["position_ids"] - 131000, batch["segment_ids"])
     assert float((far - near).abs().max()) > 1e-5 * float(far.abs().max())
+
+
+def test_loss_runs_liger_in_blocks_of_rows_on_long_inputs(monkeypatch):
+    """On CUDA the fused linear cross-entropy takes at most LOSS_BLOCK_ROWS rows a call (its logits chunk
+    grows with a call's rows): a stand-in for liger's function records the calls; the summed loss and the
+    input gradient equal one call over all rows."""
+    from loraforge.model.fast import ops
+
+    calls = []
+
+    class FakeLiger:
+        @staticmethod
+        def liger_fused_linear_cross_entropy(h, w, y, reduction="mean", chunk_mem_const=1):
+            calls.append((h.shape[0], chunk_mem_const))
+            return torch.nn.functional.cross_entropy(h @ w.t(), y, reduction=reduction)
+
+    monkeypatch.setattr(ops, "use_kernels", lambda t: True)
+    monkeypatch.setattr(ops, "_liger", lambda: FakeLiger)
+    ops._flce_chunking.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(0)
+        h, w = torch.randn(50, 8, generator=g), torch.randn(11, 8, generator=g)
+        y = torch.randint(0, 11, (50,), generator=g)
+        grads = []
+        for block in (50, 16):
+            x = h.clone().requires_grad_(True)
+            loss = ops.linear_cross_entropy_sum(x, w, y, block=block)
+            loss.backward()
+            grads.append((float(loss), x.grad))
+    finally:
+        ops._flce_chunking.cache_clear()
+    assert calls == [(50, 8), (16, 8), (16, 8), (16, 8), (2, 8)]
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
+    _close(grads[1][1], grads[0][1], 1e-6, "input gradient")

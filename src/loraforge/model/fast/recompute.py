@@ -31,7 +31,11 @@ class PinnedPool:
             self.stream = torch.cuda.Stream(t.device)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
-            buf = self.buffers[key] = torch.empty(int(t.numel() * 1.25) + 1, dtype=t.dtype, pin_memory=True)
+            # the first buffer of a key fits exactly (long inputs: 32 layers x 8 KB a token of host memory for an
+            # 8B model, 128 GiB at 524,288 tokens); one that grows takes a quarter more, for the lengths to come
+            size = t.numel() if buf is None or buf.dtype != t.dtype else int(t.numel() * 1.25) + 1
+            buf = self.buffers[key] = self.stored[key] = None   # the old buffer goes before the new one is pinned
+            buf = self.buffers[key] = torch.empty(size, dtype=t.dtype, pin_memory=True)
         view = buf[:t.numel()].view(t.shape)
         current = torch.cuda.current_stream(t.device)
         self.stream.wait_stream(current)   # t is computed
