@@ -59,6 +59,11 @@ class ModelSection(_Section):
                             "time (its gate/up buffers then exist for one chunk: long inputs). auto = chunks of "
                             "8,192 tokens for batches of more than 16,384 tokens; 0 = never."
     )
+    checkpoint_every: int = Field(
+        1, ge=1, le=64, description="Fast path with gradient checkpointing: keep (or offload) the input of every "
+                                   "n-th layer only, n layers recomputed together: 1/n of that memory (host memory "
+                                   "with offload: 8 KB a token and layer at 8B) for one more forward of n - 1 layers."
+    )
 
 
 class DataSection(_Section):

@@ -217,3 +217,40 @@ def test_loss_runs_liger_in_blocks_of_rows_on_long_inputs(monkeypatch):
     assert calls == [(50, 8), (16, 8), (16, 8), (16, 8), (2, 8)]
     assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
     _close(grads[1][1], grads[0][1], 1e-6, "input gradient")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_layers_checkpointed_in_spans_match(monkeypatch, dropout):
+    """model.checkpoint_every = 2 over 3 layers (spans [0, 1] and [2]), the MLP in chunks: without dropout
+    PEFT's loss and gradients; with dropout those of checkpointing each layer (the same masks replayed)."""
+    monkeypatch.setitem(SHAPE, "num_hidden_layers", 3)
+    model = _adapted("llama", dropout=dropout)
+    batch = _batch()
+    if dropout:
+        torch.manual_seed(5)
+        ref_loss, _, ref_grads = _loss_and_grads(model, FastLlama(model, dtype=torch.float32, mlp_chunk_tokens=7),
+                                                 batch)
+        torch.manual_seed(5)
+    else:
+        ref_loss, _, ref_grads = _loss_and_grads(model, split_model(model), batch)
+    fast = FastLlama(model, dtype=torch.float32, mlp_chunk_tokens=7, checkpoint_every=2)
+    assert [len(s.layers) for s in fast.spans] == [2, 1] and fast.graphs is None
+    loss, _, grads = _loss_and_grads(model, fast, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for k in grads:
+        _close(grads[k], ref_grads[k], 1e-5, k)
+
+
+def test_rotary_tables_the_kernels_cannot_take_fall_back_to_peft():
+    """A rotary embedding that rotates part of each head (tables narrower than head_dim) is not the fast
+    path's RoPE: why_not_fast says so, and fast_engine leaves the model on PEFT's forward with that note."""
+    from loraforge.model.fast import fast_engine
+
+    model = _adapted("llama")
+    assert why_not_fast(model) is None
+    rot = model.get_base_model().model.rotary_emb
+    rot.inv_freq = rot.inv_freq[: rot.inv_freq.shape[0] // 2].clone()
+    assert "rotary" in why_not_fast(model)
+    said = []
+    assert fast_engine(model, "on", "cpu", torch.float32, True, log=said.append) is None
+    assert "plain PEFT path" in said[0] and "rotary" in said[0]

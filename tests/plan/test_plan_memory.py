@@ -187,3 +187,15 @@ def test_max_seq_with_chunks_is_consistent_and_monotone():
         assert not fits(LLAMA8B, replace(LONG, seq=best + 1), card)
         assert not any(fits(LLAMA8B, replace(LONG, seq=s), card) for s in range(best + 1, 1_048_577, 8191))
     assert max_seq(LLAMA8B, LONG, 80.0) > 2 * max_seq(LLAMA8B, replace(LONG, mlp_chunk_tokens=0), 80.0)
+
+
+def test_checkpoint_spans_keep_fewer_inputs():
+    """checkpoint_every = n: one kept input per span of n layers on the GPU, n - 1 rebuilt inside a span's
+    backward; with offload only the rebuilt ones."""
+    tokens, per_input = 65536, 2 * 4096 * 65536
+    base = replace(LONG, seq=tokens, offload_checkpoints=False)
+    for n, kept in ((1, 32), (2, 16), (4, 8), (5, 7)):
+        got = estimate(LLAMA8B, base, checkpoint_every=n).activations - estimate(LLAMA8B, base).activations
+        assert got * GIB == pytest.approx((kept + n - 1 - 32) * per_input), n
+        off = estimate(LLAMA8B, LONG, seq=tokens, checkpoint_every=n).activations
+        assert off * GIB == pytest.approx(estimate(LLAMA8B, LONG, seq=tokens).activations * GIB + (n - 1) * per_input)

@@ -131,6 +131,7 @@ class TrainSetup:
     offload_checkpoints: bool = False  # fast path: checkpointed layer inputs wait in pinned CPU memory
     strategy: str = "ddp"  # ddp: every GPU holds everything; fsdp: weights, grads and states sharded over gpus
     mlp_chunk_tokens: int | str = "auto"  # fast path with checkpointing: the MLP over this many tokens at a time
+    checkpoint_every: int = 1  # fast path with checkpointing: layers recomputed as one span, one input kept per span
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -296,15 +297,19 @@ def _activation_bytes(shape: ModelShape, setup: TrainSetup, checkpointing: bool)
     tokens = setup.batch * setup.seq
     per_layer = activation_bytes_per_token_layer(shape, setup) * tokens
     chunk = mlp_chunk(tokens, setup.mlp_chunk_tokens)
-    if setup.fast and checkpointing and chunk:
-        inputs = 0 if setup.offload_checkpoints else shape.layers * ACT_CKPT_INPUT_BYTES * shape.hidden * tokens
-        return inputs + _chunked_layer_bytes(shape, setup, tokens, chunk)
+    if setup.fast and checkpointing:
+        # the kept layer inputs (one per span of checkpoint_every layers, none on the GPU when offloaded) and,
+        # in a span's backward, its rebuilt inner inputs
+        every = setup.checkpoint_every
+        spans = 0 if setup.offload_checkpoints else -(-shape.layers // every)
+        inputs = (spans + every - 1) * ACT_CKPT_INPUT_BYTES * shape.hidden * tokens
+        if chunk:
+            return inputs + _chunked_layer_bytes(shape, setup, tokens, chunk)
     if setup.fast:
         per_layer *= FAST_ACT_FRACTION
         backward = FAST_BACKWARD_BYTES * shape.intermediate * tokens
         if not checkpointing:
             return shape.layers * per_layer + backward
-        inputs = 0 if setup.offload_checkpoints else shape.layers * ACT_CKPT_INPUT_BYTES * shape.hidden * tokens
         return inputs + per_layer + backward
     if not checkpointing:
         return shape.layers * per_layer

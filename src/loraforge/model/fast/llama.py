@@ -32,7 +32,7 @@ from loraforge.model.fast.graphs import StackGraphs
 from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
                                       rope_qkv, swiglu)
-from loraforge.model.fast.recompute import PinnedPool, recompute
+from loraforge.model.fast.recompute import PinnedPool, Span, recompute
 from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -160,7 +160,7 @@ class FastLlama:
     """Training/validation loss of a PEFT Llama-family model through the fast forward."""
 
     def __init__(self, model, *, dtype: torch.dtype, checkpointing: bool | str = True, sharded: bool = False,
-                 graphs: str = "auto", mlp_chunk_tokens: int | str = "auto"):
+                 graphs: str = "auto", mlp_chunk_tokens: int | str = "auto", checkpoint_every: int = 1):
         reason = why_not_fast(model)
         if reason:
             raise ValueError(reason)
@@ -184,11 +184,15 @@ class FastLlama:
         self.pool = PinnedPool() if checkpointing == "offload" else None
         self.keep_rng = any(getattr(d, "p", 0) > 0 for layer in self.layers
                             for p in layer.projections() for d in p.dropouts)
+        # model.checkpoint_every: n layers checkpointed as one (recompute.Span), 1/n of the kept inputs
+        every = checkpoint_every if self.checkpointing and not sharded else 1
+        self.spans = [Span(self.layers[i:i + every], self.keep_rng) for i in range(0, len(self.layers), every)] \
+            if every > 1 else None
         # CUDA graphs of the checkpointed stack (model.fast.graphs): "auto" = on CUDA where they apply and
         # the steps are host-bound, "on" = wherever they apply, "eager" = the same stack functions without
         # graphs, on any device (tests), "off" = never
         self.graphs = None
-        if graphs != "off" and self.checkpointing and not sharded and not self.keep_rng:
+        if graphs != "off" and self.checkpointing and not sharded and not self.keep_rng and self.spans is None:
             params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.decoder.layers]
             weights = sum(g.in_features * sum(g.outs) for _, g, _, _ in
                           (part for proj in self.layers[0].projections() for part in proj.parts))
@@ -216,9 +220,13 @@ class FastLlama:
             else:
                 if self._recompute:
                     h = h.detach().requires_grad_(True)  # so that backward enters the first recomputed layer
-                for i in range(len(self.layers)):
-                    h = self.entries[i](h, cos, sin, packed) if self.entries else \
-                        self._layer(i, h, cos, sin, packed)
+                if self._recompute and self.spans:
+                    for i, span in enumerate(self.spans):
+                        h = recompute(span, h, cos, sin, packed, key=i, pool=self.pool, keep_rng=self.keep_rng)
+                else:
+                    for i in range(len(self.layers)):
+                        h = self.entries[i](h, cos, sin, packed) if self.entries else \
+                            self._layer(i, h, cos, sin, packed)
             norm = self.decoder.norm
             return rms_norm(h, norm.weight, norm.variance_epsilon)
 

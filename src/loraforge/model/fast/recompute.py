@@ -81,13 +81,21 @@ class PinnedPool:
         return t
 
 
+def _rng_state(device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class RecomputedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, key, pool, keep_rng, h, *extra):
         ctx.fn, ctx.extra, ctx.device = fn, extra, h.device
-        ctx.rng = None
-        if keep_rng:
-            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(h.device) if h.is_cuda else None)
+        ctx.rng = _rng_state(h.device) if keep_rng else None
         ctx.pool, ctx.key = (pool, key) if pool is not None and h.is_cuda else (None, key)
         if ctx.pool is not None:
             pool.store(key, h.detach())
@@ -106,9 +114,7 @@ class RecomputedLayer(torch.autograd.Function):
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None):
             if ctx.rng is not None:
-                torch.set_rng_state(ctx.rng[0])
-                if ctx.rng[1] is not None:
-                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+                _set_rng_state(ctx.rng, ctx.device)
             through = getattr(ctx.fn, "backward_through", None)   # a decoder layer: its MLP maybe in chunks
             with torch.enable_grad():
                 if through is not None:
@@ -116,6 +122,40 @@ class RecomputedLayer(torch.autograd.Function):
                 else:
                     torch.autograd.backward(ctx.fn(h, *ctx.extra), grad_out)
         return (None, None, None, None, h.grad) + (None,) * len(ctx.extra)
+
+
+class Span:
+    """Consecutive decoder layers checkpointed as one (model.checkpoint_every): only the first one's input is
+    kept (or offloaded), so the kept inputs take 1/n of the memory, for one more forward of n - 1 layers a
+    step. Backward rebuilds the inner inputs without grad, then back-propagates the layers top down, each
+    recomputed from its rebuilt input with the RNG state it started with (dropout masks as in the forward)."""
+
+    def __init__(self, layers: list, keep_rng: bool):
+        self.layers, self.keep_rng = layers, keep_rng
+
+    def __call__(self, h: torch.Tensor, *extra) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, *extra)
+        return h
+
+    def backward_through(self, h: torch.Tensor, grad: torch.Tensor, *extra) -> None:
+        inputs, states = [h], []
+        with torch.no_grad():
+            for layer in self.layers:
+                states.append(_rng_state(h.device) if self.keep_rng else None)
+                if len(inputs) < len(self.layers):
+                    inputs.append(layer(inputs[-1], *extra))
+        for layer, state in zip(reversed(self.layers), reversed(states)):
+            x = inputs.pop()
+            x = x if x is h else x.detach().requires_grad_(True)
+            if state is not None:
+                _set_rng_state(state, h.device)
+            through = getattr(layer, "backward_through", None)
+            if through is not None:
+                through(x, grad, *extra)
+            else:
+                torch.autograd.backward(layer(x, *extra), grad)
+            grad = x.grad
 
 
 def recompute(fn, h: torch.Tensor, *extra, key: int = 0, pool: PinnedPool | None = None,
