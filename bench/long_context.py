@@ -17,7 +17,8 @@ estimated time, from the row's measured steps, exceeds what is left is not start
 --quick = lengths 32,768 and 131,072, 3 tries, a 560 s budget. Also reported: what `loraforge plan`
 predicts as the longest sequence (its activation model, chunked MLP included) and the host memory of each
 try (maximum resident set: the offloaded layer inputs, 8 KB a token and layer at 8B, live there) and the
-length at which it would reach 90% of the machine's memory.
+length at which it would reach 90% of the machine's memory; loraforge's tries beyond it keep one layer input
+per n layers (model.checkpoint_every, row ours-qlora-spanN) with the smallest n that fits the host.
 The model folder gets a tokenizer from --tokenizer, or a small word-level one written here (no download).
 Prints one JSON object; with --out also writes long_context.json there.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -130,6 +132,22 @@ def host_limited(measured: list[dict], host_gib: float) -> int | None:
     return int(l2 + (0.9 * host_gib - p2) * (l2 - l1) / (p2 - p1))
 
 
+def spans_needed(measured: list[dict], seq: int, host_gib: float) -> int:
+    """For loraforge: the fewest layers per checkpoint (model.checkpoint_every) whose offloaded inputs leave
+    the host's memory at 90% or less at `seq` (the tries' host memory linear in the length, all of its growth
+    taken as the offloaded inputs, which shrink n-fold)."""
+    pts = sorted({m["seq"]: m["host_max_rss_gib"] for m in measured if m.get("host_max_rss_gib")}.items())
+    if len(pts) < 2 or pts[-1][1] <= pts[0][1]:
+        return 1
+    (l1, p1), (l2, p2) = pts[0], pts[-1]
+    slope = (p2 - p1) / (l2 - l1)
+    fixed = p1 - slope * l1
+    room = 0.9 * host_gib - fixed
+    if fixed + slope * seq <= 0.9 * host_gib:
+        return 1
+    return 64 if room <= 0 else math.ceil(slope * seq / room)
+
+
 def bisect(row, folder, env, measured, failed, card_gib, a, deadline) -> dict:
     """The longest length that trains, between what the rows showed (or --bisect LO,HI) and the first failure."""
     lo = max([m["seq"] for m in measured], default=0)
@@ -152,9 +170,10 @@ def bisect(row, folder, env, measured, failed, card_gib, a, deadline) -> dict:
         if need > left:
             out["stopped"] = f"budget: a try at {guess} would take ~{need:.0f} s, {left:.0f} s left"
             break
-        r = attempt(row, folder, guess, 0, 1, min(a.timeout, left), env)
+        n = spans_needed(measured, guess, a.host_gib) if row.startswith("ours-") else 1
+        r = attempt(row + (f"-span{n}" if n > 1 else ""), folder, guess, 0, 1, min(a.timeout, left), env)
         print(json.dumps({k: v for k, v in r.items() if k != "tail"}), file=sys.stderr, flush=True)
-        out["tries"].append({k: r.get(k) for k in ("seq", "status", "peak_reserved_gib", "tokens_per_s", "wall_s",
+        out["tries"].append({k: r.get(k) for k in ("seq", "row", "status", "peak_reserved_gib", "tokens_per_s", "wall_s",
                                                    "host_max_rss_gib", "tail") if r.get(k) is not None})
         if r["status"] == "ok":
             lo = guess

@@ -13,6 +13,7 @@ imported, so it gets a process of its own and is imported first there). Rows:
   ours-*-nographs / ours-*-graphs  the same with model.cuda_graphs off / on (CUDA graphs of the decoder
                stack; the plain ours rows run `auto`, which takes them for host-bound shapes such as 1b)
   ours-*-nochunk  the same with model.mlp_chunk_tokens 0 (the MLP never in chunks; `auto` chunks beyond 16K tokens)
+  ours-*-spanN    the same with model.checkpoint_every N (one layer input kept per N layers)
   ours-lora / ours-dora       bf16 base, FastLlama
   unsloth-qlora / unsloth-lora  Unsloth's FastLanguageModel, its offloaded checkpointing, max_seq_length = the
                row's length (--seq, or --pack-len for the mix shapes)
@@ -158,7 +159,8 @@ def build(row: str, path: str, mix: bool = False, max_len: int = 8192):
     flags = method.split("-")[1:]
     fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True if "gc" in flags else "offload",
                      graphs="off" if "nographs" in flags else "on" if "graphs" in flags else "auto",
-                     mlp_chunk_tokens=0 if "nochunk" in flags else "auto")
+                     mlp_chunk_tokens=0 if "nochunk" in flags else "auto",
+                     checkpoint_every=next((int(f[4:]) for f in flags if f.startswith("span")), 1))
 
     keys += ["segment_ids"] if mix else []
 

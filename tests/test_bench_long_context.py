@@ -78,3 +78,20 @@ def test_word_tokenizer_loads_with_autotokenizer(lc, tmp_path):
     tok = AutoTokenizer.from_pretrained(lc.word_tokenizer(tmp_path / "tok"))
     assert tok.pad_token == "<|pad|>" and tok.eos_token_id == 1
     assert tok("w0 w7")["input_ids"][-2:] == [3, 10]
+
+
+def test_loraforge_tries_keep_fewer_inputs_where_the_host_would_run_out(lc, monkeypatch):
+    """Host memory 4 + 0.25 GiB per 1,000 tokens (the offloaded inputs): on a 128 GiB host, 400,000 tokens
+    fit as they are, 600,000 need one input per 2 layers (ours-qlora-span2); Unsloth's rows never change."""
+    measured = [dict(row(32768, 10.0), host_max_rss_gib=4 + 0.25 * 32.768),    # GPU peaks extrapolating to
+                dict(row(131072, 19.8304), host_max_rss_gib=4 + 0.25 * 131.072)]  # ~713,000 tokens
+    assert lc.spans_needed(measured, 400_000, 128.0) == 1
+    assert lc.spans_needed(measured, 600_000, 128.0) == 2
+    assert lc.spans_needed(measured, 1_000_000, 128.0) == 3
+    rows = []
+    monkeypatch.setattr(lc, "attempt", lambda r, f, seq, *a: rows.append((r, seq)) or {"seq": seq, "status": "oom"})
+    for name in ("ours-qlora", "unsloth-qlora"):
+        lc.bisect(name, None, {}, measured, [], 79.6, args(bisect=(131072, 1_048_576), tries=1), float("inf"))
+    guess = lc.extrapolate(measured, 79.6) // 8192 * 8192
+    assert 600_000 < guess < 1_000_000
+    assert rows == [("ours-qlora-span2", guess), ("unsloth-qlora", guess)]
