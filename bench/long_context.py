@@ -173,8 +173,8 @@ def bisect(row, folder, env, measured, failed, card_gib, a, deadline) -> dict:
         n = spans_needed(measured, guess, a.host_gib) if row.startswith("ours-") else 1
         r = attempt(row + (f"-span{n}" if n > 1 else ""), folder, guess, 0, 1, min(a.timeout, left), env)
         print(json.dumps({k: v for k, v in r.items() if k != "tail"}), file=sys.stderr, flush=True)
-        out["tries"].append({k: r.get(k) for k in ("seq", "row", "status", "peak_reserved_gib", "tokens_per_s", "wall_s",
-                                                   "host_max_rss_gib", "tail") if r.get(k) is not None})
+        keys = ("seq", "row", "status", "peak_reserved_gib", "tokens_per_s", "wall_s", "host_max_rss_gib", "tail")
+        out["tries"].append({k: r[k] for k in keys if r.get(k) is not None})
         if r["status"] == "ok":
             lo = guess
             measured = measured + [r]
