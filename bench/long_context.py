@@ -176,8 +176,8 @@ def bisect(row, folder, env, measured, failed, card_gib, a, deadline) -> dict:
         keys = ("seq", "row", "status", "peak_reserved_gib", "tokens_per_s", "wall_s", "host_max_rss_gib", "tail")
         out["tries"].append({k: r[k] for k in keys if r.get(k) is not None})
         if r["status"] == "ok":
-            lo = guess
-            measured = measured + [r]
+            lo = guess   # (the host memory of a spanN try is not on the line the others are)
+            measured = measured + [r if n == 1 else {**r, "host_max_rss_gib": None}]
         elif r["status"] == "oom":
             hi = guess
         else:
