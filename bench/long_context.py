@@ -14,7 +14,7 @@ killed process) is a failure; a try that runs past its time leaves the bisection
 try is the length the row's measured peaks extrapolate to (linear in the length, to 98% of the card),
 then halves the interval, on multiples of --granularity, while --tries and --budget last (a try whose
 estimated time, from the row's measured steps, exceeds what is left is not started).
---quick = lengths 32,768 and 131,072, 3 tries, a 560 s budget. Also reported: what `loraforge plan`
+--quick = lengths 32,768 and 131,072, 3 tries, a 540 s budget. Also reported: what `loraforge plan`
 predicts as the longest sequence (its activation model, chunked MLP included) and the host memory of each
 try (maximum resident set: the offloaded layer inputs, 8 KB a token and layer at 8B, live there) and the
 length at which it would reach 90% of the machine's memory; loraforge's tries beyond it keep one layer input
@@ -207,7 +207,7 @@ def plan_max(folder: Path, card_gib: float) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--quick", action="store_true", help="lengths 32768,131072, 3 tries, a 560 s budget")
+    ap.add_argument("--quick", action="store_true", help="lengths 32768,131072, 3 tries, a 540 s budget")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--lengths", help="comma-separated lengths measured with --warmup + 1 timed step "
                     "(default 32768,131072)")
@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--bisect", help="LO,HI: bisect between these (a length known to train, one known to fail)")
     ap.add_argument("--granularity", type=int, default=8192)
     ap.add_argument("--max-seq", type=int, default=1_048_576)
-    ap.add_argument("--budget", type=float, help="seconds for everything (default none; --quick 560)")
+    ap.add_argument("--budget", type=float, help="seconds for everything (default none; --quick 540)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     ap.add_argument("--tokenizer", help="a tokenizer folder for the model folder (default: a word-level one)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lf-bench"))
@@ -227,7 +227,7 @@ def main() -> None:
     t0 = time.time()
     lengths = [int(x) for x in (a.lengths or "32768,131072").split(",") if x]
     a.tries = a.tries if a.tries is not None else 3 if a.quick else 6
-    budget = a.budget if a.budget is not None else 560 if a.quick else float("inf")
+    budget = a.budget if a.budget is not None else 540 if a.quick else float("inf")
     deadline = t0 + budget
     if a.bisect:
         a.bisect = tuple(int(x) for x in a.bisect.split(","))
