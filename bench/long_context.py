@@ -19,7 +19,7 @@ predicts as the longest sequence (its activation model, chunked MLP included) an
 try (maximum resident set: the offloaded layer inputs, 8 KB a token and layer at 8B, live there) and the
 length at which it would reach 90% of the machine's memory; loraforge's tries beyond it keep one layer input
 per n layers (model.checkpoint_every, row ours-qlora-spanN) with the smallest n that fits the host.
-The model folder gets a tokenizer from --tokenizer, or a small word-level one written here (no download).
+The model folder gets a tokenizer from --tokenizer, or a small byte-level BPE one trained here (no download).
 Prints one JSON object; with --out also writes long_context.json there.
 """
 
@@ -50,16 +50,22 @@ GIB = 2**30
 
 
 def word_tokenizer(folder: Path) -> Path:
-    """A word-level fast tokenizer (ids only; the rows train on random ids), saved where AutoTokenizer reads it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A small byte-level BPE tokenizer (GPT-2/Llama-3 style; the rows train on random ids, so only loading it
+    matters), with bos/eos/pad and a chat template, saved where AutoTokenizer reads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
-    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(1000)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([Path(__file__).read_text()] * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1],
                                    pad_token=specials[2])
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
     fast.save_pretrained(folder)
     return folder
 
@@ -218,7 +224,7 @@ def main() -> None:
     ap.add_argument("--max-seq", type=int, default=1_048_576)
     ap.add_argument("--budget", type=float, help="seconds for everything (default none; --quick 540)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per process")
-    ap.add_argument("--tokenizer", help="a tokenizer folder for the model folder (default: a word-level one)")
+    ap.add_argument("--tokenizer", help="a tokenizer folder for the model folder (default: a small BPE one)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lf-bench"))
     ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -1,5 +1,5 @@
 """bench/long_context.py's logic on CPU: the extrapolated maximum, the bisection (a stand-in for the device
-processes), the budget check, and the word-level tokenizer its model folder gets without a download."""
+processes), the budget check, and the small tokenizer its model folder gets without a download."""
 
 from __future__ import annotations
 
@@ -76,8 +76,11 @@ def test_word_tokenizer_loads_with_autotokenizer(lc, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lc.word_tokenizer(tmp_path / "tok"))
-    assert tok.pad_token == "<|pad|>" and tok.eos_token_id == 1
-    assert tok("w0 w7")["input_ids"][-2:] == [3, 10]
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and tok.eos_token_id == 1 and tok.bos_token_id == 0
+    text = "def main() -> None: the longest sequence"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert "assistant: " in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                      add_generation_prompt=True)
 
 
 def test_loraforge_tries_keep_fewer_inputs_where_the_host_would_run_out(lc, monkeypatch):
