@@ -14,8 +14,8 @@ killed process) is a failure; a try that runs past its time leaves the bisection
 try is the length the row's measured peaks extrapolate to (linear in the length, to 98% of the card),
 then halves the interval, on multiples of --granularity, while --tries and --budget last (a try whose
 estimated time, from the row's measured steps, exceeds what is left is not started).
---quick = lengths 32,768 and 131,072, 3 tries, a 540 s budget. Also reported: what `loraforge plan`
-predicts as the longest sequence (its activation model, chunked MLP included) and the host memory of each
+--quick = lengths 32,768 and 131,072, then ours-qlora-nochunk at 32,768 (--also), 3 tries, a 540 s budget.
+Also reported: what `loraforge plan` predicts as the longest sequence (its activation model, chunked MLP included) and the host memory of each
 try (maximum resident set: the offloaded layer inputs, 8 KB a token and layer at 8B, live there) and the
 length at which it would reach 90% of the machine's memory; loraforge's tries beyond it keep one layer input
 per n layers (model.checkpoint_every, row ours-qlora-spanN) with the smallest n that fits the host.
@@ -217,6 +217,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--lengths", help="comma-separated lengths measured with --warmup + 1 timed step "
                     "(default 32768,131072)")
+    ap.add_argument("--also", help="ROW:LENGTH,... single rows after the lengths (default none; --quick "
+                    "ours-qlora-nochunk:32768, the MLP unchunked)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--tries", type=int, help="bisection tries per row (default 6; --quick 3)")
     ap.add_argument("--bisect", help="LO,HI: bisect between these (a length known to train, one known to fail)")
@@ -264,6 +266,15 @@ def main() -> None:
                 r = attempt(row, folder, seq, a.warmup, 1, min(a.timeout, left), env)
                 print(json.dumps({k: v for k, v in r.items() if k != "tail"}), file=sys.stderr, flush=True)
             result["rows"][row]["lengths"].append(r)
+    result["also"] = []
+    for spec in (a.also if a.also is not None else "ours-qlora-nochunk:32768" if a.quick else "").split(","):
+        if spec:   # single rows (ROW:LENGTH), e.g. the unchunked MLP against the rows above
+            row, seq = spec.rsplit(":", 1)
+            left = deadline - time.time()
+            r = attempt(row, folder, int(seq), a.warmup, 1, min(a.timeout, left), env) if left > 60 else \
+                {"row": row, "seq": int(seq), "status": "skipped", "why": "budget"}
+            print(json.dumps({k: v for k, v in r.items() if k != "tail"}), file=sys.stderr, flush=True)
+            result["also"].append(r)
     for row in rows:   # then the bisections, loraforge's first
         runs = result["rows"][row]["lengths"]
         ok = [r for r in runs if r["status"] == "ok"]
