@@ -16,9 +16,10 @@ then halves the interval, on multiples of --granularity, while --tries and --bud
 estimated time, from the row's measured steps, exceeds what is left is not started).
 --quick = lengths 32,768 and 131,072, then ours-qlora-nochunk at 32,768 (--also), 3 tries, a 540 s budget.
 Also reported: what `loraforge plan` predicts as the longest sequence (its activation model, chunked MLP
-included) and the host memory of each try (maximum resident set: the offloaded layer inputs, 8 KB a token and layer at 8B, live there) and the
-length at which it would reach 90% of the machine's memory; loraforge's tries beyond it keep one layer input
-per n layers (model.checkpoint_every, row ours-qlora-spanN) with the smallest n that fits the host.
+included), the host memory of each try (maximum resident set: the offloaded layer inputs, 8 KB a token
+and layer at 8B, live there) and the length at which it would reach 90% of the machine's memory;
+loraforge's tries beyond it keep one layer input per n layers (model.checkpoint_every, row
+ours-qlora-spanN) with the smallest n that fits the host.
 The model folder gets a tokenizer from --tokenizer, or a small byte-level BPE one trained here (no download).
 Prints one JSON object; with --out also writes long_context.json there.
 """
