@@ -4,8 +4,10 @@ FastLlama wraps a PEFT model; it does not change it. It reads the same parameter
 weights, bf16 or NF4; PEFT's lora_A/lora_B/magnitude) and runs its own forward: fused LoRA projections
 (model.fast.lora), liger's RMSNorm/RoPE kernels on CUDA (model.fast.ops), SwiGLU with the adapter's
 gate/up term added inside the kernel (model.fast.swiglu_lora), flash attention via SDPA, per-layer
-recomputation with the layer input optionally parked in pinned CPU memory (model.fast.recompute), and a
-fused linear cross-entropy over the loss positions only. The PEFT model's own forward stays the
+recomputation with the layer input optionally parked in pinned CPU memory (model.fast.recompute; or one
+input per span of layers), and a fused linear cross-entropy over the loss positions only. On long inputs
+each layer's MLP runs over chunks of tokens (model.fast.chunked). RoPE takes the model's own rotary tables
+(every rope_type transformers computes; a model whose tables the kernels cannot take stays on PEFT's path). The PEFT model's own forward stays the
 reference: tests compare losses and gradients against it.
 
 Batches must be right-padded (loraforge's collate does that): with causal attention a real token
