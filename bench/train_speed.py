@@ -12,8 +12,11 @@ imported, so it gets a process of its own and is imported first there). Rows:
   ours-qlora-gc  the same with the layer inputs kept on the GPU
   ours-*-nographs / ours-*-graphs  the same with model.cuda_graphs off / on (CUDA graphs of the decoder
                stack; the plain ours rows run `auto`, which takes them for host-bound shapes such as 1b)
+  ours-*-nochunk  the same with model.mlp_chunk_tokens 0 (the MLP never in chunks; `auto` chunks beyond 16K tokens)
+  ours-*-spanN    the same with model.checkpoint_every N (one layer input kept per N layers)
   ours-lora / ours-dora       bf16 base, FastLlama
-  unsloth-qlora / unsloth-lora  Unsloth's FastLanguageModel, its offloaded checkpointing
+  unsloth-qlora / unsloth-lora  Unsloth's FastLanguageModel, its offloaded checkpointing, max_seq_length = the
+               row's length (--seq, or --pack-len for the mix shapes)
 r = alpha = 16 on all seven linear projections, dropout 0, lr 2e-4, batch B x T random token ids with
 every token a loss token. tokens/s counts real tokens only (here all of them); memory is the peak
 reserved/allocated during training (the weights included), after loading.
@@ -101,8 +104,9 @@ def plain_packed_attention() -> bool:
     return bool(torch.allclose(row[:, 4:], alone, atol=1e-4))
 
 
-def build(row: str, path: str, mix: bool = False):
-    """(model, trainable params, loss(batch) -> scalar mean loss over the batch's label tokens)."""
+def build(row: str, path: str, mix: bool = False, max_len: int = 8192):
+    """(model, trainable params, loss(batch) -> scalar mean loss over the batch's label tokens). `max_len`: the
+    longest row (Unsloth's max_seq_length)."""
     import torch
 
     keys = ["input_ids", "labels"] + (["position_ids"] if mix else [])
@@ -111,7 +115,7 @@ def build(row: str, path: str, mix: bool = False):
     if tool == "unsloth":
         from unsloth import FastLanguageModel  # noqa: first import in this process
 
-        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=8192, dtype=torch.bfloat16,
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=max_len, dtype=torch.bfloat16,
                                                      load_in_4bit=method == "qlora", local_files_only=True)
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                                  target_modules=TARGETS, use_gradient_checkpointing="unsloth",
@@ -157,7 +161,9 @@ def build(row: str, path: str, mix: bool = False):
     model.train()
     flags = method.split("-")[1:]
     fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True if "gc" in flags else "offload",
-                     graphs="off" if "nographs" in flags else "on" if "graphs" in flags else "auto")
+                     graphs="off" if "nographs" in flags else "on" if "graphs" in flags else "auto",
+                     mlp_chunk_tokens=0 if "nochunk" in flags else "auto",
+                     checkpoint_every=next((int(f[4:]) for f in flags if f.startswith("span")), 1))
 
     keys += ["segment_ids"] if mix else []
 
@@ -173,7 +179,7 @@ def run_row(row: str, path: str, bsz: int, seq: int, warmup: int, steps: int, pr
     import torch
 
     t_load = time.time()
-    model, params, loss_fn = build(row, path, mix=pack_len is not None)
+    model, params, loss_fn = build(row, path, mix=pack_len is not None, max_len=pack_len or seq)
     load_s = time.time() - t_load
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
     if pack_len:

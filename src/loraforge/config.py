@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -53,6 +53,16 @@ class ModelSection(_Section):
         "auto", description="Fast path with gradient checkpointing on one GPU: replay the decoder stack as CUDA "
                             "graphs once a batch shape repeats (unpacked rows of one length). auto = where the host "
                             "limits the step (small models: 1.4x for a 1B model on an H100), on = wherever they apply."
+    )
+    mlp_chunk_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="Fast path with gradient checkpointing: run each layer's MLP over this many tokens at a "
+                            "time (its gate/up buffers then exist for one chunk: long inputs). auto = chunks of "
+                            "8,192 tokens for batches of more than 16,384 tokens; 0 = never."
+    )
+    checkpoint_every: int = Field(
+        1, ge=1, le=64, description="Fast path with gradient checkpointing: keep (or offload) the input of every "
+                                   "n-th layer only, n layers recomputed together: 1/n of that memory (host memory "
+                                   "with offload: 8 KB a token and layer at 8B) for one more forward of n - 1 layers."
     )
 
 

@@ -1,7 +1,8 @@
 """The fast path over an NF4 (QLoRA) base, on CPU through bitsandbytes' CPU backend (skipped where
 bitsandbytes is not installed): loss and LoRA gradients against PEFT's own forward over the same
 Linear4bit layers, and gate/up rebuilt one projection at a time (the group is larger than the largest
-single projection) giving the same loss and gradients as one rebuild of the whole group."""
+single projection) giving the same loss and gradients as one rebuild of the whole group; the MLP in chunks
+giving the unchunked ones."""
 
 import pytest
 import torch
@@ -96,3 +97,26 @@ def test_down_proj_weight_still_in_the_buffer_is_not_rebuilt_again(monkeypatch):
     calls.clear()
     _loss_grads(model, FastLlama(model, dtype=torch.bfloat16, checkpointing=False), batch)
     assert len(calls) == 7 + 7 + 6 + 4
+
+
+def test_nf4_chunked_mlp_matches_unchunked(monkeypatch):
+    """The MLP over chunks of 10 rows (2 x 24 tokens: 5 chunks, the last short) with the shared NF4 buffer
+    rebuilt per chunk: the unchunked loss and gradients (bf16), and per chunk and layer gate, up and down are
+    rebuilt in the forward and in the recomputation, with down still held for its backward."""
+    import bitsandbytes.functional as bnbf
+
+    model, batch = _nf4_model(), _batch()
+    plain_loss, plain = _loss_grads(model, FastLlama(model, dtype=torch.bfloat16, checkpointing=True,
+                                                     mlp_chunk_tokens=0), batch)
+    calls = []
+    real = bnbf.dequantize_4bit
+    monkeypatch.setattr(bnbf, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True, mlp_chunk_tokens=10)
+    loss, got = _loss_grads(model, fast, batch)
+    assert loss == pytest.approx(plain_loss, rel=1e-3)
+    for k in plain:
+        assert _rel(got[k], plain[k]) < 2e-2, k
+    # per layer: forward q/k/v and o (4), then 5 chunks x gate, up, down (3); backward: the attention half
+    # recomputed (4), each chunk recomputed (3) and back-propagated (gate and up: 2, down held), then the
+    # attention half's backward (4: the buffer holds up by then)
+    assert len(calls) == 2 * ((4 + 5 * 3) + (4 + 5 * (3 + 2) + 4))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from loraforge.errors import LoraforgeError
@@ -137,3 +139,63 @@ def test_config_decides_the_fast_path():
     off = build_config({"model": {"fast_path": "off", "gradient_checkpointing": "offload"}})
     assert not setup_from_config(off, LLAMA8B).fast_path
     assert not setup_from_config(off, LLAMA8B).offload_checkpoints  # the plain path keeps inputs on the GPU
+
+
+LONG = TrainSetup(method="qlora", batch=1, rank=16, lora_dropout=0.0, gradient_checkpointing=True, fast_path=True,
+                  offload_checkpoints=True)
+
+
+def test_plan_chunks_the_mlp_where_the_fast_path_does():
+    """The plan's MLP chunk (plan.memory.mlp_chunk) is the code's (model.fast.chunked.chunk_rows) for every setting."""
+    from loraforge.model.fast.chunked import chunk_rows
+    from loraforge.plan.memory import mlp_chunk
+
+    for setting in ("auto", 0, 4096, 100_000):
+        for tokens in (1, 4096, 4097, 16384, 16385, 100_000, 100_001, 524_288):
+            assert mlp_chunk(tokens, setting) == chunk_rows(tokens, setting), (setting, tokens)
+
+
+def test_chunked_mlp_memory_by_hand_and_only_for_long_checkpointed_batches():
+    from loraforge.plan.memory import MLP_AUTO_CHUNK
+
+    seq = 131072
+    mem = estimate(LLAMA8B, LONG, seq=seq)
+    per_token = 2 * (4 * 4096 + 2 * 4096 + 2 * (4096 + 2 * 1024)) + 4 * 4096 + 4 * 32
+    assert per_token == 90_240  # 88 KB a token for Llama-3.1-8B's layer in backward (memory.py)
+    assert mem.activations * GIB == pytest.approx(per_token * seq + (0.72 * 8 + 8) * 14336 * MLP_AUTO_CHUNK)
+    unchunked = estimate(LLAMA8B, LONG, seq=seq, mlp_chunk_tokens=0)
+    assert unchunked.activations > 2 * mem.activations
+    assert mem.logits == unchunked.logits and mem.weights == unchunked.weights
+    for short in (dict(seq=16384), dict(gradient_checkpointing=False), dict(fast_path=False)):
+        assert estimate(LLAMA8B, LONG, **short) == estimate(LLAMA8B, LONG, mlp_chunk_tokens=0, **short)
+
+
+def test_max_seq_with_chunks_is_consistent_and_monotone():
+    """The longest sequence that fits: it fits, one token more does not, nothing longer on a grid fits either
+    (memory drops where chunking starts: max_seq searches each side), it grows with the card, and chunking
+    never lowers it."""
+    from loraforge.plan.fit import fits, max_seq
+
+    last = 0
+    for card in (8.0, 10.4, 10.8, 11.5, 16.0, 24.0, 40.0, 80.0):
+        best = max_seq(LLAMA8B, LONG, card)
+        assert best >= last
+        last = best
+        assert best >= max_seq(LLAMA8B, replace(LONG, mlp_chunk_tokens=0), card)
+        if best:
+            assert fits(LLAMA8B, replace(LONG, seq=best), card)
+        assert not fits(LLAMA8B, replace(LONG, seq=best + 1), card)
+        assert not any(fits(LLAMA8B, replace(LONG, seq=s), card) for s in range(best + 1, 1_048_577, 8191))
+    assert max_seq(LLAMA8B, LONG, 80.0) > 2 * max_seq(LLAMA8B, replace(LONG, mlp_chunk_tokens=0), 80.0)
+
+
+def test_checkpoint_spans_keep_fewer_inputs():
+    """checkpoint_every = n: one kept input per span of n layers on the GPU, n - 1 rebuilt inside a span's
+    backward; with offload only the rebuilt ones."""
+    tokens, per_input = 65536, 2 * 4096 * 65536
+    base = replace(LONG, seq=tokens, offload_checkpoints=False)
+    for n, kept in ((1, 32), (2, 16), (4, 8), (5, 7)):
+        got = estimate(LLAMA8B, base, checkpoint_every=n).activations - estimate(LLAMA8B, base).activations
+        assert got * GIB == pytest.approx((kept + n - 1 - 32) * per_input), n
+        off = estimate(LLAMA8B, LONG, seq=tokens, checkpoint_every=n).activations
+        assert off * GIB == pytest.approx(estimate(LLAMA8B, LONG, seq=tokens).activations * GIB + (n - 1) * per_input)

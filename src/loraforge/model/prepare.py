@@ -17,7 +17,8 @@ def prepare_for_training(model, cfg: RunConfig, device: str, compute_dtype, *, b
     model = attach_adapter(model, cfg.lora, base_path)
     ckpt = cfg.model.gradient_checkpointing
     fast = fast_engine(model, fast_path or cfg.model.fast_path, device, compute_dtype, ckpt, log=log,
-                       sharded=sharded, graphs=cfg.model.cuda_graphs)
+                       sharded=sharded, graphs=cfg.model.cuda_graphs, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
+                       checkpoint_every=cfg.model.checkpoint_every)
     if ckpt and fast is None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from itertools import combinations
 from typing import NamedTuple
 
-from loraforge.plan.memory import TrainSetup, estimate
+from loraforge.plan.memory import TrainSetup, estimate, mlp_chunked_beyond
 from loraforge.plan.shapes import ModelShape
 
 MAX_BATCH = 4096
@@ -37,12 +37,24 @@ def _largest(ok: Callable[[int], bool], hi: int) -> int:
     return lo
 
 
+def _largest_across(ok: Callable[[int], bool], hi: int, edge: int | None) -> int:
+    """_largest for an ok that is monotone on [1, edge] and on (edge, hi] but may turn true again past edge
+    (the chunked MLP of long batches needs less memory than the unchunked one just below)."""
+    if edge is None or edge >= hi or not ok(edge + 1):
+        return _largest(ok, hi if edge is None else min(edge, hi))
+    return edge + _largest(lambda n: ok(edge + n), hi - edge)
+
+
 def max_batch(shape: ModelShape, setup: TrainSetup, memory_gib: float) -> int:
-    return _largest(lambda b: fits(shape, replace(setup, batch=b), memory_gib), MAX_BATCH)
+    beyond = mlp_chunked_beyond(setup)
+    return _largest_across(lambda b: fits(shape, replace(setup, batch=b), memory_gib), MAX_BATCH,
+                           None if beyond is None else beyond // setup.seq)
 
 
 def max_seq(shape: ModelShape, setup: TrainSetup, memory_gib: float) -> int:
-    return _largest(lambda s: fits(shape, replace(setup, seq=s), memory_gib), MAX_SEQ)
+    beyond = mlp_chunked_beyond(setup)
+    return _largest_across(lambda s: fits(shape, replace(setup, seq=s), memory_gib), MAX_SEQ,
+                           None if beyond is None else beyond // setup.batch)
 
 
 @dataclass(frozen=True)

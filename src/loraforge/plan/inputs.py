@@ -74,6 +74,7 @@ def setup_from_config(cfg: RunConfig, shape: ModelShape | None = None, **changes
         gradient_checkpointing=bool(ckpt), optimizer=cfg.train.optimizer,
         packing=cfg.data.packing,
         strategy=_strategy(cfg), fast_path=fast, offload_checkpoints=fast and ckpt == "offload",
+        mlp_chunk_tokens=cfg.model.mlp_chunk_tokens, checkpoint_every=cfg.model.checkpoint_every,
     )
     return replace(setup, **changes) if changes else setup
 

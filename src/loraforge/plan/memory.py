@@ -66,6 +66,20 @@ FAST_ACT_FRACTION = 0.72
 # Backward of one layer holds gradients of its widest tensors (gate/up/SwiGLU, bf16) at once: ~8 B x intermediate
 # per token on top of the saved activations (measured with checkpointing, where it is most visible).
 FAST_BACKWARD_BYTES = 8
+# Long inputs (model.mlp_chunk_tokens, model.fast.chunked; checkpointed fast path only): the MLP runs over chunks
+# of tokens, so its saved tensors and its backward's gradients (the two terms above that scale with the
+# intermediate size) exist for one chunk; `auto` = chunks of 8,192 tokens beyond 16,384 (the values of
+# model.fast.chunked, which tests/plan/test_plan_memory.py checks these against).
+MLP_AUTO_CHUNK, MLP_AUTO_FROM = 8192, 16384
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+# What a token costs in a chunked layer's backward, from the code (bf16 unless said): the layer input (loaded
+# back), norm1's output, q/k/v, the attention output (saved for the o projection and flash attention), its fp32
+# logsumexp per head; the MLP half's input (its memory then holds that half's gradient) and the incoming
+# gradient; at the attention backward, the output's gradient, dq/dk/dv and flash attention's fp32 dq accumulator:
+# 2 (H + H + (q + 2 kv) + q + H + H + q + (q + 2 kv)) + 4 heads + 4 q bytes = 88 KB a token for Llama-3.1-8B.
+FAST_CHUNKED_HIDDEN_BYTES = 2 * 4   # x hidden: layer input, norm1 output, MLP-half input, incoming gradient
+FAST_CHUNKED_Q_BYTES = 2 * 2 + 4    # x q_dim: attention output, its gradient (bf16), dq accumulator (fp32)
+FAST_CHUNKED_QKV_BYTES = 2 * 2      # x (q_dim + 2 kv_dim): q/k/v and their gradients
 # Fused linear cross-entropy never builds the logits: the final hidden states, their copy at the loss positions
 # and the gradient it computes in forward (bf16, bf16, bf16, fp32) stay, ~10 B x hidden per token.
 FAST_LOSS_BYTES = 10
@@ -116,6 +130,8 @@ class TrainSetup:
     fast_path: bool = False  # the trainer's fused Llama-family path (its default on CUDA; see setup_from_config)
     offload_checkpoints: bool = False  # fast path: checkpointed layer inputs wait in pinned CPU memory
     strategy: str = "ddp"  # ddp: every GPU holds everything; fsdp: weights, grads and states sharded over gpus
+    mlp_chunk_tokens: int | str = "auto"  # fast path with checkpointing: the MLP over this many tokens at a time
+    checkpoint_every: int = 1  # fast path with checkpointing: layers recomputed as one span, one input kept per span
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -246,15 +262,54 @@ def activation_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> fl
     return total
 
 
+def mlp_chunk(tokens: int, setting: int | str) -> int:
+    """Tokens per MLP chunk of the checkpointed fast path for a batch of `tokens` (0: unchunked), as
+    model.fast.chunked.chunk_rows decides from model.mlp_chunk_tokens."""
+    if setting == "auto":
+        return MLP_AUTO_CHUNK if tokens > MLP_AUTO_FROM else 0
+    return int(setting) if setting and tokens > int(setting) else 0
+
+
+def mlp_chunked_beyond(setup: TrainSetup) -> int | None:
+    """The batch size in tokens beyond which `setup` runs its MLP in chunks; None where it never does.
+    Memory drops there (fit.py searches each side of it on its own)."""
+    if not (setup.fast and setup.gradient_checkpointing) or setup.mlp_chunk_tokens in (0, None):
+        return None
+    return MLP_AUTO_FROM if setup.mlp_chunk_tokens == "auto" else int(setup.mlp_chunk_tokens)
+
+
+def _chunked_layer_bytes(shape: ModelShape, setup: TrainSetup, tokens: int, chunk: int) -> float:
+    """One checkpointed layer's backward with its MLP in chunks: a per-token part from the code (see
+    FAST_CHUNKED_*) and, for one chunk of tokens, the MLP's share of the unchunked estimate."""
+    q, kv = shape.q_dim, shape.kv_dim
+    per_token = (FAST_CHUNKED_HIDDEN_BYTES * shape.hidden + FAST_CHUNKED_Q_BYTES * q
+                 + FAST_CHUNKED_QKV_BYTES * (q + 2 * kv) + ACT_LSE_BYTES * shape.heads)
+    mlp = (FAST_ACT_FRACTION * ACT_MLP_BYTES + FAST_BACKWARD_BYTES) * shape.intermediate
+    if setup.lora_dropout > 0:   # each adapter's dropped input and mask: attention projections' for all tokens
+        dims = shape.linear_dims()
+        for t in setup.targets:
+            per_token, mlp = (per_token + ACT_LORA_BYTES * dims[t][0], mlp) if t in ATTENTION_PROJ else \
+                (per_token, mlp + ACT_LORA_BYTES * dims[t][0])
+    return per_token * tokens + mlp * chunk
+
+
 def _activation_bytes(shape: ModelShape, setup: TrainSetup, checkpointing: bool) -> float:
     tokens = setup.batch * setup.seq
     per_layer = activation_bytes_per_token_layer(shape, setup) * tokens
+    chunk = mlp_chunk(tokens, setup.mlp_chunk_tokens)
+    if setup.fast and checkpointing:
+        # the kept layer inputs (one per span of checkpoint_every layers, none on the GPU when offloaded) and,
+        # in a span's backward, its rebuilt inner inputs
+        every = setup.checkpoint_every
+        spans = 0 if setup.offload_checkpoints else -(-shape.layers // every)
+        inputs = (spans + every - 1) * ACT_CKPT_INPUT_BYTES * shape.hidden * tokens
+        if chunk:
+            return inputs + _chunked_layer_bytes(shape, setup, tokens, chunk)
     if setup.fast:
         per_layer *= FAST_ACT_FRACTION
         backward = FAST_BACKWARD_BYTES * shape.intermediate * tokens
         if not checkpointing:
             return shape.layers * per_layer + backward
-        inputs = 0 if setup.offload_checkpoints else shape.layers * ACT_CKPT_INPUT_BYTES * shape.hidden * tokens
         return inputs + per_layer + backward
     if not checkpointing:
         return shape.layers * per_layer

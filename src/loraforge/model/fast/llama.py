@@ -4,8 +4,10 @@ FastLlama wraps a PEFT model; it does not change it. It reads the same parameter
 weights, bf16 or NF4; PEFT's lora_A/lora_B/magnitude) and runs its own forward: fused LoRA projections
 (model.fast.lora), liger's RMSNorm/RoPE kernels on CUDA (model.fast.ops), SwiGLU with the adapter's
 gate/up term added inside the kernel (model.fast.swiglu_lora), flash attention via SDPA, per-layer
-recomputation with the layer input optionally parked in pinned CPU memory (model.fast.recompute), and a
-fused linear cross-entropy over the loss positions only. The PEFT model's own forward stays the
+recomputation with the layer input optionally parked in pinned CPU memory (model.fast.recompute; or one
+input per span of layers), and a fused linear cross-entropy over the loss positions only. On long inputs
+each layer's MLP runs over chunks of tokens (model.fast.chunked). RoPE takes the model's own rotary tables
+(every rope_type transformers computes; a model whose tables the kernels cannot take stays on PEFT's path). The PEFT model's own forward stays the
 reference: tests compare losses and gradients against it.
 
 Batches must be right-padded (loraforge's collate does that): with causal attention a real token
@@ -27,12 +29,13 @@ import functools
 import torch
 
 from loraforge.data.templates import IGNORE_INDEX
+from loraforge.model.fast.chunked import chunk_rows, mlp_backward_chunked, mlp_forward_chunked
 from loraforge.model.fast.dropout import new_seed, reseed_
 from loraforge.model.fast.graphs import GraphSet
 from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
                                       rope_qkv, swiglu)
-from loraforge.model.fast.recompute import PinnedPool, recompute
+from loraforge.model.fast.recompute import PinnedPool, Span, recompute
 from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -54,6 +57,22 @@ def why_not_fast(model) -> str | None:
     for m in base.modules():
         if hasattr(m, "lora_A") and len(getattr(m, "active_adapters", ["x"])) > 1:
             return "more than one active adapter"
+    return _rope_reason(base)
+
+
+def _rope_reason(base) -> str | None:
+    """The fast path rotates with the tables of the model's own rotary embedding (any rope_type transformers
+    computes: llama3, yarn, linear, dynamic...); its kernels need them (T, head_dim) with equal halves."""
+    rot, layer = getattr(base.model, "rotary_emb", None), base.model.layers[0].self_attn
+    if rot is None:
+        return "the model has no shared rotary embedding (model.rotary_emb)"
+    dev = next(iter(rot.buffers()), torch.empty(0)).device
+    with torch.no_grad():
+        cos, sin = rot(torch.zeros(1, dtype=torch.float32, device=dev), torch.arange(2, device=dev)[None])
+    half = layer.head_dim // 2
+    if cos.shape[-1] != layer.head_dim or not torch.equal(cos[..., :half], cos[..., half:]):
+        kind = (getattr(base.config, "rope_parameters", None) or {}).get("rope_type", "?")
+        return f"its rotary embedding (rope_type '{kind}') is not a full rotate-half RoPE over each head"
     return None
 
 
@@ -74,6 +93,7 @@ class _Layer:
         self.scaling = at.scaling
         self.q_heads = self.qkv.outs[0] // at.head_dim
         self.kv_heads = self.qkv.outs[1] // at.head_dim
+        self.mlp_chunk: int | str = 0   # model.mlp_chunk_tokens (FastLlama sets it)
 
     def projections(self):
         return (self.qkv, self.o, self.gate_up, self.down)
@@ -96,17 +116,42 @@ class _Layer:
         q, k = rope(q, k, cos, sin)
         return q, k, v
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
+    def attn(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
+        """h + attention(norm1(h)): the layer's first half."""
         self.buffers["holds"] = None   # see lora.FrozenGroup._rebuild
         x = rms_norm(h, self.norm1.weight, self.norm1.variance_epsilon)
         q, k, v = self._qkv(x, cos, sin)
-        h = self.o.add_to(h, attention(q, k, v, self.scaling, packed))
+        return self.o.add_to(h, attention(q, k, v, self.scaling, packed))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """h + MLP(norm2(h)): the second half, per token (model.fast.chunked runs it on row chunks)."""
         x = rms_norm(h, self.norm2.weight, self.norm2.variance_epsilon)
         if self.gate_up.joined:   # the adapter's term added inside the SwiGLU kernel (model.fast.swiglu_lora)
             act = self.gate_up.swiglu(x)
         else:
             act = swiglu(*self.gate_up(x))
         return self.down.add_to(h, act)
+
+    def rows(self, h: torch.Tensor) -> int:
+        """Tokens per MLP chunk for this batch (0: the MLP runs whole)."""
+        return chunk_rows(h.shape[0] * h.shape[1], self.mlp_chunk)
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
+        h = self.attn(h, cos, sin, packed)
+        rows = self.rows(h)
+        if rows and not torch.is_grad_enabled():
+            return mlp_forward_chunked(self.mlp, h, rows, self.buffers)
+        return self.mlp(h)
+
+    def backward_through(self, h: torch.Tensor, grad: torch.Tensor, cos, sin, packed=None) -> None:
+        """Recompute the layer from its input h (a leaf with grad) and back-propagate `grad` into h.grad and
+        the adapter's .grad (model.fast.recompute); the MLP one chunk at a time where rows() says so."""
+        rows = self.rows(h)
+        if not rows:
+            torch.autograd.backward(self(h, cos, sin, packed), grad)
+            return
+        mid = self.attn(h, cos, sin, packed)
+        torch.autograd.backward(mid, mlp_backward_chunked(self.mlp, mid, grad, rows, self.buffers))
 
 
 def _one_process() -> bool:
@@ -119,7 +164,7 @@ class FastLlama:
     """Training/validation loss of a PEFT Llama-family model through the fast forward."""
 
     def __init__(self, model, *, dtype: torch.dtype, checkpointing: bool | str = True, sharded: bool = False,
-                 graphs: str = "auto"):
+                 graphs: str = "auto", mlp_chunk_tokens: int | str = "auto", checkpoint_every: int = 1):
         reason = why_not_fast(model)
         if reason:
             raise ValueError(reason)
@@ -135,6 +180,8 @@ class FastLlama:
         self.buffers["dropout_seed"] = new_seed(self.head.weight.device)
         self.layers = [_Layer(layer, dtype, self.buffers, live=sharded, index=i)
                        for i, layer in enumerate(self.decoder.layers)]
+        for layer in self.layers:   # long inputs: the MLP one chunk of tokens at a time (model.fast.chunked)
+            layer.mlp_chunk = mlp_chunk_tokens
         self.sharded = sharded
         self.entries: list = []     # FSDP2: each layer's registered method (attach_fsdp)
         self.head_entry = self.embed_entry = None
@@ -145,13 +192,17 @@ class FastLlama:
         # each training forward: a recomputed layer and a graph's replay draw the same masks, no RNG state kept
         self.dropout = any(getattr(d, "p", 0) > 0 for layer in self.layers
                            for p in layer.projections() for d in p.dropouts)
+        # model.checkpoint_every: n layers checkpointed as one (recompute.Span), 1/n of the kept inputs
+        every = checkpoint_every if self.checkpointing and not sharded else 1
+        self.spans = [Span(self.layers[i:i + every]) for i in range(0, len(self.layers), every)] \
+            if every > 1 else None
         # CUDA graphs of the checkpointed stack (model.fast.graphs): "auto" = on CUDA where they apply and
         # the steps are host-bound, "on" = wherever they apply, "eager" = the same stack functions without
         # graphs, on any device (tests), "off" = never. Without checkpointing too: the graphed stack
         # recomputes each layer in its backward, which costs a forward's GEMMs again but holds less memory,
         # and where the graphs apply (`auto`: small, host-bound steps) the launches they save weigh more
         self.graphs = None
-        if graphs != "off" and not sharded:
+        if graphs != "off" and not sharded and self.spans is None:
             params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.decoder.layers]
             weights = sum(g.in_features * sum(g.outs) for _, g, _, _ in
                           (part for proj in self.layers[0].projections() for part in proj.parts))
@@ -176,7 +227,8 @@ class FastLlama:
                 torch.arange(input_ids.shape[1], device=dev)[None].expand(input_ids.shape[0], -1)
             cos, sin = self.decoder.rotary_emb(h, pos)
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
-            graphed = training and packed is None and self.graphs is not None and \
+            # the graphs' backward recomputes whole layers: not for batches whose MLP runs in chunks
+            graphed = training and packed is None and self.graphs is not None and not self.layers[0].rows(h) and \
                 (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos)
             self._recompute = training and self.checkpointing
             self.buffers["keep_xa"] = self._recompute or graphed   # see lora._thin_product
@@ -185,9 +237,13 @@ class FastLlama:
             else:
                 if self._recompute:
                     h = h.detach().requires_grad_(True)  # so that backward enters the first recomputed layer
-                for i in range(len(self.layers)):
-                    h = self.entries[i](h, cos, sin, packed) if self.entries else \
-                        self._layer(i, h, cos, sin, packed)
+                if self._recompute and self.spans:
+                    for i, span in enumerate(self.spans):
+                        h = recompute(span, h, cos, sin, packed, key=i, pool=self.pool)
+                else:
+                    for i in range(len(self.layers)):
+                        h = self.entries[i](h, cos, sin, packed) if self.entries else \
+                            self._layer(i, h, cos, sin, packed)
             norm = self.decoder.norm
             return rms_norm(h, norm.weight, norm.variance_epsilon)
 

@@ -402,7 +402,11 @@ class Projections:
         same mask in the forward, its recomputation and a CUDA graph's replay), else x itself."""
         drop = self.dropouts[idx[0]]
         p = getattr(drop, "p", 0) if drop is not None and drop.training else 0
-        return seeded_dropout(x, self.buffers["dropout_seed"], self.streams[idx[0]], p) if p else x
+        if not p:
+            return x
+        # a chunk of rows (model.fast.chunked) draws from a stream of its own, whatever its place
+        stream = self.streams[idx[0]] + (self.buffers.get("dropout_rows") or 0) * 4096
+        return seeded_dropout(x, self.buffers["dropout_seed"], stream, p)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.live:

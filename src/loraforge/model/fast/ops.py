@@ -153,14 +153,23 @@ def _chunk_ce(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
 
 
+# liger's logits chunk grows with the rows of one call (with the budget above, 8 x rows x hidden elements:
+# 8.6 GB for Llama-3.1-8B at 131,072 tokens, 34 GB at 524,288): longer inputs go through it in blocks of
+# this many rows (a logits chunk of at most 1 GiB at hidden 4,096); shorter ones in one call, as before
+LOSS_BLOCK_ROWS = 16384
+
+
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk: int = 2048) -> torch.Tensor:
+                             chunk: int = 2048, block: int = LOSS_BLOCK_ROWS) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, labels_i) for rows `hidden` (N, H) without keeping (N, vocab) logits:
-    liger's fused kernel on CUDA, else recomputed chunks (each chunk's logits live only while it runs)."""
+    liger's fused kernel on CUDA (`block` rows a call), else recomputed chunks (each chunk's logits live
+    only while it runs)."""
     weight = weight.to(hidden.dtype)
     if use_kernels(hidden):
-        return _liger().liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="sum",
-                                                         **_flce_chunking())
+        flce = functools.partial(_liger().liger_fused_linear_cross_entropy, reduction="sum", **_flce_chunking())
+        if hidden.shape[0] <= block:
+            return flce(hidden, weight, labels)
+        return sum(flce(h, weight, y) for h, y in zip(hidden.split(block), labels.split(block)))
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], chunk):
         h, y = hidden[s:s + chunk], labels[s:s + chunk]

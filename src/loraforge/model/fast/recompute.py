@@ -5,7 +5,9 @@ back-propagates through it. With `offload`, that input waits in a pinned host bu
 non-blocking transfers on a side stream, one reused buffer per layer) instead of on the GPU: for
 an 8B model at 2 x 2048 tokens that is 32 MiB a layer, 1 GiB a step, moved while the GPU computes.
 The second run draws the same LoRA dropout masks as the first: they are functions of a seed tensor
-(model.fast.dropout), not of the generator's state.
+(model.fast.dropout), not of the generator's state. A function with a `backward_through(h, grad, *extra)`
+method (a decoder layer, model.fast.llama) recomputes and back-propagates itself (its MLP one chunk of
+tokens at a time on long inputs, model.fast.chunked).
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ class PinnedPool:
             self.stream = torch.cuda.Stream(t.device)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
-            buf = self.buffers[key] = torch.empty(int(t.numel() * 1.25) + 1, dtype=t.dtype, pin_memory=True)
+            # the first buffer of a key fits exactly (long inputs: 32 layers x 8 KB a token of host memory for an
+            # 8B model, 128 GiB at 524,288 tokens); one that grows takes a quarter more, for the lengths to come
+            size = t.numel() if buf is None or buf.dtype != t.dtype else int(t.numel() * 1.25) + 1
+            buf = self.buffers[key] = self.stored[key] = None   # the old buffer goes before the new one is pinned
+            buf = self.buffers[key] = torch.empty(size, dtype=t.dtype, pin_memory=True)
         view = buf[:t.numel()].view(t.shape)
         current = torch.cuda.current_stream(t.device)
         self.stream.wait_stream(current)   # t is computed
@@ -95,10 +101,43 @@ class RecomputedLayer(torch.autograd.Function):
         else:
             (h,) = ctx.saved_tensors
         h = h.detach().requires_grad_(True)
+        through = getattr(ctx.fn, "backward_through", None)   # a decoder layer: its MLP maybe in chunks
         with torch.enable_grad():   # dropout masks are functions of a seed tensor (model.fast.dropout): the same
-            out = ctx.fn(h, *ctx.extra)
-        torch.autograd.backward(out, grad_out)
+            if through is not None:
+                through(h, grad_out, *ctx.extra)
+            else:
+                torch.autograd.backward(ctx.fn(h, *ctx.extra), grad_out)
         return (None, None, None, h.grad) + (None,) * len(ctx.extra)
+
+
+class Span:
+    """Consecutive decoder layers checkpointed as one (model.checkpoint_every): only the first one's input is
+    kept (or offloaded), so the kept inputs take 1/n of the memory, for one more forward of n - 1 layers a
+    step. Backward rebuilds the inner inputs without grad, then back-propagates the layers top down, each
+    recomputed from its rebuilt input (dropout masks as in the forward: functions of a seed tensor)."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+
+    def __call__(self, h: torch.Tensor, *extra) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, *extra)
+        return h
+
+    def backward_through(self, h: torch.Tensor, grad: torch.Tensor, *extra) -> None:
+        inputs = [h]
+        with torch.no_grad():
+            for layer in self.layers[:-1]:
+                inputs.append(layer(inputs[-1], *extra))
+        for layer in reversed(self.layers):
+            x = inputs.pop()
+            x = x if x is h else x.detach().requires_grad_(True)
+            through = getattr(layer, "backward_through", None)
+            if through is not None:
+                through(x, grad, *extra)
+            else:
+                torch.autograd.backward(layer(x, *extra), grad)
+            grad = x.grad
 
 
 def recompute(fn, h: torch.Tensor, *extra, key: int = 0, pool: PinnedPool | None = None) -> torch.Tensor:
