@@ -99,3 +99,16 @@ def test_bucketed_stack_steps_give_the_plain_losses(tiny_model, tmp_path, monkey
     for got, want in zip(curves["bucketed"], curves["plain"]):
         assert got == pytest.approx(want, rel=2e-5)
     assert torch.tensor(curves["plain"][0]).std() > 0
+
+
+def test_profile_writes_the_runs_own_steps_and_summary_splits_the_time(tiny_model, tmp_path):
+    run = run_training(build_config(tiny_config(tiny_model, _data(tmp_path), tmp_path / "run", eval_every=4)),
+                       profile=tmp_path / "prof")
+    prof = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    steps = run.summary["steps"]
+    assert prof["steps"] >= 1 and 1 <= prof["first_step"] <= steps and prof["wall_ms_per_step"] > 0
+    assert "aten::" in (tmp_path / "prof" / "steps_cpu.txt").read_text()
+    assert (tmp_path / "prof" / "trace.json.gz").stat().st_size > 0
+    spent = run.summary["seconds_in"]
+    assert set(spent) == {"validation", "checkpoints"} and spent["validation"] > 0 and spent["checkpoints"] > 0
+    assert sum(spent.values()) < run.summary["train_seconds"]

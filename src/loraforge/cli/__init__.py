@@ -48,6 +48,8 @@ def train(
                                                            "training (recorded in resume_changes.jsonl).")] = False,
     gpus: Annotated[int, typer.Option(help="Data-parallel processes on this machine, one per GPU (relaunches "
                                            "through torchrun; with train.device=cpu: CPU processes).")] = 1,
+    profile: Annotated[Optional[Path], typer.Option(help="Write torch.profiler tables and a trace of a few of "
+                                                         "the run's steps (from step 21) into this folder.")] = None,
 ) -> None:
     """Fine-tune a LoRA/DoRA adapter as the config says; writes the adapter, metrics and checkpoints
     (and, when eval.test is set, the evaluation report in RUN_DIR/eval/)."""
@@ -65,7 +67,8 @@ def train(
 
     if resume_with_changes and not resume:
         raise LoraforgeError("--resume-with-changes goes with --resume", hint="add --resume")
-    result = run_training(cfg, resume=resume, overwrite=overwrite, with_changes=resume_with_changes)
+    result = run_training(cfg, resume=resume, overwrite=overwrite, with_changes=resume_with_changes,
+                          profile=profile)
     if cfg.eval.test and D.launch_rank() != 0:
         return  # rank 0 alone evaluates
     if cfg.eval.test:  # the end-of-run evaluation and HTML report

@@ -54,6 +54,7 @@ class LoopResult:
     final_train_loss: float | None
     final_val_loss: float | None
     seconds: float
+    seconds_in: dict   # of `seconds`: validation and checkpoints (the rest is the training steps)
 
 
 def split_model(model):
@@ -233,7 +234,8 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
                log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None,
                precision: Precision | None = None,
-               on_log=None) -> LoopResult:  # on_log(row): every metrics row, also to train.tracking
+               on_log=None, profiler=None) -> LoopResult:
+    """on_log(row): called with every metrics row (train.tracking); profiler: a train.profiling.StepProfiler."""
     tc = cfg.train
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
@@ -252,6 +254,7 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
     precision = precision or Precision("fp32", device.type, accelerator.backward)  # fp16: loss scaling
     model.train()
     interval, pending = LogInterval(device), None
+    seconds_in = {"validation": 0.0, "checkpoints": 0.0}
 
     mlog = metrics_path.open("a") if dist.is_main else open(os.devnull, "w")  # rank 0 alone writes
 
@@ -281,6 +284,8 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
     with _StopFlag() as stop, TrainProgress(total_steps, state.step) as progress, mlog, \
             D.peer_failures(dist, tc.dist_timeout_s):
         while state.step < total_steps:
+            if profiler is not None:
+                profiler.before(state.step)
             # 1. this step's micro-batches (the same on every rank); this rank takes every W-th one; the
             #    step's loss tokens are counted over all of them on the host (every rank holds the whole step)
             group = []
@@ -337,16 +342,20 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                                         or state.step == total_steps):
                 row, pending = pending, None
                 if evaluate and val_items:
+                    started = time.time()
                     val_loss = row["val_loss"] = evaluate_loss(model, val_items, tc.batch_size, pad_id, device,
                                                                autocast, fast, dist, step_module)
+                    seconds_in["validation"] += time.time() - started
                 stopping = write_row(row) or stopping
                 if "val_loss" in row:
                     _track_validation(state, val_loss, last_train, log)
                 interval.since = time.time()   # the next row's rate leaves validation out
             if state.step % tc.save_every == 0 or stopping:
+                started = time.time()
                 ckpt = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, config_yaml,
                                        tc.keep_last, dist=dist, step_module=step_module)
                 interval.since = time.time()
+                seconds_in["checkpoints"] += interval.since - started
                 if stopping:
                     name = signal.Signals(stop.signum).name if stop.signum is not None else "a stop signal"
                     raise TrainingInterrupted(f"{name} received: stopped after step {state.step}/{total_steps}; "
@@ -354,7 +363,10 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                                               hint="continue with the same command and --resume")
         if pending is not None:
             write_row(pending)
-    return LoopResult(state, last_train, val_loss, time.time() - t0)
+        if profiler is not None:
+            profiler.finish()
+    return LoopResult(state, last_train, val_loss, time.time() - t0,
+                      {k: round(v, 2) for k, v in seconds_in.items()})
 
 
 def _buckets(items: list[Tokenized], cfg: RunConfig, fast, log) -> list[int] | None:

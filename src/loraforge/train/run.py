@@ -41,6 +41,7 @@ from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good
 from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
 from loraforge.train.loop import TrainingInterrupted, plan_steps, prepare_model, train_loop
 from loraforge.train.precision import Precision, pick_precision
+from loraforge.train.profiling import StepProfiler
 from loraforge.train.tracking import Reporters, open_reporters
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -116,10 +117,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, base=None,
-                 dir_ready: bool = False, with_changes: bool = False) -> RunResult:
+                 dir_ready: bool = False, with_changes: bool = False, profile: Path | None = None) -> RunResult:
     """Train as `cfg` says. `base` = (model, tokenizer, path) reuses an already loaded base model;
     `dir_ready` says the caller already created output_dir (with prepare_run_dir) and put data in it;
-    `with_changes` lets --resume continue with a config that changes training (recorded in the run folder)."""
+    `with_changes` lets --resume continue with a config that changes training (recorded in the run folder);
+    `profile`: a folder for torch.profiler's tables of a few of the run's steps (train.profiling)."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -225,7 +227,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, precision.autocast, train_items,
                             val_items, cfg, run_dir, state, log=console.print, fast=fast, dist=dist,
                             step_module=step_module, precision=precision,
-                            on_log=reporters.log if reporters else None)
+                            on_log=reporters.log if reporters else None,
+                            profiler=StepProfiler(profile, total_steps) if profile and dist.is_main else None)
     except BaseException as e:
         reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
         raise
@@ -244,6 +247,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     summary = {"steps": result.state.step, "final_train_loss": result.final_train_loss,
                "final_val_loss": result.final_val_loss, "best_val_loss": result.state.best_val_loss,
                "best_step": result.state.best_step, "train_seconds": round(result.seconds, 2),
+               "seconds_in": result.seconds_in,
                "tokens_seen": result.state.tokens_seen, "device": device, "precision": precision.name,
                "compute_dtype": str(compute_dtype).removeprefix("torch."), "trainable_parameters": n_trainable,
                "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world,

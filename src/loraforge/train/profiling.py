@@ -1,0 +1,67 @@
+"""`loraforge train --profile DIR`: where a real run's step time goes, from torch.profiler over a few steps.
+
+The profiled steps are the run's own (its data, shapes, validation schedule and checkpoints are left as they
+are), started once the first steps have compiled kernels and captured CUDA graphs. Written to DIR:
+    steps_gpu.txt   operators by device time (what the GPU computes)
+    steps_cpu.txt   operators by host time (what keeps the host busy between launches)
+    trace.json.gz   the timeline, for chrome://tracing or Perfetto
+    profile.json    the steps profiled and their wall time per step
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import torch
+
+FIRST_STEP = 20   # after warm-up: Triton compilation, cuDNN plans, CUDA graph captures of the first shapes
+STEPS = 5
+
+
+class StepProfiler:
+    """Call `before(step)` at the start of every optimizer step (0-based count of steps done)."""
+
+    def __init__(self, out: Path, total_steps: int, first: int = FIRST_STEP, steps: int = STEPS):
+        self.out = Path(out)
+        self.first = min(first, max(0, total_steps - steps - 1))
+        self.last = min(total_steps, self.first + steps)
+        self.prof = None
+        self.t0 = 0.0
+
+    def before(self, step: int) -> None:
+        if step == self.first and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+            self.t0 = time.time()
+        elif step == self.last and self.prof is not None:
+            self.finish()
+
+    def finish(self) -> None:
+        """Stop (if running) and write the tables; also called when the run ends before the last step."""
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.time() - self.t0
+        self.prof.__exit__(None, None, None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        table = self.prof.key_averages()
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        (self.out / "steps_gpu.txt").write_text(table.table(sort_by=sort, row_limit=40, max_name_column_width=70))
+        (self.out / "steps_cpu.txt").write_text(table.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                            max_name_column_width=70))
+        trace = self.out / "trace.json"
+        self.prof.export_chrome_trace(str(trace))
+        with gzip.open(self.out / "trace.json.gz", "wb") as f:
+            f.write(trace.read_bytes())
+        trace.unlink()
+        steps = self.last - self.first
+        (self.out / "profile.json").write_text(json.dumps({"first_step": self.first + 1, "steps": steps,
+                                                           "wall_ms_per_step": round(1000 * wall / steps, 2)}))
+        self.prof = None
