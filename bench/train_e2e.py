@@ -126,7 +126,9 @@ def run_loraforge(spec: dict, work: Path) -> dict:
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(path)], capture_output=True, text=True)
+    prof = ["--profile", str(spec["profile"])] if spec.get("profile") else []
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(path), *prof], capture_output=True,
+                          text=True)
     wall = time.time() - t0
     (work / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
@@ -134,7 +136,8 @@ def run_loraforge(spec: dict, work: Path) -> dict:
     s = json.loads((work / "run" / "summary.json").read_text())
     return {"wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"], "tokens": s["tokens_seen"],
             "tokens_per_s": s["tokens_per_s"], "peak_reserved_gib": s["peak_reserved_gib"],
-            "final_val_loss": s["final_val_loss"], "planned_tokens_per_s": s["planned_tokens_per_s"]}
+            "final_val_loss": s["final_val_loss"], "planned_tokens_per_s": s["planned_tokens_per_s"],
+            "seconds_in": s.get("seconds_in")}
 
 
 def run_peer(tool: str, spec: dict, work: Path) -> dict:
@@ -244,6 +247,7 @@ def main() -> None:
     r.add_argument("--cache", type=Path, default=Path("/tmp/lf-e2e"))
     r.add_argument("--timeout", type=int, default=900, help="seconds per tool and run")
     r.add_argument("--bench-rate", action="store_true", help="also time train_speed.py's ours-lora row (135m)")
+    r.add_argument("--profile", type=Path, help="loraforge rows: `loraforge train --profile` into DIR/RUN")
     r.add_argument("--out", type=Path)
     c = sub.add_parser("child")
     c.add_argument("tool")
@@ -261,7 +265,8 @@ def main() -> None:
     for run in a.runs.split(","):
         conf = RUNS[run]
         spec = {**conf, "epochs": a.epochs, "model_dir": model_dir(conf["model"], a.smol, a.cache),
-                "train": str(a.data / f"{conf['data']}-train.jsonl"), "val": str(a.data / f"{conf['data']}-val.jsonl")}
+                "train": str(a.data / f"{conf['data']}-train.jsonl"), "val": str(a.data / f"{conf['data']}-val.jsonl"),
+                "profile": str(a.profile / run) if a.profile else None}
         for tool in a.tools.split(","):
             work = a.cache / run / tool
             work.mkdir(parents=True, exist_ok=True)
