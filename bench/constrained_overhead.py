@@ -6,10 +6,16 @@ For each engine that imports (llguidance, xgrammar, outlines-core) and two struc
 labels and the SNIPS slot answers' JSON Schema (src/loraforge/datasets/snips2017/schema.json), it compiles the
 grammar once (timed), then walks every reference answer token by token as decoding would: compute the
 permitted-token bitmask (timed: the per-token overhead a decoder pays), then advance by the reference token
-(timed); three passes, the fastest kept, since other work on a shared machine only ever adds time. Answers are BANKING77's 77 labels and the 700 SNIPS test answers, tokenized as the model would write
+(timed); three passes, the fastest kept, since other work on a shared machine only ever adds time.
+Answers are BANKING77's 77 labels and the 700 SNIPS test answers, tokenized as the model would write
 them, each followed by the end-of-turn token. Every engine gets the same tokenizer (SmolLM2-135M-Instruct,
 49,152 tokens), the same compact JSON layout (", " and ": ", no free whitespace) and the same single CPU
-thread; the check that each permitted every reference token is part of the output. Prints one JSON object.
+thread (outlines-core's JSON regex has no layout option: it gets an optional space between items, a superset);
+the check that each permitted every reference token is part of the output. Prints one JSON object.
+
+Install (Python 3.11, torch 2.13 CPU): all three have wheels on PyPI. llguidance (abi3 wheel) and
+outlines-core depend on nothing; xgrammar 0.2.9 requires triton (a 286 MB wheel) and apache-tvm-ffi, so it
+was installed here with `pip install --no-deps xgrammar apache-tvm-ffi` (its CPU path does not import triton).
 """
 
 from __future__ import annotations
@@ -229,6 +235,8 @@ def main() -> None:
     result = {"bench": "constrained_overhead", "tokenizer": "SmolLM2-135M-Instruct", "vocab": len(tok),
               "command": "python bench/constrained_overhead.py --out bench/results/constrained_overhead.json",
               "device": f"CPU ({platform.processor() or platform.machine()}, 1 thread)",
+              "install": {"llguidance": "no dependencies", "outlines-core": "no dependencies",
+                          "xgrammar": "requires triton (286 MB wheel) + apache-tvm-ffi; benched with --no-deps"},
               "engines": {c.name: run_engine(c, tok, stops, tasks) for c in (LLGuidance, XGrammar, OutlinesCore)}}
     ok = {n: e for n, e in result["engines"].items() if e.get("installed")}
     result["summary_us_per_token"] = {n: {t: e[t]["mask_plus_advance_mean_us"] for t in tasks} for n, e in ok.items()}

@@ -60,7 +60,8 @@ def main() -> None:
     run = args.work / "run"
     overrides = [f"output_dir={run}", f"data.train={train}", f"eval.test={test}", f"train.epochs={args.epochs}",
                  "train.batch_size=8", "train.eval_every=10", "train.save_every=1000", "data.validation_split=0.05",
-                 "train.num_threads=1", "eval.run_base=false", "eval.regression=false", "eval.batch_size=35", "eval.constrained=on"]
+                 "train.num_threads=1", "eval.run_base=false", "eval.regression=false", "eval.batch_size=35",
+                 "eval.constrained=on"]
     cmd = [sys.executable, "-m", "loraforge", "train", str(ROOT / "examples/snips_slots.yaml"), *overrides,
            "--overwrite"]
     t0 = time.time()

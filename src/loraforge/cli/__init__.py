@@ -73,7 +73,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Answer only with a label of this set (one a line).")] = None,
-    schema: Annotated[Optional[Path], typer.Option(help="Answer only with JSON that satisfies this JSON Schema.")] = None,
+    schema: Annotated[Optional[Path], typer.Option(help="Answer only with JSON satisfying this JSON Schema.")] = None,
 ) -> None:
     """Answer prompts with a fine-tuned run (or a bare base model), greedy decoding; --labels / --schema
     decode only valid answers (structured decoding, extra `structured`)."""
@@ -234,8 +234,8 @@ def eval_run(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (config.yaml + adapter/).")],
     test: Annotated[Optional[Path], typer.Option(help="Test file with reference answers (default: eval.test).")] = None,
     metric: Annotated[Optional[str], typer.Option(help="exact_match | normalized_match | accuracy | macro_f1 | "
-                                                  "json_valid | json_schema | field_f1 | regex | rouge_l | bleu "
-                                                  "(default: eval.metric).")] = None,
+                                                  "json_valid | json_schema | field_f1 | slot_f1 | regex | "
+                                                  "rouge_l | bleu (default: eval.metric).")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Label set for accuracy/macro_f1, one label a line.")] = None,
     fewshot: Annotated[Optional[int], typer.Option(help="Training examples shown to the few-shot baseline.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N test examples.")] = None,

@@ -76,7 +76,8 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new
 
                 from loraforge.eval.structured import GrammarLogitsProcessor
 
-                extra["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor([grammar.start() for _ in idx])])
+                states = [grammar.start() for _ in idx]
+                extra["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor(states)])
             with decode_attention(device, cudnn_attention):
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                      pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,

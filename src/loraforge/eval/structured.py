@@ -49,7 +49,7 @@ def _llguidance():
         import llguidance.hf  # noqa: F401
     except ImportError:
         raise LoraforgeError("structured decoding needs the `llguidance` package, which is not installed",
-                             hint="pip install 'loraforge[structured]' (or turn it off: eval.constrained=off)") from None
+                             hint="pip install 'loraforge[structured]' (or eval.constrained=off)") from None
     return llguidance
 
 
