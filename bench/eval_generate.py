@@ -17,11 +17,13 @@ speedup, agreement, ...} (also written to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _output import emit  # noqa: E402
 
 
 def queries(n: int, seed: int) -> list[str]:
@@ -137,13 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
               "disagreements": [{"query": c[-1]["content"], "batched": b.text, "one_by_one": s}
                                 for c, b, s, ok in zip(convs, batched, single, same) if not ok][:5],
               "command": "python bench/eval_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
+    emit(result, args.out)
     return result
 
 

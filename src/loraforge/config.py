@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraforge.errors import LoraforgeError
 
@@ -138,7 +138,7 @@ class EvalSection(_Section):
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N test examples.")
     run_base: bool = Field(True, description="Also evaluate the base model for comparison.")
     metric: Literal["exact_match", "normalized_match", "accuracy", "macro_f1", "json_valid", "json_schema",
-                    "field_f1", "regex", "rouge_l", "bleu"] = Field(
+                    "field_f1", "regex", "rouge_l", "bleu", "slot_f1"] = Field(
         "exact_match", description="How answers are scored (loraforge.eval.metrics).")
     labels: str | None = Field(None, description="Label set for accuracy/macro_f1: a file, one label a line "
                                                  "(or a JSON list).")
@@ -157,6 +157,16 @@ class EvalSection(_Section):
     reference: str | None = Field(None, description="A published result shown beside ours, e.g. 'Paper X: 93.0%'.")
     serve_as: list[str] = Field(default_factory=list, description="Also evaluate the adapter as served: adapter, "
                                                                    "merged, gguf-f16, gguf-q8_0, gguf-q4_k_m, nf4.")
+    constrained: Literal["auto", "on", "off"] = Field(
+        "auto", description="Structured decoding (llguidance, extra `structured`): the fine-tuned model is also "
+                            "evaluated decoding only valid answers: a label of eval.labels, or JSON matching "
+                            "eval.schema_file (any JSON object for json_valid/field_f1/slot_f1 without one). "
+                            "auto: on where the task has such a structure and llguidance is installed.")
+
+    @field_validator("constrained", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):  # YAML reads a bare on / off as true / false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class RunConfig(_Section):

@@ -14,7 +14,7 @@ from loraforge.eval.metrics import available_metrics, normalize_answer, parse_js
 def test_registry_lists_every_metric() -> None:
     assert available_metrics() == sorted(
         ["accuracy", "bleu", "exact_match", "field_f1", "json_schema", "json_valid", "macro_f1",
-         "normalized_match", "regex", "rouge_l"]
+         "normalized_match", "regex", "rouge_l", "slot_f1"]
     )
 
 

@@ -83,12 +83,17 @@ def generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more user messages; each is answered.")],
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Answer only with a label of this set (one a line).")] = None,
+    schema: Annotated[Optional[Path], typer.Option(help="Answer only with JSON satisfying this JSON Schema.")] = None,
 ) -> None:
-    """Answer prompts with a fine-tuned run (or a bare base model), greedy decoding."""
+    """Answer prompts with a fine-tuned run (or a bare base model), greedy decoding; --labels / --schema
+    decode only valid answers (structured decoding, extra `structured`)."""
     from loraforge.data.templates import prompt_text
     from loraforge.eval.generate import build_messages, generate_answers, load_for_inference
+    from loraforge.eval.structured import cli_structure
     from loraforge.serve.server import context_limit
 
+    structure = cli_structure(labels, schema)  # a bad file is an error before the model loads
     handle = load_for_inference(model)
     tok, limit = handle.tokenizer, context_limit(handle.model)
     for i, p in enumerate(prompt, 1):  # as serve's 400 context_length_exceeded, before any decoding
@@ -98,7 +103,7 @@ def generate(
             raise LoraforgeError(f"prompt {i} is {n:,} tokens; with --max-new-tokens {max_new_tokens} it needs "
                                  f"{n + max_new_tokens:,}, more than the model's context of {limit:,} tokens",
                                  hint="shorten the prompt or lower --max-new-tokens")
-    answers = generate_answers(handle, prompt, system=system, max_new_tokens=max_new_tokens)
+    answers = generate_answers(handle, prompt, system=system, max_new_tokens=max_new_tokens, structure=structure)
     for p, a in zip(prompt, answers):
         typer.echo(f"> {p}\n{a}\n")
 
@@ -252,8 +257,8 @@ def eval_run(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (config.yaml + adapter/).")],
     test: Annotated[Optional[Path], typer.Option(help="Test file with reference answers (default: eval.test).")] = None,
     metric: Annotated[Optional[str], typer.Option(help="exact_match | normalized_match | accuracy | macro_f1 | "
-                                                  "json_valid | json_schema | field_f1 | regex | rouge_l | bleu "
-                                                  "(default: eval.metric).")] = None,
+                                                  "json_valid | json_schema | field_f1 | slot_f1 | regex | "
+                                                  "rouge_l | bleu (default: eval.metric).")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Label set for accuracy/macro_f1, one label a line.")] = None,
     fewshot: Annotated[Optional[int], typer.Option(help="Training examples shown to the few-shot baseline.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N test examples.")] = None,
@@ -272,6 +277,9 @@ def eval_run(
     serve_as: Annotated[Optional[str], typer.Option(help="Also evaluate the adapter as served, comma-separated: "
                                                          "adapter, merged, gguf-f16, gguf-q8_0, gguf-q4_k_m, "
                                                          "nf4 (CUDA).")] = None,
+    constrained: Annotated[Optional[str], typer.Option(help="auto | on | off: also evaluate the fine-tuned model "
+                                                            "decoding only valid labels / schema-valid JSON "
+                                                            "(default: eval.constrained).")] = None,
 ) -> None:
     """Base vs few-shot base vs fine-tuned on the test set: scores, paired tests, HTML report."""
     from loraforge.eval.run import evaluate_run
@@ -279,9 +287,11 @@ def eval_run(
     result = evaluate_run(run_dir, test=test, metric=metric, labels=labels, fewshot=fewshot, limit=limit,
                           run_base=False if no_base else None, regression=regression, out=out, resume=resume,
                           judge_url=judge_url, judge_model=judge_model, reference=reference, serve_as=serve_as,
-                          log=lambda m: typer.echo(m, err=True))
+                          constrained=constrained, log=lambda m: typer.echo(m, err=True))
     for name, v in result["models"].items():
-        typer.echo(f"{name:10s} {result['metric']} = {v['value']:.4f}  95% CI [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]")
+        ok = v["details"].get("valid_rate")
+        typer.echo(f"{name:10s} {result['metric']} = {v['value']:.4f}  95% CI [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]"
+                   + ("" if ok is None else f"  valid answers {ok:.1%}"))
     for name, c in result["comparisons"].items():
         typer.echo(f"{name}: diff {c['diff']:+.4f}, p = {c['p_bootstrap']:.4g}")
     if result.get("judge") and result["judge"].get("pairwise"):

@@ -52,8 +52,10 @@ def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
-                   batch_size: int = 32, progress=None, cudnn_attention: bool = False) -> list[Generation]:
-    """Greedy answers to each conversation (its last assistant turn, if any, is left out)."""
+                   batch_size: int = 32, progress=None, cudnn_attention: bool = False,
+                   grammar=None) -> list[Generation]:
+    """Greedy answers to each conversation (its last assistant turn, if any, is left out). With `grammar`
+    (loraforge.eval.structured.compile_structure) each row decodes only tokens its grammar permits."""
     texts = [prompt_text(tokenizer, c) for c in conversations]
     stops = stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
@@ -68,10 +70,18 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new
             idx = order[start:start + batch_size]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
+            extra = {}
+            if grammar is not None:
+                from transformers import LogitsProcessorList
+
+                from loraforge.eval.structured import GrammarLogitsProcessor
+
+                states = [grammar.start() for _ in idx]
+                extra["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor(states)])
             with decode_attention(device, cudnn_attention):
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                      pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
-                                     top_k=None)
+                                     top_k=None, **extra)
             new = gen[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 toks = new[row].tolist()
@@ -115,9 +125,16 @@ def load_for_inference(name: str) -> InferenceHandle:
 
 
 def generate_answers(handle: InferenceHandle, prompts: list[str], *, system: str | None = None,
-                     max_new_tokens: int = 128) -> list[str]:
+                     max_new_tokens: int = 128, structure=None) -> list[str]:
+    """Greedy answers; with a `structure` (eval.structured.Structure) only valid ones."""
     convs = [build_messages(p, system or handle.system) for p in prompts]
-    return [g.text for g in generate_batch(handle.model, handle.tokenizer, convs, max_new_tokens=max_new_tokens)]
+    grammar = None
+    if structure is not None:
+        from loraforge.eval.structured import compile_structure
+
+        grammar = compile_structure(handle.tokenizer, structure, stop_token_ids(handle.tokenizer, handle.model))
+    return [g.text for g in generate_batch(handle.model, handle.tokenizer, convs, max_new_tokens=max_new_tokens,
+                                           grammar=grammar)]
 
 
 def chat_loop(handle: InferenceHandle, *, system: str | None = None, max_new_tokens: int = 256) -> None:

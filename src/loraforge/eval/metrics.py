@@ -11,6 +11,7 @@ Metrics (`available_metrics()` lists them):
   json_valid         the answer parses as JSON (a surrounding ``` fence is allowed)
   json_schema        the answer complies with `schema={...}` (jsonschema)
   field_f1           per-field precision/recall/F1 of a JSON object against a reference object
+  slot_f1            micro F1 of (slot, value) pairs of JSON objects (value: the micro F1; SNIPS, ATIS)
   regex              the stripped answer fully matches `pattern=...` (`full=False`: search)
   rouge_l            ROUGE-L F-measure (rouge-score; its tokenizer keeps only ASCII letters and digits)
   bleu               corpus BLEU, 0-100 as sacrebleu reports it; per-example is sentence BLEU
@@ -32,6 +33,7 @@ import json
 import math
 import re
 import string
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -305,6 +307,42 @@ def _field_f1(predictions: list[str], references: list[Any] | None, normalize: b
     micro = _prf(*(sum(c[j] for c in counts.values()) for j in range(3)))
     per_field = {k: _prf(*c) | {"support": c[0] + c[2]} for k, c in sorted(counts.items())}
     return _Scored(per, {"micro": micro, "per_field": per_field, "failures": failures})
+
+
+def _slot_pairs(obj: dict[str, Any]) -> Counter:
+    """(field, value) pairs of a flattened object; a list value gives one pair per item (repeated slots)."""
+    pairs: Counter = Counter()
+    for k, v in obj.items():
+        for item in v if isinstance(v, list) else [v]:
+            pairs[(k, item.strip() if isinstance(item, str) else json.dumps(item, sort_keys=True))] += 1
+    return pairs
+
+
+@_metric("slot_f1")
+def _slot_f1(predictions: list[str], references: list[Any] | None) -> _Scored:
+    """Micro F1 over (slot, value) pairs, as slot-filling benchmarks (SNIPS, ATIS) report it: a predicted
+    pair is right only with the exact text. Per example: its own F1. Details: micro P/R/F1, per slot,
+    and per-example [tp, fp, fn] counts (`counts`), from which a bootstrap recomputes the micro F1."""
+    refs = [_slot_pairs(_reference_object(i, r)) for i, r in enumerate(_need_refs("slot_f1", references))]
+    failures: list[dict[str, Any]] = []
+    counts, per, per_slot = [], [], {}
+    for i, (p, ref) in enumerate(zip(predictions, refs, strict=True)):
+        value, reason = parse_json(p)
+        if reason is None and not isinstance(value, dict):
+            reason = f"expected a JSON object, got {type(value).__name__}"
+        pred = _slot_pairs(flatten_fields(value)) if reason is None else Counter()
+        hit = pred & ref
+        tp, fp, fn = sum(hit.values()), sum((pred - ref).values()), sum((ref - pred).values())
+        counts.append([tp, fp, fn])
+        for j, part in enumerate((hit, pred - ref, ref - pred)):
+            for (slot, _), n in part.items():
+                per_slot.setdefault(slot, [0, 0, 0])[j] += n
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+        per.append(f1 if reason is None else _fail(failures, i, reason))
+    micro = _prf(*(sum(c[j] for c in counts) for j in range(3)))
+    per_field = {k: _prf(*c) | {"support": c[0] + c[2]} for k, c in sorted(per_slot.items())}
+    return _Scored(per, {"micro": micro, "per_field": per_field, "counts": counts, "failures": failures},
+                   micro["f1"])
 
 
 @_metric("regex")

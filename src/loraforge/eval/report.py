@@ -18,8 +18,10 @@ from typing import Any
 
 from loraforge.eval.charts import Series, line_chart
 
-LABELS = {"base": "base", "fewshot": "few-shot base", "finetuned": "fine-tuned"}
-COLORS = {"base": "#8c8c8c", "fewshot": "#e69f00", "finetuned": "#0072b2", "train": "#0072b2", "val": "#d55e00"}
+LABELS = {"base": "base", "fewshot": "few-shot base", "finetuned": "fine-tuned",
+          "finetuned_constrained": "fine-tuned, structured decoding"}
+COLORS = {"base": "#8c8c8c", "fewshot": "#e69f00", "finetuned": "#0072b2", "finetuned_constrained": "#009e73",
+          "train": "#0072b2", "val": "#d55e00"}
 MAX_EXAMPLES = 500
 
 CSS = """
@@ -102,14 +104,22 @@ def _ci(ci, digits: int = 3) -> str:
 
 def _metric_table(r: dict) -> str:
     rows = [_tr(escape(LABELS.get(name, name)), ("num", _f(v["value"])), ("num", _ci(v["ci"])),
-                ("num", f"{v['stop_rate']:.0%}"), ("num", len(v.get("details", {}).get("failures", []))))
+                ("num", f"{v['stop_rate']:.0%}"), ("num", len(v.get("details", {}).get("failures", []))),
+                ("num", _valid(v.get("details", {}))))
             for name, v in r["models"].items()]
     ref = r.get("reference")
     if ref:
         rows.append(_tr(f"reference: {escape(ref['text'])}", ("num", _f(ref.get("value"))),
-                        "published, not rerun here", "–", "–", cls="reference"))
+                        "published, not rerun here", "–", "–", "–", cls="reference"))
     return _table("metric-table", ["model", escape(r["metric"]), "95% bootstrap CI", "stopped by itself",
-                                   "answers not scorable"], rows)
+                                   "answers not scorable", "valid answers (label / schema)"], rows)
+
+
+def _valid(details: dict) -> str:
+    """The share of answers with the task's structure (only where structured decoding was on)."""
+    if "valid_rate" not in details:
+        return "–"
+    return f"{details['valid_rate']:.1%} {_ci(details['valid_ci'])}"
 
 
 def _judge(r: dict) -> str:
@@ -231,7 +241,8 @@ def render_html(r: dict) -> str:
 <style>{CSS}</style></head><body>
 <h1>Evaluation of {escape(r['run_dir'])}</h1>
 <p>{r['n']} test examples from {escape(str(r['test']))}; metric <b>{escape(r['metric'])}</b>; greedy decoding,
-max_new_tokens={r.get('decoding', {}).get('max_new_tokens', '–')}, stop at the end-of-turn token.
+max_new_tokens={r.get('decoding', {}).get('max_new_tokens', '–')}, stop at the end-of-turn token; structured
+decoding: {escape(str(r.get('decoding', {}).get('constrained', '–')))}.
 Answers cut by max_new_tokens (model never stopped): {escape(never) or '–'}. Created {escape(r['created'])}.</p>
 {f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
 <h2>Training and validation loss</h2>

@@ -31,6 +31,7 @@ from loraforge.eval.overfit import read_metrics, verdict
 from loraforge.eval.stream import ResultLog, eval_fingerprint
 
 MODELS = ("base", "fewshot", "finetuned")
+CONSTRAINED = "finetuned_constrained"   # the fine-tuned model under structured decoding (eval.constrained)
 NEEDS_LABELS = ("accuracy", "macro_f1")
 
 
@@ -157,6 +158,15 @@ def _generate(model, tok, convs, name: str, log: ResultLog, ec, refs=None, ids=N
     return gens
 
 
+def _constrained(model, tok, prompts, structure, rlog, ec, refs):
+    from loraforge.eval.generate import generate_batch, stop_token_ids
+    from loraforge.eval.structured import compile_structure
+
+    grammar = compile_structure(tok, structure, stop_token_ids(tok, model))
+    return _generate(model, tok, prompts, CONSTRAINED, rlog, ec, refs, gen_fn=lambda part, n: generate_batch(
+        model, tok, part, max_new_tokens=n, batch_size=ec.batch_size, grammar=grammar))
+
+
 def _last_user(turns: list[dict]) -> str:
     return next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
 
@@ -170,14 +180,20 @@ def _stage(errors: list, what: str, fn):
         return None
 
 
-def _score_model(name: str, gens, refs, cfg: RunConfig, opts: dict) -> dict:
+def _score_model(name: str, gens, refs, cfg: RunConfig, opts: dict, structure=None) -> dict:
     from loraforge.eval.metrics import score
-    from loraforge.eval.stats import bootstrap_ci
+    from loraforge.eval.stats import bootstrap_ci, bootstrap_micro_f1_ci
 
     answers = [g.text for g in gens]
     res = score(cfg.eval.metric, answers, refs, **opts)
-    lo, hi = bootstrap_ci(res.per_example, seed=cfg.seed)
-    details = {k: v for k, v in res.details.items() if k != "per_class"}
+    counts = res.details.get("counts")   # a micro F1: resample examples, recompute it from their counts
+    lo, hi = bootstrap_micro_f1_ci(counts, seed=cfg.seed) if counts else bootstrap_ci(res.per_example, seed=cfg.seed)
+    details = {k: v for k, v in res.details.items() if k not in ("per_class", "counts")}
+    if structure is not None:            # how many answers have the task's structure (label / schema-valid JSON)
+        from loraforge.eval.structured import valid
+
+        ok = valid(answers, structure)
+        details["valid_rate"], details["valid_ci"] = sum(ok) / len(ok), list(bootstrap_ci(ok, seed=cfg.seed))
     return {"value": res.value, "ci": [lo, hi], "per_example": res.per_example, "details": details,
             "answers": answers, "stopped": [g.stopped for g in gens],
             "stop_rate": sum(g.stopped for g in gens) / len(gens), "new_tokens": [g.new_tokens for g in gens]}
@@ -188,7 +204,7 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
                  run_base: bool | None = None, regression: bool | None = None, out: str | Path | None = None,
                  resume: bool = False, reference: str | None = None, judge_url: str | None = None,
                  judge_model: str | None = None, serve_as: list[str] | str | None = None,
-                 batch_size: int | None = None, log=print) -> dict:
+                 batch_size: int | None = None, constrained: str | None = None, log=print) -> dict:
     """Evaluate a finished run folder; returns the eval.json dict (also written, with report.html).
     resume=True reuses the answers (and judge verdicts) already streamed to results.jsonl by an
     interrupted evaluation of the same run with the same settings."""
@@ -202,7 +218,7 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
     given = {"test": str(test) if test else None, "metric": metric, "labels": str(labels) if labels else None,
              "fewshot": fewshot, "limit": limit, "run_base": run_base, "regression": regression,
              "reference": reference, "judge_url": judge_url, "judge_model": judge_model, "serve_as": serve_as,
-             "batch_size": batch_size}
+             "batch_size": batch_size, "constrained": constrained}
     upd = {k: v for k, v in given.items() if v is not None}
     try:
         ec = cfg.eval.model_validate(cfg.eval.model_dump() | upd)
@@ -215,6 +231,9 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
         raise LoraforgeError("test file not found", where=ec.test, hint="pass --test FILE")
     prompts, refs = load_test(cfg, ec.test, ec.limit)
     opts = metric_options(cfg)
+    from loraforge.eval.structured import eval_structure
+
+    structure, constrained_note = eval_structure(ec, opts)   # mistakes raise here, before any model loads
     from loraforge.eval.judging import judge_cell, judge_client, run_judge
     from loraforge.eval.metrics import score
     from loraforge.eval.variants import check_kinds, release, variant_generator
@@ -286,6 +305,10 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
             log(f"evaluating finetuned on {len(prompts)} prompts")
             gens["finetuned"] = _stage(errors, "generate finetuned",
                                        lambda: _generate(model, tok, prompts, "finetuned", rlog, ec, refs))
+        if model is not None and structure is not None:  # structured decoding: the same model, valid answers only
+            log(f"evaluating finetuned, constrained to {structure.describe()}, on {len(prompts)} prompts")
+            gens[CONSTRAINED] = _stage(errors, "generate finetuned constrained",
+                                       lambda: _constrained(model, tok, prompts, structure, rlog, ec, refs))
         if reg_prompts and model is not None:
             log("regression set: finetuned")
             _stage(errors, "regression finetuned", lambda: regress("finetuned"))
@@ -303,14 +326,15 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
 
     for name, g in gens.items():
         if g is not None:
-            s = _stage(errors, f"score {name}", lambda n=name, g=g: _score_model(n, g, refs, cfg, opts))
+            s = _stage(errors, f"score {name}", lambda n=name, g=g: _score_model(n, g, refs, cfg, opts, structure))
             if s is not None:
                 models[name] = s
     result = assemble(run_dir, cfg, prompts, refs, models, reg, errors)
     result["seconds"] = round(time.time() - t0, 1)
     result["resumed_rows"] = rlog.reused
     result["decoding"] = {"do_sample": False, "max_new_tokens": ec.max_new_tokens, "stop": "end-of-turn token",
-                          "batch_size": ec.batch_size, "regression_max_new_tokens": reg_tokens}
+                          "batch_size": ec.batch_size, "regression_max_new_tokens": reg_tokens,
+                          "constrained": constrained_note}
     result["reference"] = parse_reference(ec.reference, ec.metric)
     if judged is not None:
         result["judge"] = judged
@@ -380,6 +404,9 @@ def assemble(run_dir: Path, cfg: RunConfig, prompts, refs, models: dict, reg: di
         if tuned and other in models:
             comparisons[f"finetuned_vs_{other}"] = _paired(tuned["per_example"], models[other]["per_example"],
                                                            cfg.seed)
+    if tuned and CONSTRAINED in models:
+        comparisons[f"{CONSTRAINED}_vs_finetuned"] = _paired(models[CONSTRAINED]["per_example"],
+                                                             tuned["per_example"], cfg.seed)
     if "base" in reg and "finetuned" in reg:
         comparisons["regression_finetuned_vs_base"] = _paired(reg["finetuned"]["per_example"],
                                                               reg["base"]["per_example"], cfg.seed)

@@ -136,3 +136,23 @@ def paired_test(
         p_mcnemar=p_mcnemar,
         discordant=discordant,
     )
+
+
+def bootstrap_micro_f1_ci(
+    counts: Sequence[Sequence[int]], n_resamples: int = 1000, confidence: float = 0.95, seed: int = DEFAULT_SEED
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of a micro F1 = 2 TP / (2 TP + FP + FN) from per-example [tp, fp, fn] counts:
+    examples are resampled and the F1 recomputed from the summed counts (not a mean of per-example F1s)."""
+    c = np.asarray(counts, dtype=float)
+    if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] == 0:
+        raise LoraforgeError("bootstrap_micro_f1_ci: need one [tp, fp, fn] row per example")
+    _check_settings(n_resamples, confidence)
+    rng = np.random.default_rng(seed)
+    f1 = np.empty(n_resamples)
+    rows = max(1, _MAX_ELEMENTS // c.shape[0])
+    for start in range(0, n_resamples, rows):
+        stop = min(start + rows, n_resamples)
+        tp, fp, fn = c[rng.integers(0, c.shape[0], size=(stop - start, c.shape[0]))].sum(axis=1).T
+        denom = 2 * tp + fp + fn
+        f1[start:stop] = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
+    return _percentile_interval(f1, confidence)

@@ -43,7 +43,9 @@ def eval_fingerprint(cfg, run_dir: Path, device: str) -> str:
                  "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation, "device": device,
                  "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size, "fewshot": ec.fewshot,
                  "fewshot_system": ec.fewshot_system, "system": cfg.data.system_prompt, "seed": cfg.seed,
-                 "train": file_digest(Path(cfg.data.train)) if cfg.data.train and ec.fewshot else None})
+                 "train": file_digest(Path(cfg.data.train)) if cfg.data.train and ec.fewshot else None,
+                 "constrained": [getattr(ec, "constrained", "auto")] + [  # what structured decoding decodes to
+                     file_digest(Path(f)) for f in (ec.labels, ec.schema_file) if f and Path(f).is_file()]})
 
 
 class ResultLog:

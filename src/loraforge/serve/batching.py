@@ -7,7 +7,8 @@ real tokens sit at the right end, its positions count only its own tokens, and t
 from attention, so a row decodes the same tokens whether it ran alone or beside others. Every forward
 passes PEFT's `adapter_names=` (one per row, "__base__" for the bare model): one batch carries many
 adapters, each row only ever sees its own. A row whose adapter was unloaded (or reloaded) since it was
-admitted is stopped with "adapter_unloaded", never decoded with another adapter.
+admitted is stopped with "adapter_unloaded", never decoded with another adapter. A request with a
+response_format has its row's logits masked by its own grammar state at every step (`_pick`).
 
 The registry is held per step (`Registry.step()`), not per request, so an adapter can be loaded or
 unloaded while others are decoding. A failing forward fails the requests in it, never the worker.
@@ -230,6 +231,18 @@ class BatchWorker:
         return out.logits[:, -1, :].float().cpu()
 
     def _pick(self, jobs: list[Job], logits) -> list[int]:
+        constrained = [j.grammar for j in jobs]
+        if any(g is not None for g in constrained):  # per request: only the tokens its grammar permits
+            from loraforge.eval.structured import mask_logits
+
+            mask_logits(logits, constrained)
+        out = self._choose(jobs, logits)
+        for g, t in zip(constrained, out):
+            if g is not None:
+                g.advance(t)
+        return out
+
+    def _choose(self, jobs: list[Job], logits) -> list[int]:
         greedy = logits.argmax(-1).tolist()
         out = []
         for i, j in enumerate(jobs):

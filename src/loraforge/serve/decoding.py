@@ -4,7 +4,9 @@
 Each request owns a `torch.Generator`, so a seeded request samples the same tokens whatever else shares
 its batch. Stop strings are matched on the decoded text; a delta is only sent once it can no longer turn
 out to be the start of a stop string (nor half a multi-byte character), and the final text is cut just
-before the first stop string found, so a client never sees any part of one.
+before the first stop string found, so a client never sees any part of one. A request with a
+`response_format` carries a grammar state (loraforge.eval.structured): the worker masks its row's logits
+with it before the token is chosen and advances it after, so it only ever decodes valid answers.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Job:
     finish_reason: str | None = None
     completion_tokens: int = 0
     rng: object = None                 # the request's torch.Generator, made on its first sampled token
+    grammar: object = None             # structured decoding: its eval.structured.State (response_format), or None
 
     def push(self, token: int, tokenizer, stop_ids: set[int]) -> None:
         """Take one generated token: send what text is safe to send, finish on a stop or at max_tokens."""

@@ -15,6 +15,9 @@ Messages: roles system (or developer), user and assistant; `content` a string or
 (text parts only). A tool/function message or an unknown role is a 400 (no tool calling). A last message
 from the assistant is continued: its text is the start of the answer, and the reply holds what follows.
 A client that goes away (streaming or not) cancels its request: its row leaves the batch at the next step.
+Structured output: `response_format` {"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}
+decodes only JSON that satisfies the schema, {"type": "json_object"} only a JSON object, {"type": "text"}
+anything (the default); grammars are compiled once per schema (llguidance; extra `structured`) and cached.
 """
 
 from __future__ import annotations
@@ -145,6 +148,49 @@ def context_limit(model, override: int | None = None) -> int:
     return override or getattr(cfg, "max_position_embeddings", None) or 2048
 
 
+def parse_response_format(body: dict):
+    """The request's Structure (loraforge.eval.structured), None for plain text, or a BadRequest."""
+    from loraforge.eval.structured import Structure
+
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Structure(schema={"type": "object"})
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest(400, "response_format.json_schema.schema must be a JSON Schema object",
+                             param="response_format")
+        return Structure(schema=schema)
+    raise BadRequest(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                     param="response_format")
+
+
+class Grammars:
+    """Compiled grammars by schema (the most recent 64), shared by the requests that use the same one."""
+
+    def __init__(self, tokenizer, stop_ids: list[int]):
+        import threading
+
+        self.tokenizer, self.stops, self.cache, self.lock = tokenizer, stop_ids, {}, threading.Lock()
+
+    def get(self, structure):
+        from loraforge.eval.structured import compile_structure
+
+        key = json.dumps([structure.labels, structure.schema], sort_keys=True)
+        with self.lock:
+            if key not in self.cache:
+                if len(self.cache) >= 64:
+                    self.cache.pop(next(iter(self.cache)))
+                self.cache[key] = compile_structure(self.tokenizer, structure, self.stops)
+            return self.cache[key]
+
+
 def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 5.0,
               max_context: int | None = None):
     """The Starlette app; `app.state.worker` is its BatchWorker (closed on shutdown)."""
@@ -160,6 +206,7 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
     tok = registry.tokenizer
     limit = context_limit(registry.model, max_context)
     worker = BatchWorker(registry, max_batch=max_batch, wait_ms=wait_ms)
+    grammars = Grammars(tok, sorted(worker.stops))
     created = int(time.time())
 
     def authorised(request) -> bool:
@@ -213,13 +260,24 @@ def build_app(registry: Registry, *, api_key: str | None = None, max_batch: int 
 
         job = Job(ids, registry.adapter_for(name), max_tokens, emit, sampling=sampling)
         job.events = events  # type: ignore[attr-defined]
+        job.structure = parse_response_format(body)  # type: ignore[attr-defined]
         return job, name, bool(body.get("stream"))
+
+    async def constrain(job: Job) -> None:
+        """Give the job its grammar state (compiled off the event loop: the first one takes about a second)."""
+        if job.structure is not None:  # type: ignore[attr-defined]
+            try:
+                grammar = await asyncio.to_thread(grammars.get, job.structure)  # type: ignore[attr-defined]
+            except LoraforgeError as e:
+                raise BadRequest(400, str(e).replace("\n", " "), param="response_format") from None
+            job.grammar = grammar.start()
 
     async def generate(request, chat: bool):
         if not authorised(request):
             return error(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
         try:
             job, name, stream = parse(await body_of(request), chat)
+            await constrain(job)
         except BadRequest as e:
             return error(e.status, e.message, param=e.param, code=e.code)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
