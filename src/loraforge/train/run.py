@@ -33,6 +33,7 @@ from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
 from loraforge.train.loop import plan_steps, prepare_model, train_loop
+from loraforge.train.preference_loop import objective_parts
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -152,7 +153,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                                                     attn_implementation=cfg.model.attn_implementation,
                                                     quantization=cfg.model.quantization,
                                                     store_on="cpu" if fsdp else None)
-    train_items, val_items, data_report = load_data(cfg, tokenizer)
+    special = objective_parts(cfg.objective)  # dpo/orpo/simpo/kto/grpo: their data, module and loop
+    train_items, val_items, data_report = special.load(cfg, tokenizer, console.print) if special else \
+        load_data(cfg, tokenizer)
     rows = train_items
     if cfg.data.packing:  # best-fit rows of max_seq_length; each example attends only to itself
         rows = pack(train_items, cfg.data.max_seq_length)
@@ -173,7 +176,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     compute_dtype = amp_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path,
                                        sharded=fsdp, log=console.print)
-    step_module = prepare_model(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
+    step_module = (special.prepare if special else prepare_model)(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, cfg, device)
     _, total_steps = plan_steps(len(train_items), cfg)
@@ -198,8 +201,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                   f"{', embedding and head over their FSDP2 shards' if fast and fast.vocab_parallel else ''}) "
                   f"({'bf16' if amp_dtype else 'fp32'} compute): {n_trainable:,} trainable parameters, "
                   f"{len(train_items)} {'packed rows' if cfg.data.packing else 'examples'}, {total_steps} steps")
-    result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items, cfg,
-                        run_dir, state, log=console.print, fast=fast, dist=dist, step_module=step_module)
+    loop = special.loop if special else train_loop
+    result = loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items, cfg,
+                  run_dir, state, log=console.print, fast=fast, dist=dist, step_module=step_module)
     model.eval()
     adapter_dir = run_dir / "adapter"
     if dist.enabled:  # rank 0 writes (FSDP2: after gathering the shards)
@@ -219,6 +223,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "precision": "bf16" if amp_dtype else "fp32",
                "compute_dtype": str(compute_dtype).removeprefix("torch."), "trainable_parameters": n_trainable,
                "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
+    summary.update(objective=cfg.objective, **getattr(result, "report", {}))
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
     dist.barrier()
