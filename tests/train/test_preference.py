@@ -123,3 +123,157 @@ def test_preference_run_raises_reward_accuracy_and_resumes_to_the_same_losses(ti
     again = run_training(build_config(_pref_tree(tiny_model, data, run, objective, keep_last=10)), resume=True)
     assert_same_curve(metrics_rows(run), rows)
     assert again.summary["preference"]["tuned"] == pytest.approx(rep["tuned"])
+
+
+def test_decoder_greedy_equals_eval_generate_and_one_prompt_at_a_time(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.data.templates import prompt_text
+    from loraforge.eval.generate import generate_batch, stop_token_ids
+    from loraforge.model.decode import decode_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    convs = [[{"role": "user", "content": f"What colour is the {t}?" + " please" * i}] for i, t in enumerate(THINGS)]
+    ids = [tok(prompt_text(tok, c), add_special_tokens=False)["input_ids"] for c in convs]
+    stops = stop_token_ids(tok, model)
+    batched = decode_ids(model, ids, stops=stops, pad_id=tok.pad_token_id, max_new_tokens=8, batch_size=4)
+    for i, c in zip(ids, batched):  # one prompt at a time, no padding: the same tokens
+        (alone,) = decode_ids(model, [i], stops=stops, pad_id=tok.pad_token_id, max_new_tokens=8)
+        assert c.ids == alone.ids and c.stopped == alone.stopped
+    answers = generate_batch(model, tok, convs, max_new_tokens=8, batch_size=4)
+    assert [a.text for a in answers] == [tok.decode(c.ids, skip_special_tokens=True).strip() for c in batched]
+    # sampling is seeded: the same seed gives the same completions, another seed others
+    kw = dict(stops=stops, pad_id=tok.pad_token_id, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    a, b, c = (decode_ids(model, ids, seed=s, **kw) for s in (1, 1, 2))
+    assert [x.ids for x in a] == [x.ids for x in b] != [x.ids for x in c]
+
+
+def test_reference_by_disabled_adapter_equals_a_separate_copy_of_the_base(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.config import LoraSection
+    from loraforge.data.batching import collate
+    from loraforge.data.preference import Pair, tokenize_preferences
+    from loraforge.model.adapters import attach_adapter
+    from loraforge.train.logprobs import reference_token_logps, row_sums, sequence_logps
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model), LoraSection(r=4, alpha=8, dropout=0.1))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # the adapter now changes the output
+    pairs = [Pair([{"role": "user", "content": r["prompt"]}], [{"role": "assistant", "content": r["chosen"]}],
+                  [{"role": "assistant", "content": r["rejected"]}], f"x:{i}") for i, r in enumerate(pair_rows(4))]
+    items, _ = tokenize_preferences(tok, pairs, 64, 64)
+    batch = collate([s for it in items for s in it.sides()], tok.pad_token_id)
+    ref, _ = row_sums(*reference_token_logps(model, batch), 8)
+    with torch.no_grad():
+        want, counts = sequence_logps(base, batch)
+        model.eval()
+        adapted, _ = sequence_logps(model, batch)
+    assert ref.tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    assert (adapted - want).abs().max() > 1e-2  # the adapter was on for the policy
+    assert model.training is False and counts.tolist() == [s.n_loss_tokens for it in items for s in it.sides()]
+
+
+def test_fast_path_log_probs_equal_the_plain_path_values_and_gradients(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.config import LoraSection
+    from loraforge.data.batching import collate
+    from loraforge.data.preference import Pair, tokenize_preferences
+    from loraforge.model.adapters import attach_adapter
+    from loraforge.model.fast import FastLlama
+    from loraforge.train.logprobs import LogpStep, sequence_logps, token_logps
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model), LoraSection(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    pairs = [Pair([{"role": "user", "content": r["prompt"] + " ok" * i}], [{"role": "assistant", "content": r["chosen"]}],
+                  [{"role": "assistant", "content": r["rejected"]}], f"x:{i}") for i, r in enumerate(pair_rows(3))]
+    items, _ = tokenize_preferences(tok, pairs, 64, 64)
+    batch = collate([s for it in items for s in it.sides()], tok.pad_token_id)
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")
+    grads = []
+    for parts in (None, fast):
+        model.zero_grad()
+        sums, counts = LogpStep(model, parts)(batch)
+        (sums * torch.linspace(1, 2, len(sums))).sum().backward()  # rows weighted differently
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        if parts is None:
+            plain = sums.detach()
+    assert sums.tolist() == pytest.approx(plain.tolist(), rel=1e-5)
+    for n in grads[0]:  # equal up to 1e-5 of the largest entry (fp32 sums in another order)
+        err = float((grads[1][n] - grads[0][n]).abs().max()) / float(grads[0][n].abs().max())
+        assert err < 1e-5, n
+    lp, rows = token_logps(model, batch, fast)
+    assert rows.tolist() == sorted(rows.tolist()) and counts.tolist() == torch.bincount(rows).tolist()
+    assert sequence_logps(model, batch, fast)[0].tolist() == pytest.approx(plain.tolist(), rel=1e-5)
+
+
+REWARD_FILE = '''
+def reward(prompt, completion, **row):
+    return 1.0 if row["answer"] in completion else 0.0
+'''
+
+
+def test_grpo_run_samples_with_the_adapter_and_resumes_to_the_same_losses(tiny_model, tmp_path):
+    import shutil
+
+    from loraforge.config import build_config
+    from loraforge.train.run import run_training
+
+    rows = [{"prompt": f"What colour is the {t}?", "answer": c} for c, t in zip(COLORS, THINGS)] * 3
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    tree = tiny_config(tiny_model, data, tmp_path / "ref", num_threads=1, epochs=1, batch_size=2, grad_accum=2,
+                       learning_rate=2e-2, save_every=2, eval_every=100, keep_last=10)
+    tree.update(objective="grpo", grpo={"rewards": [str(tmp_path / "rewards.py"), "normalized_match"],
+                                         "group_size": 4, "max_new_tokens": 6, "kl_beta": 0.05})
+    ref = run_training(build_config(tree))
+    rows_ref = metrics_rows(tmp_path / "ref")
+    assert len(rows_ref) == ref.summary["steps"] == 6  # 22 prompts (2 held out): 11 micro-batches of 2, 2 a step
+    assert all(0 <= r["reward"] <= 2 and 0 <= r["pass_rate"] <= 1 and r["kl"] >= 0 for r in rows_ref)
+    assert any(r["kl"] > 0 for r in rows_ref[1:])  # the adapter moved away from the reference
+    rep = ref.summary["grpo"]
+    assert rep["base"]["examples"] == rep["tuned"]["examples"] == 2
+    ev = json.loads((tmp_path / "ref" / "grpo_eval.json").read_text())
+    assert sum(ev["tuned_passes"]) / 2 == rep["tuned"]["pass_rate"]
+
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ref", run, ignore=shutil.ignore_patterns("adapter", "summary.json"))
+    for ckpt in (run / "checkpoints").iterdir():
+        if ckpt.name != "step-00000002":
+            shutil.rmtree(ckpt)
+    tree["output_dir"] = str(run)
+    run_training(build_config(tree), resume=True)
+    assert_same_curve(metrics_rows(run), rows_ref)
+
+
+def test_reward_builtins_and_user_file(tmp_path):
+    from loraforge.train.rewards import load_rewards, score
+
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["a"]}))
+    exact, norm, num, rx, js = load_rewards(["exact_match", "normalized_match", "numeric", "regex", "json_schema"],
+                                            pattern=r"[a-z]+", schema_file=str(schema))
+    assert exact("q", " blue ", answer="blue") == 1 and exact("q", "Blue", answer="blue") == 0
+    assert norm("q", "Blue.", answer="blue") == 1
+    assert num("q", "so it is 1,234.0 in total", answer="1234") == 1 and num("q", "no number", answer="3") == 0
+    assert rx("q", "abc") == 1 and rx("q", "abc1") == 0
+    assert js("q", '{"a": 1}') == 1 and js("q", '{"b": 1}') == 0 and js("q", "not json") == 0
+    (tmp_path / "r.py").write_text("def mine(prompt, completion, **row):\n    return len(completion) / row['n']\n")
+    (fn,) = load_rewards([f"{tmp_path / 'r.py'}:mine"])
+    assert score([fn, exact], "q", "four", {"n": 8, "answer": "four"}) == 1.5
+    with pytest.raises(LoraforgeError, match="raised KeyError"):
+        score([fn], "q", "x", {}, "f.jsonl:3")
+    with pytest.raises(LoraforgeError, match="unknown reward 'exactly'"):
+        load_rewards(["exactly"])
+    with pytest.raises(LoraforgeError, match="no function 'reward'"):
+        load_rewards([str(tmp_path / "r.py")])

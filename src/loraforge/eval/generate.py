@@ -1,8 +1,9 @@
 """Batched generation for evaluation and for `loraforge generate` / `loraforge chat`.
 
-Prompts are rendered with the model's chat template, sorted by length, left-padded into batches
-and decoded greedily with the KV cache; decoding stops at the template's end-of-turn token. Each
-answer records whether the model stopped by itself (a model that never stops is reported).
+Prompts are rendered with the model's chat template and decoded greedily by loraforge's batched
+decoder (model.decode: length-sorted, left-padded batches, KV cache), which stops at the template's
+end-of-turn token. Each answer records whether the model stopped by itself (a model that never stops
+is reported).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from loraforge.data.templates import prompt_text
 from loraforge.errors import LoraforgeError
 from loraforge.model.attention import decode_attention
+from loraforge.model.decode import END_OF_TURN, decode_ids, stop_token_ids
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+__all__ = ["END_OF_TURN", "Generation", "InferenceHandle", "build_messages", "generate_batch", "stop_token_ids"]
 
 
 @dataclass
@@ -34,15 +35,6 @@ class InferenceHandle:
     system: str | None = None
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
-    return sorted(ids)
-
-
 def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and msgs[0]["role"] != "system":
@@ -50,41 +42,17 @@ def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     return msgs
 
 
-@torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
                    batch_size: int = 32, progress=None, cudnn_attention: bool = False) -> list[Generation]:
-    """Greedy answers to each conversation (its last assistant turn, if any, is left out)."""
+    """Greedy answers to each conversation (its last assistant turn, if any, is left out), decoded by
+    model.decode in length-sorted, left-padded batches."""
     texts = [prompt_text(tokenizer, c) for c in conversations]
-    stops = stop_token_ids(tokenizer, model)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out: list[Generation | None] = [None] * len(texts)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            with decode_attention(device, cudnn_attention):
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
-                                     top_k=None)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            for row, i in enumerate(idx):
-                toks = new[row].tolist()
-                cut = next((k for k, t in enumerate(toks) if t in stops), None)
-                kept = toks if cut is None else toks[:cut]
-                out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), cut is not None,
-                                    len(kept))
-            if progress:
-                progress(len(idx))
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return out  # type: ignore[return-value]
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    done = decode_ids(model, prompts, stops=stop_token_ids(tokenizer, model), pad_id=tokenizer.pad_token_id,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                      cudnn_attention=cudnn_attention)
+    return [Generation(tokenizer.decode(c.ids, skip_special_tokens=True).strip(), c.stopped, len(c.ids))
+            for c in done]
 
 
 def load_for_inference(name: str) -> InferenceHandle:

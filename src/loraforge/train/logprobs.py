@@ -72,3 +72,10 @@ class LogpStep(torch.nn.Module):
         if per_token:
             return token_logps(self.model, batch, self.parts)
         return sequence_logps(self.model, batch, self.parts)
+
+
+def wrap_logp_step(model, dist, device: str, fast=None) -> torch.nn.Module:
+    """LogpStep, in DDP or FSDP2 under torchrun (train.distributed.wrap); build the optimizer after this."""
+    from loraforge.train.distributed import wrap
+
+    return wrap(LogpStep(model, fast), dist, device)

@@ -33,7 +33,7 @@ from loraforge.data.preference import TokenizeReport, read_pairs, tokenize_prefe
 from loraforge.errors import LoraforgeError
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState
-from loraforge.train.logprobs import LogpStep, reference_token_logps, row_sums
+from loraforge.train.logprobs import reference_token_logps, row_sums, wrap_logp_step
 from loraforge.train.loop import LoopResult, _StopFlag, _track_validation, micro_batches, plan_steps, seed_micro_batch
 from loraforge.train.objectives import REFERENCE_FREE, beta_of, kto_loss, pair_loss
 from loraforge.train.progress import TrainProgress
@@ -202,7 +202,7 @@ def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocas
     pad_id = tokenizer.pad_token_id
     per_epoch, total_steps = plan_steps(len(train_items), cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    step_module = step_module if step_module is not None else D.wrap(LogpStep(model, fast), dist, device.type)
+    step_module = step_module if step_module is not None else wrap_logp_step(model, dist, device.type, fast)
     # the reference of every validation example now (it also scores the base model); of a training example
     # the first time it comes (kept in the run folder for --resume)
     cache = run_dir / REFERENCE_FILE
@@ -310,5 +310,4 @@ def objective_parts(objective: str) -> ObjectiveParts | None:
         from loraforge.train.grpo_loop import GRPO_PARTS
 
         return GRPO_PARTS
-    return ObjectiveParts(load_preference_data, lambda model, dist, device, fast:
-                          D.wrap(LogpStep(model, fast), dist, device), preference_loop)
+    return ObjectiveParts(load_preference_data, wrap_logp_step, preference_loop)
