@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +34,11 @@ from loraforge.model.decode import decode_ids, stop_token_ids
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState
 from loraforge.train.logprobs import reference_token_logps, wrap_logp_step
-from loraforge.train.loop import _StopFlag, micro_batches, plan_steps, seed_micro_batch
+from loraforge.train.loop import micro_batches, plan_steps, seed_micro_batch
 from loraforge.train.objectives import group_advantages, grpo_loss
 from loraforge.train.preference_loop import ObjectiveParts, ObjectiveResult
-from loraforge.train.progress import TrainProgress
 from loraforge.train.rewards import load_rewards, score
-from loraforge.train.steps import advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step
+from loraforge.train.steps import advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session
 
 BASE_EVAL = "grpo_base_eval.json"
 
@@ -145,9 +143,7 @@ def grpo_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tra
     config_yaml = cfg.to_yaml()
     t0 = time.time()
     model.train()
-    mlog = (run_dir / "metrics.jsonl").open("a") if dist.is_main else open(os.devnull, "w")
-    with _StopFlag() as stop, TrainProgress(total_steps, state.step) as progress, mlog, \
-            D.peer_failures(dist, tc.dist_timeout_s):
+    with session(run_dir, tc, state, total_steps, dist) as (stop, progress, mlog):
         while state.step < total_steps:
             group = next_group(batches, per_epoch, tc)
             mine = list(range(dist.rank, len(group), dist.world))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +33,9 @@ from loraforge.errors import LoraforgeError
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState
 from loraforge.train.logprobs import reference_token_logps, row_sums, wrap_logp_step
-from loraforge.train.loop import LoopResult, _StopFlag, _track_validation, micro_batches, plan_steps, seed_micro_batch
+from loraforge.train.loop import LoopResult, _track_validation, micro_batches, plan_steps, seed_micro_batch
 from loraforge.train.objectives import REFERENCE_FREE, beta_of, kto_loss, pair_loss
-from loraforge.train.progress import TrainProgress
-from loraforge.train.steps import advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step
+from loraforge.train.steps import advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -223,9 +221,7 @@ def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocas
     config_yaml = cfg.to_yaml()
     t0 = time.time()
     model.train()
-    mlog = (run_dir / "metrics.jsonl").open("a") if dist.is_main else open(os.devnull, "w")
-    with _StopFlag() as stop, TrainProgress(total_steps, state.step) as progress, mlog, \
-            D.peer_failures(dist, tc.dist_timeout_s):
+    with session(run_dir, tc, state, total_steps, dist) as (stop, progress, mlog):
         while state.step < total_steps:
             group = next_group(batches, per_epoch, tc)
             mine = list(range(dist.rank, len(group), dist.world))

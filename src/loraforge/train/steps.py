@@ -4,11 +4,26 @@ metrics row, and the checkpoint on schedule or on a stop signal."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
 
 from loraforge.train.checkpoint import TrainerState, save_checkpoint
-from loraforge.train.loop import TrainingInterrupted
+from loraforge.train.loop import TrainingInterrupted, _StopFlag
+from loraforge.train.progress import TrainProgress
+
+
+@contextlib.contextmanager
+def session(run_dir, tc, state: TrainerState, total_steps: int, dist):
+    """(stop flag, progress bar, metrics file) for a loop's steps: SIGTERM/SIGINT become a flag, rank 0 alone
+    appends to metrics.jsonl, and a dead peer becomes one clear message."""
+    from loraforge.train.distributed import peer_failures
+
+    mlog = (run_dir / "metrics.jsonl").open("a") if dist.is_main else open(os.devnull, "w")
+    with _StopFlag() as stop, TrainProgress(total_steps, state.step) as progress, mlog, \
+            peer_failures(dist, tc.dist_timeout_s):
+        yield stop, progress, mlog
 
 
 def next_group(batches, per_epoch: int, tc) -> list[tuple[int, int, list]]:
