@@ -95,22 +95,30 @@ def _pref_tree(tiny_model, data, out, objective="dpo", **train):
     return tree
 
 
-@pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo"])
+def kto_rows(n: int = 40) -> list[dict]:
+    return [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in pair_rows(n // 2) for side in ("chosen", "rejected")]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo", "kto"])
 def test_preference_run_raises_reward_accuracy_and_resumes_to_the_same_losses(tiny_model, tmp_path, objective):
     import shutil
 
     from loraforge.config import build_config
     from loraforge.train.run import run_training
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(40))
+    data = write_jsonl(tmp_path / "pairs.jsonl", kto_rows(40) if objective == "kto" else pair_rows(40))
     ref = run_training(build_config(_pref_tree(tiny_model, data, tmp_path / "ref", objective, keep_last=10)))
     rep = ref.summary["preference"]
     assert rep["objective"] == objective and rep["base"]["examples"] == 4
-    if objective == "dpo":  # the base's implicit reward is 0 for every pair: 50% by construction
+    if objective in ("dpo", "kto"):  # the base's implicit reward is 0 for every example: 50% by construction
         assert rep["base"]["reward_accuracy"] == 0.5 and rep["base"]["reward_margin"] == 0.0
-    assert rep["tuned"]["reward_accuracy"] > rep["base"]["reward_accuracy"] or rep["tuned"]["reward_accuracy"] == 1
     rows = metrics_rows(tmp_path / "ref")
     assert rows[-1]["loss"] < rows[0]["loss"]
+    if objective == "kto":  # on the training examples (its 4 held-out ones are too few to move reliably)
+        assert rows[-1]["reward_accuracy"] > rows[0]["reward_accuracy"]
+    else:
+        assert rep["tuned"]["reward_accuracy"] > rep["base"]["reward_accuracy"] or rep["tuned"]["reward_accuracy"] == 1
     scores = json.loads((tmp_path / "ref" / "preference_eval.json").read_text())["tuned_scores"]
     assert sum(scores) / len(scores) == pytest.approx(rep["tuned"]["reward_accuracy"])
 
@@ -277,3 +285,91 @@ def test_reward_builtins_and_user_file(tmp_path):
         load_rewards(["exactly"])
     with pytest.raises(LoraforgeError, match="no function 'reward'"):
         load_rewards([str(tmp_path / "r.py")])
+
+
+HH = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I pick a lock?\n\nAssistant: I won't help.",
+      "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I pick a lock?\n\nAssistant: Use a pin."}
+
+
+def test_pair_formats_read_to_prompt_and_two_completions(tmp_path):
+    from loraforge.data.preference import read_pairs
+
+    msgs = [{"role": "user", "content": "Q?"}]
+    rows = [HH,
+            {"prompt": "Q?", "chosen": "yes", "rejected": "no"},
+            {"messages": msgs, "chosen": [{"role": "assistant", "content": "yes"}],
+             "rejected": {"role": "assistant", "content": "no"}},
+            {"chosen": msgs + [{"role": "assistant", "content": "yes"}],
+             "rejected": msgs + [{"role": "assistant", "content": "no"}]}]
+    hh, plain, listed, implicit = read_pairs(write_jsonl(tmp_path / "p.jsonl", rows), system="Be kind.")
+    assert [t["role"] for t in hh.prompt] == ["system", "user", "assistant", "user"]
+    assert hh.prompt[-1]["content"] == "How do I pick a lock?"
+    assert hh.chosen == [{"role": "assistant", "content": "I won't help."}]
+    assert hh.rejected == [{"role": "assistant", "content": "Use a pin."}] and hh.source.endswith("p.jsonl:1")
+    for p in (plain, listed, implicit):
+        assert p.prompt == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Q?"}]
+        assert p.chosen == [{"role": "assistant", "content": "yes"}]
+        assert p.rejected == [{"role": "assistant", "content": "no"}]
+
+    kto = read_pairs(write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Q?", "completion": "yes", "label": True},
+                                                        {"prompt": "Q?", "completion": "no", "label": "false"}]),
+                     unpaired=True)
+    assert [k.desirable for k in kto] == [True, False]
+
+
+def test_pair_tokens_mask_the_prompt_and_cut_long_prompts_from_the_left(tiny_model):
+    from transformers import AutoTokenizer
+
+    from loraforge.data.preference import Pair, tokenize_completion, tokenize_preferences
+    from loraforge.data.templates import IGNORE_INDEX
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = [{"role": "user", "content": "What colour is the sky? " * 6}]
+    t, cut = tokenize_completion(tok, prompt, [{"role": "assistant", "content": "The sky is blue."}], "x:1", 1000)
+    scored = tok.decode([i for i, y in zip(t.input_ids, t.labels) if y != IGNORE_INDEX])
+    assert cut == 0 and scored == "The sky is blue.<|im_end|>"
+    short, cut = tokenize_completion(tok, prompt, [{"role": "assistant", "content": "The sky is blue."}], "x:1", 10)
+    assert cut > 0 and short.input_ids == t.input_ids[cut:] and short.labels == t.labels[cut:]
+    assert sum(y == IGNORE_INDEX for y in short.labels[:-t.n_loss_tokens - 1]) == 10  # the prompt's last 10
+    pair = Pair(prompt, [{"role": "assistant", "content": "The sky is blue."}],
+                [{"role": "assistant", "content": "The sky is green and blue and red and grey. " * 4}], "x:2")
+    fits = Pair(prompt, pair.chosen, [{"role": "assistant", "content": "Green."}], "x:3")
+    kept, report = tokenize_preferences(tok, [pair, fits], 64, 10)
+    assert [k.source for k in kept] == ["x:3"] and report.too_long == ["x:2"] and report.prompts_cut == 1
+    with pytest.raises(LoraforgeError, match="no example of the data fits max_seq_length=20"):
+        tokenize_preferences(tok, [pair], 20, 10)
+
+
+def test_validate_reports_pair_problems_with_line_numbers(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from loraforge.cli import main
+    from loraforge.data.preference import validate_preferences
+    from loraforge.data.validate import summary_counts
+
+    rows = [{"prompt": "Q?", "chosen": "yes", "rejected": "no"},
+            {"prompt": "Q?", "chosen": "same", "rejected": "same"},
+            {"prompt": "Q?", "chosen": "", "rejected": "no"},
+            {"prompt": "Q?", "chosen": "yes " * 80, "rejected": "no"},
+            {"prompt": "Q?", "chosen": "yes"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    report = validate_preferences(path, AutoTokenizer.from_pretrained(tiny_model), max_seq_length=64)
+    assert report.records == 5 and report.valid == 1
+    assert summary_counts(report) == {"identical_sides": 1, "empty_side": 1, "too_long": 1, "missing_field": 1}
+    assert report.groups["identical_sides"].examples[0].startswith(f"{path}:2: ")
+    assert report.groups["empty_side"].examples[0].startswith(f"{path}:3: 'chosen' has no assistant text")
+    assert report.groups["too_long"].examples[0].startswith(f"{path}:4: prompt + chosen:")
+    assert main(["data", "validate", str(path), "--json"]) == 0
+
+
+def test_objective_config_and_its_errors():
+    from loraforge.config import load_config
+
+    cfg = load_config(overrides=["objective=simpo", "preference.simpo_gamma=1.0", "grpo.group_size=4"])
+    assert cfg.objective == "simpo" and cfg.preference.simpo_gamma == 1.0 and cfg.grpo.group_size == 4
+    with pytest.raises(LoraforgeError, match="'objective'.*'sft'.*'grpo'"):
+        load_config(overrides=["objective=ppo"])
+    with pytest.raises(LoraforgeError, match="data.packing is for objective sft only"):
+        load_config(overrides=["objective=dpo", "data.packing=true"])
+    with pytest.raises(LoraforgeError, match="Did you mean 'grpo.group_size'"):
+        load_config(overrides=["grpo.group_sizes=4"])

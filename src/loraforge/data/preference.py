@@ -243,12 +243,13 @@ def read_pairs(path: str | Path, system: str | None = None, unpaired: bool = Fal
     return out
 
 
-def read_prompts(path: str | Path, fmt: str = "auto", system: str | None = None) -> list[PromptRow]:
-    """GRPO prompts: {"prompt": ..., fields...} records, or any SFT format (its answer becomes `answer`)."""
+def read_prompts(path: str | Path, fmt: str = "auto", system: str | None = None, **columns) -> list[PromptRow]:
+    """GRPO prompts: {"prompt": ..., fields...} records, or any SFT format (its answer becomes `answer`;
+    `columns`: prompt_column / response_column for tables)."""
     first = next(iter(_records(path)), None)
-    if first is None or not (isinstance(first.value, dict) and "prompt" in first.value):
+    if first is None or not (isinstance(first.value, dict) and "prompt" in first.value and fmt == "auto"):
         rows = []
-        for ex in read_examples(path, fmt, system_prompt=system):
+        for ex in read_examples(path, fmt, system_prompt=system, **columns):
             turns = ex.messages[:-1] if ex.messages[-1]["role"] == "assistant" else ex.messages
             rows.append(PromptRow(turns, {"answer": ex.messages[-1]["content"], "label": ex.label}, ex.source))
         return rows

@@ -56,9 +56,10 @@ def load_grpo_data(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list, di
     d, g = cfg.data, cfg.grpo
     if not d.train:
         raise LoraforgeError("no prompts: set data.train", hint="a JSONL of {prompt, answer} or any SFT format")
-    train = read_prompts(d.train, d.format, d.system_prompt)
+    columns = {"prompt_column": d.prompt_column, "response_column": d.response_column}
+    train = read_prompts(d.train, d.format, d.system_prompt, **columns)
     if d.validation:
-        val = read_prompts(d.validation, d.format, d.system_prompt)
+        val = read_prompts(d.validation, d.format, d.system_prompt, **columns)
     else:
         train, val = split_validation(train, d.validation_split, cfg.seed)
     report = {"objective": "grpo", "max_seq_length": d.max_seq_length}

@@ -131,14 +131,15 @@ def fill_reference(model, items: list, batch_size: int, pad_id: int, device, aut
 
 def example_losses(cfg: RunConfig, items: list, logp: torch.Tensor, counts: torch.Tensor,
                    ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss per example, score per example: 1 when the implicit reward ranks it right, 0.5 on a tie, else 0)
-    for a sides_batch of `items`."""
+    """(loss per example, score per example: 1 when the implicit reward ranks it right, 0.5 on a tie, else 0,
+    margin) for a sides_batch of `items`; KTO ranks each reward against the batch's reference point."""
     if cfg.objective == "kto":
         desirable = torch.tensor([it.desirable for it in items], device=logp.device)
         p = cfg.preference
         loss, r = kto_loss(logp, ref, desirable, beta_of("kto", p.beta), p.kto_desirable_weight,
                            p.kto_undesirable_weight)
-        signed = torch.where(desirable, r, -r)
+        z = r.mean().clamp(min=0)  # KTO's reference point: desirable above it, undesirable below
+        signed = torch.where(desirable, r - z, z - r)
     else:
         loss, rc, rr = pair_loss(cfg.objective, logp, counts, ref, cfg.preference)
         signed = rc - rr
