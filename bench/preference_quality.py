@@ -1,7 +1,7 @@
 """DPO (or ORPO/SimPO) on Anthropic's HH-RLHF harmless pairs with the embedded SmolLM2-135M-Instruct:
 held-out reward accuracy of the base and of the tuned adapter, with bootstrap confidence intervals.
 
-    python bench/preference_quality.py --objective dpo --train 240 --test 200 \
+    python bench/preference_quality.py --objective dpo --train 160 --test 150 \
         --out bench/results/preference/dpo_hh_cpu.json
 
 The pairs are the slice shipped in src/loraforge/datasets/hh_rlhf_harmless (a seeded shuffle: the first
@@ -28,8 +28,8 @@ import yaml
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--objective", default="dpo", choices=["dpo", "orpo", "simpo"])
-    ap.add_argument("--train", type=int, default=240)
-    ap.add_argument("--test", type=int, default=200)
+    ap.add_argument("--train", type=int, default=160)
+    ap.add_argument("--test", type=int, default=150)
     ap.add_argument("--work", default="runs/bench-preference")
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
@@ -48,8 +48,8 @@ def main() -> None:
     (work / "train.jsonl").write_text("\n".join(lines[args.test:args.test + args.train]) + "\n", encoding="utf-8")
     tree = {"base_model": "smollm2-135m-instruct", "output_dir": str(work / "run"), "objective": args.objective,
             "data": {"train": str(work / "train.jsonl"), "validation": str(work / "test.jsonl"),
-                     "max_seq_length": 160},
-            "preference": {"max_prompt_length": 48},
+                     "max_seq_length": 128},
+            "preference": {"max_prompt_length": 40},
             "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
             "train": {"epochs": 1, "learning_rate": 5e-4, "batch_size": 4, "grad_accum": 1, "warmup_ratio": 0.1,
                       "eval_every": 1000, "save_every": 1000}}

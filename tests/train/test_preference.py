@@ -203,8 +203,9 @@ def test_fast_path_log_probs_equal_the_plain_path_values_and_gradients(tiny_mode
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
-    pairs = [Pair([{"role": "user", "content": r["prompt"] + " ok" * i}], [{"role": "assistant", "content": r["chosen"]}],
-                  [{"role": "assistant", "content": r["rejected"]}], f"x:{i}") for i, r in enumerate(pair_rows(3))]
+    pairs = [Pair([{"role": "user", "content": r["prompt"] + " ok" * i}],
+                  [{"role": "assistant", "content": r["chosen"]}], [{"role": "assistant", "content": r["rejected"]}],
+                  f"x:{i}") for i, r in enumerate(pair_rows(3))]
     items, _ = tokenize_preferences(tok, pairs, 64, 64)
     batch = collate([s for it in items for s in it.sides()], tok.pad_token_id)
     fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")

@@ -69,7 +69,8 @@ def load_preference_data(cfg: RunConfig, tokenizer, log=print) -> tuple[list, li
     dropped = len(tr.too_long) + len(vr.too_long)
     if dropped:
         log(f"[yellow]warning:[/] {dropped} examples are longer than max_seq_length={d.max_seq_length} even with their "
-              f"prompt cut to {p.max_prompt_length} tokens, and were left out (first: {(tr.too_long + vr.too_long)[0]})")
+              f"prompt cut to {p.max_prompt_length} tokens, and were left out "
+              f"(first: {(tr.too_long + vr.too_long)[0]})")
     return train_items, val_items, report
 
 

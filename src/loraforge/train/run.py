@@ -176,7 +176,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     compute_dtype = amp_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path,
                                        sharded=fsdp, log=console.print)
-    step_module = (special.prepare if special else prepare_model)(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
+    # DDP / FSDP2 under torchrun; before the optimizer
+    step_module = (special.prepare if special else prepare_model)(model, dist, device, fast)
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, cfg, device)
     _, total_steps = plan_steps(len(train_items), cfg)
