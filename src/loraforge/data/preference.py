@@ -312,6 +312,7 @@ def tokenize_preferences(tokenizer, items: list, max_seq_length: int, max_prompt
         report.prompts_cut += any(cuts)
         out.append(PairItem(toks[0], toks[1], it.source) if isinstance(it, Pair)
                    else UnpairedItem(toks[0], it.desirable, it.source))
+    report.kept = len(out)
     if not out:
         raise LoraforgeError(f"no example of the {what} fits max_seq_length={max_seq_length}",
                              where=report.too_long[0] if report.too_long else what,
