@@ -1,7 +1,7 @@
 """DPO (or ORPO/SimPO) on Anthropic's HH-RLHF harmless pairs with the embedded SmolLM2-135M-Instruct:
 held-out reward accuracy of the base and of the tuned adapter, with bootstrap confidence intervals.
 
-    python bench/preference_quality.py --objective dpo --train 160 --test 150 \
+    python bench/preference_quality.py --objective dpo --train 320 --test 150 train.learning_rate=1.5e-3 \
         --out bench/results/preference/dpo_hh_cpu.json
 
 The pairs are the slice shipped in src/loraforge/datasets/hh_rlhf_harmless (a seeded shuffle: the first
