@@ -169,6 +169,37 @@ class EvalSection(_Section):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
+class PreferenceSection(_Section):
+    """Preference tuning (objective dpo | orpo | simpo | kto): the loss's constants and the pairs' shape."""
+
+    beta: float | None = Field(None, gt=0, description="Strength of the preference term; null = the objective's "
+                                                       "usual value (dpo/kto 0.1, orpo's lambda 0.1, simpo 2.0).")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO's loss: sigmoid (the paper's) or ipo.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable completions.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable completions.")
+    max_prompt_length: int = Field(1024, ge=1, description="Prompts longer than this many tokens keep their "
+                                                           "last tokens (counted in data_report.json).")
+    reference: Literal["cached", "live"] = Field(
+        "cached", description="dpo/kto reference log-probs (the base, adapter off): cached = computed once per "
+                              "example before training, live = in every step.")
+
+
+class GrpoSection(_Section):
+    """GRPO with verifiable rewards: G sampled completions per prompt, scored by reward functions."""
+
+    rewards: list[str] = Field(default_factory=lambda: ["exact_match"], min_length=1, description=(
+        "Reward functions, summed: exact_match, normalized_match, numeric, regex (eval.pattern), json_schema "
+        "(eval.schema_file), or FILE.py / FILE.py:NAME defining reward(prompt, completion, **row) -> float."))
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (G).")
+    max_new_tokens: int = Field(256, ge=1, le=32768)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the reference (adapter off); 0 = no KL.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clipping of the probability ratio.")
+    pass_threshold: float = Field(1.0, description="A completion passes when its reward reaches this.")
+
+
 class RunConfig(_Section):
     """A whole run: what to fine-tune, on what data, how, and where the results go."""
 
@@ -180,11 +211,18 @@ class RunConfig(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field(
+        "sft", description="sft = supervised; dpo/orpo/simpo on {prompt, chosen, rejected} pairs; kto on "
+                           "{prompt, completion, label}; grpo on prompts with reward functions.")
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    grpo: GrpoSection = Field(default_factory=GrpoSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.data.format == "columns" and not (self.data.prompt_column and self.data.response_column):
             raise ValueError("data.format 'columns' needs data.prompt_column and data.response_column")
+        if self.objective != "sft" and self.data.packing:
+            raise ValueError(f"data.packing is for objective sft only (objective is {self.objective})")
         return self
 
     def to_yaml(self) -> str:

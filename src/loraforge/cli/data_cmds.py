@@ -87,9 +87,15 @@ def data_validate(
     from loraforge.data.render import show_validation
     from loraforge.data.validate import validate_file
 
-    report = validate_file(path, _read_options(fmt, columns, template, system), out=out,
-                           rejects=rejects or Path(f"{path.name.split('.')[0]}.rejects.jsonl"),
-                           tokenizer=_data_tokenizer(model) if model else None, max_seq_length=max_seq_length)
+    from loraforge.data.preference import looks_like_preferences, validate_preferences
+
+    if looks_like_preferences(path):  # {prompt, chosen, rejected} pairs or KTO {prompt, completion, label}
+        report = validate_preferences(path, _data_tokenizer(model) if model else None, max_seq_length,
+                                      system=system)
+    else:
+        report = validate_file(path, _read_options(fmt, columns, template, system), out=out,
+                               rejects=rejects or Path(f"{path.name.split('.')[0]}.rejects.jsonl"),
+                               tokenizer=_data_tokenizer(model) if model else None, max_seq_length=max_seq_length)
     _print_json(report) if json_out else show_validation(report)
     _fail_without_valid(report)
     if strict and not report.clean:

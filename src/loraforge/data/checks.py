@@ -44,6 +44,8 @@ KINDS: dict[str, Kind] = {
     "template_error": Kind("conversations the chat template rejects", "fix the turns the template names"),
     "too_long": Kind("records over max_seq_length", "raise data.max_seq_length or shorten the record"),
     "mask_mismatch": Kind("loss masks that miss assistant content", "set data.train_on=all"),
+    "empty_side": Kind("preference sides with no answer", "fill 'chosen'/'rejected'/'completion' or drop the record"),
+    "identical_sides": Kind("pairs whose chosen and rejected are the same", "drop the pair: it teaches nothing"),
     "control_tokens": Kind("text that embeds chat-template control tokens",
                            "strip the control tokens: the model's own chat template adds its own", "warning"),
 }

@@ -1,8 +1,9 @@
 """Batched generation for evaluation and for `loraforge generate` / `loraforge chat`.
 
-Prompts are rendered with the model's chat template, sorted by length, left-padded into batches
-and decoded greedily with the KV cache; decoding stops at the template's end-of-turn token. Each
-answer records whether the model stopped by itself (a model that never stops is reported).
+Prompts are rendered with the model's chat template and decoded greedily by transformers' generate in
+length-sorted, left-padded batches (with a grammar's logits processor for structured decoding), stopping at
+the template's end-of-turn token; GRPO's sampler (model.decode) is tested equal to it when greedy. Each answer records whether the model stopped by itself (a model that never stops
+is reported).
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from loraforge.data.templates import prompt_text
 from loraforge.errors import LoraforgeError
 from loraforge.model.attention import decode_attention
+from loraforge.model.decode import END_OF_TURN, stop_token_ids
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+__all__ = ["END_OF_TURN", "Generation", "InferenceHandle", "build_messages", "generate_batch", "stop_token_ids"]
 
 
 @dataclass
@@ -34,15 +34,6 @@ class InferenceHandle:
     system: str | None = None
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
-    return sorted(ids)
-
-
 def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and msgs[0]["role"] != "system":
@@ -50,7 +41,6 @@ def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
     return msgs
 
 
-@torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
                    batch_size: int = 32, progress=None, cudnn_attention: bool = False,
                    grammar=None) -> list[Generation]:

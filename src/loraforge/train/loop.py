@@ -27,7 +27,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ class LoopResult:
     final_train_loss: float | None
     final_val_loss: float | None
     seconds: float
-    seconds_in: dict   # of `seconds`: validation and checkpoints (the rest is the training steps)
+    seconds_in: dict = field(default_factory=dict)   # of `seconds`: validation, checkpoints (the rest: steps)
 
 
 def split_model(model):

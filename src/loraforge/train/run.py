@@ -43,6 +43,7 @@ from loraforge.train.loop import TrainingInterrupted, plan_steps, prepare_model,
 from loraforge.train.precision import Precision, pick_precision
 from loraforge.train.profiling import StepProfiler
 from loraforge.train.tracking import Reporters, open_reporters
+from loraforge.train.preference_loop import objective_parts
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -154,7 +155,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                                                     attn_implementation=cfg.model.attn_implementation,
                                                     quantization=cfg.model.quantization,
                                                     store_on="cpu" if fsdp else None)
-    train_items, val_items, data_report = load_data(cfg, tokenizer)
+    special = objective_parts(cfg.objective)  # dpo/orpo/simpo/kto/grpo: their data, module and loop
+    train_items, val_items, data_report = special.load(cfg, tokenizer, console.print) if special else \
+        load_data(cfg, tokenizer)
     rows = train_items
     if cfg.data.packing:  # best-fit rows of max_seq_length; each example attends only to itself
         rows = pack(train_items, cfg.data.max_seq_length)
@@ -174,7 +177,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     compute_dtype = precision.dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path,
                                        sharded=fsdp, log=console.print)
-    step_module = prepare_model(model, dist, device, fast)  # DDP / FSDP2 under torchrun; before the optimizer
+    # DDP / FSDP2 under torchrun; before the optimizer
+    step_module = (special.prepare if special else prepare_model)(model, dist, device, fast)
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, cfg, device)
     _, total_steps = plan_steps(len(train_items), cfg)
@@ -224,11 +228,16 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     if dist.is_main and cfg.train.report_to:
         reporters = open_reporters(cfg, run_dir, state.step if resume else None, warn=console.print)
     try:
-        result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, precision.autocast, train_items,
-                            val_items, cfg, run_dir, state, log=console.print, fast=fast, dist=dist,
-                            step_module=step_module, precision=precision,
-                            on_log=reporters.log if reporters else None,
-                            profiler=StepProfiler(profile, total_steps) if profile and dist.is_main else None)
+        if special:   # dpo/orpo/simpo/kto/grpo: their own loops (train.preference_loop, train.grpo_loop)
+            result = special.loop(model, tokenizer, optimizer, scheduler, accelerator, precision.autocast,
+                                  train_items, val_items, cfg, run_dir, state, log=console.print, fast=fast,
+                                  dist=dist, step_module=step_module)
+        else:
+            result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, precision.autocast,
+                                train_items, val_items, cfg, run_dir, state, log=console.print, fast=fast,
+                                dist=dist, step_module=step_module, precision=precision,
+                                on_log=reporters.log if reporters else None,
+                                profiler=StepProfiler(profile, total_steps) if profile and dist.is_main else None)
     except BaseException as e:
         reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
         raise
@@ -254,6 +263,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "tokens_per_s": round(result.state.tokens_seen / max(result.seconds, 1e-9), 1),
                "planned_tokens_per_s": round(plan.tokens_per_s, 1) if dist.is_main and plan.tokens_per_s else None,
                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if device == "cuda" else None}
+    summary.update(objective=cfg.objective, **getattr(result, "report", {}))
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
     reporters.finish("finished", summary)

@@ -33,8 +33,8 @@ from loraforge.model.fast.chunked import chunk_rows, mlp_backward_chunked, mlp_f
 from loraforge.model.fast.dropout import new_seed, reseed_
 from loraforge.model.fast.graphs import GraphSet
 from loraforge.model.fast.lora import Projections
-from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, packed_attention, rms_norm, rope,
-                                      rope_qkv, swiglu)
+from loraforge.model.fast.ops import (attention, linear_cross_entropy_rows, linear_cross_entropy_sum, packed_attention,
+                                      rms_norm, rope, rope_qkv, swiglu)
 from loraforge.model.fast.recompute import PinnedPool, Span, recompute
 from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
 
@@ -307,3 +307,22 @@ class FastLlama:
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
         return (self.head_entry or self._head_loss)(h, labels.flatten().index_select(0, idx)), len(idx)
+
+    def token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob of each loss token, fp32, in row order; the row it belongs to): what preference and
+        GRPO objectives read. The head runs over the loss positions only, in recomputed chunks."""
+        if self.vocab_parallel:
+            raise ValueError("per-token log-probs need the whole head; not with an FSDP2-sharded untied head")
+        labels = batch["labels"][:, 1:]
+        idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))[:, :-1]
+        h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
+        with torch.autocast(h.device.type, enabled=False):
+            logp = -linear_cross_entropy_rows(h, self.head.weight, labels.flatten().index_select(0, idx))
+        return logp, torch.div(idx, labels.shape[1], rounding_mode="floor")
+
+    def sequence_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-prob of each row's loss tokens (B,), fp32; their count (B,))."""
+        logp, rows = self.token_logps(batch)
+        n = batch["input_ids"].shape[0]
+        return logp.new_zeros(n).index_add(0, rows, logp), torch.bincount(rows, minlength=n)

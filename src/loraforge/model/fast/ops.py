@@ -176,3 +176,19 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         total = total + (checkpoint(_chunk_ce, h, weight, y, use_reentrant=False) if h.requires_grad
                          else _chunk_ce(h, weight, y))
     return total
+
+
+def _chunk_ce_rows(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ w.t()).float(), y, reduction="none")
+
+
+def linear_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              chunk: int = 2048) -> torch.Tensor:
+    """CE(hidden_i @ weight^T, labels_i) for each row (N,), fp32, without keeping (N, vocab) logits: chunks
+    recomputed in backward. Not liger's kernel: with reduction="none" its backward scaled every row's gradient
+    by the first row's (linkedin/Liger-Kernel#968, fixed only in 2026 by #1298), so per-row losses go here."""
+    weight = weight.to(hidden.dtype)
+    out = [checkpoint(_chunk_ce_rows, hidden[s:s + chunk], weight, labels[s:s + chunk], use_reentrant=False)
+           if hidden.requires_grad else _chunk_ce_rows(hidden[s:s + chunk], weight, labels[s:s + chunk])
+           for s in range(0, hidden.shape[0], chunk)]
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

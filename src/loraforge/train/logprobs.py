@@ -1,0 +1,81 @@
+"""Log-probabilities of completion tokens: the policy's (with gradients) and the reference's (the same
+model with its adapter switched off, no second copy of the weights).
+
+The plain path runs the decoder and applies the head at loss positions only, as train.loop.loss_sum
+does; the fast Llama path (model.fast.FastLlama.token_logps) does the same through its fused forward.
+Both return the log-prob of every loss token in row order with the row it belongs to; sums per row
+follow. The reference always runs PEFT's own forward under `disable_adapter()` (the fast path reads
+the adapter's weights directly, so it cannot switch them off), without gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraforge.data.templates import IGNORE_INDEX
+from loraforge.train.loop import split_model
+
+
+def _inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def token_logps(model, batch: dict, parts=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each loss token (N,) fp32, row index (N,)) for a right-padded batch."""
+    if hasattr(parts, "token_logps"):  # the fast Llama-family path
+        return parts.token_logps(batch)
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    if parts is None:  # the model's own forward builds every logit
+        logits = model(**_inputs(batch)).logits[:, :-1][keep]
+    else:
+        decoder, head = parts
+        logits = head(decoder(**_inputs(batch)).last_hidden_state[:, :-1][keep])
+    logp = -F.cross_entropy(logits.float(), labels[keep], reduction="none")
+    return logp, keep.nonzero()[:, 0]
+
+
+def row_sums(logp: torch.Tensor, rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probs per row, token count per row)."""
+    return logp.new_zeros(n_rows).index_add(0, rows, logp), torch.bincount(rows, minlength=n_rows)
+
+
+def sequence_logps(model, batch: dict, parts=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each row's loss tokens (B,), their count (B,))."""
+    if hasattr(parts, "sequence_logps"):
+        return parts.sequence_logps(batch)
+    return row_sums(*token_logps(model, batch, parts), batch["input_ids"].shape[0])
+
+
+@torch.no_grad()
+def reference_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logps of the base model: the PEFT model with its adapter disabled, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            return token_logps(model, batch, split_model(model))
+    finally:
+        model.train(was_training)
+
+
+class LogpStep(torch.nn.Module):
+    """The policy's log-probs as one module's forward, so DDP/FSDP2 hook it (as train.loop.StepModule)."""
+
+    def __init__(self, model, fast=None):
+        super().__init__()
+        self.model = model
+        self.parts = fast or split_model(model)
+
+    def forward(self, batch: dict, per_token: bool = False):
+        if per_token:
+            return token_logps(self.model, batch, self.parts)
+        return sequence_logps(self.model, batch, self.parts)
+
+
+def wrap_logp_step(model, dist, device: str, fast=None) -> torch.nn.Module:
+    """LogpStep, in DDP or FSDP2 under torchrun (train.distributed.wrap); build the optimizer after this."""
+    from loraforge.train.distributed import wrap
+
+    return wrap(LogpStep(model, fast), dist, device)

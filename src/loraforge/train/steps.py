@@ -1,0 +1,79 @@
+"""The parts of an optimizer step that every objective's loop shares (train.loop's SFT step does the same
+things inline): taking the step's micro-batches, the optimizer update, the position bookkeeping, the
+metrics row, and the checkpoint on schedule or on a stop signal."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+from loraforge.train.checkpoint import TrainerState, save_checkpoint
+from loraforge.train.loop import TrainingInterrupted, _StopFlag
+from loraforge.train.progress import TrainProgress
+
+
+@contextlib.contextmanager
+def session(run_dir, tc, state: TrainerState, total_steps: int, dist):
+    """(stop flag, progress bar, metrics file) for a loop's steps: SIGTERM/SIGINT become a flag, rank 0 alone
+    appends to metrics.jsonl, and a dead peer becomes one clear message."""
+    from loraforge.train.distributed import peer_failures
+
+    mlog = (run_dir / "metrics.jsonl").open("a") if dist.is_main else open(os.devnull, "w")
+    with _StopFlag() as stop, TrainProgress(total_steps, state.step) as progress, mlog, \
+            peer_failures(dist, tc.dist_timeout_s):
+        yield stop, progress, mlog
+
+
+def next_group(batches, per_epoch: int, tc) -> list[tuple[int, int, list]]:
+    """The step's (epoch, index in epoch, items) micro-batches: grad_accum of them, fewer at the run's end."""
+    group = []
+    for _ in range(tc.grad_accum):
+        epoch, bi, items = next(batches)
+        group.append((epoch, bi, items))
+        if epoch * per_epoch + bi + 1 >= round(per_epoch * tc.epochs):
+            break  # the last micro-batch of the run
+    return group
+
+
+def optimizer_step(accelerator, params: list, optimizer, scheduler, max_grad_norm: float | None) -> float | None:
+    """Clip, step, schedule, clear; returns the gradient norm before clipping (None when not clipping)."""
+    from loraforge.train.distributed import full_value
+
+    grad_norm = full_value(accelerator.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def advance(state: TrainerState, group: list, per_epoch: int, n_tokens: float) -> None:
+    """Move the saved position past the step's last micro-batch."""
+    epoch, bi, _ = group[-1]
+    state.step += 1
+    state.epoch, state.batch_in_epoch = (epoch + 1, 0) if bi + 1 == per_epoch else (epoch, bi + 1)
+    state.tokens_seen += int(n_tokens)
+
+
+def metrics_row(state: TrainerState, per_epoch: int, loss: float, scheduler, grad_norm, n_tokens: float,
+                step_start: float, t0: float, **extra) -> dict:
+    tok_s = n_tokens / max(time.time() - step_start, 1e-9)
+    return {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / per_epoch, 4), "loss": loss,
+            **extra, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": round(tok_s, 1),
+            "elapsed_s": round(time.time() - t0, 2)}
+
+
+def checkpoint_or_stop(run_dir, model, optimizer, scheduler, state: TrainerState, config_yaml: str, tc,
+                       total_steps: int, stopping: bool, signum, dist, step_module, before_save=None) -> None:
+    """Save every save_every steps and when a stop signal came; after a signal, stop with a message."""
+    if not (state.step % tc.save_every == 0 or stopping):
+        return
+    if before_save is not None:
+        before_save()
+    ckpt = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, config_yaml, tc.keep_last,
+                           dist=dist, step_module=step_module)
+    if stopping:
+        name = signal.Signals(signum).name if signum is not None else "a stop signal"
+        raise TrainingInterrupted(f"{name} received: stopped after step {state.step}/{total_steps}; checkpoint "
+                                  f"saved in {ckpt}", hint="continue with the same command and --resume")
