@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "loraforge"
-# stage -> stages it must never import (config -> data -> model -> train -> eval/export/serve)
+# stage -> stages it must never import (config -> data -> model -> train -> eval/export/serve; synth)
 FORBIDDEN = {
     "config": {"data", "model", "train", "eval", "export", "serve", "plan", "quickstart"},
     "data": {"model", "train", "eval", "export", "serve", "quickstart"},
     "model": {"train", "eval", "export", "serve", "quickstart"},
     "train": {"eval", "export", "serve", "quickstart"},
     "plan": {"data", "model", "train", "eval", "export", "serve", "quickstart"},
+    "synth": {"train", "export", "serve", "quickstart"},  # after eval: reuses data's checks, eval's judge
 }
 
 
