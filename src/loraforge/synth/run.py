@@ -74,7 +74,7 @@ def _prompt_of(value: object) -> str | None:
 
 def make_items(spec: Spec, lists: dict[str, list[str]]) -> list[Item]:
     div = spec.diversity
-    topics = lists.get("topics", div.topics if isinstance(div.topics, list) else [])
+    topics = lists.get("topics", div.topic_list())
     personas = lists.get("personas", div.personas if isinstance(div.personas, list) else [])
     diff = div.difficulty or []
 

@@ -72,8 +72,24 @@ class Diversity(_Section):
     """The plan each request draws from: topics cycle (coverage), persona and difficulty are drawn."""
 
     topics: list[str] | Generated | None = None
+    topics_file: str | None = None            # a JSON list, or one topic a line (added to `topics`)
     personas: list[str] | Generated | None = None
     difficulty: list[str] | None = None
+
+    def topic_list(self) -> list[str]:
+        """The listed topics: `topics` (when a list), then `topics_file`'s."""
+        out = list(self.topics) if isinstance(self.topics, list) else []
+        if self.topics_file:
+            text = Path(self.topics_file).read_text(encoding="utf-8")
+            try:
+                items = json.loads(text)
+            except ValueError:
+                items = text.splitlines()
+            if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+                raise LoraforgeError("diversity.topics_file must be a JSON list of strings or one topic a line",
+                                     where=self.topics_file)
+            out += [t.strip() for t in items if t.strip()]
+        return out
 
 
 class SeedExample(_Section):
@@ -164,8 +180,9 @@ class Spec(_Section):
             raise ValueError("mode 'distill' needs prompts (a list) or prompts_file")
         if self.mode == "rewrite" and not self.rewrite_file:
             raise ValueError("mode 'rewrite' needs rewrite_file (the examples to rewrite)")
-        if self.answer == "topic" and (self.mode != "generate" or not self.diversity.topics):
-            raise ValueError("answer 'topic' needs mode 'generate' and diversity.topics (the labels)")
+        if self.answer == "topic" and (self.mode != "generate" or not (self.diversity.topics or
+                                                                      self.diversity.topics_file)):
+            raise ValueError("answer 'topic' needs mode 'generate' and diversity.topics or topics_file (the labels)")
         if self.output.format == "json" and self.answer == "topic":
             raise ValueError("answer 'topic' writes the topic as the answer; it cannot be output.format 'json'")
         return self
@@ -182,8 +199,9 @@ class Spec(_Section):
                  "send_seed": e.send_seed, **self.model_dump(include={
                      "task", "mode", "seed", "answer", "seed_examples", "seed_file", "prompts", "prompts_file",
                      "rewrite_file", "rewrites_per_example", "keep_answer", "output", "diversity"})}
-        for name in ("seed_file", "prompts_file", "rewrite_file"):  # their content shapes requests too
-            f = getattr(self, name)
+        files = {n: getattr(self, n) for n in ("seed_file", "prompts_file", "rewrite_file")}
+        files["topics_file"] = self.diversity.topics_file
+        for name, f in files.items():  # their content shapes requests too
             if f and Path(f).is_file():
                 keyed[name + "_sha256"] = hashlib.sha256(Path(f).read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -197,19 +215,10 @@ def build_spec(tree: dict, source: str = "spec") -> Spec:
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec file; relative file paths in it are taken from the spec's folder."""
+    """Read and validate a spec file. File paths in it are relative to the working directory, as in a run
+    config (run from the folder the paths start at)."""
     p = Path(path)
     spec = build_spec(read_yaml(p), str(p))
-    base = p.resolve().parent
-
-    def rel(v: str | None) -> str | None:
-        return None if v is None or Path(v).is_absolute() else str(base / v)
-
-    for name in ("seed_file", "prompts_file", "rewrite_file"):
-        if getattr(spec, name):
-            setattr(spec, name, rel(getattr(spec, name)))
-    spec.verify.train = [rel(f) for f in spec.verify.train]
-    spec.verify.test = [rel(f) for f in spec.verify.test]
     for name in ("seed_file", "prompts_file", "rewrite_file"):
         f = getattr(spec, name)
         if f and not Path(f).is_file():
@@ -217,4 +226,6 @@ def load_spec(path: str | Path) -> Spec:
     for f in [*spec.verify.train, *spec.verify.test]:
         if not Path(f).is_file():
             raise LoraforgeError(f"'verify' file not found: {f}", where=str(p))
+    if spec.diversity.topics_file and not Path(spec.diversity.topics_file).is_file():
+        raise LoraforgeError(f"'diversity.topics_file' not found: {spec.diversity.topics_file}", where=str(p))
     return spec
