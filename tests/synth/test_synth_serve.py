@@ -37,7 +37,7 @@ def server():
 
 def spec(url: str, **over):
     return build_spec({"endpoint": {"base_url": url + "/v1", "model": "smol", "concurrency": 8, "max_tokens": 24,
-                                    "temperature": 0.7, **over.pop("endpoint", {})},
+                                    "temperature": 0.7, "timeout_s": 900, **over.pop("endpoint", {})},
                        "task": "Customers write to their bank's support chat about their cards.", "count": 6,
                        "seed": 5, "seed_examples": [{"user": "My card has not arrived yet.",
                                                      "assistant": "Sorry! Cards take up to 7 days; I can track it."}],

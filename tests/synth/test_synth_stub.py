@@ -228,3 +228,22 @@ def test_unreachable_server_is_one_clear_error(tmp_path):
     spec = spec_for(f"http://127.0.0.1:{port}/v1", count=3, endpoint={"max_retries": 1})
     with pytest.raises(LoraforgeError, match="no request to .* succeeded .*connection"):
         synth(spec, tmp_path / "out.jsonl", embeddings=False)
+
+
+def test_cli_summary_and_user_errors(tmp_path, capsys):
+    import yaml
+
+    from loraforge.cli import main
+
+    with StubServer() as stub:
+        spec = tmp_path / "s.yaml"
+        spec.write_text(yaml.safe_dump({"endpoint": {"base_url": stub.url, "model": "stub",
+                                                     "price_per_1m_input": 1.0, "price_per_1m_output": 2.0},
+                                        "task": "Bank questions.", "count": 4}))
+        assert main(["data", "synth", str(spec), "-o", str(tmp_path / "o.jsonl"), "--no-embeddings"]) == 0
+    out = capsys.readouterr().out
+    assert "4 kept of 4 items" in out and "requests: 8 answered now, 0 from the journal, 0 retries" in out
+    assert "$0.000" in out and "o.report.html" in out
+    spec.write_text(yaml.safe_dump({"endpoint": {"base_url": stub.url}, "task": "t"}))
+    assert main(["data", "synth", str(spec), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "'endpoint.model': Field required" in capsys.readouterr().err

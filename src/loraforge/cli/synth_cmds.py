@@ -40,4 +40,4 @@ def data_synth(
     typer.echo(f"requests: {u['requests']} answered now, {report['from_journal']} from the journal, "
                f"{u['retries']} retries; tokens {u['prompt_tokens']:,} in / {u['completion_tokens']:,} out"
                + (f", ${u['cost_usd']:.4f}" if u.get("cost_usd") else ""))
-    typer.echo(f"rejects: {report['rejects']}  report: {Path(report['out']).with_name(Path(report['out']).name.split('.')[0] + '.report.html')}")
+    typer.echo(f"rejects: {report['rejects']}  report: {report['report_html']}")

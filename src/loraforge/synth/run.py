@@ -193,8 +193,9 @@ def synth(spec: Spec, out: str | Path, *, spec_path: str = "spec", log: Callable
                         / len(verdicts.judge_scores), 3) if verdicts.judge_scores else None}),
               "diversity": diversity.summary(prompts, [c.provenance for c in verdicts.kept + verdicts.rejected],
                                              [c.provenance for c in verdicts.kept], emb if embeddings else None)}
+    report["report_html"] = str(sibling(out, "report").with_suffix(".html"))
     _write_text(sibling(out, "report").with_suffix(".json"), json.dumps(report, indent=2, ensure_ascii=False))
-    _write_text(sibling(out, "report").with_suffix(".html"), render_html(report, reject_rows))
+    _write_text(Path(report["report_html"]), render_html(report, reject_rows))
     return report
 
 
