@@ -29,6 +29,7 @@ from loraforge.synth.report import render_html
 from loraforge.synth.spec import Spec
 from loraforge.synth.verify import Verdicts, verify
 
+DEFAULT_COUNT = 100  # generate mode without `count`
 PROMPT_KEYS = ("prompt", "question", "query", "instruction", "input", "text")
 
 
@@ -82,7 +83,7 @@ def make_items(spec: Spec, lists: dict[str, list[str]]) -> list[Item]:
         return P.slot_for(i, spec.seed, topics, personas, diff)
 
     if spec.mode == "generate":
-        return [Item(i, slot(i)) for i in range(spec.count)]
+        return [Item(i, slot(i)) for i in range(spec.count or DEFAULT_COUNT)]
     if spec.mode == "distill":
         return [Item(i, P.Slot(), p, source=w) for i, (p, w) in enumerate(given_prompts(spec)[:spec.count])]
     items = []
@@ -91,7 +92,7 @@ def make_items(spec: Spec, lists: dict[str, list[str]]) -> list[Item]:
         users = [t["content"] for t in ex.messages if t["role"] == "user"]
         for _ in range(spec.rewrites_per_example):
             i = len(items)
-            if i >= spec.count or not users:
+            if (spec.count and i >= spec.count) or not users:
                 break
             items.append(Item(i, slot(i), users[-1], ex.messages[-1]["content"], ex.meta.get("label"), ex.source))
     return items

@@ -158,7 +158,7 @@ class Spec(_Section):
     endpoint: Endpoint
     task: str = Field(min_length=1)
     mode: Literal["generate", "distill", "rewrite"] = "generate"
-    count: int = Field(100, ge=1)             # generate: examples; distill/rewrite: at most this many
+    count: int | None = Field(None, ge=1)     # generate: examples (default 100); distill/rewrite: at most (all)
     seed: int = 0
     answer: Literal["model", "topic"] = "model"   # generate: topic = the label (classification data)
     seed_examples: list[SeedExample] = []
