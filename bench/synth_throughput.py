@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stream", action="store_true", help="server-sent events instead of one JSON body")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     q = mp.get_context("spawn").Queue()
     server = mp.get_context("spawn").Process(target=_serve, args=(q,), daemon=True)
     server.start()
@@ -77,7 +78,8 @@ def main() -> None:
                       "median_requests_per_s": med,
                       "median_end_to_end_per_s": statistics.median(r["end_to_end_per_s"] for r in rounds),
                       "rounds": rounds, "cpus": os.cpu_count(), "python": platform.python_version(),
-                      "load_avg_1m": round(os.getloadavg()[0], 2),
+                      "load_avg_before": [round(x, 2) for x in load_before],
+                      "load_avg_after": [round(x, 2) for x in os.getloadavg()],
                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
 
 

@@ -36,8 +36,8 @@ def server():
 
 
 def spec(url: str, **over):
-    return build_spec({"endpoint": {"base_url": url + "/v1", "model": "smol", "concurrency": 8, "max_tokens": 24,
-                                    "temperature": 0.7, "timeout_s": 900, **over.pop("endpoint", {})},
+    return build_spec({"endpoint": {"base_url": url + "/v1", "model": "smol", "concurrency": 8, "max_tokens": 32,
+                                    "temperature": 0.7, "timeout_s": 900, "stop": ["\n"], **over.pop("endpoint", {})},
                        "task": "Customers write to their bank's support chat about their cards.", "count": 6,
                        "seed": 5, "seed_examples": [{"user": "My card has not arrived yet.",
                                                      "assistant": "Sorry! Cards take up to 7 days; I can track it."}],
@@ -53,7 +53,7 @@ def test_against_loraforge_serve(server, tmp_path):
     a = synth(spec(server.url), tmp_path / "a.jsonl", embeddings=False)
     assert a["items"] == 6 and a["kept"] + a["rejected"] == 6 and a["kept"] >= 1
     u = a["usage"]
-    assert u["requests"] == 12 and not u["failures"] and u["prompt_tokens"] > 100 and 0 < u["completion_tokens"] <= 12 * 24
+    assert u["requests"] == 12 and not u["failures"] and u["prompt_tokens"] > 100 and 0 < u["completion_tokens"] <= 12 * 32
     kept = rows(tmp_path / "a.jsonl")
     assert all(r["provenance"]["model"] == "smol" and r["messages"][1]["content"] for r in kept)
     again = synth(spec(server.url), tmp_path / "a.jsonl", embeddings=False)

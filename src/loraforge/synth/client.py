@@ -160,6 +160,8 @@ class ChatClient:
         body: dict = {"model": e.model, "messages": messages, "temperature": e.temperature, "max_tokens": e.max_tokens}
         if e.top_p is not None:
             body["top_p"] = e.top_p
+        if e.stop:
+            body["stop"] = e.stop
         if seed is not None and e.send_seed:
             body["seed"] = seed
         if response_format is not None:

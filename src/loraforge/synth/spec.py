@@ -40,6 +40,7 @@ class Endpoint(_Section):
     temperature: float = Field(0.8, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int = Field(512, ge=1)
+    stop: list[str] | None = None           # stop strings sent with every request, e.g. ["\n"] for one-line messages
     stream: bool = False                    # server-sent events; a stream cut short is retried
     send_seed: bool = True                  # send `seed` (index-derived) with every request
     price_per_1m_input: float = Field(0.0, ge=0)   # USD, for the cost counter
@@ -196,6 +197,7 @@ class Spec(_Section):
     def _generation_hash(self) -> str:
         e = self.endpoint
         keyed = {"model": e.model, "temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
+                 "stop": e.stop,
                  "send_seed": e.send_seed, **self.model_dump(include={
                      "task", "mode", "seed", "answer", "seed_examples", "seed_file", "prompts", "prompts_file",
                      "rewrite_file", "rewrites_per_example", "keep_answer", "output", "diversity"})}
