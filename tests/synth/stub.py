@@ -167,10 +167,11 @@ class StubServer:
         events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
         if cut:
             events = events[:max(1, len(events) // 2 - 1)]
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
-                     + "".join(events).encode())
+        data = "".join(events).encode()  # one chunk of a chunked body; the connection stays open
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
         await writer.drain()
         if not cut:
             with self.lock:
                 self.answered[key] += 1
-        return False
+        return True
