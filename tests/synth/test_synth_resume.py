@@ -132,3 +132,11 @@ def test_spec_errors_name_the_key(tmp_path):
     p.write_text(yaml.safe_dump({**base, "mode": "distill", "prompts_file": "missing.txt"}))
     with pytest.raises(LoraforgeError, match="'prompts_file' file not found"):
         load_spec(p)
+
+
+def test_one_run_per_journal(tmp_path):
+    first = Journal(tmp_path / "j.jsonl", "h")
+    with pytest.raises(LoraforgeError, match="another `data synth` run is writing this journal"):
+        Journal(tmp_path / "j.jsonl", "h")
+    first.close()
+    Journal(tmp_path / "j.jsonl", "h").close()

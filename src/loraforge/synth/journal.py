@@ -36,17 +36,31 @@ class Journal:
         self.entries: dict[str, dict] = {}
         self.other_specs = 0
         self.torn = 0
-        self._load()
-        self.resumed = len(self.entries)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = self.path.open("ab")
         except OSError as e:
             raise LoraforgeError(f"cannot write the journal: {e.strerror}", where=str(self.path)) from None
+        self._lock()
+        self._load()
+        self.resumed = len(self.entries)
         self._dirty = threading.Event()
         self._closing = False
         self._syncer = threading.Thread(target=self._sync_loop, name="journal-fsync", daemon=True)
         self._syncer.start()
+
+    def _lock(self) -> None:
+        """One run per journal: a second one would write the same requests again."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.close()
+            raise LoraforgeError("another `data synth` run is writing this journal", where=str(self.path),
+                                 hint="wait for it to finish, or give this run another output path") from None
 
     def _load(self) -> None:
         if not self.path.is_file():
