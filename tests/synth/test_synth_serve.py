@@ -38,7 +38,7 @@ def server():
 def spec(url: str, **over):
     return build_spec({"endpoint": {"base_url": url + "/v1", "model": "smol", "concurrency": 8, "max_tokens": 32,
                                     "temperature": 0.7, "timeout_s": 900, "stop": ["\n"], **over.pop("endpoint", {})},
-                       "task": "Customers write to their bank's support chat about their cards.", "count": 6,
+                       "task": "Customers write to their bank's support chat about their cards.", "count": 4,
                        "seed": 5, "seed_examples": [{"user": "My card has not arrived yet.",
                                                      "assistant": "Sorry! Cards take up to 7 days; I can track it."}],
                        "diversity": {"topics": ["lost card", "card delivery", "card fees"]},
@@ -51,15 +51,15 @@ def rows(path: Path) -> list[dict]:
 
 def test_against_loraforge_serve(server, tmp_path):
     a = synth(spec(server.url), tmp_path / "a.jsonl", embeddings=False)
-    assert a["items"] == 6 and a["kept"] + a["rejected"] == 6 and a["kept"] >= 1
+    assert a["items"] == 4 and a["kept"] + a["rejected"] == 4 and a["kept"] >= 1
     u = a["usage"]
-    assert u["requests"] == 12 and not u["failures"] and u["prompt_tokens"] > 100 and 0 < u["completion_tokens"] <= 12 * 32
+    assert u["requests"] == 8 and not u["failures"] and u["prompt_tokens"] > 100 and 0 < u["completion_tokens"] <= 8 * 32
     kept = rows(tmp_path / "a.jsonl")
     assert all(r["provenance"]["model"] == "smol" and r["messages"][1]["content"] for r in kept)
     again = synth(spec(server.url), tmp_path / "a.jsonl", embeddings=False)
-    assert again["asked_now"] == 0 and again["from_journal"] == 12 and rows(tmp_path / "a.jsonl") == kept
+    assert again["asked_now"] == 0 and again["from_journal"] == 8 and rows(tmp_path / "a.jsonl") == kept
     # a fresh run (new journal) with the same seeds: the server samples the same text
     b = synth(spec(server.url, endpoint={"stream": True}), tmp_path / "b.jsonl", embeddings=False)
-    assert b["usage"]["requests"] == 12 and not b["usage"]["failures"]
+    assert b["usage"]["requests"] == 8 and not b["usage"]["failures"]
     strip = [{k: v for k, v in r.items() if k != "provenance"} for r in kept]
     assert [{k: v for k, v in r.items() if k != "provenance"} for r in rows(tmp_path / "b.jsonl")] == strip
