@@ -40,7 +40,7 @@ def test_synth_validate_train_eval_on_held_out_real_data(tmp_path, monkeypatch):
     spec = yaml.safe_load((EXAMPLES / "synth-banking.yaml").read_text())  # the README's spec, scaled down
     reg = load_registry(EMBEDDED_MODEL, {}, device="cpu", name=spec["endpoint"]["model"])
     with LiveServer(build_app(reg, max_batch=8, wait_ms=20)) as srv:
-        spec["endpoint"].update(base_url=srv.url + "/v1", max_tokens=32, timeout_s=900)
+        spec["endpoint"].update(base_url=srv.url + "/v1", max_tokens=24, timeout_s=900)
         spec["diversity"] = {**spec["diversity"], "topics": INTENTS, "topics_file": None}
         spec["count"] = 8
         Path("synth.yaml").write_text(yaml.safe_dump(spec))
@@ -53,6 +53,7 @@ def test_synth_validate_train_eval_on_held_out_real_data(tmp_path, monkeypatch):
 
     cfg = yaml.safe_load((EXAMPLES / "synth-banking-train.yaml").read_text())
     cfg["train"].update(max_steps=4, batch_size=4, eval_every=100, save_every=100)
+    cfg["eval"] = {"max_new_tokens": 12}  # the labels here are a few tokens each
     Path("train.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", "train.yaml"]) == 0
     assert (Path(cfg["output_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
