@@ -229,8 +229,8 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _fields_at(path: tuple) -> list[str]:
-    model: type[BaseModel] = RunConfig
+def _fields_at(path: tuple, root: type[BaseModel] | None = None) -> list[str]:
+    model: type[BaseModel] = root or RunConfig
     for part in path:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
@@ -240,13 +240,13 @@ def _fields_at(path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(err: ValidationError, source: str) -> LoraforgeError:
+def _explain(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> LoraforgeError:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(x) for x in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            allowed = _fields_at(loc[:-1])
+            allowed = _fields_at(loc[:-1], root)
             alias = ALIASES.get(str(loc[-1]))
             close = [alias] if alias in allowed else difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             maybe = f" Did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""

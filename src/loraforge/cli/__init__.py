@@ -313,6 +313,7 @@ def eval_run(
 # each stage's commands that fill a file of their own register on `app` when imported
 from loraforge.cli import data_cmds  # noqa: E402,F401  (loraforge data ...)
 from loraforge.cli import runs_cmds  # noqa: E402,F401  (loraforge runs ...)
+from loraforge.cli import synth_cmds  # noqa: E402,F401  (loraforge data synth)
 
 
 STYLES = {0: "bold green", 2: "bold red", 3: "bold yellow"}
