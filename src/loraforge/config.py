@@ -110,6 +110,17 @@ class TrainSection(_Section):
                            "fsdp = FSDP2 shards the frozen base per decoder layer (for bases too large for one GPU).")
     dist_timeout_s: float = Field(600, gt=0, description="Seconds a process waits for the others (a dead or stuck "
                                                           "rank stops the run after this long).")
+    select_by: Literal["last", "loss", "metric"] = Field(
+        "last", description="Which step's weights become adapter/: the last, the lowest validation loss, or the "
+                            "best eval.metric on a validation slice generated at each eval_every (the last step's "
+                            "checkpoint stays in checkpoints/).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement of select_by "
+                                "(metric, else validation loss); null = never.")
+    validate_limit: int = Field(200, ge=1, description="Validation examples generated for select_by=metric.")
+    replay: float = Field(0.0, ge=0.0, le=0.5, description="Share of the training set made of general chat: the "
+                                                            "base model's own answers to a shipped instruction set "
+                                                            "(self-distillation against forgetting).")
 
 
 class EvalSection(_Section):

@@ -55,9 +55,10 @@ def train(
         args = ["train", *([str(config)] if config else []), *(overrides or []),
                 *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
         raise SystemExit(D.run_torchrun(gpus, args))  # torchrun's exit code (typer.Exit would be lost here)
+    from loraforge.eval.validation import task_tools
     from loraforge.train.run import run_training
 
-    result = run_training(cfg, resume=resume, overwrite=overwrite)
+    result = run_training(cfg, resume=resume, overwrite=overwrite, tools=task_tools(cfg))
     if cfg.eval.test and D.launch_rank() != 0:
         return  # rank 0 alone evaluates
     if cfg.eval.test:  # the end-of-run evaluation and HTML report

@@ -5,7 +5,8 @@ scheduler state, RNG states, the trainer state (step, epoch, position in the epo
 and the run config. It is written into a temporary folder, closed with a MANIFEST.json of SHA-256
 digests, and renamed into place, so a killed process leaves either a whole checkpoint or none.
 On resume the newest checkpoint whose files match its manifest is used; a truncated or corrupt one
-is reported and skipped. Only the last `keep_last` checkpoints are kept.
+is reported and skipped. Only the last `keep_last` checkpoints are kept, and the best one
+(TrainerState.protect_step, see train.selection) when the run selects by validation.
 
 Under torchrun rank 0 alone writes (the others wait), and the data position is global, so a checkpoint
 resumes on any number of processes. With FSDP2 the sharded adapter and optimizer state are gathered to
@@ -39,6 +40,11 @@ class TrainerState:
     best_val_loss: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)  # validation results so far
+    select_score: float | None = None  # train.selection: best validation quantity so far (higher is better)
+    select_step: int | None = None     # the step that reached it
+    since_best: int = 0                # validations since then without improvement
+    protect_step: int | None = None    # the best step's checkpoint, never pruned by keep_last
+    stopped_early: bool = False
 
 
 def _sha256(path: Path) -> str:
@@ -135,8 +141,10 @@ def _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, 
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    kept = None if state.protect_step is None else f"{PREFIX}{state.protect_step:08d}"  # the best one stays
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -182,7 +182,8 @@ def seed_micro_batch(device: torch.device, seed: int, step: int, micro: int) -> 
 
 def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list[Tokenized],
                val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
-               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None) -> LoopResult:
+               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None,
+               on_validate=None) -> LoopResult:
     tc = cfg.train
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
@@ -192,7 +193,7 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
     metrics_path = run_dir / "metrics.jsonl"
     config_yaml = cfg.to_yaml()
     batches = micro_batches(train_items, cfg, state)
-    last_train = None
+    last_train = extra = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
     t0 = time.time()
     model.train()
@@ -253,6 +254,9 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                                              step_module)
                     row["val_loss"] = val_loss
                     _track_validation(state, val_loss, last_train, log)
+                # on_validate(step, val_loss) -> dict: task metric, best checkpoint, early stop (train.selection)
+                extra = on_validate(state.step, row.get("val_loss")) if on_validate is not None else None
+                row.update({k: v for k, v in (extra or {}).items() if k != "stop"})
             if math.isnan(last_train):
                 raise LoraforgeError(f"the loss became NaN at step {state.step}",
                                      hint="lower train.learning_rate or use train.precision=fp32")
@@ -267,6 +271,8 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                     raise TrainingInterrupted(f"{name} received: stopped after step {state.step}/{total_steps}; "
                                               f"checkpoint saved in {ckpt}",
                                               hint="continue with the same command and --resume")
+            if extra and extra.get("stop"):
+                break  # early stopping asked by on_validate: the caller saves the last step's checkpoint
     return LoopResult(state, last_train, val_loss, time.time() - t0)
 
 

@@ -5,8 +5,10 @@
       data_report.json     how many examples were read, dropped as too long, used
       metrics.jsonl        one row per optimizer step (loss, lr, grad norm, tokens/s, val_loss)
       checkpoints/         crash-safe checkpoints (see train.checkpoint)
-      adapter/             the final PEFT adapter + tokenizer (PeftModel.from_pretrained loads it)
-      summary.json         final losses, steps, time
+      adapter/             the PEFT adapter + tokenizer (PeftModel.from_pretrained loads it): the last step's, or
+                           the best validation step's with train.select_by=loss|metric (train.selection)
+      replay.jsonl         with train.replay: the base model's answers mixed into training (train.replay)
+      summary.json         final losses, steps, time, which step's weights adapter/ holds and why
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from loraforge.model.adapters import save_adapter, trainable_parameters
 from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
-from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
+from loraforge.train.checkpoint import (PREFIX, TrainerState, gather_adapter, latest_good, load_checkpoint,
+                                        save_checkpoint, write_adapter)
 from loraforge.train.loop import plan_steps, prepare_model, train_loop
+from loraforge.train.replay import replay_examples
+from loraforge.train.selection import Selection, TaskTools, adopt_best
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -78,7 +83,9 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, dict]:
+def load_data(cfg: RunConfig, tokenizer, replay=None) -> tuple[list, list, dict, list[Example]]:
+    """(training items, validation items, data report, validation examples); `replay(n_task)` returns the
+    replay examples mixed into the training set (train.replay)."""
     d = cfg.data
     if not d.train:
         raise LoraforgeError("no training data: set data.train", hint="e.g. loraforge train run.yaml "
@@ -89,6 +96,9 @@ def load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, dict]:
         val_ex = read_examples(d.validation, d.format, **opts)
     else:
         train_ex, val_ex = split_validation(train_ex, d.validation_split, cfg.seed)
+    n_task = len(train_ex)
+    if replay is not None:
+        train_ex = train_ex + replay(n_task)
     train_items, train_long = tokenize_all(tokenizer, train_ex, d.max_seq_length, d.train_on, "training data")
     val_items, val_long = tokenize_all(tokenizer, val_ex, d.max_seq_length, d.train_on, "validation data") \
         if val_ex else ([], [])
@@ -96,11 +106,11 @@ def load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, dict]:
               "dropped_too_long": len(train_long) + len(val_long), "too_long_sources": (train_long + val_long)[:20],
               "max_seq_length": d.max_seq_length,
               "train_tokens": sum(len(t.input_ids) for t in train_items),
-              "train_loss_tokens": sum(t.n_loss_tokens for t in train_items)}
+              "train_loss_tokens": sum(t.n_loss_tokens for t in train_items), "replay_examples": len(train_ex) - n_task}
     if report["dropped_too_long"]:
         console.print(f"[yellow]warning:[/] {report['dropped_too_long']} examples are longer than "
                       f"max_seq_length={d.max_seq_length} and were left out (first: {report['too_long_sources'][0]})")
-    return train_items, val_items, report
+    return train_items, val_items, report, val_ex
 
 
 def make_optimizer(params: list, cfg: RunConfig, device: str):
@@ -124,9 +134,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, base=None,
-                 dir_ready: bool = False) -> RunResult:
+                 dir_ready: bool = False, tools: TaskTools | None = None) -> RunResult:
     """Train as `cfg` says. `base` = (model, tokenizer, path) reuses an already loaded base model;
-    `dir_ready` says the caller already created output_dir (with prepare_run_dir) and put data in it."""
+    `dir_ready` says the caller already created output_dir (with prepare_run_dir) and put data in it;
+    `tools` (loraforge.eval.validation.task_tools) generate and score for select_by=metric and replay."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -152,7 +163,18 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                                                     attn_implementation=cfg.model.attn_implementation,
                                                     quantization=cfg.model.quantization,
                                                     store_on="cpu" if fsdp else None)
-    train_items, val_items, data_report = load_data(cfg, tokenizer)
+    replay = None
+    if cfg.train.replay:  # the base model's own answers, generated before the adapter exists (rank 0; cached)
+        if tools is None:
+            raise LoraforgeError("train.replay needs a generator", hint="train through `loraforge train`, or pass "
+                                 "tools=loraforge.eval.validation.task_tools(cfg)")
+        from loraforge.train.replay import CACHE, base_answers
+
+        def replay(n_task: int) -> list:
+            answer = lambda ins: dist.on_main(base_answers, ins, model, tokenizer, tools.generate,  # noqa: E731
+                                              run_dir / CACHE, cfg.base_model, console.print)
+            return replay_examples(n_task, cfg.train.replay, cfg.seed, answer)
+    train_items, val_items, data_report, val_ex = load_data(cfg, tokenizer, replay)
     rows = train_items
     if cfg.data.packing:  # best-fit rows of max_seq_length; each example attends only to itself
         rows = pack(train_items, cfg.data.max_seq_length)
@@ -191,6 +213,13 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         console.print(f"resuming from {ckpt} (step {state.step}/{total_steps})")
 
+    ckpt_root = run_dir / "checkpoints"
+
+    def save() -> Path:
+        return save_checkpoint(ckpt_root, model, optimizer, scheduler, state, cfg.to_yaml(), cfg.train.keep_last,
+                               dist=dist, step_module=step_module)
+
+    selection = Selection(cfg, state, model, tokenizer, val_ex, save, tools, log=console.print)
     n_trainable = sum(p.numel() for p in params)
     console.print(f"training {cfg.lora.adapter} r={cfg.lora.r}"
                   f"{' over an NF4 base' if cfg.model.quantization == 'nf4' else ''} on {device} "
@@ -199,15 +228,29 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                   f"({'bf16' if amp_dtype else 'fp32'} compute): {n_trainable:,} trainable parameters, "
                   f"{len(train_items)} {'packed rows' if cfg.data.packing else 'examples'}, {total_steps} steps")
     result = train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items, val_items, cfg,
-                        run_dir, state, log=console.print, fast=fast, dist=dist, step_module=step_module)
+                        run_dir, state, log=console.print, fast=fast, dist=dist, step_module=step_module,
+                        on_validate=selection if selection.active else None)
     model.eval()
     adapter_dir = run_dir / "adapter"
+    best = None
+    if selection.by != "last" and state.protect_step is not None:  # adapter/ = the best step's weights
+        if not (ckpt_root / f"{PREFIX}{state.step:08d}").is_dir():
+            save()  # the last step's checkpoint stays in checkpoints/
+        best = ckpt_root / f"{PREFIX}{state.protect_step:08d}"
+        if not dist.enabled:
+            adopt_best(model, best)
     if dist.enabled:  # rank 0 writes (FSDP2: after gathering the shards)
         weights = gather_adapter(model, step_module, dist)
         if dist.is_main:
             tmp = run_dir / "adapter.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            write_adapter(model, tmp, weights, tokenizer)
+            if best is not None:  # the chosen checkpoint's adapter files as they are
+                tmp.mkdir()
+                for f in ("adapter_model.safetensors", "adapter_config.json"):
+                    shutil.copy2(best / f, tmp / f)
+                tokenizer.save_pretrained(tmp)
+            else:
+                write_adapter(model, tmp, weights, tokenizer)
             shutil.rmtree(adapter_dir, ignore_errors=True)
             tmp.rename(adapter_dir)
     else:
@@ -218,13 +261,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "tokens_seen": result.state.tokens_seen, "device": device,
                "precision": "bf16" if amp_dtype else "fp32",
                "compute_dtype": str(compute_dtype).removeprefix("torch."), "trainable_parameters": n_trainable,
-               "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world}
+               "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world,
+               **selection.describe(), "replay_examples": data_report["replay_examples"]}
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
     dist.barrier()
     D.finish(dist)
     console.print(f"adapter saved in {adapter_dir}  (final train loss {result.final_train_loss:.4f}"
-                  + (f", validation loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else ")"))
+                  + (f", validation loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else ")")
+                  + (f"\nadapter/ holds step {summary['selected_step']}: {summary['selection']}" if best else ""))
     return RunResult(run_dir, adapter_dir, model, tokenizer, base_path, summary)
 
 
