@@ -102,13 +102,15 @@ def quickstart(
     test_size: Annotated[int, typer.Option(help="Test queries evaluated (seeded slice of the test set).")] = 300,
     epochs: Annotated[float, typer.Option(help="Passes over the training examples.")] = 3,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    regression: Annotated[bool, typer.Option(help="Score the general-prompt regression set before and after "
+                                                  "(the forgetting guard).")] = True,
     overrides: Overrides = None,
 ) -> None:
     """The main job: fine-tune the embedded SmolLM2-135M-Instruct on BANKING77 and print before/after accuracy."""
     from loraforge.quickstart import run_quickstart
 
     run_quickstart(output_dir, per_intent=per_intent, test_size=test_size, epochs=epochs, overwrite=overwrite,
-                   overrides=overrides or [])
+                   overrides=overrides or [], regression=regression)
 
 
 @app.command()

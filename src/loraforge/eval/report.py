@@ -29,6 +29,7 @@ tr.win td{background:#e6f4ea}tr.loss td{background:#fce8e6}.pill{padding:2px 8px
 .ok{background:#188038}.watch{background:#e37400}.overfitting{background:#c5221f}.unknown{background:#777}
 pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:.8em}.ans{white-space:pre-wrap;max-width:320px}
 .nostop{color:#c5221f;font-size:.8em}.err{color:#c5221f}
+.warn{background:#fce8e6;border:1px solid #c5221f;padding:8px 12px;border-radius:4px}
 """
 
 
@@ -255,6 +256,13 @@ def _examples(r: dict) -> str:
     return "".join(rows)
 
 
+def _forgetting_banner(r: dict) -> str:
+    """The forgetting guard's warning, shown at the top (eval.forgetting)."""
+    f = r.get("forgetting") or {}
+    return f"<p id='forgetting-warning' class='warn'><b>Warning:</b> {escape(f['warning'])}</p>" if f.get("warning") \
+        else ""
+
+
 def render_html(r: dict) -> str:
     """The whole report as one HTML string; reads only the eval.json dict."""
     curves = {k: v for k, v in (("train", r["curves"]["train"]), ("val", r["curves"]["val"])) if v}
@@ -267,6 +275,7 @@ def render_html(r: dict) -> str:
 <p>{r['n']} test examples from {escape(str(r['test']))}; metric <b>{escape(r['metric'])}</b>; greedy decoding,
 max_new_tokens={r.get('decoding', {}).get('max_new_tokens', '–')}, stop at the end-of-turn token.
 Answers cut by max_new_tokens (model never stopped): {escape(never) or '–'}. Created {escape(r['created'])}.</p>
+{_forgetting_banner(r)}
 {f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
 <h2>Training and validation loss</h2>
 {line_chart(curves, title="loss")}

@@ -9,7 +9,8 @@ without the adapter, and cached in the run folder (replay.jsonl; a resumed run r
 
 With share s of the training set and n task examples, round(s n / (1 - s)) replay examples are added:
 seeded picks from the instruction set, cycled when more are needed than the set holds. Answers that did
-not stop by themselves (cut by the token limit) or are empty are left out. No system prompt is added:
+not stop by themselves (cut by the token limit: REPLAY_TOKENS, at most half of data.max_seq_length) or are
+empty are left out. No system prompt is added:
 the task's system prompt belongs to the task.
 """
 
@@ -52,14 +53,15 @@ def _cached(path: Path, key: dict) -> dict[str, dict]:
 
 
 def base_answers(instructions: list[dict], model, tokenizer, generate, cache: Path, base_name: str,
-                 log=print) -> list[dict]:
-    """{"id", "prompt", "answer", "stopped"} per instruction: read from the cache, else generated (greedy)."""
-    key = {"base_model": base_name, "max_new_tokens": REPLAY_TOKENS}
+                 max_seq_length: int, log=print) -> list[dict]:
+    """{"id", "prompt", "answer", "stopped"} per instruction: read from the cache, else generated (greedy,
+    at most REPLAY_TOKENS and half of max_seq_length, so that prompt and answer fit a training row)."""
+    key = {"base_model": base_name, "max_new_tokens": min(REPLAY_TOKENS, max_seq_length // 2)}
     have = _cached(cache, key)
     todo = [ins for ins in instructions if ins["id"] not in have]
     if todo:
         log(f"replay: the base model answers {len(todo)} general instructions (cached in {cache})")
-        gens = generate(model, tokenizer, [[{"role": "user", "content": i["prompt"]}] for i in todo], REPLAY_TOKENS)
+        gens = generate(model, tokenizer, [[{"role": "user", "content": i["prompt"]}] for i in todo], key["max_new_tokens"])
         for ins, g in zip(todo, gens):
             have[ins["id"]] = {"id": ins["id"], "prompt": ins["prompt"], "answer": g.text, "stopped": g.stopped, **key}
         tmp = cache.with_name(cache.name + ".tmp")

@@ -172,7 +172,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 
         def replay(n_task: int) -> list:
             answer = lambda ins: dist.on_main(base_answers, ins, model, tokenizer, tools.generate,  # noqa: E731
-                                              run_dir / CACHE, cfg.base_model, console.print)
+                                              run_dir / CACHE, cfg.base_model, cfg.data.max_seq_length,
+                                              console.print)
             return replay_examples(n_task, cfg.train.replay, cfg.seed, answer)
     train_items, val_items, data_report, val_ex = load_data(cfg, tokenizer, replay)
     rows = train_items
