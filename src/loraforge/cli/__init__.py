@@ -282,6 +282,7 @@ def eval_run(
 
 # each stage's commands that fill a file of their own register on `app` when imported
 from loraforge.cli import data_cmds  # noqa: E402,F401  (loraforge data ...)
+from loraforge.cli import tune_cmds  # noqa: E402,F401  (loraforge tune)
 
 
 def main(argv: list[str] | None = None) -> int:
