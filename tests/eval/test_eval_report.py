@@ -133,3 +133,10 @@ def test_forgetting_warning_at_the_top_of_the_report(result):
     top = html.index("id='forgetting-warning'")
     assert top < html.index("<h2>")       # above every section
     assert forgetting(0.33, 0.29)["warning"] is None and forgetting(0.33, 0.27)["warning"] is not None  # > 5 points
+
+
+def test_validation_metric_curve_when_the_run_selected_by_it(result):
+    assert "selected-step" not in render_html(result)
+    result["curves"]["val_metric"] = [[2, 0.4], [4, 0.7], [6, 0.6]]
+    html = render_html(result)
+    assert html.count("<svg") == 3 and "adapter/ holds step 4" in html

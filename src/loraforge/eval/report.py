@@ -256,6 +256,16 @@ def _examples(r: dict) -> str:
     return "".join(rows)
 
 
+def _metric_curve(r: dict) -> str:
+    """The validation metric by step (train.select_by=metric), with the step adapter/ holds."""
+    pts = r["curves"].get("val_metric")
+    if not pts:
+        return ""
+    best = max(pts, key=lambda p: p[1])
+    return (line_chart({"val": pts}, title=f"validation {r['metric']}") +
+            f"<p id='selected-step'>adapter/ holds step {best[0]} (validation {r['metric']} {best[1]:.3f}).</p>")
+
+
 def _forgetting_banner(r: dict) -> str:
     """The forgetting guard's warning, shown at the top (eval.forgetting)."""
     f = r.get("forgetting") or {}
@@ -279,6 +289,7 @@ Answers cut by max_new_tokens (model never stopped): {escape(never) or '–'}. C
 {f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
 <h2>Training and validation loss</h2>
 {line_chart(curves, title="loss")}
+{_metric_curve(r)}
 <h2>Overfitting</h2>
 {_overfit(r['overfit'])}
 <h2>Scores</h2>

@@ -403,7 +403,8 @@ def assemble(run_dir: Path, cfg: RunConfig, prompts, refs, models: dict, reg: di
             "regression": {m: {k: v[k] for k in ("rate", "by_category", "checks", "answers")} for m, v in reg.items()},
             "overfit": verdict(rows), "forgetting": guard,
             "curves": {"train": [[r["step"], r["loss"]] for r in rows if "loss" in r],
-                       "val": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r]},
+                       "val": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
+                      "val_metric": [[r["step"], r["val_metric"]] for r in rows if "val_metric" in r]},
             "config": json.loads(json.dumps(cfg.model_dump(mode="json"))), "errors": errors,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

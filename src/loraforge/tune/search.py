@@ -152,7 +152,16 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
         from loraforge.train.run import run_training
 
         def train_fn(c, tools):
-            return run_training(c, tools=tools, overwrite=True).summary
+            try:
+                return run_training(c, tools=tools, overwrite=True).summary
+            finally:  # the next trial loads its base afresh: give this one's memory back
+                import gc
+
+                import torch
+
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     n_params = parameter_count(cfg.base_model)
     lo, hi = lr_range(n_params)
