@@ -77,6 +77,17 @@ def test_tune_on_the_tiny_model_writes_trials_and_a_best_config(tiny_model, chat
     assert best.train.learning_rate == pytest.approx(chosen["learning_rate"]) and best.lora.r == chosen["r"]
     assert best.output_dir == str(out / "best") and best.train.select_by == "metric"
     assert build_config(best.model_dump(mode="json")) == best
+    # `loraforge train best.yaml` reproduces the winning trial: same selected step, value and weights
+    import torch
+    from safetensors.torch import load_file
+
+    assert main(["train", str(out / "best.yaml")]) == 0
+    again = json.loads((out / "best" / "summary.json").read_text())
+    won = summary["best"]
+    assert again["selected_step"] == won["selected_step"] and again["selected_value"] == won["value"]
+    trial_dir = out / f"trial-{won['number']:03d}"
+    a, b = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (out / "best", trial_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_tune_needs_a_budget_or_trials(tiny_model, chat_file, tmp_path):
