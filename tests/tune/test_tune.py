@@ -39,6 +39,17 @@ def test_a_trial_with_a_bad_intermediate_value_is_pruned():
     assert study.best_trial.number == 1
 
 
+def test_a_trial_past_the_budget_ends_at_its_next_validation():
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("none", 10))
+    trial = study.ask()
+    curve: list = []
+    observe = reporter(trial, curve, deadline=0.0)  # long spent
+    observe(5, {"val_loss": 1.0})                    # no metric in this row: nothing to report, no stop
+    with pytest.raises(optuna.TrialPruned, match="budget spent at step 10"):
+        observe(10, {"val_loss": 1.0, "val_metric": 0.5})
+    assert curve == [[10, 0.5]]
+
+
 def test_budget_and_size_aware_learning_rates():
     assert parse_budget("30m") == 1800 and parse_budget("1h30m") == 5400 and parse_budget("90s") == 90
     assert parse_budget("45") == 2700

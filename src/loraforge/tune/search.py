@@ -9,7 +9,8 @@ validation step and stops after train.early_stopping_patience validations withou
 trial is a normal run folder (TUNE_DIR/trial-NNN) trained with train.select_by=metric, so its value is the
 best validation score of the config's eval.metric, reported to Optuna at every validation: a
 successive-halving pruner (ASHA-style; or Hyperband) ends trials that fall behind at a rung. The first
-trial is the config as given, the baseline the search must beat.
+trial is the config as given, the baseline the search must beat. No trial starts after the budget, and
+a running one ends at its next validation once the budget is spent (recorded as pruned).
 
 Priors follow the model's size: small models want larger learning rates. The learning-rate range is
 log-uniform over [c/4, 4c] around c = 2e-4 (7e9 / N)^0.4 for N parameters (about 2e-4 for an 8B model,
@@ -87,9 +88,10 @@ def _sample(trial, lo: float, hi: float) -> dict:
             "dropout": trial.suggest_float("dropout", *DROPOUT)}
 
 
-def reporter(trial, curve: list):
+def reporter(trial, curve: list, deadline: float | None = None):
     """The `observe` hook of a trial's training: report each validation's metric to Optuna and end the
-    trial (optuna.TrialPruned, raised through the training loop) when the pruner says so."""
+    trial (optuna.TrialPruned, raised through the training loop) when the pruner says so, or when the
+    search's budget (`deadline`, time.time()) is spent."""
     import optuna
 
     def observe(step: int, row: dict) -> None:
@@ -100,6 +102,8 @@ def reporter(trial, curve: list):
         trial.report(value, step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} (validation {value:.4g})")
+        if deadline is not None and time.time() > deadline:
+            raise optuna.TrialPruned(f"budget spent at step {step} (validation {value:.4g})")
 
     return observe
 
@@ -183,7 +187,8 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
         records.append(rec)
         start = time.time()
         try:
-            summary = train_fn(trial_config(base, params, run), task_tools(base, reporter(trial, rec["curve"])))
+            observe = reporter(trial, rec["curve"], t0 + budget_s if budget_s else None)
+            summary = train_fn(trial_config(base, params, run), task_tools(base, observe))
         except optuna.TrialPruned as e:
             rec.update(state="pruned", note=str(e), seconds=round(time.time() - start, 1))
             raise
