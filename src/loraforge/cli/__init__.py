@@ -63,12 +63,13 @@ def train(
                 *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
                 *(["--resume-with-changes"] if resume_with_changes else [])]
         raise SystemExit(D.run_torchrun(gpus, args))  # torchrun's exit code (typer.Exit would be lost here)
+    from loraforge.eval.validation import task_tools
     from loraforge.train.run import run_training
 
     if resume_with_changes and not resume:
         raise LoraforgeError("--resume-with-changes goes with --resume", hint="add --resume")
     result = run_training(cfg, resume=resume, overwrite=overwrite, with_changes=resume_with_changes,
-                          profile=profile)
+                          profile=profile, tools=task_tools(cfg))
     if cfg.eval.test and D.launch_rank() != 0:
         return  # rank 0 alone evaluates
     if cfg.eval.test:  # the end-of-run evaluation and HTML report
@@ -129,13 +130,15 @@ def quickstart(
     test_size: Annotated[int, typer.Option(help="Test queries evaluated (seeded slice of the test set).")] = 300,
     epochs: Annotated[float, typer.Option(help="Passes over the training examples.")] = 3,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    regression: Annotated[bool, typer.Option(help="Score the general-prompt regression set before and after "
+                                                  "(the forgetting guard).")] = True,
     overrides: Overrides = None,
 ) -> None:
     """The main job: fine-tune the embedded SmolLM2-135M-Instruct on BANKING77 and print before/after accuracy."""
     from loraforge.quickstart import run_quickstart
 
     run_quickstart(output_dir, per_intent=per_intent, test_size=test_size, epochs=epochs, overwrite=overwrite,
-                   overrides=overrides or [])
+                   overrides=overrides or [], regression=regression)
 
 
 @app.command()
@@ -314,6 +317,7 @@ def eval_run(
 from loraforge.cli import data_cmds  # noqa: E402,F401  (loraforge data ...)
 from loraforge.cli import runs_cmds  # noqa: E402,F401  (loraforge runs ...)
 from loraforge.cli import synth_cmds  # noqa: E402,F401  (loraforge data synth)
+from loraforge.cli import tune_cmds  # noqa: E402,F401  (loraforge tune)
 
 
 STYLES = {0: "bold green", 2: "bold red", 3: "bold yellow"}

@@ -33,6 +33,7 @@ tr.win td{background:#e6f4ea}tr.loss td{background:#fce8e6}.pill{padding:2px 8px
 .ok{background:#188038}.watch{background:#e37400}.overfitting{background:#c5221f}.unknown{background:#777}
 pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:.8em}.ans{white-space:pre-wrap;max-width:320px}
 .nostop{color:#c5221f;font-size:.8em}.err{color:#c5221f}
+.warn{background:#fce8e6;border:1px solid #c5221f;padding:8px 12px;border-radius:4px}
 """
 
 
@@ -232,6 +233,25 @@ def _examples(r: dict) -> str:
     return "".join(rows)
 
 
+def _metric_curve(r: dict) -> str:
+    """The validation metric by step (train.select_by=metric), with the step adapter/ holds."""
+    pts = r["curves"].get("val_metric")
+    if not pts:
+        return ""
+    best = max(pts, key=lambda p: p[1])
+    chart = line_chart([Series("validation", [tuple(p) for p in pts], COLORS["val"], markers=True, css="series-val")],
+                       title=f"validation {r['metric']}", y_label=r["metric"], log_y=False)
+    return (chart +
+            f"<p id='selected-step'>adapter/ holds step {best[0]} (validation {r['metric']} {best[1]:.3f}).</p>")
+
+
+def _forgetting_banner(r: dict) -> str:
+    """The forgetting guard's warning, shown at the top (eval.forgetting)."""
+    f = r.get("forgetting") or {}
+    return f"<p id='forgetting-warning' class='warn'><b>Warning:</b> {escape(f['warning'])}</p>" if f.get("warning") \
+        else ""
+
+
 def render_html(r: dict) -> str:
     """The whole report as one HTML string; reads only the eval.json dict."""
     errors = "".join(f"<li class='err'>{escape(e['stage'])}: {escape(e['error'])}</li>" for e in r.get("errors", []))
@@ -244,9 +264,11 @@ def render_html(r: dict) -> str:
 max_new_tokens={r.get('decoding', {}).get('max_new_tokens', '–')}, stop at the end-of-turn token; structured
 decoding: {escape(str(r.get('decoding', {}).get('constrained', '–')))}.
 Answers cut by max_new_tokens (model never stopped): {escape(never) or '–'}. Created {escape(r['created'])}.</p>
+{_forgetting_banner(r)}
 {f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
 <h2>Training and validation loss</h2>
 {loss_chart(r["curves"])}
+{_metric_curve(r)}
 <h2>Overfitting</h2>
 {_overfit(r['overfit'])}
 <h2>Scores</h2>

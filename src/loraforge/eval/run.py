@@ -297,7 +297,7 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
             log(f"evaluating {name} on {len(convs)} prompts")
             gens[name] = _stage(errors, f"generate {name}", lambda c=convs, n=name: _generate(model, tok, c, n, rlog,
                                                                                               ec, refs))
-        if ec.run_base and reg_prompts:
+        if reg_prompts:  # always: the forgetting guard compares against it
             log("regression set: base")
             _stage(errors, "regression base", lambda: regress("base"))
         model = _stage(errors, "load adapter", lambda: load_adapter(model, run_dir / "adapter"))
@@ -330,6 +330,8 @@ def evaluate_run(run_dir: str | Path, *, test: str | Path | None = None, metric:
             if s is not None:
                 models[name] = s
     result = assemble(run_dir, cfg, prompts, refs, models, reg, errors)
+    if (result.get("forgetting") or {}).get("warning"):  # the forgetting guard
+        log(f"warning: {result['forgetting']['warning']}")
     result["seconds"] = round(time.time() - t0, 1)
     result["resumed_rows"] = rlog.reused
     result["decoding"] = {"do_sample": False, "max_new_tokens": ec.max_new_tokens, "stop": "end-of-turn token",
@@ -422,14 +424,18 @@ def assemble(run_dir: Path, cfg: RunConfig, prompts, refs, models: dict, reg: di
             ex["outcome"] = "win" if d > 0 else "loss" if d < 0 else "tie"
         examples.append(ex)
     never_stopped = {m: sum(not s for s in v["stopped"]) for m, v in models.items()}
+    from loraforge.eval.forgetting import forgetting
+
+    guard = forgetting(reg["base"]["rate"], reg["finetuned"]["rate"]) if {"base", "finetuned"} <= reg.keys() else None
     return {"run_dir": str(run_dir), "test": cfg.eval.test, "metric": cfg.eval.metric, "n": len(prompts),
             "outcome_against": ref_model,
             "models": {m: {k: v[k] for k in ("value", "ci", "stop_rate", "details")} for m, v in models.items()},
             "never_stopped": never_stopped, "comparisons": comparisons, "examples": examples,
             "regression": {m: {k: v[k] for k in ("rate", "by_category", "checks", "answers")} for m, v in reg.items()},
-            "overfit": verdict(rows),
+            "overfit": verdict(rows), "forgetting": guard,
             "curves": {"train": [[r["step"], r["loss"]] for r in rows if "loss" in r],
-                       "val": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r]},
+                       "val": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
+                      "val_metric": [[r["step"], r["val_metric"]] for r in rows if "val_metric" in r]},
             "config": json.loads(json.dumps(cfg.model_dump(mode="json"))), "errors": errors,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

@@ -8,6 +8,8 @@ Every file is fsynced before the rename (and the folder after it), so a power cu
 checkpoint with empty files. On resume the newest checkpoint whose files match its manifest is used; a
 truncated or corrupt one is reported and moved to `checkpoints/corrupt/` (kept for a look, never counted
 among the last `keep_last` checkpoints that are kept), and a save that was killed (`.step-*.tmp`) is removed.
+The best checkpoint (TrainerState.protect_step, see train.selection) is kept too when the run selects
+by validation.
 
 Under torchrun rank 0 alone writes (the others wait), and the data position is global, so a checkpoint
 resumes on any number of processes. With FSDP2 the sharded adapter and optimizer state are gathered to
@@ -46,6 +48,11 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)  # validation results so far
     elapsed_s: float = 0.0   # training seconds so far, over every process that worked on the run
     grad_scaler: dict | None = None  # fp16's loss scale (train.precision)
+    select_score: float | None = None  # train.selection: best validation quantity so far (higher is better)
+    select_step: int | None = None     # the step that reached it
+    since_best: int = 0                # validations since then without improvement
+    protect_step: int | None = None    # the best step's checkpoint, never pruned by keep_last
+    stopped_early: bool = False
 
     def start_clock(self) -> float:
         """The time.time() at which this run started, were it never stopped; elapsed() counts from it."""
@@ -157,8 +164,10 @@ def _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, 
         shutil.rmtree(final)
     tmp.rename(final)
     _fsync(ckpt_root)
+    kept = None if state.protect_step is None else f"{PREFIX}{state.protect_step:08d}"  # the best one stays
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

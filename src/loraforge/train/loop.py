@@ -234,8 +234,10 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
                log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None,
                precision: Precision | None = None,
-               on_log=None, profiler=None) -> LoopResult:
-    """on_log(row): called with every metrics row (train.tracking); profiler: a train.profiling.StepProfiler."""
+               on_log=None, profiler=None, on_validate=None) -> LoopResult:
+    """on_log(row): called with every metrics row (train.tracking); profiler: a train.profiling.StepProfiler;
+    on_validate(step, val_loss) -> dict: at each validation, the task metric, best checkpoint and early stop
+    (train.selection), its entries added to the row ("stop": True ends the run there)."""
     tc = cfg.train
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
@@ -248,7 +250,7 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
     buckets = _buckets(train_items, cfg, fast, log)
     rows = tc.batch_size if buckets else None
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
-    last_train = None
+    last_train = extra = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
     t0 = state.start_clock()  # elapsed time continues across resumes
     precision = precision or Precision("fp32", device.type, accelerator.backward)  # fp16: loss scaling
@@ -341,11 +343,14 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
             if pending is not None and (evaluate or stopping or state.step % tc.save_every == 0
                                         or state.step == total_steps):
                 row, pending = pending, None
+                started = time.time()
                 if evaluate and val_items:
-                    started = time.time()
                     val_loss = row["val_loss"] = evaluate_loss(model, val_items, tc.batch_size, pad_id, device,
                                                                autocast, fast, dist, step_module)
-                    seconds_in["validation"] += time.time() - started
+                if evaluate and on_validate is not None:   # the task metric, best checkpoint, early stop
+                    extra = on_validate(state.step, row.get("val_loss"))
+                    row.update({k: v for k, v in (extra or {}).items() if k != "stop"})
+                seconds_in["validation"] += time.time() - started
                 stopping = write_row(row) or stopping
                 if "val_loss" in row:
                     _track_validation(state, val_loss, last_train, log)
@@ -361,6 +366,8 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                     raise TrainingInterrupted(f"{name} received: stopped after step {state.step}/{total_steps}; "
                                               f"checkpoint saved in {ckpt}",
                                               hint="continue with the same command and --resume")
+            if extra and extra.get("stop"):
+                break  # early stopping asked by on_validate: the caller saves the last step's checkpoint
         if pending is not None:
             write_row(pending)
         if profiler is not None:

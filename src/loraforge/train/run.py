@@ -5,8 +5,11 @@
       data_report.json     how many examples were read, dropped as too long, used
       metrics.jsonl        one row per optimizer step (loss, lr, grad norm, tokens/s, val_loss)
       checkpoints/         crash-safe checkpoints (see train.checkpoint)
-      adapter/             the final PEFT adapter + tokenizer (PeftModel.from_pretrained loads it)
-      summary.json         final losses, steps, time (written last: its presence means the run finished)
+      adapter/             the PEFT adapter + tokenizer (PeftModel.from_pretrained loads it): the last step's, or
+                           the best validation step's with train.select_by=loss|metric (train.selection)
+      replay.jsonl         with train.replay: the base model's answers mixed into training (train.replay)
+      summary.json         final losses, steps, time (written last: its presence means the run finished), which
+                           step's weights adapter/ holds and why
       resume_changes.jsonl what --resume-with-changes changed, and at which step
       tracking.json        the trackers' run ids and last steps (train.report_to; see train.tracking)
       tensorboard/, wandb/ TensorBoard event files, W&B offline runs (when reported to)
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +41,16 @@ from loraforge.model.adapters import save_adapter, trainable_parameters
 from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
-from loraforge.train.checkpoint import TrainerState, gather_adapter, latest_good, load_checkpoint, write_adapter
+from loraforge.train.checkpoint import (PREFIX, TrainerState, gather_adapter, latest_good, load_checkpoint,
+                                        save_checkpoint, write_adapter)
 from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
 from loraforge.train.loop import TrainingInterrupted, plan_steps, prepare_model, train_loop
 from loraforge.train.precision import Precision, pick_precision
 from loraforge.train.profiling import StepProfiler
 from loraforge.train.tracking import Reporters, open_reporters
 from loraforge.train.preference_loop import objective_parts
+from loraforge.train.replay import replay_examples
+from loraforge.train.selection import Selection, TaskTools, adopt_best
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -72,7 +79,9 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, dict]:
+def load_data(cfg: RunConfig, tokenizer, replay=None) -> tuple[list, list, dict, list[Example]]:
+    """(training items, validation items, data report, validation examples); `replay(n_task)` returns the
+    replay examples mixed into the training set (train.replay)."""
     d = cfg.data
     if not d.train:
         raise LoraforgeError("no training data: set data.train", hint="e.g. loraforge train run.yaml "
@@ -83,6 +92,9 @@ def load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, dict]:
         val_ex = read_examples(d.validation, d.format, **opts)
     else:
         train_ex, val_ex = split_validation(train_ex, d.validation_split, cfg.seed)
+    n_task = len(train_ex)
+    if replay is not None:
+        train_ex = train_ex + replay(n_task)
     train_items, train_long = tokenize_all(tokenizer, train_ex, d.max_seq_length, d.train_on, "training data")
     val_items, val_long = tokenize_all(tokenizer, val_ex, d.max_seq_length, d.train_on, "validation data") \
         if val_ex else ([], [])
@@ -90,11 +102,11 @@ def load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, dict]:
               "dropped_too_long": len(train_long) + len(val_long), "too_long_sources": (train_long + val_long)[:20],
               "max_seq_length": d.max_seq_length,
               "train_tokens": sum(len(t.input_ids) for t in train_items),
-              "train_loss_tokens": sum(t.n_loss_tokens for t in train_items)}
+              "train_loss_tokens": sum(t.n_loss_tokens for t in train_items), "replay_examples": len(train_ex) - n_task}
     if report["dropped_too_long"]:
         console.print(f"[yellow]warning:[/] {report['dropped_too_long']} examples are longer than "
                       f"max_seq_length={d.max_seq_length} and were left out (first: {report['too_long_sources'][0]})")
-    return train_items, val_items, report
+    return train_items, val_items, report, val_ex
 
 
 def make_optimizer(params: list, cfg: RunConfig, device: str):
@@ -118,11 +130,13 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, base=None,
-                 dir_ready: bool = False, with_changes: bool = False, profile: Path | None = None) -> RunResult:
+                 dir_ready: bool = False, with_changes: bool = False, profile: Path | None = None,
+                 tools: TaskTools | None = None) -> RunResult:
     """Train as `cfg` says. `base` = (model, tokenizer, path) reuses an already loaded base model;
     `dir_ready` says the caller already created output_dir (with prepare_run_dir) and put data in it;
     `with_changes` lets --resume continue with a config that changes training (recorded in the run folder);
-    `profile`: a folder for torch.profiler's tables of a few of the run's steps (train.profiling)."""
+    `profile`: a folder for torch.profiler's tables of a few of the run's steps (train.profiling);
+    `tools` (loraforge.eval.validation.task_tools) generate and score for select_by=metric and replay."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -156,8 +170,27 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                                                     quantization=cfg.model.quantization,
                                                     store_on="cpu" if fsdp else None)
     special = objective_parts(cfg.objective)  # dpo/orpo/simpo/kto/grpo: their data, module and loop
-    train_items, val_items, data_report = special.load(cfg, tokenizer, console.print) if special else \
-        load_data(cfg, tokenizer)
+    replay = replay_cache = None
+    if cfg.train.replay:  # the base model's own answers, generated before the adapter exists (rank 0; cached)
+        if tools is None:
+            raise LoraforgeError("train.replay needs a generator", hint="train through `loraforge train`, or pass "
+                                 "tools=loraforge.eval.validation.task_tools(cfg)")
+        from loraforge.train.replay import CACHE, base_answers
+
+        # a run folder that does not exist yet is created only once everything is checked: the answers wait
+        # in a temporary folder until then
+        replay_cache = run_dir / CACHE if run_dir.is_dir() else Path(tempfile.mkdtemp(prefix="lf-replay-")) / CACHE
+
+        def replay(n_task: int) -> list:
+            answer = lambda ins: dist.on_main(base_answers, ins, model, tokenizer, tools.generate,  # noqa: E731
+                                              replay_cache, cfg.base_model, cfg.data.max_seq_length,
+                                              console.print)
+            return replay_examples(n_task, cfg.train.replay, cfg.seed, answer)
+    if special:
+        train_items, val_items, data_report = special.load(cfg, tokenizer, console.print)
+        val_ex = []
+    else:
+        train_items, val_items, data_report, val_ex = load_data(cfg, tokenizer, replay)
     rows = train_items
     if cfg.data.packing:  # best-fit rows of max_seq_length; each example attends only to itself
         rows = pack(train_items, cfg.data.max_seq_length)
@@ -208,6 +241,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             console.print(f"resuming from {ckpt} (step {state.step}/{total_steps})")
         if dist.is_main:
             write_json(run_dir / "data_report.json", data_report)
+            if replay_cache is not None and replay_cache.is_file() and replay_cache.parent != run_dir:
+                shutil.move(replay_cache, run_dir / replay_cache.name)
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
         precision.track(state)
     except BaseException:
@@ -215,6 +250,13 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         raise
     dist.on_main(folder.commit)
 
+    ckpt_root = run_dir / "checkpoints"
+
+    def save() -> Path:
+        return save_checkpoint(ckpt_root, model, optimizer, scheduler, state, cfg.to_yaml(), cfg.train.keep_last,
+                               dist=dist, step_module=step_module)
+
+    selection = Selection(cfg, state, model, tokenizer, val_ex, save, tools, log=console.print)
     n_trainable = sum(p.numel() for p in params)
     console.print(f"training {cfg.lora.adapter} r={cfg.lora.r}"
                   f"{' over an NF4 base' if cfg.model.quantization == 'nf4' else ''} on {device} "
@@ -237,18 +279,32 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                                 train_items, val_items, cfg, run_dir, state, log=console.print, fast=fast,
                                 dist=dist, step_module=step_module, precision=precision,
                                 on_log=reporters.log if reporters else None,
-                                profiler=StepProfiler(profile, total_steps) if profile and dist.is_main else None)
+                                profiler=StepProfiler(profile, total_steps) if profile and dist.is_main else None,
+                                on_validate=selection if selection.active else None)
     except BaseException as e:
         reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
         raise
     model.eval()
     adapter_dir = run_dir / "adapter"
+    best = None
+    if selection.by != "last" and state.protect_step is not None:  # adapter/ = the best step's weights
+        if not (ckpt_root / f"{PREFIX}{state.step:08d}").is_dir():
+            save()  # the last step's checkpoint stays in checkpoints/
+        best = ckpt_root / f"{PREFIX}{state.protect_step:08d}"
+        if not dist.enabled:
+            adopt_best(model, best)
     if dist.enabled:  # rank 0 writes (FSDP2: after gathering the shards)
         weights = gather_adapter(model, step_module, dist)
         if dist.is_main:
             tmp = run_dir / "adapter.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            write_adapter(model, tmp, weights, tokenizer)
+            if best is not None:  # the chosen checkpoint's adapter files as they are
+                tmp.mkdir()
+                for f in ("adapter_model.safetensors", "adapter_config.json"):
+                    shutil.copy2(best / f, tmp / f)
+                tokenizer.save_pretrained(tmp)
+            else:
+                write_adapter(model, tmp, weights, tokenizer)
             shutil.rmtree(adapter_dir, ignore_errors=True)
             tmp.rename(adapter_dir)
     else:
@@ -263,14 +319,16 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "tokens_per_s": round(result.state.tokens_seen / max(result.seconds, 1e-9), 1),
                "planned_tokens_per_s": round(plan.tokens_per_s, 1) if dist.is_main and plan.tokens_per_s else None,
                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if device == "cuda" else None}
-    summary.update(objective=cfg.objective, **getattr(result, "report", {}))
+    summary.update(objective=cfg.objective, **selection.describe(), replay_examples=data_report.get("replay_examples", 0),
+                   **getattr(result, "report", {}))
     if dist.is_main:
         write_json(run_dir / "summary.json", summary)
     reporters.finish("finished", summary)
     dist.barrier()
     D.finish(dist)
     console.print(f"adapter saved in {adapter_dir}  (final train loss {result.final_train_loss:.4f}"
-                  + (f", validation loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else ")"))
+                  + (f", validation loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else ")")
+                  + (f"\nadapter/ holds step {summary['selected_step']}: {summary['selection']}" if best else ""))
     return RunResult(run_dir, adapter_dir, model, tokenizer, base_path, summary)
 
 
