@@ -42,7 +42,7 @@ def test_log_every_writes_interval_means(tiny_model, tmp_path):
     model, tok, _ = load_base(str(tiny_model))
     from loraforge.train.run import load_data
 
-    items, _, _ = load_data(cfg, tok)
+    items = load_data(cfg, tok)[0]
     from loraforge.data.batching import batch_order
 
     order = [b for e in range(2) for b in batch_order([len(t.input_ids) for t in items], 4, cfg.seed, e)]

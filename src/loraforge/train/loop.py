@@ -166,6 +166,17 @@ def micro_batches(items: list[Tokenized], cfg: RunConfig, state: TrainerState) -
         epoch, start = epoch + 1, 0
 
 
+def next_group(batches, per_epoch: int, tc) -> list[tuple[int, int, list]]:
+    """The step's (epoch, index in epoch, items) micro-batches: grad_accum of them, fewer at the run's end."""
+    group = []
+    for _ in range(tc.grad_accum):
+        epoch, bi, items = next(batches)
+        group.append((epoch, bi, items))
+        if epoch * per_epoch + bi + 1 >= round(per_epoch * tc.epochs):
+            break  # the last micro-batch of the run
+    return group
+
+
 class _StopFlag:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps (restored on exit)."""
 
@@ -290,12 +301,7 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                 profiler.before(state.step)
             # 1. this step's micro-batches (the same on every rank); this rank takes every W-th one; the
             #    step's loss tokens are counted over all of them on the host (every rank holds the whole step)
-            group = []
-            for _ in range(tc.grad_accum):
-                epoch, bi, items = next(batches)
-                group.append((epoch, bi, items))
-                if epoch * per_epoch + bi + 1 >= round(per_epoch * tc.epochs):
-                    break  # the last micro-batch of the run
+            group = next_group(batches, per_epoch, tc)
             mine = [(j, collate(group[j][2], pad_id, buckets, rows)) for j in range(dist.rank, len(group), dist.world)]
             n_loss = sum(n_loss_of[id(t)] for _, _, items in group for t in items)
             n_tokens = sum(len(t.input_ids) for _, _, items in group for t in items)

@@ -10,7 +10,7 @@ import signal
 import time
 
 from loraforge.train.checkpoint import TrainerState, save_checkpoint
-from loraforge.train.loop import TrainingInterrupted, _StopFlag
+from loraforge.train.loop import TrainingInterrupted, _StopFlag, next_group  # noqa: F401 (the loops' own)
 from loraforge.train.progress import TrainProgress
 
 
@@ -24,17 +24,6 @@ def session(run_dir, tc, state: TrainerState, total_steps: int, dist):
     with _StopFlag() as stop, TrainProgress(total_steps, state.step) as progress, mlog, \
             peer_failures(dist, tc.dist_timeout_s):
         yield stop, progress, mlog
-
-
-def next_group(batches, per_epoch: int, tc) -> list[tuple[int, int, list]]:
-    """The step's (epoch, index in epoch, items) micro-batches: grad_accum of them, fewer at the run's end."""
-    group = []
-    for _ in range(tc.grad_accum):
-        epoch, bi, items = next(batches)
-        group.append((epoch, bi, items))
-        if epoch * per_epoch + bi + 1 >= round(per_epoch * tc.epochs):
-            break  # the last micro-batch of the run
-    return group
 
 
 def optimizer_step(accelerator, params: list, optimizer, scheduler, max_grad_norm: float | None) -> float | None:
