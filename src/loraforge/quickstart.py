@@ -81,7 +81,8 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
     from loraforge.eval.forgetting import forgetting, regression_rate
     from loraforge.eval.validation import task_tools
     from loraforge.model.load import load_base, pick_device
-    from loraforge.train.run import prepare_run_dir, run_training, write_json
+    from loraforge.train.folder import RunFolder, check_output_dir
+    from loraforge.train.run import run_training, write_json
 
     if per_intent < 0 or test_size < 1:
         raise LoraforgeError("--per-intent must be 0 (all) or more and --test-size at least 1")
@@ -96,23 +97,30 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
         "eval": {"reference": REFERENCE, "max_new_tokens": 24},
     }
     cfg = load_config(None, overrides, base=tree)
-    run_dir = prepare_run_dir(cfg, resume=False, overwrite=overwrite)
-    train, val, test = make_splits(per_intent, test_size)
-    (run_dir / "data").mkdir(exist_ok=True)
-    write_jsonl(run_dir / "data" / "train.jsonl", to_messages(train))
-    write_jsonl(run_dir / "data" / "validation.jsonl", to_messages(val))
-    write_jsonl(run_dir / "data" / "test.jsonl", to_messages(test))
+    # with --overwrite the old run waits aside until this one has trained, and comes back if it fails
+    folder = RunFolder(check_output_dir(cfg, resume=False, overwrite=overwrite), resume=False)
+    run_dir = folder.open()
+    try:
+        train, val, test = make_splits(per_intent, test_size)
+        (run_dir / "data").mkdir(exist_ok=True)
+        write_jsonl(run_dir / "data" / "train.jsonl", to_messages(train))
+        write_jsonl(run_dir / "data" / "validation.jsonl", to_messages(val))
+        write_jsonl(run_dir / "data" / "test.jsonl", to_messages(test))
 
-    device = pick_device("auto")
-    console.print(f"[bold]loraforge quickstart[/]: SmolLM2-135M-Instruct x BANKING77 on {device}; "
-                  f"{len(train)} training examples, {len(test)} test queries")
-    model, tokenizer, base_path = load_base(EMBEDDED_MODEL, device=device)
-    batch = 64 if device == "cuda" else 32
-    base_acc, base_answers = accuracy(model, tokenizer, test, batch, "base model")
-    console.print(f"base model accuracy: {base_acc:.1%}")
-    base_reg = regression_rate(model, tokenizer, batch_size=batch)[0] if regression else None
+        device = pick_device("auto")
+        console.print(f"[bold]loraforge quickstart[/]: SmolLM2-135M-Instruct x BANKING77 on {device}; "
+                      f"{len(train)} training examples, {len(test)} test queries")
+        model, tokenizer, base_path = load_base(EMBEDDED_MODEL, device=device)
+        batch = 64 if device == "cuda" else 32
+        base_acc, base_answers = accuracy(model, tokenizer, test, batch, "base model")
+        console.print(f"base model accuracy: {base_acc:.1%}")
+        base_reg = regression_rate(model, tokenizer, batch_size=batch)[0] if regression else None
 
-    result = run_training(cfg, base=(model, tokenizer, base_path), dir_ready=True, tools=task_tools(cfg))
+        result = run_training(cfg, base=(model, tokenizer, base_path), dir_ready=True, tools=task_tools(cfg))
+    except BaseException:
+        folder.abort()
+        raise
+    folder.commit()
     tuned_acc, tuned_answers = accuracy(result.model, tokenizer, test, batch, "fine-tuned model")
     guard = None
     if base_reg is not None:

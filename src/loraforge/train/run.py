@@ -70,15 +70,6 @@ def resolve_precision(requested: str, device: str) -> torch.dtype | None:
     return Precision.DTYPES[pick_precision(requested, device)]
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Check and create the run folder at once (for callers that put files in it before training)."""
-    run_dir = check_output_dir(cfg, resume, overwrite)
-    if not resume and run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def load_data(cfg: RunConfig, tokenizer, replay=None) -> tuple[list, list, dict, list[Example]]:
     """(training items, validation items, data report, validation examples); `replay(n_task)` returns the
     replay examples mixed into the training set (train.replay)."""
@@ -133,7 +124,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                  dir_ready: bool = False, with_changes: bool = False, profile: Path | None = None,
                  tools: TaskTools | None = None) -> RunResult:
     """Train as `cfg` says. `base` = (model, tokenizer, path) reuses an already loaded base model;
-    `dir_ready` says the caller already created output_dir (with prepare_run_dir) and put data in it;
+    `dir_ready` says the caller already created output_dir (train.folder.RunFolder) and put data in it;
     `with_changes` lets --resume continue with a config that changes training (recorded in the run folder);
     `profile`: a folder for torch.profiler's tables of a few of the run's steps (train.profiling);
     `tools` (loraforge.eval.validation.task_tools) generate and score for select_by=metric and replay."""
