@@ -15,7 +15,8 @@ def test_short_quickstart_lifts_accuracy(tmp_path):
 
     out = tmp_path / "qs"
     report = run_quickstart(out, per_intent=4, test_size=60, epochs=3,
-                            overrides=["train.learning_rate=2e-3", "train.eval_every=40", "train.save_every=1000"],
+                            overrides=["train.learning_rate=2e-3", "train.eval_every=40", "train.save_every=1000",
+                                       "train.validate_limit=24"],
                             regression=False)
     assert report["base_accuracy"] <= 0.05  # the base model does not know the label names
     assert report["finetuned_accuracy"] >= report["base_accuracy"] + 0.25

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loraforge.data.checks import Problem, check_turns, first_error
 from loraforge.data.formats import MESSAGE_ROLES, _turns, read_examples
-from loraforge.data.readers import read_raw
+from loraforge.data.readers import check_data_file, read_raw
 from loraforge.data.templates import IGNORE_INDEX, Tokenized, _render, assistant_spans
 from loraforge.errors import LoraforgeError
 
@@ -351,10 +351,7 @@ def validate_preferences(path: str | Path, tokenizer=None, max_seq_length: int =
 
 
 def _records_checked(path: str | Path):
-    p = Path(path)
-    if not p.is_file():
-        raise LoraforgeError("data file not found", where=str(p), hint="check the path")
-    return read_raw(p)
+    return read_raw(check_data_file(path))   # a folder, a missing or unreadable file: one clear message
 
 
 def looks_like_preferences(path: str | Path) -> bool:
