@@ -200,8 +200,11 @@ def test_sigkill_then_resume_logs_every_step_once(tiny_model, chat_file, tmp_pat
     cfg_file.write_text(yaml.safe_dump(tiny_config(tiny_model, chat_file, out, epochs=60, max_steps=60,
                                                    grad_accum=1, save_every=10, eval_every=7, num_threads=1,
                                                    report_to=["tensorboard", "wandb"])))
+    # W&B's service of this test process (earlier tests started one) must not be inherited: the killed run
+    # would stay registered, "in use", in a service that outlives it
+    env = {k: v for k, v in os.environ.items() if "WANDB_SERVICE" not in k}
     proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         state = tracking.read_state(out) if (out / "tracking.json").is_file() else {}
@@ -213,7 +216,7 @@ def test_sigkill_then_resume_logs_every_step_once(tiny_model, chat_file, tmp_pat
     proc.wait(timeout=60)
     assert len(metrics_rows(out)) > 10   # rows past the checkpoint at step 10, logged before the kill
     res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg_file), "--resume"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = metrics_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 61))

@@ -208,18 +208,10 @@ class WandbReporter(Reporter):
         wandb = _need("wandb", "wandb")
         self.wandb = wandb
         mode = os.environ.get("WANDB_MODE", "offline")
-        for attempt in range(20):
-            try:
-                self.run = wandb.init(project=self.project, name=self.run_name, id=self.saved.get("run_id"),
-                                      dir=str(self.run_dir), mode=mode, resume="allow" if self.saved else None,
-                                      config=self.cfg.model_dump(mode="json"), reinit="create_new",
-                                      settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
-                break
-            except Exception as e:  # noqa: BLE001
-                # after a kill -9, the killed process's W&B service holds the run for a few seconds more
-                if "in use" not in str(e) or attempt == 19:
-                    raise
-                time.sleep(1.5)
+        self.run = wandb.init(project=self.project, name=self.run_name, id=self.saved.get("run_id"),
+                              dir=str(self.run_dir), mode=mode, resume="allow" if self.saved else None,
+                              config=self.cfg.model_dump(mode="json"), reinit="create_new",
+                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
         if self.saved:   # what the run's own files hold (a kill loses what W&B had not written yet)
             from loraforge.train.wandb_files import last_step
 
