@@ -45,7 +45,7 @@ from loraforge.train.checkpoint import (PREFIX, TrainerState, gather_adapter, la
                                         save_checkpoint, write_adapter)
 from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
 from loraforge.train.loop import TrainingInterrupted, plan_steps, prepare_model, train_loop
-from loraforge.train.precision import Precision, pick_precision
+from loraforge.train.precision import Precision
 from loraforge.train.profiling import StepProfiler
 from loraforge.train.tracking import Reporters, open_reporters
 from loraforge.train.preference_loop import objective_parts
@@ -63,11 +63,6 @@ class RunResult:
     tokenizer: object
     base_path: str
     summary: dict
-
-
-def resolve_precision(requested: str, device: str) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    return Precision.DTYPES[pick_precision(requested, device)]
 
 
 def load_data(cfg: RunConfig, tokenizer, replay=None) -> tuple[list, list, dict, list[Example]]:

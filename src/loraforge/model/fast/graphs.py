@@ -32,8 +32,18 @@ import warnings
 
 import torch
 
-HOST_BOUND_WORK = 5e11   # tokens x weights of one layer, see StackGraphs.host_bound
+HOST_BOUND_WORK = 5e11   # tokens x weights of one layer, see host_bound
 MAX_SHAPES = 8           # batch shapes captured by one GraphSet (each holds its own memory pool)
+
+
+def host_bound(tokens: int, layer_weights: int) -> bool:
+    """Whether a step of `tokens` tokens leaves the GPU waiting for the host: its per-layer matmul work
+    (tokens x the layer's projection weights) is small. Measured on H100s: Llama-3.2-1B shape at 4,096
+    tokens (2.5e11) trains 1.40x faster with the graphs (bench/results/train_speed/h100_s7_graphs.json;
+    2.1-2.5x in session 6's calls, whose host was slower: the eager rate moves with the host CPU);
+    Llama-3.1-8B at 4,096 (8.9e11) gained 0.5% and held 0.5-0.6 GiB more (the graphs' pool is not shared
+    with the eager loss and optimizer; session 6, README of that folder). The line is drawn between them."""
+    return tokens * layer_weights <= HOST_BOUND_WORK
 
 
 def stack_forward(layers, h, cos, sin, pool):
@@ -123,13 +133,7 @@ class StackGraphs:
         return False
 
     def host_bound(self, tokens: int) -> bool:
-        """Whether a step of `tokens` tokens leaves the GPU waiting for the host: its per-layer matmul work
-        (tokens x the layer's projection weights) is small. Measured on H100s: Llama-3.2-1B shape at 4,096
-        tokens (2.5e11) trains 1.40x faster with the graphs (bench/results/train_speed/h100_s7_graphs.json;
-        2.1-2.5x in session 6's calls, whose host was slower: the eager rate moves with the host CPU);
-        Llama-3.1-8B at 4,096 (8.9e11) gained 0.5% and held 0.5-0.6 GiB more (the graphs' pool is not shared
-        with the eager loss and optimizer; session 6, README of that folder). The line is drawn between them."""
-        return tokens * self.layer_weights <= HOST_BOUND_WORK
+        return host_bound(tokens, self.layer_weights)
 
     def __call__(self, h, cos, sin) -> torch.Tensor:
         # the node's one input with grad is a scalar of our own, not the parameters: their AccumulateGrad
@@ -236,7 +240,7 @@ class GraphSet:
     def wanted(self, tokens: int) -> bool:
         """Whether steps of `tokens` tokens would replay graphs once their shape repeats (so batches are worth
         padding to a few lengths): capture is on and, under `auto`, such steps are host-bound."""
-        return self.capture and (not self.only_host_bound or tokens * self.layer_weights <= HOST_BOUND_WORK)
+        return self.capture and (not self.only_host_bound or host_bound(tokens, self.layer_weights))
 
     def ready(self, h, cos) -> bool:
         key = StackGraphs.shape_key(h, cos)
