@@ -46,6 +46,17 @@ class SpeedFit:
     points: int = 0
 
 
+@dataclass(frozen=True)
+class RunFit:
+    """A whole run (plan/run_speed.py) against the loop model: seconds = warmup_s + scale x loop seconds +
+    step_s per micro-batch."""
+
+    scale: float = 1.0
+    step_s: float = 0.0
+    warmup_s: float = 0.0
+    points: int = 0
+
+
 def size_class(shape: ModelShape) -> str:
     return "small" if shape.params < SMALL_MODEL_PARAMS else "large"
 
@@ -67,6 +78,17 @@ def load_calibration(path: str | None = None) -> dict[str, SpeedFit]:
     if not p.is_file():
         return {}
     return parse_calibration(json.loads(p.read_text(encoding="utf-8")))
+
+
+@lru_cache(maxsize=4)
+def load_runs(path: str | None = None) -> dict[str, RunFit]:
+    """The file's "runs" entries (product-path fits, see plan/run_speed.py); {} when absent."""
+    p = Path(path or os.environ.get("LORAFORGE_PLAN_CALIBRATION") or CALIBRATION_FILE)
+    if not p.is_file():
+        return {}
+    runs = json.loads(p.read_text(encoding="utf-8")).get("runs", {})
+    return {key: RunFit(float(e["scale"]), float(e["step_s"]), float(e["warmup_s"]), int(e.get("points", 0)))
+            for key, e in runs.items() if not key.startswith("_")}
 
 
 def calibration_source(path: str | None = None) -> str | None:

@@ -399,16 +399,20 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
                       {k: round(v, 2) for k, v in seconds_in.items()})
 
 
-def _buckets(items: list[Tokenized], cfg: RunConfig, fast, log) -> list[int] | None:
+def batch_buckets(items: list[Tokenized], cfg: RunConfig, fast) -> list[int] | None:
     """The padded lengths of the training batches where the fast path replays CUDA graphs (each length's
     shape then repeats), else None (each batch padded to its own longest example)."""
     if fast is None or cfg.data.packing or not items:
         return None
     buckets = length_buckets([len(t.input_ids) for t in items], cfg.train.batch_size, cfg.seed)
-    if not fast.graphs_want_buckets(cfg.train.batch_size * buckets[-1]):
-        return None
-    log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
-        f"{cfg.train.batch_size} rows, so that CUDA graphs replay them")
+    return buckets if fast.graphs_want_buckets(cfg.train.batch_size * buckets[-1]) else None
+
+
+def _buckets(items: list[Tokenized], cfg: RunConfig, fast, log) -> list[int] | None:
+    buckets = batch_buckets(items, cfg, fast)
+    if buckets:
+        log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
+            f"{cfg.train.batch_size} rows, so that CUDA graphs replay them")
     return buckets
 
 

@@ -44,13 +44,14 @@ from loraforge.train import distributed as D
 from loraforge.train.checkpoint import (PREFIX, TrainerState, gather_adapter, latest_good, load_checkpoint,
                                         save_checkpoint, write_adapter)
 from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
-from loraforge.train.loop import TrainingInterrupted, plan_steps, prepare_model, train_loop
+from loraforge.train.loop import TrainingInterrupted, batch_buckets, plan_steps, prepare_model, train_loop
 from loraforge.train.precision import Precision
 from loraforge.train.profiling import StepProfiler
 from loraforge.train.tracking import Reporters, open_reporters
 from loraforge.train.preference_loop import objective_parts
 from loraforge.train.replay import replay_examples
 from loraforge.train.selection import Selection, TaskTools, adopt_best
+from loraforge.train.shapes import run_shapes
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -183,19 +184,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         data_report["packed_rows"] = len(rows)
     if dist.enabled:
         D.check_same(dist, "training data", D.data_fingerprint(train_items + val_items))
-    if dist.is_main:
-        from loraforge.plan.for_run import estimate_for_run  # `loraforge plan`'s estimate for this exact run
-
-        gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
-        plan = estimate_for_run(cfg, model.config.to_dict(), [len(t.input_ids) for t in train_items],
-                                gpu and gpu.name, gpu and gpu.total_memory, dist.world)
-        console.print(plan.text)
-
+    example_lengths = [len(t.input_ids) for t in train_items]
     train_items = rows
     torch.manual_seed(cfg.seed)
     compute_dtype = precision.dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     model, fast = prepare_for_training(model, cfg, device, compute_dtype, base_path=base_path,
                                        sharded=fsdp, log=console.print)
+    if dist.is_main:   # `loraforge plan`'s estimate for this exact run, on the shapes the loop will run
+        plan, plan_speed = _estimate(cfg, model, example_lengths, train_items, val_items, fast, device, dist, special)
+        console.print(plan.text)
     # DDP / FSDP2 under torchrun; before the optimizer
     step_module = (special.prepare if special else prepare_model)(model, dist, device, fast)
     params = trainable_parameters(model)
@@ -304,6 +301,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                "fast_path": fast is not None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": dist.world,
                "tokens_per_s": round(result.state.tokens_seen / max(result.seconds, 1e-9), 1),
                "planned_tokens_per_s": round(plan.tokens_per_s, 1) if dist.is_main and plan.tokens_per_s else None,
+               "plan_speed": plan_speed if dist.is_main else None,
                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if device == "cuda" else None}
     summary.update(objective=cfg.objective, **selection.describe(), replay_examples=data_report.get("replay_examples", 0),
                    **getattr(result, "report", {}))
@@ -316,6 +314,22 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                   + (f", validation loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else ")")
                   + (f"\nadapter/ holds step {summary['selected_step']}: {summary['selection']}" if best else ""))
     return RunResult(run_dir, adapter_dir, model, tokenizer, base_path, summary)
+
+
+def _estimate(cfg: RunConfig, model, example_lengths: list[int], train_items, val_items, fast, device: str, dist,
+              special):
+    """(plan.for_run's RunEstimate, summary.json's `plan_speed`): on one GPU with the SFT loop, from the run's
+    own batch shapes (train.shapes); else from the loop model alone."""
+    from loraforge.plan.for_run import estimate_for_run, speed_inputs
+
+    gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
+    shapes = None
+    if gpu is not None and not special and not dist.enabled:
+        shapes = run_shapes(train_items, val_items, cfg, batch_buckets(train_items, cfg, fast))
+    plan = estimate_for_run(cfg, model.config.to_dict(), example_lengths, gpu and gpu.name,
+                            gpu and gpu.total_memory, dist.world, shapes=shapes)
+    inputs = speed_inputs(cfg, model.config.to_dict(), shapes, gpu.name, gpu.total_memory) if shapes else None
+    return plan, inputs
 
 
 def _count(n: int, noun: str) -> str:
