@@ -10,30 +10,44 @@ import pytest
 
 from loraforge.plan import KNOWN_MODELS, TrainSetup, find_gpu
 from loraforge.plan.calibration import RunFit
-from loraforge.plan.run_speed import RunShapes, fit_run, loop_parts, run_seconds, run_tokens_per_second
+from loraforge.plan.run_speed import (
+    RunShapes, fit_runs, loop_parts, run_seconds, run_tokens_per_second, seconds_from_parts,
+)
 from loraforge.plan.throughput import seconds_per_micro_batch
 
 LLAMA1B = KNOWN_MODELS["Llama-3.2-1B"]
 
 
-def test_fit_recovers_warmup_scale_and_step_cost():
-    truth = RunFit(scale=2.5, step_s=0.004, warmup_s=12.0)
-    points = [(loop, micro, truth.warmup_s + truth.scale * loop + truth.step_s * micro)
-              for loop, micro in [(3.0, 600), (10.0, 300), (40.0, 2400), (1.0, 80), (25.0, 5000)]]
-    fit = fit_run(points)
-    assert fit.scale == pytest.approx(2.5, rel=1e-6)
-    assert fit.step_s == pytest.approx(0.004, rel=1e-6)
-    assert fit.warmup_s == pytest.approx(12.0, rel=1e-6)
-    assert fit.points == 5
+def _parts(loop, micro, val, shapes):
+    return {"loop_seconds": loop, "micro_batches": micro, "val_forwards": val, "shapes": shapes}
 
 
-def test_fit_drops_a_term_that_would_be_negative():
-    # measured faster than any warm-up allows: the constant term goes, scale and step cost stay positive
-    points = [(loop, micro, 2.0 * loop + 0.001 * micro - 1.0) for loop, micro in [(5.0, 100), (20.0, 900), (9.0, 50)]]
-    fit = fit_run(points)
-    assert fit.warmup_s == 0.0 and fit.scale > 0 and fit.step_s >= 0
+def test_fit_recovers_scales_and_the_shared_fixed_costs():
+    truth = {"lora/small": RunFit(scale=0.4, warmup_s=12.0, shape_s=0.5, step_s=0.004, val_s=0.02),
+             "qlora/large": RunFit(scale=1.3, warmup_s=12.0, shape_s=0.5, step_s=0.004, val_s=0.02)}
+    points = []
+    for key, loop, micro, val, shapes in [("lora/small", 3.0, 600, 100, 3), ("lora/small", 10.0, 300, 40, 6),
+                                          ("lora/small", 40.0, 2400, 900, 43), ("lora/small", 1.0, 80, 10, 6),
+                                          ("qlora/large", 25.0, 500, 96, 6), ("qlora/large", 9.0, 22, 36, 22),
+                                          ("qlora/large", 60.0, 90, 300, 6)]:
+        parts = _parts(loop, micro, val, shapes)
+        points.append((key, parts, seconds_from_parts(parts, truth[key])))
+    fits = fit_runs(points)
+    for key, want in truth.items():
+        got = fits[key]
+        for name in ("scale", "warmup_s", "shape_s", "step_s", "val_s"):
+            assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-6), (key, name)
+    assert fits["lora/small"].points == 4 and fits["qlora/large"].points == 3
+
+
+def test_fit_drops_a_fixed_cost_that_would_be_negative():
+    # measured faster than any warm-up allows: the constant term goes, the scale stays positive
+    points = [("lora/small", _parts(loop, micro, 0, 1), 2.0 * loop + 0.001 * micro - 1.0)
+              for loop, micro in [(5.0, 100), (20.0, 900), (9.0, 50), (30.0, 200)]]
+    fit = fit_runs(points)["lora/small"]
+    assert fit.warmup_s == 0.0 and fit.scale > 0 and fit.step_s >= 0 and fit.val_s == 0.0
     with pytest.raises(ValueError):
-        fit_run([])
+        fit_runs([])
 
 
 def test_run_time_adds_training_validation_and_fixed_costs():
@@ -41,17 +55,18 @@ def test_run_time_adds_training_validation_and_fixed_costs():
     shapes = RunShapes(batches=((4, 256, 10), (4, 512, 5)), real_tokens=15_000, epochs=2.0,
                        val_batches=((4, 128, 3),), evaluations=4)
     one = {n: seconds_per_micro_batch(gpu, LLAMA1B, setup, 4, n, n) for n in (128, 256, 512)}
-    loop, micro = loop_parts(gpu, LLAMA1B, setup, shapes)
-    assert loop == pytest.approx(2 * (10 * one[256] + 5 * one[512]) + 4 * 3 * one[128] / 3, rel=1e-9)
-    assert micro == pytest.approx(2 * 15 + 4 * 3 / 3)
-    fit = RunFit(scale=3.0, step_s=0.01, warmup_s=7.0)
-    assert run_seconds(gpu, LLAMA1B, setup, shapes, fit) == pytest.approx(7.0 + 3.0 * loop + 0.01 * micro)
-    assert run_tokens_per_second(gpu, LLAMA1B, setup, shapes, fit) == pytest.approx(
-        30_000 / (7.0 + 3.0 * loop + 0.01 * micro))
+    parts = loop_parts(gpu, LLAMA1B, setup, shapes)
+    assert parts["loop_seconds"] == pytest.approx(2 * (10 * one[256] + 5 * one[512]) + 4 * 3 * one[128] / 3, rel=1e-9)
+    assert parts["micro_batches"] == 30 and parts["val_forwards"] == 12 and parts["shapes"] == 2
+    fit = RunFit(scale=3.0, step_s=0.01, warmup_s=7.0, shape_s=0.5, val_s=0.02)
+    want = 7.0 + 0.5 * 2 + 3.0 * parts["loop_seconds"] + 0.01 * 30 + 0.02 * 12
+    assert run_seconds(gpu, LLAMA1B, setup, shapes, fit) == pytest.approx(want)
+    assert run_tokens_per_second(gpu, LLAMA1B, setup, shapes, fit) == pytest.approx(30_000 / want)
     # packed rows attend over their examples only: a shorter context costs less than the padded length
     packed = RunShapes(batches=((1, 2048, 10),), real_tokens=20_000, context=250)
     full = RunShapes(batches=((1, 2048, 10),), real_tokens=20_000)
-    assert loop_parts(gpu, LLAMA1B, setup, packed)[0] < loop_parts(gpu, LLAMA1B, setup, full)[0]
+    cost = lambda shapes: loop_parts(gpu, LLAMA1B, setup, shapes)["loop_seconds"]  # noqa: E731
+    assert cost(packed) < cost(full)
 
 
 @pytest.mark.parametrize("packing,buckets", [(False, None), (False, [16, 32, 64]), (True, None)])
@@ -105,7 +120,8 @@ def test_the_trainers_estimate_uses_the_runs_shapes(monkeypatch, tmp_path):
                "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 64,
                "_name_or_path": "/m/llama-1b"}
     cal = _json.loads(calibration.CALIBRATION_FILE.read_text())
-    cal["runs"] = {"lora/small": {"scale": 2.0, "step_s": 0.01, "warmup_s": 5.0, "points": 3}}
+    cal["runs"] = {"host": {"warmup_s": 5.0, "shape_s": 0.0, "step_s": 0.01, "val_s": 0.0},
+                   "lora/small": {"scale": 2.0, "points": 3}}
     path = tmp_path / "cal.json"
     path.write_text(_json.dumps(cal))
     monkeypatch.setenv("LORAFORGE_PLAN_CALIBRATION", str(path))
@@ -120,12 +136,14 @@ def test_the_trainers_estimate_uses_the_runs_shapes(monkeypatch, tmp_path):
         shape = shape_from_config(llama1b, "llama-1b")
         setup = setup_from_config(cfg, shape, seq=200, gpus=1)
         gpu = gpu_from_device(*h100)
-        loop, micro = loop_parts(gpu, shape, setup, shapes)
-        assert speed == pytest.approx(40_000 / (5.0 + 2.0 * loop + 0.01 * micro), rel=1e-6)
+        parts = loop_parts(gpu, shape, setup, shapes)
+        assert speed == pytest.approx(40_000 / (5.0 + 2.0 * parts["loop_seconds"] + 0.01 * parts["micro_batches"]),
+                                      rel=1e-6)
         shown = float(re.search(r"~([\d,]+) tokens/s", text)[1].replace(",", ""))
         assert shown == pytest.approx(speed, abs=1) and "2 batch shapes" in text
         inputs = speed_inputs(cfg, llama1b, shapes, *h100)
-        assert inputs["key"] == "lora/small" and inputs["micro_batches"] == pytest.approx(micro, abs=0.01)
+        assert inputs["key"] == "lora/small"
+        assert inputs["micro_batches"] == pytest.approx(parts["micro_batches"], abs=0.01)
         assert inputs["planned_seconds"] == pytest.approx(40_000 / speed, rel=1e-3)
     finally:
         calibration.load_runs.cache_clear()

@@ -48,12 +48,14 @@ class SpeedFit:
 
 @dataclass(frozen=True)
 class RunFit:
-    """A whole run (plan/run_speed.py) against the loop model: seconds = warmup_s + scale x loop seconds +
-    step_s per micro-batch."""
+    """A whole run (plan/run_speed.py) against the loop model: its steady state's `scale` and the host's fixed
+    costs: per run, per distinct batch shape, per training micro-batch and per validation forward."""
 
     scale: float = 1.0
-    step_s: float = 0.0
     warmup_s: float = 0.0
+    shape_s: float = 0.0
+    step_s: float = 0.0
+    val_s: float = 0.0
     points: int = 0
 
 
@@ -87,8 +89,9 @@ def load_runs(path: str | None = None) -> dict[str, RunFit]:
     if not p.is_file():
         return {}
     runs = json.loads(p.read_text(encoding="utf-8")).get("runs", {})
-    return {key: RunFit(float(e["scale"]), float(e["step_s"]), float(e["warmup_s"]), int(e.get("points", 0)))
-            for key, e in runs.items() if not key.startswith("_")}
+    host = {k: float(v) for k, v in runs.get("host", {}).items()}
+    return {key: RunFit(scale=float(e["scale"]), points=int(e.get("points", 0)), **host)
+            for key, e in runs.items() if key not in ("host", "_source")}
 
 
 def calibration_source(path: str | None = None) -> str | None:

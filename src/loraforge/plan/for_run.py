@@ -146,8 +146,8 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
 
 def speed_inputs(cfg: RunConfig, model_config: dict[str, Any], shapes: RunShapes, gpu_name: str,
                  gpu_mem_bytes: int) -> dict | None:
-    """What bench/plan_accuracy.py --from-e2e fits a "runs" entry from (summary.json's `plan_speed`): the run's
-    loop-model seconds and micro-batches, with the key of its (method, size class); None if unknown."""
+    """What bench/plan_runs.py fits calibration.json's "runs" from (summary.json's `plan_speed`): the run's terms
+    of plan.run_speed's model (loop_parts) and the key of its (method, size class); None if unknown."""
     name = Path(str(model_config.get("_name_or_path") or cfg.base_model)).name or cfg.base_model
     try:
         shape = shape_from_config(model_config, name)
@@ -157,9 +157,9 @@ def speed_inputs(cfg: RunConfig, model_config: dict[str, Any], shapes: RunShapes
     gpu = gpu_from_device(gpu_name, gpu_mem_bytes)
     if not gpu.bf16_tflops:
         return None
-    loop_s, micro = loop_parts(gpu, shape, setup, shapes)
-    return {"key": speed_key(setup.method, shape), "loop_seconds": round(loop_s, 4), "micro_batches": round(micro, 2),
-            "planned_seconds": round(run_seconds(gpu, shape, setup, shapes), 2)}
+    parts = {k: round(v, 4) for k, v in loop_parts(gpu, shape, setup, shapes).items()}
+    return {"key": speed_key(setup.method, shape), **parts, "planned_seconds": round(run_seconds(gpu, shape, setup,
+                                                                                                    shapes), 2)}
 
 
 def _amount(tokens: float) -> str:

@@ -2,18 +2,19 @@
 
 plan/throughput.py models one micro-batch of one fixed shape, calibrated on training loops that repeat that
 shape (bench/plan_accuracy.py). A real run is more: its micro-batches come in several padded shapes (or packed
-rows whose attention spans one example at a time), LoRA dropout, the host's work around each step, validation
-passes, and a warm-up (Triton kernels compiled, one pair of CUDA graphs captured per shape) that weighs on
-short runs. With the loop model alone, the printed estimate was 0.4x-4.6x the measured tokens/s of the runs of
+rows whose attention spans one example at a time), LoRA dropout, CUDA graphs or not, validation passes, and a
+warm-up (Triton kernels compiled, one pair of CUDA graphs captured per shape) that weighs on short runs. With
+the loop model alone, the printed estimate was 0.4x-4.6x the measured tokens/s of the runs of
 bench/results/train_e2e/ (session 10). Here the trainer hands over what it will run (`RunShapes`) and
 
-    seconds = warmup_s + scale x loop_seconds(every training micro-batch) + step_s x micro-batches
-              + the same for the validation forwards (a third of a training pass each)
+    seconds = warmup_s + shape_s x distinct batch shapes
+              + scale x loop_seconds(every training micro-batch, and each validation forward as a third of one)
+              + step_s x training micro-batches + val_s x validation forwards
 
-where loop_seconds is plan/throughput's calibrated micro-batch time and (scale, step_s, warmup_s) are fitted
-per (method, size class) on the product path: calibration.json's "runs" entries, written by
-`bench/plan_accuracy.py --from-e2e` from bench/train_e2e.py results. Without an entry the loop model stands
-alone (scale 1, no fixed costs).
+where loop_seconds is plan/throughput's micro-batch time; `scale` (per method and size class: how far the run's
+steady state is from the loop model) and the host's fixed costs (shared) are fitted on the product path:
+calibration.json's "runs", written by `bench/plan_runs.py --write` from bench/train_e2e.py results. Without
+an entry the loop model stands alone (scale 1, no fixed costs).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class RunShapes:
         return len({(r, n) for r, n, _ in self.batches})
 
 
-def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes) -> tuple[float, float]:
-    """(seconds by the loop model, micro-batch equivalents) of the whole run, validation included."""
+def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes) -> dict[str, float]:
+    """The run's terms of the model above, before their constants: loop-model seconds (training, and each
+    validation forward as VALIDATION_PASS of a micro-batch), training micro-batches, validation forwards and
+    distinct batch shapes."""
     def over(batches, context):
         secs = count = 0.0
         for rows, length, n in batches:
@@ -60,8 +63,14 @@ def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes
 
     train_s, train_n = over(shapes.batches, shapes.context)
     val_s, val_n = over(shapes.val_batches, None)
-    evals = shapes.evaluations * VALIDATION_PASS
-    return train_s * shapes.epochs + val_s * evals, train_n * shapes.epochs + val_n * evals
+    return {"loop_seconds": train_s * shapes.epochs + val_s * shapes.evaluations * VALIDATION_PASS,
+            "micro_batches": train_n * shapes.epochs, "val_forwards": val_n * shapes.evaluations,
+            "shapes": float(shapes.distinct)}
+
+
+def seconds_from_parts(parts: dict[str, float], fit: RunFit) -> float:
+    return (fit.warmup_s + fit.shape_s * parts["shapes"] + fit.scale * parts["loop_seconds"]
+            + fit.step_s * parts["micro_batches"] + fit.val_s * parts["val_forwards"])
 
 
 def run_seconds(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes,
@@ -69,8 +78,7 @@ def run_seconds(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShape
     """Seconds of the run's training phase (warm-up, steps, validation), by the product-path model."""
     if fit is None:
         fit = load_runs().get(speed_key(setup.method, shape), RunFit())
-    loop_s, micro = loop_parts(gpu, shape, setup, shapes)
-    return fit.warmup_s + fit.scale * loop_s + fit.step_s * micro
+    return seconds_from_parts(loop_parts(gpu, shape, setup, shapes), fit)
 
 
 def run_tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes,
@@ -79,22 +87,37 @@ def run_tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes
     return shapes.real_tokens * shapes.epochs / run_seconds(gpu, shape, setup, shapes, fit)
 
 
-def fit_run(points: list[tuple[float, float, float]]) -> RunFit:
-    """Fit (warmup_s, scale, step_s) to (loop seconds, micro-batches, measured seconds) points: least squares
-    on relative errors; a term whose fit comes out negative is dropped and the rest refitted."""
+SHARED = ("warmup_s", "shape_s", "step_s", "val_s")   # the host's costs, one value for every key
+
+
+def fit_runs(points: list[tuple[str, dict[str, float], float]]) -> dict[str, RunFit]:
+    """Fit one `scale` per key and the shared fixed costs to (key, loop_parts, measured seconds) points: least
+    squares on relative errors; a fixed cost whose fit comes out negative is dropped (0) and the rest refitted."""
     if not points:
         raise ValueError("no measurements to fit")
-    names = ["warmup_s", "scale", "step_s"]
-    rows = [((1.0, loop, micro), secs) for loop, micro, secs in points]
-    for keep in ([0, 1, 2], [1, 2], [0, 1], [1]):
-        if len(points) < len(keep):
+    keys = sorted({k for k, _, _ in points})
+    feature = {"warmup_s": lambda p: 1.0, "shape_s": lambda p: p["shapes"], "step_s": lambda p: p["micro_batches"],
+               "val_s": lambda p: p["val_forwards"]}
+    shared = [n for n in SHARED if any(feature[n](p) for _, p, _ in points)]
+    while True:
+        cols = len(keys) + len(shared)
+        a = [[(p["loop_seconds"] if k == key else 0.0) / t for key in keys] + [feature[n](p) / t for n in shared]
+             for k, p, t in points]
+        sol = _least_squares(a, [1.0] * len(points)) if len(points) >= cols else None
+        if sol is None:
+            if not shared:
+                raise ValueError("the measurements cannot separate the terms")
+            shared = shared[:-1]
             continue
-        sol = _least_squares([[x[k] / t for k in keep] for x, t in rows], [1.0] * len(rows))
-        if sol is not None and all(v >= 0 for v in sol) and sol[keep.index(1)] > 0:
-            values = dict(zip([names[k] for k in keep], sol))
-            return RunFit(values.get("scale", 1.0), values.get("step_s", 0.0), values.get("warmup_s", 0.0),
-                          len(points))
-    raise ValueError("the measurements give no positive fit")
+        bad = [n for n, v in zip(shared, sol[len(keys):]) if v < 0]
+        if bad:
+            shared.remove(min(bad, key=lambda n: sol[len(keys) + shared.index(n)]))
+            continue
+        if any(v <= 0 for v in sol[:len(keys)]):
+            raise ValueError("the measurements give a non-positive scale")
+        costs = dict(zip(shared, sol[len(keys):]))
+        return {key: RunFit(scale=sol[i], points=sum(k == key for k, _, _ in points),
+                            **{n: costs.get(n, 0.0) for n in SHARED}) for i, key in enumerate(keys)}
 
 
 def _least_squares(a: list[list[float]], b: list[float]) -> list[float] | None:
