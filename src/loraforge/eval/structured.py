@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 
 from loraforge.errors import LoraforgeError
+from loraforge.eval.task import read_labels
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _TOKENIZERS: dict[int, tuple] = {}  # id(hf tokenizer) -> (hf tokenizer, LLTokenizer, stop ids)
@@ -202,8 +203,6 @@ def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
         return None, "off"
     structure = None
     if opts.get("labels") or ec.labels:
-        from loraforge.eval.run import read_labels
-
         structure = Structure(labels=tuple(opts.get("labels") or read_labels(ec.labels)))
     elif ec.schema_file:
         structure = Structure(schema=opts.get("schema") or _read_schema(ec.schema_file))
@@ -265,7 +264,5 @@ def cli_structure(labels, schema) -> Structure | None:
         return None
     _llguidance()
     if labels:
-        from loraforge.eval.run import read_labels
-
         return Structure(labels=tuple(read_labels(labels)))
     return Structure(schema=_read_schema(str(schema)))

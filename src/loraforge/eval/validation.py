@@ -28,7 +28,7 @@ def task_tools(cfg: RunConfig, observe=None) -> TaskTools:
     score = None
     if cfg.train.select_by == "metric":
         from loraforge.eval.metrics import score as score_metric
-        from loraforge.eval.run import metric_options
+        from loraforge.eval.task import metric_options
 
         opts = metric_options(cfg)  # a missing label set or schema is an error now, not after training
 
