@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from loraforge.errors import LoraforgeError
 from loraforge.eval.llm_judge import JudgeClient, PairwiseResult, RubricScore, pairwise, rubric_scores, win_rates
+from loraforge.eval.stats import bootstrap_ci
 from loraforge.eval.stream import ResultLog
 
 CHUNK = 16
@@ -37,8 +38,6 @@ def judge_client(ec) -> JudgeClient | None:
 
 
 def _mean_ci(values: list[float], seed: int) -> tuple[float | None, list[float | None]]:
-    from loraforge.eval.stats import bootstrap_ci
-
     if not values:
         return None, [None, None]
     return sum(values) / len(values), list(bootstrap_ci(values, seed=seed))

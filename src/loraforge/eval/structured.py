@@ -19,10 +19,16 @@ keys come in the schema's `properties` order. `mask_logits` applies a batch of s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
 
 from loraforge.errors import LoraforgeError
+from loraforge.eval.metrics import parse_json
 from loraforge.eval.task import read_labels
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -46,7 +52,7 @@ class Structure:
 
 def _llguidance():
     try:
-        import llguidance
+        import llguidance  # the optional extra loraforge[structured]
         import llguidance.hf  # noqa: F401
     except ImportError:
         raise LoraforgeError("structured decoding needs the `llguidance` package, which is not installed",
@@ -104,8 +110,6 @@ class State:
     """One answer's place in its grammar."""
 
     def __init__(self, matcher, vocab: int, stops: frozenset[int]):
-        import torch
-
         self.matcher, self.vocab, self.stops = matcher, vocab, stops
         self.words = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
         self.ended = False             # an end-of-turn token was taken (or the grammar failed)
@@ -137,9 +141,6 @@ class State:
 
 def unpack(words, vocab: int):
     """(rows, vocab/32) int32 bitmask (token t is bit t % 32 of word t // 32) -> (rows, vocab) bool."""
-    import numpy as np
-    import torch
-
     bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")  # little-endian int32 words
     return torch.from_numpy(bits[:, :vocab].view(np.bool_))
 
@@ -147,8 +148,6 @@ def unpack(words, vocab: int):
 def mask_logits(logits, states: list[State | None]) -> None:
     """Set to -inf, in place, every logit a row's grammar forbids; rows whose state is None are left alone.
     Logits beyond the tokenizer's vocabulary (padding rows of the embedding) are forbidden too."""
-    import torch
-
     rows = [i for i, s in enumerate(states) if s is not None]
     if not rows:
         return
@@ -190,8 +189,6 @@ class GrammarLogitsProcessor:
 
 
 def installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("llguidance") is not None
 
 
@@ -221,8 +218,6 @@ def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
 
 
 def _read_schema(path: str) -> dict:
-    from pathlib import Path
-
     try:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -240,10 +235,8 @@ def valid(answers: list[str], structure: Structure) -> list[float]:
     if structure.labels is not None:
         labels = set(structure.labels)
         return [float(a.strip() in labels) for a in answers]
-    from loraforge.eval.metrics import parse_json
-
     try:
-        import jsonschema
+        import jsonschema  # the optional extra loraforge[eval]
 
         check = jsonschema.validators.validator_for(structure.schema)(structure.schema).is_valid
     except ImportError:
