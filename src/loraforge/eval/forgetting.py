@@ -12,7 +12,6 @@ of report.html; the quickstart prints it under its table. The remedy it names is
 
 from __future__ import annotations
 
-from loraforge.eval.generate import build_messages, generate_batch
 from loraforge.eval.regression import RegressionResult, load_prompts, score_regression
 
 THRESHOLD = 0.05   # 5 points of the regression rate
@@ -22,6 +21,8 @@ REGRESSION_TOKENS = 128
 def regression_rate(model, tokenizer, *, batch_size: int = 32, max_new_tokens: int = REGRESSION_TOKENS,
                     progress=None) -> tuple[RegressionResult, list[str]]:
     """The regression set answered greedily (no system prompt) and scored; with the answers."""
+    from loraforge.eval.generate import build_messages, generate_batch  # torch; eval.run imports forgetting() early
+
     prompts = load_prompts()
     gens = generate_batch(model, tokenizer, [build_messages(p.prompt, None) for p in prompts],
                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)

@@ -24,9 +24,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from loraforge.errors import LoraforgeError
 from loraforge.eval.metrics import parse_json
 from loraforge.eval.task import read_labels
@@ -110,6 +107,8 @@ class State:
     """One answer's place in its grammar."""
 
     def __init__(self, matcher, vocab: int, stops: frozenset[int]):
+        import torch  # lazy in this module: eval's request checks (eval_structure, valid) run before torch loads
+
         self.matcher, self.vocab, self.stops = matcher, vocab, stops
         self.words = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
         self.ended = False             # an end-of-turn token was taken (or the grammar failed)
@@ -141,6 +140,9 @@ class State:
 
 def unpack(words, vocab: int):
     """(rows, vocab/32) int32 bitmask (token t is bit t % 32 of word t // 32) -> (rows, vocab) bool."""
+    import numpy as np
+    import torch  # lazy, as in State
+
     bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")  # little-endian int32 words
     return torch.from_numpy(bits[:, :vocab].view(np.bool_))
 
@@ -148,6 +150,8 @@ def unpack(words, vocab: int):
 def mask_logits(logits, states: list[State | None]) -> None:
     """Set to -inf, in place, every logit a row's grammar forbids; rows whose state is None are left alone.
     Logits beyond the tokenizer's vocabulary (padding rows of the embedding) are forbidden too."""
+    import torch  # lazy, as in State
+
     rows = [i for i, s in enumerate(states) if s is not None]
     if not rows:
         return
