@@ -146,3 +146,24 @@ def test_validation_metric_curve_when_the_run_selected_by_it(result):
     result.curves["val_metric"] = [[2, 0.4], [4, 0.7], [6, 0.6]]
     html = render_html(result)
     assert html.count("<svg") == 3 and "adapter/ holds step 4" in html
+
+
+def test_eval_json_is_the_typed_result_field_for_field(result, tmp_path):
+    from loraforge.eval.results import StageError, VariantRow
+
+    saved = json.loads(write_outputs(result, tmp_path / "a")[0].read_text())
+    assert list(saved) == ["run_dir", "test", "metric", "n", "outcome_against", "models", "never_stopped",
+                           "comparisons", "examples", "regression", "overfit", "forgetting", "curves", "config",
+                           "errors", "created", "seconds", "resumed_rows", "decoding", "reference"]
+    assert saved["models"]["finetuned"] == {"value": pytest.approx(4 / 6), "ci": [0, 1], "stop_rate": 1.0,
+                                            "details": {"failures": []}}
+    assert saved["never_stopped"] == {"base": 0, "fewshot": 0, "finetuned": 1}
+    assert list(saved["regression"]["base"]) == ["rate", "by_category", "checks", "answers"]
+    result.errors = [StageError("judge", "TimeoutError: slow", "Traceback ...")]
+    result.variants = {"adapter": VariantRow(0.5, [0.2, 0.8], 1.0, agreement=1.0, answers=["yes"])}
+    result.judge = {"model": "j", "rubric": {}}
+    saved = json.loads(write_outputs(result, tmp_path / "b")[0].read_text())
+    assert saved["errors"] == [{"stage": "judge", "error": "TimeoutError: slow", "traceback": "Traceback ..."}]
+    assert saved["variants"] == {"adapter": {"value": 0.5, "ci": [0.2, 0.8], "stop_rate": 1.0, "agreement": 1.0,
+                                             "vs_adapter": None, "answers": ["yes"]}}
+    assert list(saved)[-2:] == ["judge", "variants"] and saved == result.to_json()
