@@ -165,4 +165,4 @@ def test_eval_json_is_the_typed_result_field_for_field(result, tmp_path):
     assert saved["errors"] == [{"stage": "judge", "error": "TimeoutError: slow", "traceback": "Traceback ..."}]
     assert saved["variants"] == {"adapter": {"value": 0.5, "ci": [0.2, 0.8], "stop_rate": 1.0, "agreement": 1.0,
                                              "vs_adapter": None, "answers": ["yes"]}}
-    assert list(saved)[-1] == "variants" and "judge" not in saved and saved == result.to_json()
+    assert list(saved)[-1] == "variants" and "judge" not in saved and saved == json.loads(json.dumps(result.to_json(), default=str))
