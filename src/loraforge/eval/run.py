@@ -2,6 +2,12 @@
 
     from loraforge.eval.run import evaluate_run
     result = evaluate_run("runs/x")            # writes runs/x/eval/{results.jsonl, eval.json, report.html}
+    result.models["finetuned"].value, result.errors   # an EvalResult (loraforge.eval.results)
+
+evaluate_run = EvalOptions (what was asked beyond the run's config) + Evaluation, whose stages read top to
+bottom: setup (the run's files, config, test set and every request check), generate (each model's
+answers), score (metric + interval per model, paired tests: the EvalResult) and report (eval.json,
+report.html, the run's trackers).
 
 Every model gets the same test prompts and the same greedy decoding (max_new_tokens from the config,
 stopping at the chat template's end-of-turn token; an answer cut by max_new_tokens is counted as
@@ -14,6 +20,7 @@ serving variants (eval.serve_as; loraforge.eval.variants) and a published refere
 beside ours (eval.reference). Mistakes in the request (no test file, missing label set, invalid schema
 or regex) are one LoraforgeError raised before any model is loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -155,6 +162,7 @@ class Evaluation:
         self.var_gens: dict[str, list | None] = {}     # serving variant -> its answers
         self.reg: dict[str, RegressionScore] = {}
         self.judged: dict | None = None
+        self.t0 = time.time()
 
     def run(self) -> EvalResult:
         self.setup()
