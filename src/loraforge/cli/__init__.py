@@ -291,25 +291,25 @@ def eval_run(
                           run_base=False if no_base else None, regression=regression, out=out, resume=resume,
                           judge_url=judge_url, judge_model=judge_model, reference=reference, serve_as=serve_as,
                           constrained=constrained, log=lambda m: typer.echo(m, err=True))
-    for name, v in result["models"].items():
-        ok = v["details"].get("valid_rate")
-        typer.echo(f"{name:10s} {result['metric']} = {v['value']:.4f}  95% CI [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]"
+    for name, v in result.models.items():
+        ok = v.details.get("valid_rate")
+        typer.echo(f"{name:10s} {result.metric} = {v.value:.4f}  95% CI [{v.ci[0]:.4f}, {v.ci[1]:.4f}]"
                    + ("" if ok is None else f"  valid answers {ok:.1%}"))
-    for name, c in result["comparisons"].items():
+    for name, c in result.comparisons.items():
         typer.echo(f"{name}: diff {c['diff']:+.4f}, p = {c['p_bootstrap']:.4g}")
-    if result.get("judge") and result["judge"].get("pairwise"):
-        pw = result["judge"]["pairwise"]
+    if result.judge and result.judge.get("pairwise"):
+        pw = result.judge["pairwise"]
         typer.echo(f"judge: finetuned vs {pw['b']}: win {pw['win']:.0%} tie {pw['tie']:.0%} loss {pw['loss']:.0%} "
                    f"({pw['errors']} errors)")
-    for kind, v in (result.get("variants") or {}).items():
-        typer.echo(f"served as {kind:12s} {result['metric']} = {v['value']:.4f}, same answers as adapter: "
-                   f"{v['agreement']:.0%}")
-    typer.echo(f"overfitting: {result['overfit']['status']}")
+    for kind, v in (result.variants or {}).items():
+        typer.echo(f"served as {kind:12s} {result.metric} = {v.value:.4f}, same answers as adapter: "
+                   f"{v.agreement:.0%}")
+    typer.echo(f"overfitting: {result.overfit['status']}")
     folder = Path(out) if out else Path(run_dir) / "eval"
     typer.echo(f"report: {folder / 'report.html'}")
-    for e in result["errors"]:
-        typer.echo(f"error in {e['stage']}: {e['error']}", err=True)
-    if result["errors"]:
+    for e in result.errors:
+        typer.echo(f"error in {e.stage}: {e.error}", err=True)
+    if result.errors:
         raise typer.Exit(1)
 
 
