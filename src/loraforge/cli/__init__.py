@@ -163,7 +163,8 @@ def plan(
                                                            "config's); --seq is one row: a pair's side.")] = None,
     num_generations: Annotated[Optional[int], typer.Option(help="grpo: completions per prompt, G.")] = None,
     completion_length: Annotated[Optional[int], typer.Option(help="grpo: longest completion in tokens.")] = None,
-    prompt_length: Annotated[Optional[int], typer.Option(help="grpo: prompt tokens (seq = prompt + completion).")] = None,
+    prompt_length: Annotated[Optional[int], typer.Option(help="grpo: prompt tokens (seq = prompt + completion).")] \
+        = None,
     reference: Annotated[Optional[bool], typer.Option(help="A no-grad reference forward (dpo/kto: on; grpo: "
                                                            "on with a KL term).")] = None,
     examples: Annotated[Optional[int], typer.Option(help="Training examples (default: from data.train).")] = None,

@@ -148,7 +148,7 @@ class TrainSetup:
     strategy: str = "ddp"  # ddp: every GPU holds everything; fsdp: weights, grads and states sharded over gpus
     mlp_chunk_tokens: int | str = "auto"  # fast path with checkpointing: the MLP over this many tokens at a time
     checkpoint_every: int = 1  # fast path with checkpointing: layers recomputed as one span, one input kept per span
-    objective: str = "sft"  # sft | dpo | orpo | simpo | kto | grpo; seq is one row: a pair's side, GRPO's prompt + completion
+    objective: str = "sft"  # sft | dpo | orpo | simpo | kto | grpo; seq: one row (a side; GRPO prompt + completion)
     generations: int = 8    # grpo: completions sampled per prompt (G); batch counts prompts
     completion: int = 256   # grpo: longest completion in tokens (grpo.max_new_tokens)
     reference: bool | None = None  # a no-grad reference forward each step; None: dpo and kto yes, others no

@@ -19,7 +19,7 @@ import math
 from dataclasses import replace
 
 from loraforge.plan.gpus import GPU
-from loraforge.plan.memory import TrainSetup
+from loraforge.plan.memory import PAIRED, TrainSetup
 from loraforge.plan.shapes import ModelShape
 from loraforge.plan.throughput import MFU, DataSize, tokens_per_example, tokens_per_second
 
@@ -72,3 +72,33 @@ def objective_seconds(gpu: GPU, shape: ModelShape, setup: TrainSetup, data: Data
     forward_share = 1 / (2 + setup.gradient_checkpointing)
     reference = data.examples * setup.rows * row_tokens(setup, data) * reference_passes(setup, data, live)
     return (training_tokens(setup, data) + forward_share * reference) / speed + decode_seconds(gpu, shape, setup, data)
+
+
+def run_rows(objective: str, token_lengths: list[int], max_seq: int, completion: int) -> list[int]:
+    """Training rows' lengths for the trainer's examples (`loraforge train`'s token counts): a pair's count is
+    both sides (each side taken as half of it, capped at max_seq: exact for sides of equal length); a GRPO
+    prompt's row is the prompt + `completion` (grpo.max_new_tokens); others are cut at max_seq."""
+    if objective in PAIRED:
+        return [min(-(-n // 2), max_seq) for n in token_lengths]
+    extra = completion if objective == "grpo" else 0
+    return [min(n + extra, max_seq) for n in token_lengths]
+
+
+def run_time_line(gpu: GPU, shape: ModelShape, setup: TrainSetup, lengths: list[int], epochs: float,
+                  max_steps: int | None, live: bool,
+                  duration=lambda s: f"{s / 60:,.0f} min") -> tuple[str, float | None]:
+    """`loraforge train`'s time line for an objective other than SFT (rich markup): the training speed and the
+    run's time with the reference forwards and GRPO's decoding, from the trainer's own example lengths; and the
+    speed to compare with the run's measured tokens/s (None for GRPO, whose measured speed includes decoding)."""
+    examples = len(lengths) * epochs
+    if max_steps:
+        examples = min(examples, max_steps * setup.batch * setup.grad_accum)
+    completion = setup.completion if setup.objective == "grpo" else 0  # avg_tokens: a GRPO row's prompt
+    data = DataSize(examples=max(1, round(examples)), epochs=1.0,
+                    avg_tokens=max(1, round(sum(lengths) / len(lengths)) - completion), assumed=False)
+    speed = tokens_per_second(gpu, shape, setup, row_context(setup, data))
+    seconds, tokens = objective_seconds(gpu, shape, setup, data, live), training_tokens(setup, data)
+    decode = decode_seconds(gpu, shape, setup, data)
+    rough = f", of which ~{duration(decode)} decoding (a rough guess)" if decode else ""
+    return (f"plan: ~{speed:,.0f} tokens/s training ({setup.objective}: {setup.rows} rows per example) -> "
+            f"~{duration(seconds)} for {tokens / 1e6:.2f}M training tokens{rough}", None if decode else speed)
