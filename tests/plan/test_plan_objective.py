@@ -125,6 +125,9 @@ train: {batch_size: 2}
     assert main(["plan", str(config), "--json", "--num-generations", "16"]) == 0
     bigger = json.loads(capsys.readouterr().out)["memory_gib"]["phases"]
     assert bigger["generation"] > memory["phases"]["generation"]
+    assert main(["plan", str(config), "--json", "--objective", "dpo"]) == 0  # the config's KL is grpo's only
+    dpo = json.loads(capsys.readouterr().out)
+    assert dpo["setup"]["reference"] is None and set(dpo["memory_gib"]["phases"]) == {"training", "reference"}
 
 
 def test_train_estimate_by_objective():

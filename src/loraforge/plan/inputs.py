@@ -71,6 +71,7 @@ def setup_from_config(cfg: RunConfig, shape: ModelShape | None = None, **changes
     any family when no shape is given).
     """
     ckpt = getattr(cfg.model, "gradient_checkpointing", False)
+    objective = changes.get("objective", cfg.objective)
     fast = getattr(cfg.model, "fast_path", "off") != "off" and (shape is None or shape.fast_path_capable)
     setup = TrainSetup(
         method="qlora" if cfg.model.quantization == "nf4" else "lora",
@@ -80,8 +81,8 @@ def setup_from_config(cfg: RunConfig, shape: ModelShape | None = None, **changes
         packing=cfg.data.packing,
         strategy=_strategy(cfg), fast_path=fast, offload_checkpoints=fast and ckpt == "offload",
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens, checkpoint_every=cfg.model.checkpoint_every,
-        objective=cfg.objective, generations=cfg.grpo.group_size, completion=cfg.grpo.max_new_tokens,
-        reference=cfg.grpo.kl_beta > 0 if cfg.objective == "grpo" else None,
+        objective=objective, generations=cfg.grpo.group_size, completion=cfg.grpo.max_new_tokens,
+        reference=cfg.grpo.kl_beta > 0 if objective == "grpo" else None,  # grpo's reference comes with its KL
     )
     return replace(setup, **changes) if changes else setup
 
