@@ -61,6 +61,8 @@ def test_grpo_peak_is_generation_for_long_completions_times_a_large_group():
     assert short.phase == "training" and short.kv_cache == 0
     assert short.phases["training"] > short.phases["generation"]
     assert _grpo(16, 3968, 4096, reference=True).phases["reference"] > 0
+    plain = estimate(LLAMA8B, objective="grpo", generations=4, completion=256, seq=1024, batch=1)
+    assert plain.logits == pytest.approx(4 * 256 * 128256 * 10 / GIB, rel=1e-9)  # the head at completions only
 
 
 def test_objective_times():

@@ -414,8 +414,9 @@ def _training_phase(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     activations = with_ckpt if setup.gradient_checkpointing else without
     if setup.fast:
         logits = setup.batch * setup.seq * shape.hidden * FAST_LOSS_BYTES
-    else:
-        logits = setup.batch * setup.seq * shape.vocab * LOGITS_BYTES
+    else:  # GRPO's head runs at the completion tokens only (train.logprobs); SFT's count stays as calibrated
+        loss_tokens = min(setup.completion, setup.seq) if setup.objective == "grpo" else setup.seq
+        logits = setup.batch * loss_tokens * shape.vocab * LOGITS_BYTES
     model_bytes = weights + quant + adapters + grads + optimizer + activations + logits
     overhead = CUDA_CONTEXT_GIB * GIB + ALLOCATOR_SLACK * model_bytes
     return MemoryBreakdown(
