@@ -159,6 +159,14 @@ def plan(
     strategy: Annotated[Optional[str], typer.Option(help="ddp | fsdp: replicate or shard over the GPUs.")] = None,
     fast_path: Annotated[Optional[bool], typer.Option(help="The trainer's fused Llama-family path (default: on, "
                                                           "as model.fast_path auto on a GPU).")] = None,
+    objective: Annotated[Optional[str], typer.Option(help="sft | dpo | orpo | simpo | kto | grpo (default: the "
+                                                           "config's); --seq is one row: a pair's side.")] = None,
+    num_generations: Annotated[Optional[int], typer.Option(help="grpo: completions per prompt, G.")] = None,
+    completion_length: Annotated[Optional[int], typer.Option(help="grpo: longest completion in tokens.")] = None,
+    prompt_length: Annotated[Optional[int], typer.Option(help="grpo: prompt tokens (seq = prompt + completion).")] \
+        = None,
+    reference: Annotated[Optional[bool], typer.Option(help="A no-grad reference forward (dpo/kto: on; grpo: "
+                                                           "on with a KL term).")] = None,
     examples: Annotated[Optional[int], typer.Option(help="Training examples (default: from data.train).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the examples.")] = None,
     avg_tokens: Annotated[Optional[int], typer.Option(help="Average tokens per example.")] = None,
@@ -174,7 +182,8 @@ def plan(
         load_config(config), model=model, method=method, seq=seq, batch=batch, grad_accum=grad_accum, rank=rank,
         targets=None if targets is None else tuple(targets.split(",")), gradient_checkpointing=gradient_checkpointing,
         optimizer=optimizer, packing=packing, offload=offload, examples=examples, epochs=epochs, avg_tokens=avg_tokens,
-        gpus=gpus, strategy=strategy, fast_path=fast_path,
+        gpus=gpus, strategy=strategy, fast_path=fast_path, objective=objective, generations=num_generations,
+        completion=completion_length, prompt_length=prompt_length, reference=reference,
     )
     report = plan_run(inputs, gpu=gpu, prices_file=prices)
     if json_out:

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from rich.markup import escape
 
 from loraforge.errors import LoraforgeError
+from loraforge.plan.calibration import speed_key
 from loraforge.plan.fit import suggest
 from loraforge.plan.gpus import GPU, GPUS
 from loraforge.plan.inputs import setup_from_config
 from loraforge.plan.memory import GIB, TrainSetup, estimate
-from loraforge.plan.shapes import shape_from_config
-from loraforge.plan.calibration import speed_key
+from loraforge.plan.objective import run_rows, run_time_line
 from loraforge.plan.run_speed import RunShapes, loop_parts, run_seconds
+from loraforge.plan.shapes import shape_from_config
 from loraforge.plan.throughput import tokens_per_second
 
 if TYPE_CHECKING:
@@ -98,7 +99,8 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
     name = Path(str(model_config.get("_name_or_path") or cfg.base_model)).name or cfg.base_model
     if not token_lengths:
         return RunEstimate("plan: no training examples to estimate", True, None)
-    lengths = [min(n, cfg.data.max_seq_length) for n in token_lengths]  # the trainer drops or cuts longer ones
+    # training rows: the trainer drops or cuts longer ones; a pair is two rows, a GRPO prompt G of prompt + completion
+    lengths = run_rows(cfg.objective, token_lengths, cfg.data.max_seq_length, cfg.grpo.max_new_tokens)
     longest, avg = max(lengths), max(1, round(sum(lengths) / len(lengths)))
     try:
         shape = shape_from_config(model_config, name)
@@ -114,11 +116,16 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
     fits = mem.total <= gpu.memory_gib
     parts = sorted(mem.parts().items(), key=lambda kv: -kv[1])[:3]
     per_gpu = " per GPU" if n_gpus > 1 else ""
-    lines = [f"plan: peak memory ~{mem.total:.1f} GiB{per_gpu} of {gpu.memory_gib:.1f} GiB on {card} (longest "
-             f"example {longest} tokens x batch {setup.batch}; "
+    phase = "" if cfg.objective == "sft" else f", {cfg.objective}'s {mem.phase} phase"
+    lines = [f"plan: peak memory ~{mem.total:.1f} GiB{per_gpu} of {gpu.memory_gib:.1f} GiB on {card}{phase} (longest "
+             f"{'row' if phase else 'example'} {longest} tokens x batch {setup.batch}; "
              + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in parts) + ")"]
     speed = None
-    if gpu.bf16_tflops and shapes is not None and n_gpus == 1:
+    if gpu.bf16_tflops and cfg.objective != "sft":
+        line, speed = run_time_line(gpu, shape, setup, lengths, cfg.train.epochs, cfg.train.max_steps,
+                                    cfg.preference.reference == "live", _duration)
+        lines.append(line)
+    elif gpu.bf16_tflops and shapes is not None and n_gpus == 1:
         seconds = run_seconds(gpu, shape, setup, shapes)
         tokens = shapes.real_tokens * shapes.epochs
         speed = tokens / seconds
