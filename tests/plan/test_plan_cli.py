@@ -101,12 +101,11 @@ def test_bad_input_is_one_clear_error(capsys, args, message):
     assert "Traceback" not in err
 
 
-def test_plan_imports_no_torch_and_answers_fast():
+def test_plan_imports_no_torch():
     code = ("import sys, time; t = time.perf_counter(); from loraforge.cli import main; "
             "rc = main(['plan', '--model', 'llama-3.1-8b', '--gpu', '3060', '--json']); "
             "sys.stderr.write(f'{time.perf_counter() - t:.3f}'); "
             "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["suggestions"]
-    assert float(done.stderr) < 1.0
+    assert json.loads(done.stdout)["suggestions"]   # (no timing here: the house rule; ~0.5 s on an idle 2-core box)

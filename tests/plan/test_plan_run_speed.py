@@ -148,3 +148,17 @@ def test_the_trainers_estimate_uses_the_runs_shapes(monkeypatch, tmp_path):
     finally:
         calibration.load_runs.cache_clear()
         calibration.load_calibration.cache_clear()
+
+
+def test_plan_guesses_the_shapes_from_the_data_size():
+    from loraforge.plan.run_speed import approx_shapes
+    from loraforge.plan.throughput import DataSize
+
+    data = DataSize(examples=1000, epochs=2.0, avg_tokens=200, assumed=False)
+    unpacked = approx_shapes(TrainSetup(method="lora", batch=4, seq=1024, grad_accum=2), data)
+    assert sum(n for _, _, n in unpacked.batches) == 250 and unpacked.distinct == 6
+    assert all(r == 4 and 256 <= n < 262 for r, n, _ in unpacked.batches)   # avg x 1.25, to 16 (+ a token a shape)
+    assert unpacked.real_tokens == 200_000 and unpacked.context is None
+    assert unpacked.evaluations == 5 and unpacked.val_batches == ((4, 256, 25),)   # 250 steps / 50; 100 examples
+    packed = approx_shapes(TrainSetup(method="lora", batch=1, seq=2048, grad_accum=2, packing=True), data)
+    assert sum(n for _, _, n in packed.batches) == 98 and packed.context == 200   # 200,000 / 2,048 rows

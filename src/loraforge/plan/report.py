@@ -18,7 +18,9 @@ from loraforge.plan.gpus import GPU, GPUS, find_gpu
 from loraforge.plan.inputs import PlanInputs
 from loraforge.plan.memory import MemoryBreakdown, estimate
 from loraforge.plan.prices import PRICES_SOURCE, load_prices
+from loraforge.plan.calibration import load_runs, speed_key
 from loraforge.plan.objective import objective_seconds, row_context, training_tokens
+from loraforge.plan.run_speed import approx_shapes, run_seconds
 from loraforge.plan.throughput import optimizer_steps, tokens_per_second
 
 
@@ -77,12 +79,17 @@ class PlanReport:
 def _row(inputs: PlanInputs, gpu: GPU, total_gib: float, price: float | None) -> GpuRow:
     shape, setup, data = inputs.shape, inputs.setup, inputs.data
     seconds = objective_seconds(gpu, shape, setup, data, inputs.reference_live)
-    hours = seconds / 3600
     context = row_context(setup, data)
+    speed = tokens_per_second(gpu, shape, setup, context)
+    if setup.objective == "sft" and setup.gpus == 1 and speed_key(setup.method, shape) in load_runs():
+        shapes = approx_shapes(setup, data)   # the product-path fit (plan.run_speed), as `train` prints it
+        seconds = run_seconds(gpu, shape, setup, shapes)
+        speed = shapes.real_tokens * shapes.epochs / seconds
+    hours = seconds / 3600
     return GpuRow(
         gpu=gpu.name, memory_gib=gpu.memory_gib, fits=total_gib <= gpu.memory_gib,
         max_batch=max_batch(shape, setup, gpu.memory_gib), max_seq=max_seq(shape, setup, gpu.memory_gib),
-        tokens_per_s=tokens_per_second(gpu, shape, setup, context), hours=hours,
+        tokens_per_s=speed, hours=hours,
         usd_per_hour=None if price is None else price * setup.gpus,  # all the run's cards together
         cost_usd=None if price is None else hours * price * setup.gpus,
     )

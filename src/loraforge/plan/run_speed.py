@@ -19,13 +19,14 @@ an entry the loop model stands alone (scale 1, no fixed costs).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from loraforge.plan.calibration import RunFit, load_runs, speed_key
 from loraforge.plan.gpus import GPU
 from loraforge.plan.memory import TrainSetup
 from loraforge.plan.shapes import ModelShape
-from loraforge.plan.throughput import seconds_per_micro_batch
+from loraforge.plan.throughput import PADDING_WASTE, DataSize, seconds_per_micro_batch
 
 VALIDATION_PASS = 1 / 3   # a validation forward against a training step's forward + backward (LoRA: ~1/3)
 
@@ -48,6 +49,28 @@ class RunShapes:
     @property
     def distinct(self) -> int:
         return len({(r, n) for r, n, _ in self.batches})
+
+
+def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int = 50, val_fraction: float = 0.1,
+                  buckets: int = 6) -> RunShapes:
+    """`loraforge plan`'s guess at a run's shapes from the data's size alone (the trainer knows them exactly):
+    batches padded PADDING_WASTE over the average example (a few length buckets), or packed rows of `seq`; a
+    validation slice of `val_fraction` of the examples every `eval_every` optimizer steps."""
+    avg = min(data.avg_tokens, setup.seq)
+    if setup.packing:
+        rows = math.ceil(data.examples * avg / setup.seq)
+        micro, length, context = math.ceil(rows / setup.batch), setup.seq, avg
+    else:
+        micro, context = math.ceil(data.examples / setup.batch), None
+        length = min(setup.seq, math.ceil(avg * (1 + PADDING_WASTE) / 16) * 16)
+    distinct = min(buckets, micro) if not setup.packing else min(micro, 32)
+    per_shape = [micro // distinct + (i < micro % distinct) for i in range(distinct)]
+    n_val = max(1, round(data.examples * val_fraction))
+    steps = math.ceil(micro * data.epochs / setup.grad_accum)
+    return RunShapes(batches=tuple((setup.batch, length + i, n) for i, n in enumerate(per_shape)),
+                     real_tokens=round(data.examples * avg), epochs=data.epochs, context=context,
+                     val_batches=((setup.batch, length, math.ceil(n_val / setup.batch)),),
+                     evaluations=math.ceil(steps / eval_every))
 
 
 def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes) -> dict[str, float]:
