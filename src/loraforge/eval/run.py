@@ -27,6 +27,7 @@ from typing import Any
 
 from loraforge.config import RunConfig, load_config
 from loraforge.errors import LoraforgeError
+from loraforge import files
 from loraforge.eval.overfit import read_metrics, verdict
 from loraforge.eval.stream import ResultLog, eval_fingerprint
 
@@ -36,9 +37,7 @@ NEEDS_LABELS = ("accuracy", "macro_f1")
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
-    tmp.replace(path)
+    files.write_json(path, obj, default=str)
 
 
 def read_labels(path: str | Path) -> list[str]:
@@ -446,8 +445,6 @@ def write_outputs(result: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "eval.json", result)
     html = out_dir / "report.html"
-    tmp = html.with_name(html.name + ".tmp")
-    tmp.write_text(render_html(result), encoding="utf-8")
-    tmp.replace(html)
+    files.atomic_write_text(html, render_html(result))
     return out_dir / "eval.json", html
 

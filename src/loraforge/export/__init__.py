@@ -7,6 +7,6 @@
     vocab.py      tokenizer metadata for GGUF; the chat template's end-of-turn token
     modelfile.py  the Ollama Modelfile (template, system prompt, stop tokens)
 
-Nothing here is imported at package import time, so the CLI stays fast; export imports loraforge.model
-and loraforge.config only.
+Nothing here is imported at package import time, so the CLI stays fast; export imports loraforge.model and
+loraforge.data only (imatrix's calibration text, the end-of-turn tokens), besides errors and files.
 """

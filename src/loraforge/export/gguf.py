@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from loraforge.errors import LoraforgeError
+from loraforge.export.vocab import gguf_vocab
 
 MODEL_QUANTS = ("f16", "q8_0", "q4_k_m")
 WRITER_TYPES = ("f32", "f16", "q8_0")     # what write_model_gguf writes itself
@@ -196,8 +197,6 @@ def write_model_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", *
                      description: str | None = None) -> Path:
     """Write `model` (a transformers causal LM) and its tokenizer as one GGUF file, atomically."""
     import gguf
-
-    from loraforge.export.vocab import gguf_vocab
 
     if outtype not in WRITER_TYPES:
         raise LoraforgeError(f"the GGUF writer writes {', '.join(WRITER_TYPES)}, not '{outtype}'",

@@ -21,6 +21,7 @@ from loraforge.data.readers import read_raw
 from loraforge.data.sinks import JsonlSink, sibling
 from loraforge.data.validate import Tally, iter_valid
 from loraforge.errors import LoraforgeError
+from loraforge.files import atomic_write_text
 from loraforge.synth import diversity
 from loraforge.synth import prompts as P
 from loraforge.synth.generate import Generator, Item
@@ -195,12 +196,6 @@ def synth(spec: Spec, out: str | Path, *, spec_path: str = "spec", log: Callable
               "diversity": diversity.summary(prompts, [c.provenance for c in verdicts.kept + verdicts.rejected],
                                              [c.provenance for c in verdicts.kept], emb if embeddings else None)}
     report["report_html"] = str(sibling(out, "report").with_suffix(".html"))
-    _write_text(sibling(out, "report").with_suffix(".json"), json.dumps(report, indent=2, ensure_ascii=False))
-    _write_text(Path(report["report_html"]), render_html(report, reject_rows))
+    atomic_write_text(sibling(out, "report").with_suffix(".json"), json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(Path(report["report_html"]), render_html(report, reject_rows))
     return report
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
