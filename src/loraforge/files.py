@@ -61,7 +61,8 @@ def write_lines(path: str | Path, lines: Iterable[str]) -> Path:
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """A folder written whole or not at all: yields an empty `name.tmp` folder to fill; when the block ends
-    without an error it replaces `path` (any old one is removed); on an error the temp folder is removed."""
+    without an error it takes the place of `path` (an old one is renamed to `name.old` first and removed
+    after, so `path` is missing only between two renames); on an error the temp folder is removed."""
     path = Path(path)
     tmp = tmp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,8 +72,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
 
 
 def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
