@@ -18,9 +18,11 @@ from pathlib import Path
 
 from loraforge.data.formats import ReadOptions
 from loraforge.data.readers import read_raw
+from loraforge.data.semantic import load_embedder, model_path
 from loraforge.data.sinks import JsonlSink, sibling
 from loraforge.data.validate import Tally, iter_valid
 from loraforge.errors import LoraforgeError
+from loraforge.eval.judge import DEFAULT_RUBRIC, JudgeClient, rubric_scores
 from loraforge.files import atomic_write_text
 from loraforge.synth import diversity
 from loraforge.synth import prompts as P
@@ -101,8 +103,6 @@ def make_items(spec: Spec, lists: dict[str, list[str]]) -> list[Item]:
 
 def judge_step(spec: Spec, journal: Journal, log: Callable) -> Callable:
     """The judge pass over the kept candidates (eval's JudgeClient), its scores journaled too."""
-    from loraforge.eval.judge import DEFAULT_RUBRIC, JudgeClient, rubric_scores
-
     j = spec.verify.judge
     key = None
     if j.api_key_env:
@@ -140,8 +140,6 @@ def _embedder(spec: Spec, embed: Callable | None, embeddings: bool) -> Callable 
     """The sentence embedder: always for semantic dedup; for the spread only when the extra is installed."""
     if embed is not None or not (spec.verify.semantic or embeddings):
         return embed
-    from loraforge.data.semantic import load_embedder, model_path
-
     if not spec.verify.semantic:
         try:
             model_path()
