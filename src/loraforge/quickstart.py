@@ -82,7 +82,8 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
     from loraforge.eval.validation import task_tools
     from loraforge.model.load import load_base, pick_device
     from loraforge.train.folder import RunFolder, check_output_dir
-    from loraforge.train.run import run_training, write_json
+    from loraforge.files import write_json
+    from loraforge.train.run import run_training
 
     if per_intent < 0 or test_size < 1:
         raise LoraforgeError("--per-intent must be 0 (all) or more and --test-size at least 1")

@@ -5,8 +5,9 @@
     loraforge train run.yaml --resume    # continue a killed run from its last good checkpoint
     loraforge generate runs/x "Where is my card?"
 
-Each subcommand imports its stage lazily, so `--help` answers at once. A `LoraforgeError` is printed as one
-message without a traceback. Exit codes: 0 done (or nothing to do), 2 a mistake to fix (config, data, model,
+Each subcommand imports its stage lazily, so `--help` answers at once (`python -X importtime`, loaded 2-core
+box: `import loraforge.cli` 0.33 s; at the top the data commands' modules would add 0.7 s, eval 1 s, train
+10 s). A `LoraforgeError` is printed as one message without a traceback. Exit codes: 0 done (or nothing to do), 2 a mistake to fix (config, data, model,
 usage), 3 stopped on purpose (SIGTERM / Ctrl-C) with a checkpoint saved: `--resume` continues, 130 quit by a
 second Ctrl-C without saving, 1 an unexpected failure (a bug: a traceback).
 """

@@ -14,6 +14,7 @@ import typer
 
 from loraforge.cli import app
 from loraforge.errors import LoraforgeError
+from loraforge.files import atomic_write_text
 
 
 @app.command("runs")
@@ -37,9 +38,7 @@ def runs(
                 raise LoraforgeError("not a run folder (config.yaml and metrics.jsonl are needed)", where=str(p),
                                      hint="pass the output_dir of a `loraforge train` run")
         out = output or Path("compare.html")
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(compare_html(runs_), encoding="utf-8")
-        tmp.replace(out)
+        atomic_write_text(out, compare_html(runs_))
         typer.echo(f"compared {len(runs_)} runs: {out}")
         return
     if len(paths) > 1:

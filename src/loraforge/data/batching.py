@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 
+from loraforge.data.packing import collate_rows, pad_right
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 
 WINDOW_BATCHES = 64
@@ -60,25 +61,11 @@ def bucket_length(longest: int, buckets: list[int]) -> int:
     return next((b for b in buckets if b >= longest), longest)
 
 
-def pad_right(seqs: list[list[int]], fill: int, length: int | None = None, rows: int | None = None):
-    """A (rows, length) long tensor (default: len(seqs), the longest): each sequence left-aligned, the
-    rest `fill`."""
-    import torch
-
-    out = torch.full((max(rows or 0, len(seqs)), max(length or 0, max(len(x) for x in seqs))), fill,
-                     dtype=torch.long)
-    for row, x in enumerate(seqs):
-        out[row, :len(x)] = torch.tensor(x, dtype=torch.long)
-    return out
-
-
 def collate(items: list[Tokenized], pad_id: int, buckets: list[int] | None = None, rows: int | None = None):
     """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors;
     packed rows (data.packing) also get position_ids and segment_ids (see data.packing.collate_rows).
     With `buckets` the length is padded up to a bucket, and with `rows` the batch to that many rows."""
     if items and hasattr(items[0], "seq_lens"):
-        from loraforge.data.packing import collate_rows  # packing imports this module
-
         return collate_rows(items, pad_id)
     length = bucket_length(max(len(t.input_ids) for t in items), buckets) if buckets else None
     return {"input_ids": pad_right([t.input_ids for t in items], pad_id, length, rows),

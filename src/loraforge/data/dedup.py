@@ -21,8 +21,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from loraforge.data.formats import Example, ReadOptions, to_record
 from loraforge.data.readers import dumps
+from loraforge.data.semantic import semantic_duplicates
 from loraforge.data.sinks import JsonlSink, Spool, sibling
 from loraforge.data.validate import Tally, iter_valid
 from loraforge.errors import LoraforgeError
@@ -68,8 +71,6 @@ class NearIndex:
         self.sigs: dict = {}
 
     def signature(self, text: str):
-        import numpy as np
-
         chars = np.frombuffer(_PUNCT.sub("", normalise_text(text)).encode("utf-32-le"), dtype=np.uint32)
         chars = chars.astype(np.uint64)
         n = len(chars) - SHINGLE + 1
@@ -154,8 +155,6 @@ def find_duplicates(examples: Iterable[Example], methods: tuple[str, ...] = ("ex
         if "semantic" in methods:
             survivors.append((i, similarity_text(ex)))
     if survivors:
-        from loraforge.data.semantic import semantic_duplicates
-
         index = [i for i, _ in survivors]
         for k, (j, score) in semantic_duplicates([t for _, t in survivors], semantic_threshold, embed).items():
             dup_of[index[k]] = (index[j], "semantic", round(score, 3))

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraforge import files
 from loraforge.data.checks import ROLES, Problem, check_turns, first_error
 from loraforge.data.readers import Raw, check_data_file, dumps, read_raw
 from loraforge.errors import LoraforgeError
@@ -305,9 +306,5 @@ def to_record(example: Example) -> dict:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSONL atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(dumps(row) + "\n")
-    tmp.replace(path)
+    """Write rows as JSONL (data's dumps: compact, non-ASCII kept) atomically."""
+    files.write_jsonl(path, rows, dumps)

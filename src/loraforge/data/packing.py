@@ -8,6 +8,8 @@ which is deterministic and fills rows well. In a row, position ids restart at 0 
 and `collate_packed` builds a block-diagonal causal mask, so each example sees only itself: its
 logits, and so its loss, are those it would have alone. The first token of each example carries no
 label, because in a packed row it would otherwise be predicted from the previous example's last token.
+`pad_right` (right-padding into a tensor) lives here and data.batching imports it, so the two modules
+do not import each other.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from loraforge.data.batching import pad_right
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 
 
@@ -92,6 +93,18 @@ def block_causal_mask(seq_lens: list[list[int]], width: int, dtype=None):
     allowed = same & causal
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[:, None, :, :]
+
+
+def pad_right(seqs: list[list[int]], fill: int, length: int | None = None, rows: int | None = None):
+    """A (rows, length) long tensor (default: len(seqs), the longest): each sequence left-aligned, the
+    rest `fill`."""
+    import torch
+
+    out = torch.full((max(rows or 0, len(seqs)), max(length or 0, max(len(x) for x in seqs))), fill,
+                     dtype=torch.long)
+    for row, x in enumerate(seqs):
+        out[row, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return out
 
 
 def collate_packed(rows: list[PackedRow], pad_id: int, dtype=None):

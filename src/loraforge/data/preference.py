@@ -27,6 +27,7 @@ from loraforge.data.checks import Problem, check_turns, first_error
 from loraforge.data.formats import MESSAGE_ROLES, _turns, read_examples
 from loraforge.data.readers import check_data_file, read_raw
 from loraforge.data.templates import IGNORE_INDEX, Tokenized, _render, assistant_spans
+from loraforge.data.validate import ValidationReport
 from loraforge.errors import LoraforgeError
 
 _SPEAKER = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
@@ -325,8 +326,6 @@ def validate_preferences(path: str | Path, tokenizer=None, max_seq_length: int =
     """`loraforge data validate` for preference files: every pair (or KTO record) checked for missing or
     empty sides, identical chosen/rejected, turn order and, with a tokenizer, sides over max_seq_length;
     each problem with file:line (a validate.ValidationReport)."""
-    from loraforge.data.validate import ValidationReport
-
     report = ValidationReport(str(path), max_seq_length=max_seq_length if tokenizer is not None else None,
                               lengths_checked=tokenizer is not None)
     report.format = "preference"

@@ -12,6 +12,7 @@ from pathlib import Path
 from loraforge.data.sinks import same_file
 from loraforge.data.stats import DataStats
 from loraforge.errors import LoraforgeError
+from loraforge.files import atomic_write_text
 
 STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
@@ -96,5 +97,5 @@ def write_html(stats: DataStats, path: str | Path) -> Path:
     if same_file(p, Path(stats.input.path)):
         raise LoraforgeError("the report would overwrite the input file", where=str(p))
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render_html(stats), encoding="utf-8")
+    atomic_write_text(p, render_html(stats))
     return p

@@ -5,20 +5,18 @@ file order, their normalised form parked in a spool; sequential, or by worker pr
         part.keys, part.labels, part.sources, part.examples   # examples: sequential pass only
 
 The sequential pass is the reference (validate.iter_valid). For a JSONL file of PARALLEL_MIN_BYTES or
-more, up to `workers` processes (`python -m loraforge.data.scan`, fresh interpreters: no fork, no
-re-import of the caller's main module) each read, check and normalise a byte range of whole lines
-(the file's format is detected first, from its first records, as the sequential pass would) and
-write a spool part, a rejects part and their keys/labels/sources; the parts are taken in order, so
+more, up to `workers` processes (a ProcessPoolExecutor of spawned interpreters: no fork) each read,
+check and normalise a byte range of whole lines (the file's format is detected first, from its first
+records, as the sequential pass would) and write a spool part, a rejects part and their keys/labels/sources; the parts are taken in order, so
 outputs, counts and problem examples are the same as sequentially (a test compares them byte for byte).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import pickle
-import subprocess
-import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,6 @@ from loraforge.data.formats import Example, ReadOptions, RecordStream, label_of,
 from loraforge.data.readers import dumps, file_kind
 from loraforge.data.sinks import JsonlSink, Spool
 from loraforge.data.validate import Tally, iter_valid, valid_items
-from loraforge.errors import LoraforgeError
 
 PARALLEL_MIN_BYTES = 64 << 20
 PARTS_PER_WORKER = 4  # more parts than workers, so the main process overlaps with them
@@ -127,62 +124,30 @@ def _parallel(path: Path, opts: ReadOptions, tally: Tally, rejects: JsonlSink | 
               workers: int) -> Iterator[Part]:
     preset = _detect(path, opts)
     ranges = _ranges(path, workers * PARTS_PER_WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    running: dict[int, subprocess.Popen] = {}
-    started = 0
+    # spawn: fresh interpreters (no fork of a process that may hold threads); at most `workers` parts in flight
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running: dict[int, Future] = {}
 
-    def launch() -> None:  # keep `workers` processes busy, parts in file order
-        nonlocal started
-        while started < len(ranges) and len(running) < workers:
-            k, part = started, spool.part(started)
-            with part.with_suffix(".task").open("wb") as f:
-                pickle.dump((str(path), ranges[k], opts, preset, part), f)
-            with part.with_suffix(".err").open("wb") as err:
-                running[k] = subprocess.Popen([sys.executable, "-m", "loraforge.data.scan", str(part)], env=env,
-                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-            started += 1
+        def submit(k: int) -> None:
+            if k < len(ranges):
+                running[k] = pool.submit(_scan_range, str(path), ranges[k], opts, preset, spool.part(k))
 
-    try:
-        launch()
-        for k in range(len(ranges)):
-            code = running.pop(k).wait()
-            launch()
-            part = spool.part(k)
-            if code != 0:
-                raise RuntimeError(f"data worker {k} failed:\n{part.with_suffix('.err').read_text()[-2000:]}")
-            with part.with_suffix(".out").open("rb") as f:
-                result = pickle.load(f)
-            if isinstance(result, LoraforgeError):
-                raise result
-            shard, records, rejected = result
-            tally.merge(shard)
-            spool.adopt(part)
-            if rejected and rejects is not None:
-                with part.with_suffix(".rej").open(encoding="utf-8") as f:
-                    for line in f:
-                        rejects.write(line[:-1])
-            yield records
-    finally:
-        for proc in running.values():
-            proc.kill()
-            proc.wait()
+        try:
+            for k in range(workers):
+                submit(k)
+            for k in range(len(ranges)):
+                shard, records, rejected = running.pop(k).result()  # a worker's LoraforgeError is raised here
+                submit(k + workers)
+                part = spool.part(k)
+                tally.merge(shard)
+                spool.adopt(part)
+                if rejected and rejects is not None:
+                    with part.with_suffix(".rej").open(encoding="utf-8") as f:
+                        for line in f:
+                            rejects.write(line[:-1])
+                yield records
+        finally:
+            for fut in running.values():
+                fut.cancel()
     tally.format, tally.detected_at = preset[0], preset[1]
     tally.finish(None, rejects)
-
-
-def _worker(part: Path) -> None:
-    """Entry point of a worker process: read the task beside `part`, write the part and the result."""
-    with part.with_suffix(".task").open("rb") as f:
-        path, byte_range, opts, preset = pickle.load(f)[:4]
-    try:
-        result = _scan_range(path, byte_range, opts, preset, part)
-    except LoraforgeError as e:
-        result = e
-    with part.with_suffix(".out").open("wb") as f:
-        pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-if __name__ == "__main__":  # run under the module's real name, so what it pickles unpickles in the caller
-    from loraforge.data.scan import _worker as worker
-
-    worker(Path(sys.argv[1]))

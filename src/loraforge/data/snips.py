@@ -24,7 +24,9 @@ import re
 import sys
 from pathlib import Path
 
+from loraforge.data.formats import write_jsonl
 from loraforge.errors import LoraforgeError
+from loraforge.files import atomic_write_text
 
 INTENTS = ("AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook", "SearchCreativeWork",
            "SearchScreeningEvent")
@@ -131,8 +133,6 @@ def convert(src: str | Path) -> tuple[dict[str, list[dict]], dict, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    from loraforge.data.formats import write_jsonl
-
     if len(argv) != 2:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
@@ -148,9 +148,7 @@ def main(argv: list[str]) -> int:
     for split, rows in splits.items():
         write_jsonl(out / f"{split}.jsonl", rows)
         print(f"{split}: {len(rows)} chats -> {out / (split + '.jsonl')}")
-    tmp = out / "schema.json.tmp"
-    tmp.write_text(json.dumps(schema, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out / "schema.json")
+    atomic_write_text(out / "schema.json", json.dumps(schema, indent=1) + "\n")
     return 0
 
 

@@ -17,6 +17,8 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from loraforge.data.dedup import NearIndex, removed_line, similarity_text
 from loraforge.data.formats import ReadOptions, categorical
 from loraforge.data.scan import KEY, default_workers, scan
@@ -66,8 +68,6 @@ class _Groups:
 
     def roots(self):
         """The root of every index, as a numpy array (pointer jumping, vectorised)."""
-        import numpy as np
-
         parent = np.frombuffer(self.parent, dtype=np.int64).copy()
         while True:
             grand = parent[parent]
@@ -83,8 +83,6 @@ class _Groups:
 
 def assign(roots, labels, n_labels: int, fraction: float, seed: int, stratified: bool):
     """A boolean array: True where a record goes to validation. Whole groups move together."""
-    import numpy as np
-
     roots = np.asarray(roots, dtype=np.int64)
     n = len(roots)
     group_ids, first, sizes = np.unique(roots, return_index=True, return_counts=True)
@@ -116,8 +114,6 @@ def split_file(path: str | Path, train_out: str | Path, validation_out: str | Pa
     dedup=True also drops exact duplicates (first kept, the others written to `removed`), so one
     streaming pass validates, deduplicates and splits. `workers` (default: the CPUs) read big JSONL
     files in parallel when there is no near-duplicate search."""
-    import numpy as np
-
     if not 0 < fraction < 1:
         raise LoraforgeError(f"the validation fraction must be between 0 and 1, got {fraction}")
     if stratify not in ("auto", "yes", "no"):

@@ -18,6 +18,9 @@ from loraforge.data.formats import Example
 from loraforge.errors import LoraforgeError
 
 IGNORE_INDEX = -100
+# Tokens that end a chat turn, most specific first: generation stops at any of them (model.decode); a GGUF's
+# end-of-turn token is the first of them its vocabulary has (export.vocab), so <|endoftext|> comes before </s>.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import Any
 
 from loraforge.config import RunConfig
 from loraforge.errors import LoraforgeError
+from loraforge import files
 from loraforge.eval import regression  # a module: tests replace its load_prompts / score_regression
 from loraforge.eval.forgetting import forgetting
 from loraforge.eval.judge_stage import judge_cell, judge_client, run_judge
@@ -62,9 +63,7 @@ CONSTRAINED = "finetuned_constrained"   # the fine-tuned model under structured 
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
-    tmp.replace(path)
+    files.write_json(path, obj, default=str)
 
 
 def _generate(model, tok, convs, name: str, log: ResultLog, ec, refs=None, ids=None, max_new_tokens=None,
@@ -389,7 +388,5 @@ def write_outputs(result: EvalResult, out_dir: Path) -> tuple[Path, Path]:
     tree = result.to_json()
     write_json(out_dir / "eval.json", tree)
     html = out_dir / "report.html"
-    tmp = html.with_name(html.name + ".tmp")
-    tmp.write_text(render_html(tree), encoding="utf-8")
-    tmp.replace(html)
+    files.atomic_write_text(html, render_html(tree))
     return out_dir / "eval.json", html

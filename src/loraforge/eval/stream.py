@@ -21,19 +21,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from loraforge.files import sha256
+
 
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256(path) if path.is_file() else None
 
 
 def eval_fingerprint(cfg, run_dir: Path, device: str) -> str:

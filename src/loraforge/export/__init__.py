@@ -8,6 +8,6 @@
     modelfile.py  the Ollama Modelfile (template, system prompt, stop tokens)
 
 Nothing here is imported at package import time, so the CLI stays fast; export imports loraforge.model,
-loraforge.config, loraforge.data (imatrix's calibration text) and train.run_files (the run's files, found
-once: RunFiles).
+loraforge.config, loraforge.data (imatrix's calibration text, the end-of-turn tokens) and train.run_files (the
+run's files, found once: RunFiles), besides errors and files.
 """

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from loraforge.errors import LoraforgeError
+from loraforge.export.vocab import gguf_vocab
+from loraforge.files import tmp_path
 
 MODEL_QUANTS = ("f16", "q8_0", "q4_k_m")
 WRITER_TYPES = ("f32", "f16", "q8_0")     # what write_model_gguf writes itself
@@ -197,8 +199,6 @@ def write_model_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", *
     """Write `model` (a transformers causal LM) and its tokenizer as one GGUF file, atomically."""
     import gguf
 
-    from loraforge.export.vocab import gguf_vocab
-
     if outtype not in WRITER_TYPES:
         raise LoraforgeError(f"the GGUF writer writes {', '.join(WRITER_TYPES)}, not '{outtype}'",
                              hint="q4_k_m is made from an f16 file by quantize_gguf")
@@ -206,7 +206,7 @@ def write_model_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", *
     arch = arch_of(config)
     vocab = gguf_vocab(tokenizer, config.vocab_size)   # fails early on an unsupported tokenizer
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_name)])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or path.stem)
@@ -289,7 +289,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, quant: str, threads: int | N
         arr, _bufs = imatrix_array(llama_cpp, imatrix)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp = tmp_path(dst)
     log: list[str] = []
     with captured_fds(log):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)

@@ -17,13 +17,14 @@ from importlib.resources import files
 
 import numpy as np
 
+from loraforge.data.formats import read_examples
+from loraforge.data.templates import full_text
+from loraforge.errors import LoraforgeError
+from loraforge.export.gguf import tensor_name_map
+
 
 def calibration_texts(tokenizer, run_config: dict, limit: int = 64) -> tuple[list[str], str]:
     """Up to `limit` training conversations of the run, plus the general prompts; and where they came from."""
-    from loraforge.data.formats import read_examples
-    from loraforge.data.templates import full_text
-    from loraforge.errors import LoraforgeError
-
     texts, sources = [], []
     data = run_config.get("data") or {}
     if data.get("train"):
@@ -55,8 +56,6 @@ def importance_matrix(model, tokenizer, texts: list[str], chunk: int = 512,
     (at most `max_tokens` in all, taken evenly across the texts);
     only the decoder runs (the output head is not an input to any quantised matrix product)."""
     import torch
-
-    from loraforge.export.gguf import tensor_name_map
 
     names = tensor_name_map(model.config)
     sums: dict[str, list] = {}

@@ -18,6 +18,7 @@ import numpy as np
 
 from loraforge.errors import LoraforgeError
 from loraforge.export.gguf import arch_of, finish_gguf, head_counts, permute_rotary, tensor_name_map
+from loraforge.files import tmp_path
 
 
 def _pattern(patterns: dict, module: str, default):
@@ -58,7 +59,7 @@ def write_lora_gguf(files, base_config, path: str | Path) -> Path:
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     fold = bool(cfg.get("use_rslora") or rank_pat or alpha_pat)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")

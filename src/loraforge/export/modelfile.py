@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge.export.vocab import end_of_turn
+from loraforge.files import atomic_write_text
+
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -106,8 +109,6 @@ def _quote(text: str) -> str:
 
 def modelfile_text(model_file: str, tokenizer, *, system: str | None = None, adapter_file: str | None = None,
                    header: str = "") -> str:
-    from loraforge.export.vocab import end_of_turn
-
     fmt, default_system = detect_format(tokenizer)
     stops = list(fmt.stops) if fmt else []
     eot = end_of_turn(tokenizer)
@@ -129,5 +130,4 @@ def modelfile_text(model_file: str, tokenizer, *, system: str | None = None, ada
 
 def write_modelfile(path: str | Path, model_file: str, tokenizer, **kw) -> Path:
     path = Path(path)
-    path.write_text(modelfile_text(model_file, tokenizer, **kw))
-    return path
+    return atomic_write_text(path, modelfile_text(model_file, tokenizer, **kw))

@@ -14,13 +14,13 @@ EXPORT.json, which records the run, the base, the quantisation and the time take
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
+from loraforge.files import write_json
 from loraforge.export.gguf import (
     MODEL_QUANTS,
     quantize_gguf,
@@ -127,5 +127,5 @@ def export_gguf(run_dir: str | Path | RunFiles, out_dir: str | Path | None = Non
             "base_path": base_path, "quant": quant, "imatrix": calibration, "adapter_only": adapter_only,
             "model_file": model_file.name, "adapter_file": adapter_file.name if adapter_file else None,
             "seconds": seconds, **timings, "run_config": files.run_config}
-    (out / "EXPORT.json").write_text(json.dumps(info, indent=1, default=str))
+    write_json(out / "EXPORT.json", info, default=str)
     return ExportResult(out, model_file, modelfile, adapter_file, seconds, timings)

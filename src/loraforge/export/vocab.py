@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from loraforge.data.templates import END_OF_TURN
 from loraforge.errors import LoraforgeError
 
 # GGUF token types (gguf.TokenType), spelled out so this module imports without gguf.
@@ -29,7 +30,6 @@ TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
                 r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", TEKKEN_REGEX: "tekken"}
-END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
 @dataclass
@@ -107,7 +107,7 @@ def end_of_turn(tokenizer) -> str | None:
             if hit:
                 return hit
     vocab = tokenizer.get_vocab()
-    return next((t for t in END_OF_TURN_NAMES if t in vocab), tokenizer.eos_token)
+    return next((t for t in END_OF_TURN if t in vocab), tokenizer.eos_token)
 
 
 def _adds_specials(tokenizer) -> tuple[bool, bool]:

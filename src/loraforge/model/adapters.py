@@ -7,13 +7,13 @@ load_adapter:   a saved adapter over a base model, for inference or evaluation.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 from loraforge.config import ALL_LINEAR, LoraSection
 from loraforge.errors import LoraforgeError
+from loraforge.files import atomic_dir
 
 
 def linear_names(model) -> set[str]:
@@ -63,19 +63,10 @@ def trainable_parameters(model) -> list:
 def save_adapter(model, out_dir: Path, tokenizer=None) -> Path:
     """Write the adapter (and tokenizer) to out_dir atomically; returns out_dir."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir
 
 

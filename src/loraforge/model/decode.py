@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraforge.data.templates import END_OF_TURN
 from loraforge.model.attention import decode_attention
-
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
 
 
 @dataclass

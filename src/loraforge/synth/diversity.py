@@ -14,6 +14,8 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 AXES = ("topic", "persona", "difficulty")
 SPREAD_SAMPLE = 2000  # messages the embedding spread is measured on (the first ones; n^2 similarities)
@@ -54,8 +56,6 @@ def coverage(asked: list[dict], kept: list[dict]) -> dict:
 def embedding_spread(texts: list[str], embed: Callable | None) -> dict | None:
     if len(texts) < 2:
         return None
-    import numpy as np
-
     texts = texts[:SPREAD_SAMPLE]
     vecs = np.asarray(embed(texts), dtype=np.float32)
     vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)

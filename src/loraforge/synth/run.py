@@ -18,9 +18,12 @@ from pathlib import Path
 
 from loraforge.data.formats import ReadOptions
 from loraforge.data.readers import read_raw
+from loraforge.data.semantic import load_embedder, model_path
 from loraforge.data.sinks import JsonlSink, sibling
 from loraforge.data.validate import Tally, iter_valid
 from loraforge.errors import LoraforgeError
+from loraforge.eval.llm_judge import DEFAULT_RUBRIC, JudgeClient, rubric_scores
+from loraforge.files import atomic_write_text
 from loraforge.synth import diversity
 from loraforge.synth import prompts as P
 from loraforge.synth.generate import Generator, Item
@@ -100,8 +103,6 @@ def make_items(spec: Spec, lists: dict[str, list[str]]) -> list[Item]:
 
 def judge_step(spec: Spec, journal: Journal, log: Callable) -> Callable:
     """The judge pass over the kept candidates (eval's JudgeClient), its scores journaled too."""
-    from loraforge.eval.llm_judge import DEFAULT_RUBRIC, JudgeClient, rubric_scores
-
     j = spec.verify.judge
     key = None
     if j.api_key_env:
@@ -139,8 +140,6 @@ def _embedder(spec: Spec, embed: Callable | None, embeddings: bool) -> Callable 
     """The sentence embedder: always for semantic dedup; for the spread only when the extra is installed."""
     if embed is not None or not (spec.verify.semantic or embeddings):
         return embed
-    from loraforge.data.semantic import load_embedder, model_path
-
     if not spec.verify.semantic:
         try:
             model_path()
@@ -195,12 +194,6 @@ def synth(spec: Spec, out: str | Path, *, spec_path: str = "spec", log: Callable
               "diversity": diversity.summary(prompts, [c.provenance for c in verdicts.kept + verdicts.rejected],
                                              [c.provenance for c in verdicts.kept], emb if embeddings else None)}
     report["report_html"] = str(sibling(out, "report").with_suffix(".html"))
-    _write_text(sibling(out, "report").with_suffix(".json"), json.dumps(report, indent=2, ensure_ascii=False))
-    _write_text(Path(report["report_html"]), render_html(report, reject_rows))
+    atomic_write_text(sibling(out, "report").with_suffix(".json"), json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(Path(report["report_html"]), render_html(report, reject_rows))
     return report
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -24,9 +24,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from loraforge.data.checks import first_error
 from loraforge.data.dedup import NearIndex, normalise_text, similarity_text
 from loraforge.data.formats import Example, ReadOptions, normalise
+from loraforge.data.semantic import load_embedder, semantic_duplicates
 from loraforge.data.validate import Tally, iter_valid
 from loraforge.errors import LoraforgeError
 from loraforge.synth.generate import Outcome
@@ -187,10 +190,6 @@ def copies(cands: list[Candidate], vs: Verify, v: Verdicts, embed: Callable | No
 
 def _semantic(cands: list[Candidate], refs: dict, vs: Verify, v: Verdicts, embed: Callable | None,
               reason_of: dict) -> None:
-    import numpy as np
-
-    from loraforge.data.semantic import load_embedder, semantic_duplicates
-
     embed = embed or load_embedder()
     vecs = np.asarray(embed([c.compare for c in cands]), dtype=np.float32)
     vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)

@@ -19,7 +19,6 @@ parameter position), and scattered back on load: one checkpoint format for 1 pro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import LoraforgeError
+from loraforge.files import sha256
 from loraforge.train.distributed import SINGLE, DistContext
 
 PREFIX = "step-"
@@ -62,14 +62,6 @@ class TrainerState:
     def elapsed(self) -> float:
         t0 = getattr(self, "_t0", None)
         return self.elapsed_s if t0 is None else time.time() - t0
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -154,7 +146,7 @@ def _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, 
     state.elapsed_s = round(state.elapsed(), 3)
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
-    manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
     for p in tmp.iterdir():
         if p.is_file():
@@ -200,7 +192,7 @@ def verify(ckpt: Path) -> str | None:
         f = ckpt / name
         if not f.is_file():
             return f"{name} is missing"
-        if _sha256(f) != digest:
+        if sha256(f) != digest:
             return f"{name} does not match its checksum (truncated or corrupt)"
     return None
 

@@ -30,6 +30,7 @@ from loraforge.data.batching import collate, split_validation
 from loraforge.data.preference import read_prompts
 from loraforge.data.templates import IGNORE_INDEX, Tokenized, prompt_text
 from loraforge.errors import LoraforgeError
+from loraforge.files import write_json
 from loraforge.model.decode import decode_ids, stop_token_ids
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState
@@ -136,7 +137,7 @@ def grpo_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tra
         base_eval = json.loads(base_path.read_text()) if base_path.is_file() else \
             grpo_eval(model, tokenizer, val_items, rewards, cfg)
         if dist.is_main and not base_path.is_file():
-            base_path.write_text(json.dumps(base_eval))
+            write_json(base_path, base_eval, indent=None)
         log(f"base model on {len(val_items)} held-out prompts: mean reward {base_eval['mean_reward']:.3f}, "
             f"pass rate {base_eval['pass_rate']:.1%}")
     last_train, val_eval, val_loss = None, None, None
@@ -205,11 +206,9 @@ def grpo_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tra
         keys = ("mean_reward", "pass_rate", "examples")
         report = {"grpo": {"base": {k: base_eval[k] for k in keys}, "tuned": {k: val_eval[k] for k in keys}}}
         if dist.is_main:
-            tmp = run_dir / "grpo_eval.json.tmp"
-            tmp.write_text(json.dumps({**report["grpo"], "base_rewards": base_eval["rewards"],
-                                       "tuned_rewards": val_eval["rewards"], "base_passes": base_eval["passes"],
-                                       "tuned_passes": val_eval["passes"]}))
-            tmp.replace(run_dir / "grpo_eval.json")
+            write_json(run_dir / "grpo_eval.json", {**report["grpo"], "base_rewards": base_eval["rewards"],
+                       "tuned_rewards": val_eval["rewards"], "base_passes": base_eval["passes"],
+                       "tuned_passes": val_eval["passes"]}, indent=None)
         log(f"held-out pass rate: base {base_eval['pass_rate']:.1%} -> tuned {val_eval['pass_rate']:.1%} "
             f"(mean reward {base_eval['mean_reward']:.3f} -> {val_eval['mean_reward']:.3f})")
     return ObjectiveResult(state, last_train, None, time.time() - t0, report=report)

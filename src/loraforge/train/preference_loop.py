@@ -30,6 +30,7 @@ from loraforge.config import RunConfig
 from loraforge.data.batching import collate, split_validation
 from loraforge.data.preference import TokenizeReport, read_pairs, tokenize_preferences
 from loraforge.errors import LoraforgeError
+from loraforge.files import write_json
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState
 from loraforge.train.logprobs import reference_token_logps, row_sums, wrap_logp_step
@@ -94,9 +95,7 @@ def load_reference_cache(items: list, path: Path) -> None:
 
 def save_reference_cache(items: list, path: Path) -> None:
     saved = {it.source: list(it.ref) for it in items if it.ref is not None}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(saved))
-    tmp.replace(path)
+    write_json(path, saved, indent=None)
 
 
 def _store_reference(items: list, sums: torch.Tensor) -> None:
@@ -283,9 +282,7 @@ def write_preference_report(run_dir: Path, cfg: RunConfig, base: dict | None, tu
     out = {"objective": cfg.objective, "beta": beta_of(cfg.objective, cfg.preference.beta),
            "base": {k: base[k] for k in keys}, "tuned": {k: tuned[k] for k in keys}}
     if dist.is_main:
-        tmp = run_dir / "preference_eval.json.tmp"
-        tmp.write_text(json.dumps({**out, "base_scores": base["scores"], "tuned_scores": tuned["scores"]}))
-        tmp.replace(run_dir / "preference_eval.json")
+        write_json(run_dir / "preference_eval.json", {**out, "base_scores": base["scores"], "tuned_scores": tuned["scores"]}, indent=None)
     log(f"held-out reward accuracy: base {base['reward_accuracy']:.1%} -> tuned {tuned['reward_accuracy']:.1%} "
         f"(mean margin {tuned['reward_margin']:+.3f}, {tuned['examples']} examples)")
     return {"preference": out}

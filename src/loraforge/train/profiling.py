@@ -11,11 +11,12 @@ are), started once the first steps have compiled kernels and captured CUDA graph
 from __future__ import annotations
 
 import gzip
-import json
 import time
 from pathlib import Path
 
 import torch
+
+from loraforge.files import atomic_write_bytes, atomic_write_text, write_json
 
 FIRST_STEP = 20   # after warm-up: Triton compilation, cuDNN plans, CUDA graph captures of the first shapes
 STEPS = 5
@@ -53,15 +54,15 @@ class StepProfiler:
         self.out.mkdir(parents=True, exist_ok=True)
         table = self.prof.key_averages()
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-        (self.out / "steps_gpu.txt").write_text(table.table(sort_by=sort, row_limit=40, max_name_column_width=70))
-        (self.out / "steps_cpu.txt").write_text(table.table(sort_by="self_cpu_time_total", row_limit=40,
-                                                            max_name_column_width=70))
+        atomic_write_text(self.out / "steps_gpu.txt", table.table(sort_by=sort, row_limit=40,
+                                                                  max_name_column_width=70))
+        atomic_write_text(self.out / "steps_cpu.txt", table.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                                  max_name_column_width=70))
         trace = self.out / "trace.json"
         self.prof.export_chrome_trace(str(trace))
-        with gzip.open(self.out / "trace.json.gz", "wb") as f:
-            f.write(trace.read_bytes())
+        atomic_write_bytes(self.out / "trace.json.gz", gzip.compress(trace.read_bytes()))
         trace.unlink()
         steps = self.last - self.first
-        (self.out / "profile.json").write_text(json.dumps({"first_step": self.first + 1, "steps": steps,
-                                                           "wall_ms_per_step": round(1000 * wall / steps, 2)}))
+        write_json(self.out / "profile.json", {"first_step": self.first + 1, "steps": steps,
+                                               "wall_ms_per_step": round(1000 * wall / steps, 2)}, indent=None)
         self.prof = None

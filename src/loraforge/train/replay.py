@@ -23,6 +23,7 @@ from pathlib import Path
 
 from loraforge.data.formats import Example
 from loraforge.errors import LoraforgeError
+from loraforge.files import write_jsonl
 
 REPLAY_TOKENS = 192
 CACHE = "replay.jsonl"
@@ -64,9 +65,7 @@ def base_answers(instructions: list[dict], model, tokenizer, generate, cache: Pa
         gens = generate(model, tokenizer, [[{"role": "user", "content": i["prompt"]}] for i in todo], key["max_new_tokens"])
         for ins, g in zip(todo, gens):
             have[ins["id"]] = {"id": ins["id"], "prompt": ins["prompt"], "answer": g.text, "stopped": g.stopped, **key}
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in have.values()), encoding="utf-8")
-        tmp.replace(cache)
+        write_jsonl(cache, have.values())
     return [have[i["id"]] for i in instructions]
 
 

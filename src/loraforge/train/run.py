@@ -37,6 +37,7 @@ from loraforge.data.packing import pack
 from loraforge.data.readers import check_data_file
 from loraforge.data.templates import tokenize_all
 from loraforge.errors import LoraforgeError, NothingToDo
+from loraforge.files import atomic_write_text, write_json, write_lines
 from loraforge.model.adapters import save_adapter, trainable_parameters
 from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import base_dtype, load_base, pick_device
@@ -108,12 +109,6 @@ def make_optimizer(params: list, cfg: RunConfig, device: str):
                              hint="pip install bitsandbytes, or use train.optimizer=adamw") from None
     cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, base=None,
@@ -226,7 +221,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             write_json(run_dir / "data_report.json", data_report)
             if replay_cache is not None and replay_cache.is_file() and replay_cache.parent != run_dir:
                 shutil.move(replay_cache, run_dir / replay_cache.name)
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         precision.track(state)
     except BaseException:
         dist.on_main(folder.abort)
@@ -341,6 +336,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    tmp.replace(path)
+    write_lines(path, rows)

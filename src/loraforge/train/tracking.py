@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
+from loraforge.files import write_json
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 STATE_FILE = "tracking.json"
@@ -342,9 +343,7 @@ def read_state(run_dir: Path) -> dict:
 
 def write_state(run_dir: Path, state: dict) -> None:
     path = Path(run_dir) / STATE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(path)
+    write_json(path, state)
 
 
 def open_reporters(cfg, run_dir: Path, resume_step: int | None, warn=print) -> Reporters:

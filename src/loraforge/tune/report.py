@@ -12,6 +12,7 @@ from rich.table import Table
 from loraforge.eval.charts import Series, line_chart
 from loraforge.eval.report import CSS, _table, _tr
 from loraforge.eval.runs import PALETTE
+from loraforge.files import atomic_write_text
 
 COLUMNS = ["trial", "state", "value", "learning rate", "r", "dropout", "best step", "steps", "seconds"]
 
@@ -67,6 +68,4 @@ size), rank in {summary['space']['r']}, dropout in {summary['space']['dropout']}
 def write_report(out: Path, summary: dict) -> None:
     """trials.json and tune.html in `out`, each written atomically."""
     for name, text in (("trials.json", json.dumps(summary, indent=1, default=str)), ("tune.html", render_html(summary))):
-        tmp = out / f"{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+        atomic_write_text(out / name, text)

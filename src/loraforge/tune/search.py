@@ -36,6 +36,7 @@ import torch
 from loraforge.config import RunConfig, build_config
 from loraforge.errors import LoraforgeError
 from loraforge.eval.validation import task_tools
+from loraforge.files import atomic_write_text
 from loraforge.model.load import resolve_base
 from loraforge.plan.shapes import resolve_shape
 from loraforge.train.run import run_training
@@ -206,11 +207,9 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
         raise LoraforgeError("no trial completed", where=str(out), hint="see trials.json; raise --budget or --trials")
     best_cfg = trial_config(base, summary["best"]["params"], out / "best")
     best_yaml = out / "best.yaml"
-    tmp = best_yaml.with_name(best_yaml.name + ".tmp")
-    tmp.write_text(f"# loraforge tune: trial {summary['best']['number']} of {len(records)}, validation "
+    atomic_write_text(best_yaml, f"# loraforge tune: trial {summary['best']['number']} of {len(records)}, validation "
                    f"{cfg.eval.metric} {summary['best']['value']:.4f}\n# loraforge train {best_yaml}\n"
-                   + best_cfg.to_yaml(), encoding="utf-8")
-    tmp.replace(best_yaml)
+                   + best_cfg.to_yaml())
     summary["best_yaml"] = str(best_yaml)
     write_report(out, summary)
     return summary
