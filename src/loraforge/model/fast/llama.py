@@ -6,12 +6,14 @@ the same results. One thing it does change is where the 16-bit base weights live
 projections that share an input (q/k/v, gate/up) are moved into one tensor, each module's weight `.data`
 re-pointed at its rows (model.fast.lora.FrozenGroup._fuse_storage; not under FSDP2 nor for NF4). It runs
 its own forward: fused LoRA projections (model.fast.lora), liger's RMSNorm/RoPE kernels on CUDA
-(model.fast.ops), SwiGLU with the adapter's gate/up term added inside the kernel (model.fast.swiglu_lora), flash attention via SDPA, per-layer
-recomputation with the layer input optionally parked in pinned CPU memory (model.fast.recompute; or one
-input per span of layers), and a fused linear cross-entropy over the loss positions only. On long inputs
-each layer's MLP runs over chunks of tokens (model.fast.chunked). RoPE takes the model's own rotary tables
-(every rope_type transformers computes; a model whose tables the kernels cannot take stays on PEFT's
-path). The PEFT model's own forward stays the reference: tests compare losses and gradients against it.
+(model.fast.ops), SwiGLU with the adapter's gate/up term added inside the kernel (model.fast.swiglu_lora),
+flash attention via SDPA, per-layer recomputation with the layer input optionally parked in pinned CPU
+memory (model.fast.recompute; or one input per span of layers), and a fused linear cross-entropy over
+the loss positions only. On long inputs each layer's MLP runs over chunks of tokens (model.fast.chunked).
+RoPE takes the model's own rotary tables (every rope_type transformers computes; a model whose tables the
+kernels cannot take stays on PEFT's path). The PEFT model's own forward stays the reference: tests compare
+losses and gradients against it. The state its layers and projections share (pass number, dropout seed,
+NF4 rebuild buffers) is one FastState (model.fast.state), created here and handed to each of them.
 
 Batches must be right-padded (loraforge's collate does that): with causal attention a real token
 never sees a pad on its right, so no attention mask is needed and the result equals the masked one.
@@ -103,7 +105,7 @@ class _Layer:
         return (self.qkv, self.o, self.gate_up, self.down)
 
     def _qkv(self, x, cos, sin):
-        """q (B, Hq, T, D), k and v (B, Hkv, T, D) after RoPE; views of one buffer where possible."""
+        """q (B, Hq, T, head_dim), k and v (B, Hkv, T, head_dim) after RoPE; views of one buffer where possible."""
         bsz, t, _ = x.shape
         heads = [self.q_heads, self.kv_heads, self.kv_heads]
         if self.qkv.joined and self.q_norm is None:
