@@ -381,11 +381,10 @@ class Projections:
     def reload(self) -> None:
         """Read every parameter from its module again: under FSDP2 (`live`) before each call, since the
         tensors in place differ between calls (shards outside a layer's forward/backward, gathered inside)."""
-        self.parts = [Part(members, group, self._factors(members), scales)
-                      for members, group, _, scales in self.parts]
-        self.magnitudes = [_magnitude(m, a) for m, a in zip(self.modules, self.adapters)]
-        for part in self.parts:
+        for part in self.parts:   # the same Part and list objects, their contents replaced
+            part.factors[:] = self._factors(part.members)
             part.group.refresh()
+        self.magnitudes = [_magnitude(m, a) for m, a in zip(self.modules, self.adapters)]
 
     def _joined(self, x: torch.Tensor) -> torch.Tensor:
         """The group's outputs concatenated along the last dim (one tensor, no split)."""
