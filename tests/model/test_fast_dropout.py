@@ -68,7 +68,7 @@ class _GroupMask(torch.nn.Module):
         self.fast, self.stream, self.p = fast, stream, p
 
     def forward(self, x):
-        return seeded_dropout(x, self.fast.buffers["dropout_seed"], self.stream, self.p)
+        return seeded_dropout(x, self.fast.state.dropout_seed, self.stream, self.p)
 
 
 def test_grouped_dropout_equals_peft_with_the_groups_masks():

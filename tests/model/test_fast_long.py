@@ -57,8 +57,8 @@ def test_chunked_mlp_equals_the_whole_one(adapter):
     model.zero_grad(set_to_none=True)
 
     with torch.no_grad():
-        _close(mlp_forward_chunked(layer.mlp, h.clone(), 7, fast.buffers), out.detach(), 1e-6, "output")
-    dx = mlp_backward_chunked(layer.mlp, h.clone(), grad, 7, fast.buffers)
+        _close(mlp_forward_chunked(layer.mlp, h.clone(), 7, fast.state), out.detach(), 1e-6, "output")
+    dx = mlp_backward_chunked(layer.mlp, h.clone(), grad, 7, fast.state)
     _close(dx, x.grad, 1e-6, "input gradient")
     assert len(ref) >= 6
     for p, r in zip(params, ref):
@@ -97,23 +97,23 @@ def test_chunked_recomputation_replays_dropout_masks():
     torch.manual_seed(5)
     plain = FastLlama(model, dtype=torch.float32, checkpointing=False, mlp_chunk_tokens=7)
     for layer in plain.layers:
-        layer.mlp = _grad_chunks(layer.mlp, 7, plain.buffers)
+        layer.mlp = _grad_chunks(layer.mlp, 7, plain.state)
     loss2, _, grads2 = _loss_and_grads(model, plain, batch)
     assert float(loss.detach()) == pytest.approx(loss2, rel=1e-6)
     for k in grads:
         _close(grads[k], grads2[k], 1e-6, k)
 
 
-def _grad_chunks(mlp, rows, buffers):
+def _grad_chunks(mlp, rows, state):
     """mlp over chunks of rows with grad, each chunk's dropout stream as model.fast.chunked sets it."""
     def one(flat, s):
-        buffers["dropout_rows"] = s
+        state.dropout_rows = s
         return mlp(flat[s:s + rows])
 
     def run(h):
         flat = h.reshape(-1, h.shape[-1])
         out = torch.cat([one(flat, s) for s in range(0, flat.shape[0], rows)]).view(h.shape)
-        buffers["dropout_rows"] = 0
+        state.dropout_rows = 0
         return out
     return run
 

@@ -58,10 +58,10 @@ def test_nf4_fast_path_matches_peft_and_split_rebuild_matches_whole():
     fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True)
     layer = fast.layers[0]
     assert layer.gate_up.parts[0][1].split and not layer.qkv.parts[0][1].split
-    assert fast.buffers["largest"] == 256 * 128
+    assert fast.state.largest == 256 * 128
     split_loss, split_grads = _loss_grads(model, fast, batch)
     # the same forward with gate/up rebuilt as one (256 + 256) x 128 matrix
-    fast.buffers["largest"] = float("inf")
+    fast.state.largest = float("inf")
     assert not layer.gate_up.parts[0][1].split
     whole_loss, whole_grads = _loss_grads(model, fast, batch)
     assert split_loss == pytest.approx(whole_loss, rel=1e-4)

@@ -48,11 +48,12 @@ def test_kernel_takes_nf4_states_only_and_the_fast_path_uses_it_only_on_cuda(int
     assert not interpreted.handles(nested)
 
     from loraforge.model.fast.lora import FrozenGroup
+    from loraforge.model.fast.state import FastState
     from loraforge.model.quant import quantize_linears_
 
     lin = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(64, 32, bias=False))
     assert quantize_linears_(lin, "cpu") == 2
-    group = FrozenGroup(list(lin), torch.bfloat16, {})
+    group = FrozenGroup(list(lin), torch.bfloat16, FastState())
     assert group.quantized and group.nf4_kernel   # chosen for the group; CPU tensors still go to bitsandbytes
     rebuilt = group.get()
     ref = torch.cat([bnbf.dequantize_4bit(m.weight, m.weight.quant_state) for m in lin])

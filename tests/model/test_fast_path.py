@@ -139,7 +139,7 @@ def test_recomputation_reuses_the_forwards_thin_products():
     for keep in (False, True):
         model.zero_grad(set_to_none=True)
         loss, _ = fast.loss_sum(batch)
-        fast.buffers["keep_xa"] = keep   # as hidden() sets it; False: every group multiplies again
+        fast.state.keep_xa = keep   # as hidden() sets it; False: every group multiplies again
         with _Count() as count:
             loss.backward()
         mms[keep] = sum(op in ("aten.mm.default", "aten.mm.out") for op in count.ops)
@@ -151,7 +151,7 @@ def test_recomputation_reuses_the_forwards_thin_products():
     assert all(g.kept_xa is None for g in groups), "a kept product outlived its recomputation"
     loss, _ = fast.loss_sum(_batch(seed=5))              # kept again by this pass's forward...
     assert all(g.kept_xa is not None for g in groups)
-    fast.buffers["pass"] += 1                            # ...but a later pass's recomputation multiplies
+    fast.state.forward_pass += 1                            # ...but a later pass's recomputation multiplies
     model.zero_grad(set_to_none=True)
     with _Count() as count:
         loss.backward()
@@ -256,16 +256,17 @@ def test_live_projections_read_their_modules_at_every_call():
     """Under FSDP2 (`live`) a group reads weights and factors from its modules at each call (FSDP2 swaps the
     tensors in place between calls): the same outputs as a group built once, and a new weight is seen."""
     from loraforge.model.fast.lora import Projections
+    from loraforge.model.fast.state import FastState
 
     model = _adapted("llama")
     attn = model.get_base_model().model.layers[0].self_attn
     mods = [attn.q_proj, attn.k_proj, attn.v_proj]
     x = torch.randn(2, 5, SHAPE["hidden_size"])
-    live = Projections(mods, torch.float32, {}, live=True)
+    live = Projections(mods, torch.float32, FastState(), live=True)
     ref = [y.detach().clone() for y in live(x)]
     attn.k_proj.base_layer.weight.data = attn.k_proj.base_layer.weight.data * 2
     moved = live(x)
-    fixed = Projections(mods, torch.float32, {})
+    fixed = Projections(mods, torch.float32, FastState())
     for a, b, c, name in zip(moved, fixed(x), ref, "qkv"):
         _close(a, b, 1e-6, name)
         assert torch.equal(a, c) == (name != "k"), name

@@ -27,6 +27,8 @@ import contextlib
 
 import torch
 
+from loraforge.model.fast.state import FastState
+
 AUTO_CHUNK = 8192    # rows per chunk under `auto`: GEMMs of 8,192 x 4,096 x 28,672 still run at full rate
 AUTO_FROM = 16384    # `auto` chunks batches of more tokens than this (two chunks or more)
 
@@ -42,39 +44,39 @@ def chunk_rows(tokens: int, setting: int | str | None) -> int:
 
 
 @contextlib.contextmanager
-def _no_kept_xa(buffers: dict):
+def _no_kept_xa(state: FastState):
     """lora._thin_product computes x A^T afresh in here (a chunk's kept product could meet another chunk);
-    buffers["dropout_rows"], set per chunk, gives each chunk dropout masks of its own (model.fast.dropout:
+    state.dropout_rows, set per chunk, gives each chunk dropout masks of its own (model.fast.dropout:
     a mask is a function of the element's place in its tensor, the same in every chunk otherwise)."""
-    keep = buffers.get("keep_xa")
-    buffers["keep_xa"] = False
+    keep = state.keep_xa
+    state.keep_xa = False
     try:
         yield
     finally:
-        buffers["keep_xa"] = keep
-        buffers["dropout_rows"] = 0
+        state.keep_xa = keep
+        state.dropout_rows = 0
 
 
-def mlp_forward_chunked(mlp, h: torch.Tensor, rows: int, buffers: dict) -> torch.Tensor:
+def mlp_forward_chunked(mlp, h: torch.Tensor, rows: int, state: FastState) -> torch.Tensor:
     """mlp(h) without grad, `rows` tokens at a time, written over h (which must not be needed after)."""
     flat = h.view(-1, h.shape[-1])
-    with torch.no_grad(), _no_kept_xa(buffers):
-        for s in range(0, flat.shape[0], rows):
-            buffers["dropout_rows"] = s
-            flat[s:s + rows] = mlp(flat[s:s + rows])
+    with torch.no_grad(), _no_kept_xa(state):
+        for start in range(0, flat.shape[0], rows):
+            state.dropout_rows = start
+            flat[start:start + rows] = mlp(flat[start:start + rows])
     return h
 
 
-def mlp_backward_chunked(mlp, mid: torch.Tensor, grad: torch.Tensor, rows: int, buffers: dict) -> torch.Tensor:
+def mlp_backward_chunked(mlp, mid: torch.Tensor, grad: torch.Tensor, rows: int, state: FastState) -> torch.Tensor:
     """The gradient of mlp(mid) with respect to mid, from `grad` (the gradient of the output), one chunk of
     rows at a time: each chunk recomputed with grad and back-propagated (the adapter's gradients accumulate
     into .grad). Written over mid's memory (mid's values are not needed after) and returned in its shape."""
     flat = mid.detach().view(-1, mid.shape[-1])
     g = grad.reshape(flat.shape)
-    with torch.enable_grad(), _no_kept_xa(buffers):
-        for s in range(0, flat.shape[0], rows):
-            buffers["dropout_rows"] = s
-            x = flat[s:s + rows].detach().requires_grad_(True)
-            torch.autograd.backward(mlp(x), g[s:s + rows])
-            flat[s:s + rows] = x.grad
+    with torch.enable_grad(), _no_kept_xa(state):
+        for start in range(0, flat.shape[0], rows):
+            state.dropout_rows = start
+            x = flat[start:start + rows].detach().requires_grad_(True)
+            torch.autograd.backward(mlp(x), g[start:start + rows])
+            flat[start:start + rows] = x.grad
     return flat.view(mid.shape)

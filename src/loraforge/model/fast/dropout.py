@@ -28,7 +28,7 @@ BLOCK = 2048
 
 @functools.cache
 def _kernel():
-    import triton
+    import triton   # optional dependency (CUDA kernels), so imported on first use
     import triton.language as tl
 
     @triton.jit

@@ -18,7 +18,7 @@ import torch
 
 @functools.cache
 def _kernel():
-    import triton
+    import triton   # optional dependency (CUDA kernels), so imported on first use
     import triton.language as tl
 
     @triton.jit
@@ -62,7 +62,7 @@ def rope_qk_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, 
 
 
 class RopeQKV(torch.autograd.Function):
-    """qkv (B, T, (Hq + 2 Hkv) * D) with RoPE applied to its q and k heads, in place (the LoRA function
+    """qkv (B, T, (Hq + 2 Hkv) * head_dim) with RoPE applied to its q and k heads, in place (the LoRA function
     that wrote qkv saved no output, so nothing else reads the pre-rotation values)."""
 
     @staticmethod

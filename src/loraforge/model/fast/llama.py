@@ -1,14 +1,19 @@
 """The fast training forward for Llama-family models (Llama 3.x, Mistral, Qwen2/2.5/3, SmolLM).
 
-FastLlama wraps a PEFT model; it does not change it. It reads the same parameters (frozen base
-weights, bf16 or NF4; PEFT's lora_A/lora_B/magnitude) and runs its own forward: fused LoRA projections
-(model.fast.lora), liger's RMSNorm/RoPE kernels on CUDA (model.fast.ops), SwiGLU with the adapter's
-gate/up term added inside the kernel (model.fast.swiglu_lora), flash attention via SDPA, per-layer
-recomputation with the layer input optionally parked in pinned CPU memory (model.fast.recompute; or one
-input per span of layers), and a fused linear cross-entropy over the loss positions only. On long inputs
-each layer's MLP runs over chunks of tokens (model.fast.chunked). RoPE takes the model's own rotary tables
-(every rope_type transformers computes; a model whose tables the kernels cannot take stays on PEFT's path). The PEFT model's own forward stays the
-reference: tests compare losses and gradients against it.
+FastLlama wraps a PEFT model and reads the same parameters (frozen base weights, bf16 or NF4; PEFT's
+lora_A/lora_B/magnitude); it changes no value and no parameter object, and the PEFT forward still gives
+the same results. One thing it does change is where the 16-bit base weights live: the frozen weights of
+projections that share an input (q/k/v, gate/up) are moved into one tensor, each module's weight `.data`
+re-pointed at its rows (model.fast.lora.FrozenGroup._fuse_storage; not under FSDP2 nor for NF4). It runs
+its own forward: fused LoRA projections (model.fast.lora), liger's RMSNorm/RoPE kernels on CUDA
+(model.fast.ops), SwiGLU with the adapter's gate/up term added inside the kernel (model.fast.swiglu_lora),
+flash attention via SDPA, per-layer recomputation with the layer input optionally parked in pinned CPU
+memory (model.fast.recompute; or one input per span of layers), and a fused linear cross-entropy over
+the loss positions only. On long inputs each layer's MLP runs over chunks of tokens (model.fast.chunked).
+RoPE takes the model's own rotary tables (every rope_type transformers computes; a model whose tables the
+kernels cannot take stays on PEFT's path). The PEFT model's own forward stays the reference: tests compare
+losses and gradients against it. The state its layers and projections share (pass number, dropout seed,
+NF4 rebuild buffers) is one FastState (model.fast.state), created here and handed to each of them.
 
 Batches must be right-padded (loraforge's collate does that): with causal attention a real token
 never sees a pad on its right, so no attention mask is needed and the result equals the masked one.
@@ -36,6 +41,7 @@ from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_rows, linear_cross_entropy_sum, packed_attention,
                                       rms_norm, rope, rope_qkv, swiglu)
 from loraforge.model.fast.recompute import PinnedPool, Span, recompute
+from loraforge.model.fast.state import FastState
 from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -77,18 +83,18 @@ def _rope_reason(base) -> str | None:
 
 
 class _Layer:
-    def __init__(self, layer, dtype, buffers, live=False, index=0):
+    def __init__(self, layer, dtype, state: FastState, live=False, index=0):
         at, mlp = layer.self_attn, layer.mlp
-        s = 16 * index   # each group's dropout stream (model.fast.dropout): 4 groups of at most 3 projections
-        self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, buffers, live, stream=s)
-        self.o = Projections([at.o_proj], dtype, buffers, live, stream=s + 4)
+        first = 16 * index   # each group's dropout stream (model.fast.dropout): 4 groups of at most 3 projections
+        self.qkv = Projections([at.q_proj, at.k_proj, at.v_proj], dtype, state, live, stream=first)
+        self.o = Projections([at.o_proj], dtype, state, live, stream=first + 4)
         # gate and up as one GEMM whose [gate | up] output the SwiGLU kernel reads in place (and the adapter's
         # term with it: lora.GateUpSwiGLUFn)
-        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], dtype, buffers, live, stream=s + 8)
-        self.down = Projections([mlp.down_proj], dtype, buffers, live, stream=s + 12)
+        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], dtype, state, live, stream=first + 8)
+        self.down = Projections([mlp.down_proj], dtype, state, live, stream=first + 12)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(at, "q_norm", None), getattr(at, "k_norm", None)
-        self.buffers = buffers
+        self.state = state
         self.head_dim = at.head_dim
         self.scaling = at.scaling
         self.q_heads = self.qkv.outs[0] // at.head_dim
@@ -99,7 +105,7 @@ class _Layer:
         return (self.qkv, self.o, self.gate_up, self.down)
 
     def _qkv(self, x, cos, sin):
-        """q (B, Hq, T, D), k and v (B, Hkv, T, D) after RoPE; views of one buffer where possible."""
+        """q (B, Hq, T, head_dim), k and v (B, Hkv, T, head_dim) after RoPE; views of one buffer where possible."""
         bsz, t, _ = x.shape
         heads = [self.q_heads, self.kv_heads, self.kv_heads]
         if self.qkv.joined and self.q_norm is None:
@@ -118,7 +124,7 @@ class _Layer:
 
     def attn(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed=None) -> torch.Tensor:
         """h + attention(norm1(h)): the layer's first half."""
-        self.buffers["holds"] = None   # see lora.FrozenGroup._rebuild
+        self.state.rebuilt = None   # see lora.FrozenGroup._rebuild
         x = rms_norm(h, self.norm1.weight, self.norm1.variance_epsilon)
         q, k, v = self._qkv(x, cos, sin)
         return self.o.add_to(h, attention(q, k, v, self.scaling, packed))
@@ -140,7 +146,7 @@ class _Layer:
         h = self.attn(h, cos, sin, packed)
         rows = self.rows(h)
         if rows and not torch.is_grad_enabled():
-            return mlp_forward_chunked(self.mlp, h, rows, self.buffers)
+            return mlp_forward_chunked(self.mlp, h, rows, self.state)
         return self.mlp(h)
 
     def backward_through(self, h: torch.Tensor, grad: torch.Tensor, cos, sin, packed=None) -> None:
@@ -151,7 +157,7 @@ class _Layer:
             torch.autograd.backward(self(h, cos, sin, packed), grad)
             return
         mid = self.attn(h, cos, sin, packed)
-        torch.autograd.backward(mid, mlp_backward_chunked(self.mlp, mid, grad, rows, self.buffers))
+        torch.autograd.backward(mid, mlp_backward_chunked(self.mlp, mid, grad, rows, self.state))
 
 
 def _one_process() -> bool:
@@ -173,12 +179,13 @@ class FastLlama:
         self.decoder = base.model
         self.head = base.get_output_embeddings()
         self.dtype = dtype
-        # shared by all projections: the NF4 rebuild buffer, the pass counter, and the largest single
-        # projection (a group above it is rebuilt one projection at a time, see lora.FrozenGroup.split)
-        self.buffers: dict = {"largest": max(m.in_features * m.out_features for m in self.decoder.layers.modules()
-                                             if hasattr(m, "in_features") and not hasattr(m, "base_layer"))}
-        self.buffers["dropout_seed"] = new_seed(self.head.weight.device)
-        self.layers = [_Layer(layer, dtype, self.buffers, live=sharded, index=i)
+        # shared by all layers and projections (model.fast.state): the pass counter, the dropout seed, the NF4
+        # rebuild buffers and the largest single projection (a group above it is rebuilt one projection at a
+        # time, see lora.FrozenGroup.split); one object for the FastLlama's life
+        largest = max(m.in_features * m.out_features for m in self.decoder.layers.modules()
+                      if hasattr(m, "in_features") and not hasattr(m, "base_layer"))
+        self.state = FastState(largest=largest, dropout_seed=new_seed(self.head.weight.device))
+        self.layers = [_Layer(layer, dtype, self.state, live=sharded, index=i)
                        for i, layer in enumerate(self.decoder.layers)]
         for layer in self.layers:   # long inputs: the MLP one chunk of tokens at a time (model.fast.chunked)
             layer.mlp_chunk = mlp_chunk_tokens
@@ -188,7 +195,7 @@ class FastLlama:
         self.vocab_parallel = False  # FSDP2: the untied embedding and head used over their shards
         self.checkpointing = bool(checkpointing)
         self.pool = PinnedPool() if checkpointing == "offload" else None
-        # the LoRA dropout masks are functions of buffers["dropout_seed"] (model.fast.dropout), refilled before
+        # the LoRA dropout masks are functions of state.dropout_seed (model.fast.dropout), refilled before
         # each training forward: a recomputed layer and a graph's replay draw the same masks, no RNG state kept
         self.dropout = any(getattr(d, "p", 0) > 0 for layer in self.layers
                            for p in layer.projections() for d in p.dropouts)
@@ -204,8 +211,8 @@ class FastLlama:
         self.graphs = None
         if graphs != "off" and not sharded and self.spans is None:
             params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.decoder.layers]
-            weights = sum(g.in_features * sum(g.outs) for _, g, _, _ in
-                          (part for proj in self.layers[0].projections() for part in proj.parts))
+            weights = sum(part.group.in_features * sum(part.group.outs)
+                          for proj in self.layers[0].projections() for part in proj.parts)
             self.graphs = GraphSet(self.layers, params, self.pool, capture=graphs != "eager", layer_weights=weights,
                                    only_host_bound=graphs == "auto")
 
@@ -213,12 +220,12 @@ class FastLlama:
         """Final-norm hidden states (B, T, H) in the compute dtype. Packed rows (data.packing) give their
         position_ids and segment_ids: attention then stays inside each example."""
         dev = input_ids.device
-        self.buffers["pass"] = self.buffers.get("pass", 0) + 1   # the LoRA factors are cast once per pass
+        self.state.forward_pass += 1   # the LoRA factors are cast once per pass
         training = torch.is_grad_enabled() and self.model.training
         if training and self.dropout:
-            seed = self.buffers["dropout_seed"]
+            seed = self.state.dropout_seed
             if seed.device != dev:
-                seed = self.buffers["dropout_seed"] = new_seed(dev)
+                seed = self.state.dropout_seed = new_seed(dev)
             reseed_(seed)
         packed = packed_attention(segment_ids) if segment_ids is not None else None
         with torch.autocast(dev.type, enabled=False):
@@ -231,7 +238,7 @@ class FastLlama:
             graphed = training and packed is None and self.graphs is not None and not self.layers[0].rows(h) and \
                 (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos)
             self._recompute = training and self.checkpointing
-            self.buffers["keep_xa"] = self._recompute or graphed   # see lora._thin_product
+            self.state.keep_xa = self._recompute or graphed   # see lora._thin_product
             if graphed:
                 h = self.graphs(h, cos, sin)
             else:
@@ -275,6 +282,8 @@ class FastLlama:
             module.loraforge_fast = functools.partial(self._layer, i)
             register(module, "loraforge_fast")
             self.entries.append(module.loraforge_fast)
+        # imported here: torch.distributed.fsdp takes ~2 s to import (measured on CPU torch 2.13), paid only by
+        # FSDP2 runs
         from torch.distributed.fsdp import FSDPModule
 
         emb, head = self.decoder.embed_tokens, self.head

@@ -17,6 +17,7 @@ Triton's CPU interpreter where Triton is installed).
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
@@ -25,7 +26,7 @@ BLOCK_BYTES = 1024  # packed bytes per program: 2,048 weights
 
 @functools.cache
 def _kernel():
-    import triton
+    import triton   # optional dependency (CUDA kernels), so imported on first use
     import triton.language as tl
 
     @triton.jit
@@ -53,11 +54,8 @@ def _kernel():
 
 
 @functools.cache
-@functools.cache
 def have_triton() -> bool:
     """Triton is installed (the fast path's own kernels: here, kernels.py, swiglu_lora.py)."""
-    import importlib.util
-
     return importlib.util.find_spec("triton") is not None
 
 

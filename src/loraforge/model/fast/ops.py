@@ -11,18 +11,21 @@ dtype; tests compare both paths against transformers' own modules.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from loraforge.data.packing import segment_attention
+from loraforge.model.fast.kernels import RopeQKV
 from loraforge.model.fast.nf4 import have_triton
 
 
 @functools.cache
 def _liger():
     try:
-        from liger_kernel.transformers import functional as lf
+        from liger_kernel.transformers import functional as lf   # optional dependency (CUDA kernels)
     except ImportError:
         return None
     return lf
@@ -49,7 +52,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q (B, Hq, T, D), k (B, Hkv, T, D), cos/sin (B, T, D) as transformers' rotary embedding gives them."""
+    """q (B, Hq, T, head_dim), k (B, Hkv, T, head_dim), cos/sin (B, T, head_dim) as transformers' rotary
+    embedding gives them."""
     if use_kernels(q) and q.shape[-1] == cos.shape[-1]:
         return _liger().liger_rope(q, k, cos, sin)
     cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
@@ -58,11 +62,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
              head_dim: int, fresh_grad: bool = False) -> torch.Tensor:
-    """qkv (B, T, (Hq + 2 Hkv) * D) with RoPE applied to its q and k heads (in place on CUDA; with
+    """qkv (B, T, (Hq + 2 Hkv) * head_dim) with RoPE applied to its q and k heads (in place on CUDA; with
     `fresh_grad`, its gradient too, see kernels.RopeQKV)."""
     if qkv.is_cuda and have_triton():
-        from loraforge.model.fast.kernels import RopeQKV
-
         return RopeQKV.apply(qkv, cos, sin, q_heads + kv_heads, head_dim, fresh_grad)
     bsz, t, _ = qkv.shape
     x = qkv.view(bsz, t, -1, head_dim)
@@ -72,9 +74,9 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: i
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, packed=None) -> torch.Tensor:
-    """Causal attention of q (B, Hq, T, D) over k/v (B, Hkv, T, D) (grouped-query heads shared inside the
-    kernel, no expanded copies); returns (B, T, Hq * D). `packed`, from packed_attention(), keeps each
-    example of a packed row to itself."""
+    """Causal attention of q (B, Hq, T, head_dim) over k/v (B, Hkv, T, head_dim) (grouped-query heads shared
+    inside the kernel, no expanded copies); returns (B, T, Hq * head_dim). `packed`, from packed_attention(),
+    keeps each example of a packed row to itself."""
     bsz, _, t, d = q.shape
     if packed is not None and packed[0] == "varlen":
         _, cu, longest = packed
@@ -99,15 +101,13 @@ def packed_attention(segment_ids: torch.Tensor):
         start[::t] = True
         cu = torch.cat([start.nonzero().flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
         return "varlen", cu, int((cu[1:] - cu[:-1]).max())
-    from loraforge.data.packing import segment_attention
-
     return "mask", segment_attention(segment_ids)
 
 
 @functools.cache
 def _varlen_fn():
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn   # only in torch >= 2.9 builds that have it
     except ImportError:
         return None
     return varlen_attn
@@ -115,8 +115,6 @@ def _varlen_fn():
 
 @functools.cache
 def _varlen_kwargs(gqa: bool) -> dict:
-    import inspect
-
     params = inspect.signature(_varlen_fn()).parameters
     # causal: torch 2.9-2.11 take is_causal, later ones a window with no keys to the right
     kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
@@ -143,8 +141,6 @@ def _flce_chunking() -> dict:
     chunks for a 128k vocabulary at 4,096 tokens: 64 GB of weight reads a step, ~20 ms on an H100. Eight
     times that budget (a 263 MB bf16 logits chunk for Llama-3-8B at 2 x 2048 tokens, taken after the
     forward, below the backward's peak) makes 4 chunks."""
-    import inspect
-
     params = inspect.signature(_liger().liger_fused_linear_cross_entropy).parameters
     return {"chunk_mem_const": 8} if "chunk_mem_const" in params else {}
 

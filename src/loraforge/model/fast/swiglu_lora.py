@@ -26,7 +26,7 @@ from loraforge.model.fast.nf4 import have_triton
 
 @functools.cache
 def _kernel():
-    import triton
+    import triton   # optional dependency (CUDA kernels), so imported on first use
     import triton.language as tl
 
     @triton.jit

@@ -67,9 +67,9 @@ def vocab_parallel_embedding(ids: torch.Tensor, weight) -> torch.Tensor:
     rows = F.embedding(rel.clamp(0, max(local.shape[0] - 1, 0)), local) if local.shape[0] else \
         local.new_zeros(every.shape[0], weight.shape[1])
     rows = rows * hit.unsqueeze(1).to(rows.dtype)
-    mine = rows.new_empty(n_max, rows.shape[1])
-    dist.reduce_scatter_tensor(mine, rows, group=group)
-    return mine[:flat.shape[0]].view(*ids.shape, -1)
+    own_rows = rows.new_empty(n_max, rows.shape[1])   # this rank's ids' rows, summed over every rank's shard
+    dist.reduce_scatter_tensor(own_rows, rows, group=group)
+    return own_rows[:flat.shape[0]].view(*ids.shape, -1)
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -89,20 +89,21 @@ class _VocabParallelCE(torch.autograd.Function):
         # with the gradient: softmax over this rank's slice times its rows, rescaled below once the
         # log-sum-exp over the whole vocabulary is known (one pass over the logits, not two)
         grad = torch.zeros(total, hidden.shape[1], device=hidden.device, dtype=acc) if want_grad else None
-        for s in range(0, total if rows else 0, chunk):
-            logits = (every_h[s:s + chunk] @ local.t()).to(acc)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=1)
-            target[s:s + chunk] = torch.where(hit[s:s + chunk], logits.gather(1, rel[s:s + chunk]).squeeze(1), 0.0)
+        for start in range(0, total if rows else 0, chunk):
+            end = start + chunk
+            logits = (every_h[start:end] @ local.t()).to(acc)
+            lse[start:end] = torch.logsumexp(logits, dim=1)
+            target[start:end] = torch.where(hit[start:end], logits.gather(1, rel[start:end]).squeeze(1), 0.0)
             if want_grad:
-                p = logits.sub_(lse[s:s + chunk, None]).exp_()
-                grad[s:s + chunk] = (p.to(local.dtype) @ local).to(acc)
+                p = logits.sub_(lse[start:end, None]).exp_()
+                grad[start:end] = (p.to(local.dtype) @ local).to(acc)
         lses = lse.new_empty(world * total)
         dist.all_gather_into_tensor(lses, lse, group=group)
         whole = torch.logsumexp(lses.view(world, total), dim=0)     # over the whole vocabulary
         dist.all_reduce(target, group=group)                          # each label's logit, from its owner
         valid = every_y != IGNORE_INDEX
         losses = torch.where(valid, whole - target, 0.0)
-        mine = losses[rank * n_max:rank * n_max + n].sum()
+        own_loss = losses[rank * n_max:rank * n_max + n].sum()   # this rank's rows only
         if want_grad:
             # d loss / d h = sum_v softmax_v w_v - w_label: this slice's softmax share is exp(lse - whole)
             grad.mul_(torch.exp(lse - whole).unsqueeze(1))
@@ -112,7 +113,7 @@ class _VocabParallelCE(torch.autograd.Function):
             own = grad.new_empty(n_max, hidden.shape[1])
             dist.reduce_scatter_tensor(own, grad, group=group)
             ctx.save_for_backward(own[:n].to(hidden.dtype))
-        return mine
+        return own_loss
 
     @staticmethod
     def backward(ctx, g):
