@@ -17,6 +17,8 @@ FORBIDDEN = {
     "plan": {"data", "model", "train", "eval", "export", "serve", "quickstart", "tune"},
     "synth": {"train", "export", "serve", "quickstart", "tune"},  # after eval: reuses data's checks, eval's judge
     "eval": {"tune"},  # tune sits after eval: it searches with eval's metric
+    # serve -> eval is meant: structured decoding (eval/structured.py) and the end-of-turn stop tokens
+    "serve": {"train", "export", "quickstart", "tune", "synth"},
 }
 
 
