@@ -28,6 +28,8 @@ from loraforge.serve.registry import BASE, Registry
 
 __all__ = ["BatchWorker", "Job", "Sampling"]
 
+# torch, transformers and peft are imported inside the functions that use them: see server.py
+
 
 class _Rows:
     """The running batch: jobs, their KV cache (left-padded), padding mask and the token each feeds next."""

@@ -21,8 +21,9 @@ anything (the default); grammars are compiled once per schema (llguidance; extra
 
 Where things are: parsing.py checks a request body, app.py is the Starlette app (routes, the API-key
 check, error types -> status codes), errors.py the error types; this file loads the model and runs uvicorn.
-torch, transformers and peft are imported where first used in serve/ (not at module top): `serve` takes
-its port and says a busy one before paying for them (`python -X importtime -c "import peft"`: seconds).
+torch, transformers and peft are imported where first used in serve/, not at module top: `serve` takes
+its port and says a busy one before paying for them (measured on the 2-core dev box, loaded: `loraforge
+serve --port BUSY` answers in 2.4 s; `python -c "import torch, transformers, peft"` alone takes 22 s).
 """
 
 from __future__ import annotations
