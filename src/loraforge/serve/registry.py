@@ -22,6 +22,7 @@ from loraforge.model.adapters import peft_wrapping
 from loraforge.serve.errors import AdapterAlreadyLoaded, AdapterLoadFailed, AdapterNotFound
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+OTHER_BASE = "load it over the base model it was trained on"
 
 
 class Registry:
@@ -83,7 +84,7 @@ class Registry:
             except (RuntimeError, ValueError, KeyError, OSError) as e:  # shape mismatch: another base
                 self._drop(name)
                 raise AdapterLoadFailed(f"this adapter does not fit the base model: {str(e).splitlines()[0][:300]}",
-                                     where=str(path), hint="load it over the base model it was trained on") from None
+                                        where=str(path), hint=OTHER_BASE) from None
             self.model.eval()
             self.adapters[name] = str(path)
             self._loads += 1
@@ -130,14 +131,14 @@ def check_shapes(model, path: Path) -> None:
                     mod = base.get_submodule(m.group(1))
                 except AttributeError:
                     raise AdapterLoadFailed(f"this adapter targets '{m.group(1)}', which this base model lacks",
-                                         where=str(path), hint="load it over the base model it was trained on") from None
+                                            where=str(path), hint=OTHER_BASE) from None
                 mod = getattr(mod, "base_layer", mod)
                 shape = f.get_slice(key).get_shape()
                 want = getattr(mod, "in_features", None) if m.group(2) == "A" else getattr(mod, "out_features", None)
                 got = shape[1] if m.group(2) == "A" else shape[0]
                 if want is not None and got != want:
                     raise AdapterLoadFailed(f"this adapter does not fit the base model: {key} has shape {list(shape)} "
-                                         f"but the layer has {want} {'inputs' if m.group(2) == 'A' else 'outputs'}",
-                                         where=str(path), hint="load it over the base model it was trained on")
+                                            f"but the layer has {want} {'inputs' if m.group(2) == 'A' else 'outputs'}",
+                                            where=str(path), hint=OTHER_BASE)
     except (OSError, ValueError) as e:
         raise AdapterLoadFailed(f"cannot read the adapter weights: {e}", where=str(path)) from None
