@@ -24,7 +24,7 @@ ALLOWED = {
     "train": {"config", "data", "model", "plan"},
     "export": {"config", "data", "model", "train"},  # data: imatrix text, end-of-turn tokens; train: RunFiles
     "eval": {"config", "data", "model", "train", "export"},  # export: merged-model variants (eval.variants)
-    "serve": {"data", "model", "eval"},  # eval: generation and the run's task tools
+    "serve": {"data", "model", "eval"},  # eval: structured decoding, end-of-turn stop tokens
     "synth": {"config", "data", "eval"},  # after eval: reuses data's checks, eval's judge
     "tune": {"config", "model", "plan", "train", "eval"},  # after eval: it searches with eval's metric
     "quickstart": {"config", "data", "model", "train", "eval"},

@@ -34,3 +34,20 @@ def test_unloading_the_last_adapter_restores_the_bare_base(tiny_model, tmp_path)
     assert torch.allclose(reg.model(input_ids=ids).logits, plain)
     with pytest.raises(LoraforgeError, match="no adapter named"):
         reg.unload("a")
+
+
+def test_refusals_are_typed(tmp_path):
+    from loraforge.serve.errors import AdapterAlreadyLoaded, AdapterLoadFailed, AdapterNotFound
+    from loraforge.serve.registry import Registry
+
+    reg = Registry(None, None, "tiny")  # every refusal below happens before the model is touched
+    with pytest.raises(AdapterLoadFailed, match="cannot be an adapter name"):
+        reg.load("a/b", tmp_path)
+    with pytest.raises(AdapterLoadFailed, match="adapter_config.json"):
+        reg.load("a", tmp_path)
+    reg.adapters["a"] = str(tmp_path)
+    with pytest.raises(AdapterAlreadyLoaded, match="already loaded"):
+        reg.load("a", tmp_path)
+    with pytest.raises(AdapterNotFound, match="no adapter named 'b'"):
+        reg.unload("b")
+    assert issubclass(AdapterAlreadyLoaded, LoraforgeError) and issubclass(AdapterNotFound, LoraforgeError)

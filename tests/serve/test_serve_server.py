@@ -206,3 +206,20 @@ def test_cli_reports_a_bad_adapter_without_a_traceback(tiny_model, setup, tmp_pa
     assert main(["serve", "--base", str(tiny_model), "--adapter", f"x={other}"]) == 2
     assert "does not fit the base model" in capsys.readouterr().err
     assert main(["serve", "--base", str(tiny_model), "--adapter", "no-equals-sign"]) == 2
+
+
+def test_error_bodies_and_which_routes_need_the_key(setup):
+    srv, adapters, _, _ = setup
+    status, body = raw(srv, "POST", "/admin/adapters", json.dumps({"name": "a", "path": adapters["a"]}).encode())
+    assert status == 409 and body["error"]["param"] == "path" and body["error"]["code"] == "adapter_load_failed"
+    status, body = raw(srv, "DELETE", "/admin/adapters/zz")
+    assert status == 404 and body["error"]["param"] == "name" and body["error"]["code"] == "model_not_found"
+    status, body = raw(srv, "DELETE", "/admin/adapters/a", key="wrong")
+    assert status == 401 and body["error"] == {"message": "missing or wrong API key", "type": "authentication_error",
+                                               "param": None, "code": "invalid_api_key"}
+    assert raw(srv, "GET", "/health", key="wrong")[0] == 200  # a probe carries no key
+    status, body = raw(srv, "GET", "/v1/nothing", key="wrong")
+    assert status == 404 and body["error"]["message"] == "GET /v1/nothing: Not Found"
+    status, body = raw(srv, "POST", "/admin/adapters", b'{"name": 3}')
+    assert status == 400 and body["error"]["param"] == "name"
+    assert [m["id"] for m in raw(srv, "GET", "/v1/models")[1]["data"]] == ["tiny", "a", "b"]

@@ -16,15 +16,19 @@ unloaded while others are decoding. A failing forward fails the requests in it, 
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
 
+from loraforge.eval.structured import mask_logits
 from loraforge.model.attention import decode_attention
 from loraforge.serve.decoding import Job, Sampling, pick_token
 from loraforge.serve.registry import BASE, Registry
 
 __all__ = ["BatchWorker", "Job", "Sampling"]
+
+# torch, transformers and peft are imported inside the functions that use them: see server.py
 
 
 class _Rows:
@@ -101,8 +105,6 @@ def _rebuild(cache, fn):
 def _cache_argument(model) -> str:
     """The forward's name for the KV cache: transformers renamed `past_key_values` to `cache` (the old name
     warns, and is removed in 5.40); older 5.x releases know only the old one."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
@@ -111,7 +113,7 @@ class BatchWorker:
     """Owns the model's forward passes; `submit` a Job and read its `emit` callbacks."""
 
     def __init__(self, registry: Registry, *, max_batch: int = 16, wait_ms: float = 5.0):
-        from loraforge.eval.generate import stop_token_ids
+        from loraforge.eval.generate import stop_token_ids  # lazy: eval.generate imports torch (see server.py)
 
         self.registry, self.max_batch, self.wait = registry, max_batch, wait_ms / 1000
         self.stops = set(stop_token_ids(registry.tokenizer, registry.model))
@@ -233,8 +235,6 @@ class BatchWorker:
     def _pick(self, jobs: list[Job], logits) -> list[int]:
         constrained = [j.grammar for j in jobs]
         if any(g is not None for g in constrained):  # per request: only the tokens its grammar permits
-            from loraforge.eval.structured import mask_logits
-
             mask_logits(logits, constrained)
         out = self._choose(jobs, logits)
         for g, t in zip(constrained, out):

@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+# torch, transformers and peft are imported inside the functions that use them: see server.py
+
 
 @dataclass(frozen=True)
 class Sampling:

@@ -5,7 +5,7 @@ unloading an adapter takes it too, so an adapter never changes under a running s
 keeps the worker from starving an admin call: a load/unload holds the gate while it waits for the lock,
 and the worker passes the gate before each step (`Registry.step()`), so the change lands after the
 step in flight. A failed load (missing folder, adapter made for another base) leaves no half-injected
-adapter behind.
+adapter behind. Refusals are typed (serve/errors.py): AdapterLoadFailed, AdapterAlreadyLoaded, AdapterNotFound.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from loraforge.errors import LoraforgeError
+from safetensors import safe_open
+
+from loraforge.model.adapters import peft_wrapping
+from loraforge.serve.errors import AdapterAlreadyLoaded, AdapterLoadFailed, AdapterNotFound
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+OTHER_BASE = "load it over the base model it was trained on"
 
 
 class Registry:
@@ -54,24 +58,22 @@ class Registry:
         return self.serials.get(name)
 
     def load(self, name: str, path: str | Path) -> None:
-        from peft import PeftModel
-
-        from loraforge.model.adapters import peft_wrapping
+        from peft import PeftModel  # lazy, as everywhere in serve/: see server.py's note on torch and peft
 
         path = Path(path)
         if not name or name == self.base_name or name == BASE or "/" in name:
-            raise LoraforgeError(f"'{name}' cannot be an adapter name", hint="pick a short name without '/'")
+            raise AdapterLoadFailed(f"'{name}' cannot be an adapter name", hint="pick a short name without '/'")
         if name in self.adapters:
-            raise LoraforgeError(f"an adapter named '{name}' is already loaded", hint="unload it first")
+            raise AdapterAlreadyLoaded(f"an adapter named '{name}' is already loaded", hint="unload it first")
         if not (path / "adapter_config.json").is_file():
-            raise LoraforgeError("no adapter_config.json here: not a PEFT adapter folder", where=str(path))
+            raise AdapterLoadFailed("no adapter_config.json here: not a PEFT adapter folder", where=str(path))
         try:
             json.loads((path / "adapter_config.json").read_text())
         except ValueError as e:
-            raise LoraforgeError(f"adapter_config.json is not valid JSON: {e}", where=str(path)) from None
+            raise AdapterLoadFailed(f"adapter_config.json is not valid JSON: {e}", where=str(path)) from None
         with self.gate, self.lock:
             if name in self.adapters:  # checked again: another load may have won the race
-                raise LoraforgeError(f"an adapter named '{name}' is already loaded", hint="unload it first")
+                raise AdapterAlreadyLoaded(f"an adapter named '{name}' is already loaded", hint="unload it first")
             check_shapes(self.model, path)
             try:
                 with peft_wrapping():
@@ -81,8 +83,8 @@ class Registry:
                         self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
             except (RuntimeError, ValueError, KeyError, OSError) as e:  # shape mismatch: another base
                 self._drop(name)
-                raise LoraforgeError(f"this adapter does not fit the base model: {str(e).splitlines()[0][:300]}",
-                                     where=str(path), hint="load it over the base model it was trained on") from None
+                raise AdapterLoadFailed(f"this adapter does not fit the base model: {str(e).splitlines()[0][:300]}",
+                                        where=str(path), hint=OTHER_BASE) from None
             self.model.eval()
             self.adapters[name] = str(path)
             self._loads += 1
@@ -91,7 +93,7 @@ class Registry:
     def unload(self, name: str) -> None:
         with self.gate, self.lock:
             if name not in self.adapters:
-                raise LoraforgeError(f"no adapter named '{name}' is loaded")
+                raise AdapterNotFound(f"no adapter named '{name}' is loaded")
             self._drop(name)
             del self.adapters[name]
             del self.serials[name]
@@ -114,11 +116,10 @@ class Registry:
 def check_shapes(model, path: Path) -> None:
     """Refuse an adapter whose LoRA matrices do not fit this base's layers, before touching the model."""
     from peft import PeftModel
-    from safetensors import safe_open
 
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
-        raise LoraforgeError("no adapter_model.safetensors here", where=str(path))
+        raise AdapterLoadFailed("no adapter_model.safetensors here", where=str(path))
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     try:
         with safe_open(str(weights), "pt") as f:
@@ -129,15 +130,15 @@ def check_shapes(model, path: Path) -> None:
                 try:
                     mod = base.get_submodule(m.group(1))
                 except AttributeError:
-                    raise LoraforgeError(f"this adapter targets '{m.group(1)}', which this base model lacks",
-                                         where=str(path), hint="load it over the base model it was trained on") from None
+                    raise AdapterLoadFailed(f"this adapter targets '{m.group(1)}', which this base model lacks",
+                                            where=str(path), hint=OTHER_BASE) from None
                 mod = getattr(mod, "base_layer", mod)
                 shape = f.get_slice(key).get_shape()
                 want = getattr(mod, "in_features", None) if m.group(2) == "A" else getattr(mod, "out_features", None)
                 got = shape[1] if m.group(2) == "A" else shape[0]
                 if want is not None and got != want:
-                    raise LoraforgeError(f"this adapter does not fit the base model: {key} has shape {list(shape)} "
-                                         f"but the layer has {want} {'inputs' if m.group(2) == 'A' else 'outputs'}",
-                                         where=str(path), hint="load it over the base model it was trained on")
+                    raise AdapterLoadFailed(f"this adapter does not fit the base model: {key} has shape {list(shape)} "
+                                            f"but the layer has {want} {'inputs' if m.group(2) == 'A' else 'outputs'}",
+                                            where=str(path), hint=OTHER_BASE)
     except (OSError, ValueError) as e:
-        raise LoraforgeError(f"cannot read the adapter weights: {e}", where=str(path)) from None
+        raise AdapterLoadFailed(f"cannot read the adapter weights: {e}", where=str(path)) from None
