@@ -31,11 +31,11 @@ from loraforge.data.batching import collate, split_validation
 from loraforge.data.preference import TokenizeReport, read_pairs, tokenize_preferences
 from loraforge.errors import LoraforgeError
 from loraforge.train import distributed as D
-from loraforge.train.checkpoint import TrainerState
 from loraforge.train.logprobs import reference_token_logps, row_sums, wrap_logp_step
-from loraforge.train.loop import LoopResult, _track_validation, micro_batches, plan_steps, seed_micro_batch
+from loraforge.train.loop import LoopResult, LoopSetup, _track_validation, seed_micro_batch
 from loraforge.train.objectives import REFERENCE_FREE, beta_of, kto_loss, pair_loss
-from loraforge.train.steps import advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session
+from loraforge.train.steps import (advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session,
+                                   objective_start)
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -194,15 +194,15 @@ def preference_eval(step_module, model, items: list, cfg: RunConfig, pad_id: int
             "examples": len(items), "scores": scores}
 
 
-def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list,
-                    val_items: list, cfg: RunConfig, run_dir: Path, state: TrainerState, log=print, fast=None,
-                    dist: D.DistContext = D.SINGLE, step_module=None) -> ObjectiveResult:
+def preference_loop(setup: LoopSetup) -> ObjectiveResult:
+    model, optimizer, scheduler, cfg, run_dir, state = (
+        setup.model, setup.optimizer, setup.scheduler, setup.cfg, setup.run_dir, setup.state)
+    train_items, val_items, log, dist = setup.train_items, setup.val_items, setup.log, setup.dist
+    autocast = setup.precision.autocast
     tc = cfg.train
-    device = accelerator.device
-    pad_id = tokenizer.pad_token_id
-    per_epoch, total_steps = plan_steps(len(train_items), cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    step_module = step_module if step_module is not None else wrap_logp_step(model, dist, device.type, fast)
+    st = objective_start(setup)  # shared with the other objective's loop (train.steps)
+    device, pad_id, per_epoch, total_steps, params = st.device, st.pad_id, st.per_epoch, st.total_steps, st.params
+    step_module, batches, config_yaml = st.step_module, st.batches, st.config_yaml
     # the reference of every validation example now (it also scores the base model); of a training example
     # the first time it comes (kept in the run folder for --resume)
     cache = run_dir / REFERENCE_FILE
@@ -219,8 +219,6 @@ def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocas
         log(f"base model on {len(val_items)} held-out examples: reward accuracy {base_eval['reward_accuracy']:.1%}")
     last_train, val_eval = None, None
     val_loss = state.history[-1]["val_loss"] if state.history else None
-    batches = micro_batches(train_items, cfg, state)
-    config_yaml = cfg.to_yaml()
     t0 = time.time()
     model.train()
     with session(run_dir, tc, state, total_steps, dist) as (stop, progress, mlog):
@@ -242,11 +240,11 @@ def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocas
                     with autocast():
                         logp, counts = step_module(batch)
                     losses, scores, _ = example_losses(cfg, items, logp.float(), counts, ref)
-                    accelerator.backward(losses.sum() * (dist.world / n_ex if j is not None else 0.0))
+                    (losses.sum() * (dist.world / n_ex if j is not None else 0.0)).backward()
                 if j is not None:
                     step_loss += float(losses.detach().sum())
                     step_score += float(scores.sum())
-            grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, tc.max_grad_norm)
+            grad_norm = optimizer_step(params, optimizer, scheduler, tc.max_grad_norm)
 
             step_loss, step_score, stopping = dist.all_sum([step_loss, step_score, float(stop.signum is not None)],
                                                            device)
