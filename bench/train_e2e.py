@@ -137,7 +137,14 @@ def run_loraforge(spec: dict, work: Path) -> dict:
     return {"wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"], "tokens": s["tokens_seen"],
             "tokens_per_s": s["tokens_per_s"], "peak_reserved_gib": s["peak_reserved_gib"],
             "final_val_loss": s["final_val_loss"], "planned_tokens_per_s": s["planned_tokens_per_s"],
-            "seconds_in": s.get("seconds_in")}
+            "seconds_in": s.get("seconds_in"), "steps": s.get("steps"), "plan_speed": s.get("plan_speed"),
+            "clock": _clock(work / "run" / "metrics.jsonl")}
+
+
+def _clock(path: Path) -> list:
+    """[step, seconds since training started] of each metrics row: where a short run's time goes (warm-up)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [[r["step"], r["elapsed_s"]] for r in rows if "elapsed_s" in r]
 
 
 def run_peer(tool: str, spec: dict, work: Path) -> dict:

@@ -87,12 +87,12 @@ def test_judge_in_eval_win_tie_loss_by_hand(tiny_run, judge, test_file, tmp_path
     out = tmp_path / "ev"
     r = evaluate_run(run, test=test_file, judge_url=url, judge_model="fake-judge", regression=False, fewshot=1,
                      out=out, log=lambda m: None)
-    assert r["errors"] == [] and set(r["models"]) == {"base", "fewshot", "finetuned"}
-    ex = r["examples"]
+    assert r.errors == [] and set(r.models) == {"base", "fewshot", "finetuned"}
+    ex = r.examples
     tuned, base = [e["answers"]["finetuned"] for e in ex], [e["answers"]["base"] for e in ex]
     assert tuned != base                                         # the adapter changes the answers
     want = ["win" if len(t) > len(b) else "loss" if len(t) < len(b) else "tie" for t, b in zip(tuned[:4], base[:4])]
-    pw = r["judge"]["pairwise"]
+    pw = r.judge["pairwise"]
     assert [p["verdict"] for p in pw["per_example"]] == want + ["error", "error"]
     assert (pw["judged"], pw["errors"]) == (4, 2) and (pw["a"], pw["b"]) == ("finetuned", "base")
     for k in ("win", "tie", "loss"):
@@ -104,7 +104,7 @@ def test_judge_in_eval_win_tie_loss_by_hand(tiny_run, judge, test_file, tmp_path
         assert (t, b) in shown and (b, t) in shown
     # rubric: 1 + word count, errors on the SLOW/GARBAGE examples, mean over the judged ones
     for name in ("base", "fewshot", "finetuned"):
-        rub = r["judge"]["rubric"][name]
+        rub = r.judge["rubric"][name]
         scores = [min(10, 1 + len(e["answers"][name].split())) for e in ex[:4]]
         assert [p["score"] for p in rub["per_example"]] == scores + [None, None]
         assert rub["mean"] == pytest.approx(sum(scores) / 4) and rub["errors"] == 2
@@ -124,7 +124,7 @@ def test_judge_in_eval_win_tie_loss_by_hand(tiny_run, judge, test_file, tmp_path
     before = len(seen)
     r2 = evaluate_run(run, test=test_file, judge_url=url, judge_model="fake-judge", regression=False, fewshot=1,
                       out=out, resume=True, log=lambda m: None)
-    assert r2["judge"]["pairwise"] == pw and r2["resumed_rows"] == 3 * 6 + 4 + 3 * 4
+    assert r2.judge["pairwise"] == pw and r2.resumed_rows == 3 * 6 + 4 + 3 * 4
     asked = seen[before:]
     assert asked and all("SLOW" in s or "GARBAGE" in s for s in asked)
 
@@ -137,10 +137,10 @@ def test_a_judge_that_never_answers_does_not_kill_the_eval(tiny_run, test_file, 
                          out=tmp_path / "ev", log=lambda m: None)
     finally:
         server.shutdown()
-    assert r["errors"] == [] and set(r["models"]) == {"base", "fewshot", "finetuned"}
-    pw = r["judge"]["pairwise"]
+    assert r.errors == [] and set(r.models) == {"base", "fewshot", "finetuned"}
+    pw = r.judge["pairwise"]
     assert (pw["judged"], pw["errors"], pw["win"], pw["tie"], pw["loss"]) == (0, 2, 0.0, 0.0, 0.0)
-    assert r["judge"]["rubric"] == {}                            # mode pairwise: no rubric requests
+    assert r.judge["rubric"] == {}                            # mode pairwise: no rubric requests
     assert all("timed out" in p["reason"] for p in pw["per_example"]) and len(seen) == 2
 
 

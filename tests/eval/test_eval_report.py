@@ -13,13 +13,14 @@ import pytest
 
 from loraforge.config import RunConfig
 from loraforge.eval.report import render_html
+from loraforge.eval.results import ModelScore, RegressionScore
 from loraforge.eval.run import assemble, write_outputs
 
 
 def _model(per, answers, stopped=None):
-    return {"value": sum(per) / len(per), "ci": [min(per), max(per)], "per_example": per, "answers": answers,
-            "stopped": stopped or [True] * len(per), "stop_rate": 1.0, "details": {"failures": []},
-            "new_tokens": [3] * len(per)}
+    return ModelScore(value=sum(per) / len(per), ci=[min(per), max(per)], per_example=per, answers=answers,
+                      stopped=stopped or [True] * len(per), stop_rate=1.0, details={"failures": []},
+                      new_tokens=[3] * len(per))
 
 
 @pytest.fixture()
@@ -35,10 +36,10 @@ def result(tmp_path):
               "fewshot": _model([1, 1, 0, 0, 1, 0], ["yes", "no", "no", "yes", "yes", "maybe"]),
               "finetuned": _model([1, 1, 1, 1, 0, 0], ["yes", "no", "yes", "no", "no", "yes"],
                                   [True] * 5 + [False])}
-    reg = {m: {"rate": 0.5, "by_category": {"math": 0.5}, "per_example": [1.0, 0.0], "checks": [], "answers": []}
+    reg = {m: RegressionScore(rate=0.5, by_category={"math": 0.5}, per_example=[1.0, 0.0], checks=[], answers=[])
            for m in ("base", "finetuned")}
     r = assemble(run, RunConfig(), prompts, refs, models, reg, [])
-    r["decoding"] = {"max_new_tokens": 8}
+    r.decoding = {"max_new_tokens": 8}
     return r
 
 
@@ -51,7 +52,7 @@ def test_report_is_self_contained_with_every_section(result, tmp_path):
         assert f"id='{table}'" in html
     assert html.count("<tr class='win'>") == 3 and html.count("<tr class='loss'>") == 1
     assert "did not stop" in html and "few-shot base" in html
-    assert result["overfit"]["best_step"] == 6 and "overfit-verdict" in html
+    assert result.overfit["best_step"] == 6 and "overfit-verdict" in html
     assert '"learning_rate"' in html                                         # the run config
     json_path, html_path = write_outputs(result, tmp_path / "out")
     assert json.loads(json_path.read_text())["comparisons"]["finetuned_vs_base"]["n"] == 6
@@ -130,11 +131,11 @@ def test_chromium_screenshot_shows_plots_and_tables(result, tmp_path):
 def test_forgetting_warning_at_the_top_of_the_report(result):
     from loraforge.eval.forgetting import forgetting
 
-    assert result["forgetting"]["warning"] is None and "forgetting-warning" not in render_html(result)  # 50% -> 50%
-    result["forgetting"] = forgetting(0.33, 0.05)
+    assert result.forgetting["warning"] is None and "forgetting-warning" not in render_html(result)  # 50% -> 50%
+    result.forgetting = forgetting(0.33, 0.05)
     html = render_html(result)
-    assert result["forgetting"]["drop"] == pytest.approx(0.28) and "28 points lost" in result["forgetting"]["warning"]
-    assert "train.replay" in result["forgetting"]["warning"]
+    assert result.forgetting["drop"] == pytest.approx(0.28) and "28 points lost" in result.forgetting["warning"]
+    assert "train.replay" in result.forgetting["warning"]
     top = html.index("id='forgetting-warning'")
     assert top < html.index("<h2>")       # above every section
     assert forgetting(0.33, 0.29)["warning"] is None and forgetting(0.33, 0.27)["warning"] is not None  # > 5 points
@@ -142,6 +143,26 @@ def test_forgetting_warning_at_the_top_of_the_report(result):
 
 def test_validation_metric_curve_when_the_run_selected_by_it(result):
     assert "selected-step" not in render_html(result)
-    result["curves"]["val_metric"] = [[2, 0.4], [4, 0.7], [6, 0.6]]
+    result.curves["val_metric"] = [[2, 0.4], [4, 0.7], [6, 0.6]]
     html = render_html(result)
     assert html.count("<svg") == 3 and "adapter/ holds step 4" in html
+
+
+def test_eval_json_is_the_typed_result_field_for_field(result, tmp_path):
+    from loraforge.eval.results import StageError, VariantRow
+
+    saved = json.loads(write_outputs(result, tmp_path / "a")[0].read_text())
+    assert list(saved) == ["run_dir", "test", "metric", "n", "outcome_against", "models", "never_stopped",
+                           "comparisons", "examples", "regression", "overfit", "forgetting", "curves", "config",
+                           "errors", "created", "seconds", "resumed_rows", "decoding", "reference"]
+    assert saved["models"]["finetuned"] == {"value": pytest.approx(4 / 6), "ci": [0, 1], "stop_rate": 1.0,
+                                            "details": {"failures": []}}
+    assert saved["never_stopped"] == {"base": 0, "fewshot": 0, "finetuned": 1}
+    assert list(saved["regression"]["base"]) == ["rate", "by_category", "checks", "answers"]
+    result.errors = [StageError("judge", "TimeoutError: slow", "Traceback ...")]
+    result.variants = {"adapter": VariantRow(0.5, [0.2, 0.8], 1.0, agreement=1.0, answers=["yes"])}
+    saved = json.loads(write_outputs(result, tmp_path / "b")[0].read_text())
+    assert saved["errors"] == [{"stage": "judge", "error": "TimeoutError: slow", "traceback": "Traceback ..."}]
+    assert saved["variants"] == {"adapter": {"value": 0.5, "ci": [0.2, 0.8], "stop_rate": 1.0, "agreement": 1.0,
+                                             "vs_adapter": None, "answers": ["yes"]}}
+    assert list(saved)[-1] == "variants" and "judge" not in saved and saved == json.loads(json.dumps(result.to_json(), default=str))

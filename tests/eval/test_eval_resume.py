@@ -29,9 +29,9 @@ def _rows(path):
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def _same_numbers(a: dict, b: dict) -> None:
-    assert a["models"] == b["models"] and a["comparisons"] == b["comparisons"]
-    assert [e["answers"] for e in a["examples"]] == [e["answers"] for e in b["examples"]]
+def _same_numbers(a, b) -> None:
+    assert a.models == b.models and a.comparisons == b.comparisons
+    assert [e["answers"] for e in a.examples] == [e["answers"] for e in b.examples]
 
 
 def test_interrupted_then_resumed_equals_one_go(tiny_run, test_file, whole, tmp_path, monkeypatch):
@@ -56,7 +56,7 @@ def test_interrupted_then_resumed_equals_one_go(tiny_run, test_file, whole, tmp_
     with (out / "results.jsonl").open("a") as f:   # a line cut short by the kill
         f.write('{"model": "fewshot", "index": 1, "answ')
     r = evaluate_run(tiny_run, test=test_file, out=out, resume=True, **KW)
-    assert r["resumed_rows"] == 6                   # the base model's 3 full batches; few-shot batch 0 was partial
+    assert r.resumed_rows == 6                   # the base model's 3 full batches; few-shot batch 0 was partial
     _same_numbers(r, whole)
     rows = _rows_safe(out / "results.jsonl")
     assert len(rows) == len(kept) + 2 * 6              # the few-shot batch 0 again, then 2 more + 3 fine-tuned
@@ -65,7 +65,7 @@ def test_interrupted_then_resumed_equals_one_go(tiny_run, test_file, whole, tmp_
     assert sum(x["model"] == "base" for x in rows) == 6   # nothing generated twice for the base model
 
     again = evaluate_run(tiny_run, test=test_file, out=out, resume=True, **KW)
-    assert again["resumed_rows"] == 18 and again["models"] == whole["models"]
+    assert again.resumed_rows == 18 and again.models == whole.models
 
 
 def _rows_safe(path):
@@ -82,9 +82,9 @@ def test_other_settings_reuse_nothing(tiny_run, test_file, whole, tmp_path):
     out = tmp_path / "ev"
     evaluate_run(tiny_run, test=test_file, out=out, **KW)
     r = evaluate_run(tiny_run, test=test_file, out=out, resume=True, **{**KW, "batch_size": 3})
-    assert r["resumed_rows"] == 0
+    assert r.resumed_rows == 0
     r = evaluate_run(tiny_run, test=test_file, out=out, **KW)          # without --resume: starts afresh
-    assert r["resumed_rows"] == 0 and len(_rows(out / "results.jsonl")) == 18
+    assert r.resumed_rows == 0 and len(_rows(out / "results.jsonl")) == 18
 
 
 def test_cli_resume(tiny_run, test_file, tmp_path, capsys):
@@ -128,6 +128,6 @@ def test_sigterm_mid_eval_then_resume(tiny_run, tmp_path):
     done = len(_rows_safe(results))
     assert 10 <= done < 120
     r = evaluate_run(run, test=test, regression=False, fewshot=0, out=out, resume=True, log=lambda m: None)
-    assert r["resumed_rows"] == done
+    assert r.resumed_rows == done
     whole = evaluate_run(run, test=test, regression=False, fewshot=0, out=tmp_path / "whole", log=lambda m: None)
     _same_numbers(r, whole)

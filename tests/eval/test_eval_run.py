@@ -39,15 +39,15 @@ def test_three_models_same_prompts_streamed_and_scored(run_dir, tmp_path):
     for m in ("base", "fewshot", "finetuned"):
         assert sorted(x["index"] for x in rows if x["model"] == m) == list(range(5))
     assert {x["model"] for x in rows} >= {"regression:base", "regression:finetuned"}
-    assert set(r["models"]) == {"base", "fewshot", "finetuned"} and r["errors"] == []
-    for v in r["models"].values():
-        assert v["ci"][0] <= v["value"] <= v["ci"][1] and 0 <= v["stop_rate"] <= 1
-    assert set(r["comparisons"]) == {"finetuned_vs_base", "finetuned_vs_fewshot", "regression_finetuned_vs_base"}
-    assert r["decoding"]["do_sample"] is False and r["decoding"]["max_new_tokens"] == 4
+    assert set(r.models) == {"base", "fewshot", "finetuned"} and r.errors == []
+    for v in r.models.values():
+        assert v.ci[0] <= v.value <= v.ci[1] and 0 <= v.stop_rate <= 1
+    assert set(r.comparisons) == {"finetuned_vs_base", "finetuned_vs_fewshot", "regression_finetuned_vs_base"}
+    assert r.decoding["do_sample"] is False and r.decoding["max_new_tokens"] == 4
     # a random tiny model never reaches its end-of-turn token in 4 tokens: reported, not hidden
-    assert r["never_stopped"]["base"] == sum(not e["stopped"]["base"] for e in r["examples"]) > 0
-    assert {e["outcome"] for e in r["examples"]} <= {"win", "loss", "tie"}
-    assert r["overfit"]["best_step"] in (1, 2) and len(r["curves"]["train"]) == 2
+    assert r.never_stopped["base"] == sum(not e["stopped"]["base"] for e in r.examples) > 0
+    assert {e["outcome"] for e in r.examples} <= {"win", "loss", "tie"}
+    assert r.overfit["best_step"] in (1, 2) and len(r.curves["train"]) == 2
     assert json.loads((out / "eval.json").read_text())["n"] == 5
 
 
@@ -86,11 +86,11 @@ def test_unscorable_answers_are_per_example_failures(run_dir, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"The {t} is {c}." for t, c in zip(THINGS, COLORS)) + "\n")
     r = _eval_with(run_dir, tmp_path, metric="accuracy", labels=str(labels))
-    fails = r["models"]["finetuned"]["details"]["failures"]
-    assert r["errors"] == [] and len(fails) == 3 and "out of label set" in fails[0]["reason"]
+    fails = r.models["finetuned"].details["failures"]
+    assert r.errors == [] and len(fails) == 3 and "out of label set" in fails[0]["reason"]
     r = evaluate_run(run_dir, metric="json_valid", limit=2, regression=False, out=tmp_path / "j", log=lambda m: None)
     assert all("not JSON" in f["reason"] or "empty" in f["reason"]
-               for f in r["models"]["base"]["details"]["failures"])
+               for f in r.models["base"].details["failures"])
 
 
 def test_a_failing_stage_keeps_what_it_had(run_dir, tmp_path, monkeypatch):
@@ -102,8 +102,8 @@ def test_a_failing_stage_keeps_what_it_had(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(adapters, "load_adapter", broken)
     out = tmp_path / "broken"
     r = evaluate_run(run_dir, limit=2, regression=False, out=out, log=lambda m: None)
-    assert [e["stage"] for e in r["errors"]] == ["load adapter"] and "corrupt" in r["errors"][0]["error"]
-    assert set(r["models"]) == {"base", "fewshot"}
+    assert [e.stage for e in r.errors] == ["load adapter"] and "corrupt" in r.errors[0].error
+    assert set(r.models) == {"base", "fewshot"}
     assert {x["model"] for x in _rows(out / "results.jsonl")} == {"base", "fewshot"}
     assert "adapter file is corrupt" in (out / "report.html").read_text()
 

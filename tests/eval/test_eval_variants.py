@@ -34,32 +34,32 @@ def result(tiny_run, test_file, tmp_path_factory):
 
 def test_one_row_per_variant_against_the_adapter(result):
     r, out = result
-    assert r["errors"] == [] and list(r["variants"]) == KINDS
-    var = r["variants"]
+    assert r.errors == [] and list(r.variants) == KINDS
+    var = r.variants
     adapter = var["adapter"]
-    assert adapter["answers"] == [e["answers"]["finetuned"] for e in r["examples"]]   # adapter = the fine-tuned row
-    assert adapter["agreement"] == 1.0 and adapter["vs_adapter"] is None
+    assert adapter.answers == [e["answers"]["finetuned"] for e in r.examples]   # adapter = the fine-tuned row
+    assert adapter.agreement == 1.0 and adapter.vs_adapter is None
     for kind in KINDS[1:]:
         v = var[kind]
-        same = sum(a == b for a, b in zip(v["answers"], adapter["answers"]))
-        assert v["agreement"] == pytest.approx(same / 8)
-        assert v["ci"][0] <= v["value"] <= v["ci"][1] and 0 <= v["stop_rate"] <= 1
-        c = v["vs_adapter"]
-        assert c["n"] == 8 and c["diff"] == pytest.approx(v["value"] - adapter["value"])
+        same = sum(a == b for a, b in zip(v.answers, adapter.answers))
+        assert v.agreement == pytest.approx(same / 8)
+        assert v.ci[0] <= v.value <= v.ci[1] and 0 <= v.stop_rate <= 1
+        c = v.vs_adapter
+        assert c["n"] == 8 and c["diff"] == pytest.approx(v.value - adapter.value)
         assert c["ci"][0] <= c["diff"] <= c["ci"][1] + 1e-12
     # ROUGE-L against the references moves with the answers: a variant's score differs where its answers do
     for kind in KINDS[1:]:
         v = var[kind]
-        diffs = [a != b for a, b in zip(v["answers"], adapter["answers"])]
+        diffs = [a != b for a, b in zip(v.answers, adapter.answers)]
         if not any(diffs):
-            assert v["value"] == adapter["value"] and v["vs_adapter"]["p_bootstrap"] == 1.0
-    assert var["gguf-q4_k_m"]["vs_adapter"]["diff"] != 0.0
+            assert v.value == adapter.value and v.vs_adapter["p_bootstrap"] == 1.0
+    assert var["gguf-q4_k_m"].vs_adapter["diff"] != 0.0
     # f16 GGUF in llama.cpp follows the float32 adapter closely on the tiny model (same template, greedy)
-    assert var["gguf-f16"]["agreement"] >= 0.75
+    assert var["gguf-f16"].agreement >= 0.75
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     for kind in KINDS[1:]:
         got = {x["index"]: x["answer"] for x in rows if x["model"] == f"serve-as:{kind}"}
-        assert got == dict(enumerate(var[kind]["answers"]))
+        assert got == dict(enumerate(var[kind].answers))
     assert (out / "serve-as" / "gguf-q8_0" / "Modelfile").is_file()
     html = (out / "report.html").read_text()
     assert "id='variants-table'" in html and all(f"<td>{k}</td>" in html for k in KINDS)
@@ -72,8 +72,8 @@ def test_resumed_variants_are_not_exported_again(tiny_run, test_file, result):
     shutil.rmtree(out / "serve-as")
     again = evaluate_run(tiny_run, test=test_file, serve_as="gguf-q8_0", run_base=False, regression=False,
                          metric="rouge_l", out=out, resume=True, log=lambda m: None)
-    assert again["resumed_rows"] == 16 and not (out / "serve-as").exists()
-    assert again["variants"]["gguf-q8_0"] == r["variants"]["gguf-q8_0"]
+    assert again.resumed_rows == 16 and not (out / "serve-as").exists()
+    assert again.variants["gguf-q8_0"] == r.variants["gguf-q8_0"]
 
 
 def test_nf4_on_cpu_and_unknown_variants_are_one_error(tiny_run, test_file, tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_eval_warns_when_the_regression_rate_falls(run_dir, tmp_path, monkeypatc
     _scripted_rates(monkeypatch, 3, tuned)  # 3/6 = 50%; 2/6 = 33% (17 points lost) warns, 3/6 does not
     said: list[str] = []
     r = evaluate_run(run_dir, run_base=False, limit=1, out=tmp_path / "ev", log=said.append)
-    f = r["forgetting"]
+    f = r.forgetting
     assert f["base"] == pytest.approx(3 / 6) and f["finetuned"] == pytest.approx(tuned / 6)
     assert (f["warning"] is not None) == warned
     assert any(m.startswith("warning: forgetting") for m in said) == warned

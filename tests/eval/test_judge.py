@@ -19,7 +19,7 @@ import pytest
 from judge_helpers import send_reply
 
 from loraforge.errors import LoraforgeError
-from loraforge.eval.judge import (
+from loraforge.eval.llm_judge import (
     JudgeClient,
     PairwiseResult,
     combine_swapped,

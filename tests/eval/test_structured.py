@@ -98,16 +98,16 @@ def test_eval_reports_plain_and_constrained(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run", test=str(data), metric="accuracy", labels=str(labels),
                    max_new_tokens=16, run_base=False, regression=False)
     r = evaluate_run(run, log=lambda m: None)
-    assert set(r["models"]) == {"finetuned", "finetuned_constrained"} and r["errors"] == []
-    tuned, con = r["models"]["finetuned"], r["models"]["finetuned_constrained"]
-    assert con["details"]["valid_rate"] == 1.0 and con["details"]["out_of_label_set"] == 0
-    assert tuned["details"]["valid_rate"] == 1 - tuned["details"]["out_of_label_set"] / 6
-    assert "finetuned_constrained_vs_finetuned" in r["comparisons"]
-    assert r["decoding"]["constrained"].startswith("one of")
+    assert set(r.models) == {"finetuned", "finetuned_constrained"} and r.errors == []
+    tuned, con = r.models["finetuned"], r.models["finetuned_constrained"]
+    assert con.details["valid_rate"] == 1.0 and con.details["out_of_label_set"] == 0
+    assert tuned.details["valid_rate"] == 1 - tuned.details["out_of_label_set"] / 6
+    assert "finetuned_constrained_vs_finetuned" in r.comparisons
+    assert r.decoding["constrained"].startswith("one of")
     html = (run / "eval" / "report.html").read_text()
     assert "structured decoding" in html and "100.0%" in html
     off = evaluate_run(run, constrained="off", out=tmp_path / "off", log=lambda m: None)
-    assert set(off["models"]) == {"finetuned"} and off["decoding"]["constrained"] == "off"
+    assert set(off.models) == {"finetuned"} and off.decoding["constrained"] == "off"
 
 
 def test_generate_cli_with_labels_and_schema(tiny_run, tmp_path, capsys):

@@ -49,34 +49,34 @@ def test_serve_as_adapter_merged_nf4(cuda_run, tmp_path):
     out = tmp_path / "eval"
     r = evaluate_run(cuda_run, test=test, serve_as="adapter,merged,nf4", run_base=False, regression=False,
                      out=out, log=lambda m: None)
-    assert r["errors"] == [], r["errors"]
-    assert r["n"] == N and list(r["variants"]) == KINDS
-    var = r["variants"]
+    assert r.errors == [], r.errors
+    assert r.n == N and list(r.variants) == KINDS
+    var = r.variants
     ad = var["adapter"]
-    assert ad["answers"] == [e["answers"]["finetuned"] for e in r["examples"]]    # adapter = the fine-tuned row
-    assert ad["agreement"] == 1.0 and ad["vs_adapter"] is None
-    assert ad["value"] >= 0.5, ad["answers"]                  # the run learnt (exact match on its own questions)
+    assert ad.answers == [e["answers"]["finetuned"] for e in r.examples]    # adapter = the fine-tuned row
+    assert ad.agreement == 1.0 and ad.vs_adapter is None
+    assert ad.value >= 0.5, ad.answers                  # the run learnt (exact match on its own questions)
     for kind in KINDS:
         v = var[kind]
-        assert len(v["answers"]) == N
-        assert v["ci"][0] <= v["value"] <= v["ci"][1] and 0 <= v["stop_rate"] <= 1
+        assert len(v.answers) == N
+        assert v.ci[0] <= v.value <= v.ci[1] and 0 <= v.stop_rate <= 1
         if kind == "adapter":
             continue
-        same = sum(a == b for a, b in zip(v["answers"], ad["answers"]))
-        assert v["agreement"] == pytest.approx(same / N)
-        c = v["vs_adapter"]
-        assert c["n"] == N and c["diff"] == pytest.approx(v["value"] - ad["value"])
-    assert var["merged"]["agreement"] >= 0.9, (var["merged"]["answers"], ad["answers"])   # 16-bit merge
-    nf4 = var["nf4"]["agreement"]
+        same = sum(a == b for a, b in zip(v.answers, ad.answers))
+        assert v.agreement == pytest.approx(same / N)
+        c = v.vs_adapter
+        assert c["n"] == N and c["diff"] == pytest.approx(v.value - ad.value)
+    assert var["merged"].agreement >= 0.9, (var["merged"].answers, ad.answers)   # 16-bit merge
+    nf4 = var["nf4"].agreement
     assert isinstance(nf4, float) and 0.0 <= nf4 <= 1.0
 
     # every variant's answers were streamed to results.jsonl, and eval.json carries the same rows
     streamed = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     for kind in KINDS[1:]:
         got = {x["index"]: x["answer"] for x in streamed if x.get("model") == f"serve-as:{kind}"}
-        assert got == dict(enumerate(var[kind]["answers"]))
+        assert got == dict(enumerate(var[kind].answers))
     saved = json.loads((out / "eval.json").read_text())["variants"]
-    assert {k: saved[k]["agreement"] for k in KINDS} == {k: var[k]["agreement"] for k in KINDS}
+    assert {k: saved[k]["agreement"] for k in KINDS} == {k: var[k].agreement for k in KINDS}
 
     # the nf4 variant's model: every decoder linear is a bitsandbytes Linear4bit holding packed NF4 bytes
     import bitsandbytes as bnb
@@ -97,7 +97,7 @@ def test_serve_as_adapter_merged_nf4(cuda_run, tmp_path):
     tok = load_tokenizer(resolve_base(cfg.base_model))
     again = generate_batch(model, tok, [row["messages"][:1] for row in rows], max_new_tokens=cfg.eval.max_new_tokens,
                            batch_size=cfg.eval.batch_size)
-    assert [g.text for g in again] == var["nf4"]["answers"]
+    assert [g.text for g in again] == var["nf4"].answers
 
     # with CUDA and bitsandbytes present, an evaluation on the CPU device still refuses nf4 with the one error
     with pytest.raises(LoraforgeError, match="needs CUDA \\+ bitsandbytes; this evaluation runs on the CPU"):

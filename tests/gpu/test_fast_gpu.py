@@ -342,3 +342,38 @@ def test_cuda_graphs_with_dropout_replay_the_eager_steps(ckpt):
     g = graphed.graphs.current
     assert g.failed is None and g.fwd is not None and g.eager is False
     assert len(set(losses)) == 4   # fresh masks every step
+
+
+@pytest.mark.parametrize("ckpt", [True, False], ids=["checkpointed", "no-checkpointing"])
+def test_graph_set_shapes_share_one_pool_and_replay_the_eager_steps(ckpt):
+    """Three batch shapes, each captured (GraphSet), all in one memory pool: steps that alternate between
+    them, and a step whose gradient is accumulated over micro-batches of two shapes, give the eager path's
+    losses and gradients."""
+    model = _small_llama(False)
+    full = _batch()
+    shapes = [full, {k: v[:, :120] for k, v in full.items()}, {k: v[:, :160] for k, v in full.items()}]
+    eager = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="off")
+    graphed = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="on")
+    for step in range(9):
+        batch = shapes[step % 3]
+        ref = _grads(model, eager, batch)
+        got = _grads(model, graphed, batch)
+        assert got[0] == pytest.approx(ref[0], rel=1e-3), step
+        for k in ref[1]:
+            assert rel(got[1][k], ref[1][k]) < 1e-2, (step, k)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.mul_(1.05)
+    sets = graphed.graphs.by_key.values()
+    assert len(sets) == 3 and all(g.fwd is not None and g.bwd is not None and g.failed is None for g in sets)
+    assert len({g.fwd.pool() for g in sets}) == 1
+    grads = {}
+    for parts in (eager, graphed):
+        model.zero_grad(set_to_none=True)
+        for batch in (shapes[0], shapes[1], shapes[0]):
+            with torch.autocast("cuda", dtype=BF16):
+                s, n = loss_sum(model, batch, parts)
+            (s / n).backward()
+        grads[parts is graphed] = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+    for k in grads[False]:
+        assert rel(grads[True][k], grads[False][k]) < 1e-2, k

@@ -158,3 +158,28 @@ def test_fsdp_shards_an_untied_embedding_and_head_as_groups_of_their_own(tmp_pat
     cfg = _write(tmp_path / "fsdp.yaml", _tree(untied, data, tmp_path / "two", max_steps=4, distributed="fsdp"))
     _gpus2(cfg)
     assert_same_curve(metrics_rows(tmp_path / "two"), metrics_rows(tmp_path / "one"))
+
+
+def test_a_deliberate_stop_under_gpus_n_exits_3_and_resumes(tiny_model, reference, tmp_path):
+    """SIGTERM to `loraforge train --gpus 2` reaches both workers, which checkpoint and stop: the command exits 3
+    (stopped on purpose, resumable), not torchrun's own 1, and --resume continues from the checkpoint."""
+    root, data, _ = reference
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "long.yaml", _tree(tiny_model, data, out, epochs=400, save_every=1000))
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg), "--gpus", "2"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics_rows(out)) >= 3):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 3, log[-3000:]
+    saved = list_checkpoints(out / "checkpoints")
+    assert saved, log[-3000:]
+    assert "Traceback" not in log and log.count("stopped: SIGTERM received") >= 1
+    cont = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg), "--gpus", "2", "--resume",
+                           "--resume-with-changes", "train.max_steps=10"], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert cont.returncode == 0, cont.stdout + cont.stderr[-3000:]
+    assert f"resuming from {saved[-1]}" in cont.stdout + cont.stderr

@@ -54,3 +54,29 @@ def test_packed_run_trains_on_fewer_rows(tiny_model, tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == res.summary["steps"] == 3 * -(-report["packed_rows"] // 2)
     assert metrics[-1]["loss"] < 0.7 * metrics[0]["loss"]
+
+
+def test_validation_batches_fill_a_packed_step_and_keep_every_example_once():
+    from loraforge.train.loop import validation_batches
+
+    lengths = [50, 7, 300, 120, 120, 33, 90, 260, 15, 64]
+    plain = validation_batches(lengths, 3)
+    assert [len(b) for b in plain] == [3, 3, 3, 1]
+    budget = validation_batches(lengths, 1, max_tokens=512)
+    assert sorted(i for b in budget for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 512 for b in budget if len(b) > 1)
+    assert len(budget) < len(lengths) / 2
+    assert [lengths[b[0]] for b in budget] == sorted(lengths[b[0]] for b in budget)
+
+
+def test_packed_validation_loss_equals_one_example_at_a_time(tiny_model):
+    from loraforge.train.loop import evaluate_loss
+
+    model, tok, _ = load_base(str(tiny_model))
+    model = attach_adapter(model, LoraSection(r=4, alpha=8, dropout=0.0))
+    items = [tokenize_example(tok, Example(r["messages"], f"r{i}"), "assistant")
+             for i, r in enumerate(chat_rows(11))]
+    one = evaluate_loss(model, items, 1, tok.pad_token_id, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    filled = evaluate_loss(model, items, 1, tok.pad_token_id, torch.device("cpu"),
+                           lambda: torch.autocast("cpu", enabled=False), max_tokens=400)
+    assert filled == pytest.approx(one, rel=1e-5)

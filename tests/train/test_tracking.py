@@ -152,7 +152,7 @@ def test_eval_adds_scores_and_report_to_the_tracked_run(tiny_model, tmp_path):
     run_training(build_config(tree))
     r = evaluate_run(tmp_path / "run", run_base=False, regression=False, log=lambda m: None)
     got = tensorboard_history(tmp_path / "run" / "tensorboard")
-    assert got["eval/finetuned_exact_match"] == [(2, pytest.approx(r["models"]["finetuned"]["value"]))]
+    assert got["eval/finetuned_exact_match"] == [(2, pytest.approx(r.models["finetuned"].value))]
     _assert_same(got, metrics_rows(tmp_path / "run"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

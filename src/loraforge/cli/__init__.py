@@ -159,6 +159,14 @@ def plan(
     strategy: Annotated[Optional[str], typer.Option(help="ddp | fsdp: replicate or shard over the GPUs.")] = None,
     fast_path: Annotated[Optional[bool], typer.Option(help="The trainer's fused Llama-family path (default: on, "
                                                           "as model.fast_path auto on a GPU).")] = None,
+    objective: Annotated[Optional[str], typer.Option(help="sft | dpo | orpo | simpo | kto | grpo (default: the "
+                                                           "config's); --seq is one row: a pair's side.")] = None,
+    num_generations: Annotated[Optional[int], typer.Option(help="grpo: completions per prompt, G.")] = None,
+    completion_length: Annotated[Optional[int], typer.Option(help="grpo: longest completion in tokens.")] = None,
+    prompt_length: Annotated[Optional[int], typer.Option(help="grpo: prompt tokens (seq = prompt + completion).")] \
+        = None,
+    reference: Annotated[Optional[bool], typer.Option(help="A no-grad reference forward (dpo/kto: on; grpo: "
+                                                           "on with a KL term).")] = None,
     examples: Annotated[Optional[int], typer.Option(help="Training examples (default: from data.train).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the examples.")] = None,
     avg_tokens: Annotated[Optional[int], typer.Option(help="Average tokens per example.")] = None,
@@ -174,7 +182,8 @@ def plan(
         load_config(config), model=model, method=method, seq=seq, batch=batch, grad_accum=grad_accum, rank=rank,
         targets=None if targets is None else tuple(targets.split(",")), gradient_checkpointing=gradient_checkpointing,
         optimizer=optimizer, packing=packing, offload=offload, examples=examples, epochs=epochs, avg_tokens=avg_tokens,
-        gpus=gpus, strategy=strategy, fast_path=fast_path,
+        gpus=gpus, strategy=strategy, fast_path=fast_path, objective=objective, generations=num_generations,
+        completion=completion_length, prompt_length=prompt_length, reference=reference,
     )
     report = plan_run(inputs, gpu=gpu, prices_file=prices)
     if json_out:
@@ -291,25 +300,25 @@ def eval_run(
                           run_base=False if no_base else None, regression=regression, out=out, resume=resume,
                           judge_url=judge_url, judge_model=judge_model, reference=reference, serve_as=serve_as,
                           constrained=constrained, log=lambda m: typer.echo(m, err=True))
-    for name, v in result["models"].items():
-        ok = v["details"].get("valid_rate")
-        typer.echo(f"{name:10s} {result['metric']} = {v['value']:.4f}  95% CI [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]"
+    for name, v in result.models.items():
+        ok = v.details.get("valid_rate")
+        typer.echo(f"{name:10s} {result.metric} = {v.value:.4f}  95% CI [{v.ci[0]:.4f}, {v.ci[1]:.4f}]"
                    + ("" if ok is None else f"  valid answers {ok:.1%}"))
-    for name, c in result["comparisons"].items():
+    for name, c in result.comparisons.items():
         typer.echo(f"{name}: diff {c['diff']:+.4f}, p = {c['p_bootstrap']:.4g}")
-    if result.get("judge") and result["judge"].get("pairwise"):
-        pw = result["judge"]["pairwise"]
+    if result.judge and result.judge.get("pairwise"):
+        pw = result.judge["pairwise"]
         typer.echo(f"judge: finetuned vs {pw['b']}: win {pw['win']:.0%} tie {pw['tie']:.0%} loss {pw['loss']:.0%} "
                    f"({pw['errors']} errors)")
-    for kind, v in (result.get("variants") or {}).items():
-        typer.echo(f"served as {kind:12s} {result['metric']} = {v['value']:.4f}, same answers as adapter: "
-                   f"{v['agreement']:.0%}")
-    typer.echo(f"overfitting: {result['overfit']['status']}")
+    for kind, v in (result.variants or {}).items():
+        typer.echo(f"served as {kind:12s} {result.metric} = {v.value:.4f}, same answers as adapter: "
+                   f"{v.agreement:.0%}")
+    typer.echo(f"overfitting: {result.overfit['status']}")
     folder = Path(out) if out else Path(run_dir) / "eval"
     typer.echo(f"report: {folder / 'report.html'}")
-    for e in result["errors"]:
-        typer.echo(f"error in {e['stage']}: {e['error']}", err=True)
-    if result["errors"]:
+    for e in result.errors:
+        typer.echo(f"error in {e.stage}: {e.error}", err=True)
+    if result.errors:
         raise typer.Exit(1)
 
 
@@ -335,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
     except LoraforgeError as e:
         err.print(Text(f"{e.label}: ", style=STYLES.get(e.exit_code, "bold")) + Text(str(e)))
-        return e.exit_code
+        from loraforge.train.distributed import record_exit_code
+
+        return record_exit_code(e.exit_code)   # under `--gpus N`, for the launcher (torchrun's own code is 1)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         return int(code or 0)

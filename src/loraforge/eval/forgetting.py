@@ -21,7 +21,7 @@ REGRESSION_TOKENS = 128
 def regression_rate(model, tokenizer, *, batch_size: int = 32, max_new_tokens: int = REGRESSION_TOKENS,
                     progress=None) -> tuple[RegressionResult, list[str]]:
     """The regression set answered greedily (no system prompt) and scored; with the answers."""
-    from loraforge.eval.generate import build_messages, generate_batch
+    from loraforge.eval.generate import build_messages, generate_batch  # torch; eval.run imports forgetting() early
 
     prompts = load_prompts()
     gens = generate_batch(model, tokenizer, [build_messages(p.prompt, None) for p in prompts],

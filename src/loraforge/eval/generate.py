@@ -11,11 +11,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Thread
+
+import yaml
 
 from loraforge.data.templates import prompt_text
 from loraforge.errors import LoraforgeError
+from loraforge.eval.structured import GrammarLogitsProcessor, compile_structure
+from loraforge.model.adapters import load_adapter
 from loraforge.model.attention import decode_attention
 from loraforge.model.decode import END_OF_TURN, stop_token_ids
+from loraforge.model.load import load_base, pick_device
 
 __all__ = ["END_OF_TURN", "Generation", "InferenceHandle", "build_messages", "generate_batch", "stop_token_ids"]
 
@@ -62,9 +68,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new
                             add_special_tokens=False).to(device)
             extra = {}
             if grammar is not None:
-                from transformers import LogitsProcessorList
-
-                from loraforge.eval.structured import GrammarLogitsProcessor
+                from transformers import LogitsProcessorList  # lazy: transformers' generation utils take ~1 s
 
                 states = [grammar.start() for _ in idx]
                 extra["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor(states)])
@@ -89,11 +93,6 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new
 
 def load_for_inference(name: str) -> InferenceHandle:
     """A run folder (base + its adapter), an adapter folder, or a bare base model."""
-    import yaml
-
-    from loraforge.model.adapters import load_adapter
-    from loraforge.model.load import load_base, pick_device
-
     path = Path(name)
     device = pick_device("auto")
     run_cfg = path / "config.yaml"
@@ -120,8 +119,6 @@ def generate_answers(handle: InferenceHandle, prompts: list[str], *, system: str
     convs = [build_messages(p, system or handle.system) for p in prompts]
     grammar = None
     if structure is not None:
-        from loraforge.eval.structured import compile_structure
-
         grammar = compile_structure(handle.tokenizer, structure, stop_token_ids(handle.tokenizer, handle.model))
     return [g.text for g in generate_batch(handle.model, handle.tokenizer, convs, max_new_tokens=max_new_tokens,
                                            grammar=grammar)]
@@ -129,9 +126,7 @@ def generate_answers(handle: InferenceHandle, prompts: list[str], *, system: str
 
 def chat_loop(handle: InferenceHandle, *, system: str | None = None, max_new_tokens: int = 256) -> None:
     """Interactive chat; answers stream token by token. Empty line or Ctrl-D ends it."""
-    from threading import Thread
-
-    from transformers import TextIteratorStreamer
+    from transformers import TextIteratorStreamer  # lazy, as LogitsProcessorList above
 
     tok, model = handle.tokenizer, handle.model
     system = system or handle.system

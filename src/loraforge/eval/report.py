@@ -1,7 +1,7 @@
 """The per-run evaluation report: one self-contained HTML file (inline CSS and SVG, no scripts, no CDN).
 
     from loraforge.eval.report import render_html
-    html = render_html(eval_json_dict)         # loraforge.eval.run writes it as eval/report.html
+    html = render_html(result)   # an EvalResult or a saved eval.json tree; eval.run writes eval/report.html
 
 Sections: loss curves (train + validation) with the overfitting verdict, the metric table (base,
 few-shot base, fine-tuned, each with its 95% bootstrap interval, plus a published reference result when
@@ -17,6 +17,7 @@ from html import escape
 from typing import Any
 
 from loraforge.eval.charts import Series, line_chart
+from loraforge.eval.results import EvalResult
 
 LABELS = {"base": "base", "fewshot": "few-shot base", "finetuned": "fine-tuned",
           "finetuned_constrained": "fine-tuned, structured decoding"}
@@ -252,8 +253,10 @@ def _forgetting_banner(r: dict) -> str:
         else ""
 
 
-def render_html(r: dict) -> str:
-    """The whole report as one HTML string; reads only the eval.json dict."""
+def render_html(r: dict | EvalResult) -> str:
+    """The whole report as one HTML string, from an EvalResult or the eval.json tree it is saved as (so a
+    saved eval.json can be rendered again)."""
+    r = r.to_json() if isinstance(r, EvalResult) else r
     errors = "".join(f"<li class='err'>{escape(e['stage'])}: {escape(e['error'])}</li>" for e in r.get("errors", []))
     never = ", ".join(f"{LABELS.get(m, m)}: {n}" for m, n in r.get("never_stopped", {}).items())
     return f"""<!DOCTYPE html>

@@ -19,10 +19,14 @@ keys come in the schema's `properties` order. `mask_logits` applies a batch of s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from loraforge.errors import LoraforgeError
+from loraforge.eval.metrics import parse_json
+from loraforge.eval.task import read_labels
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _TOKENIZERS: dict[int, tuple] = {}  # id(hf tokenizer) -> (hf tokenizer, LLTokenizer, stop ids)
@@ -45,7 +49,7 @@ class Structure:
 
 def _llguidance():
     try:
-        import llguidance
+        import llguidance  # the optional extra loraforge[structured]
         import llguidance.hf  # noqa: F401
     except ImportError:
         raise LoraforgeError("structured decoding needs the `llguidance` package, which is not installed",
@@ -103,7 +107,7 @@ class State:
     """One answer's place in its grammar."""
 
     def __init__(self, matcher, vocab: int, stops: frozenset[int]):
-        import torch
+        import torch  # lazy in this module: eval's request checks (eval_structure, valid) run before torch loads
 
         self.matcher, self.vocab, self.stops = matcher, vocab, stops
         self.words = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
@@ -137,7 +141,7 @@ class State:
 def unpack(words, vocab: int):
     """(rows, vocab/32) int32 bitmask (token t is bit t % 32 of word t // 32) -> (rows, vocab) bool."""
     import numpy as np
-    import torch
+    import torch  # lazy, as in State
 
     bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")  # little-endian int32 words
     return torch.from_numpy(bits[:, :vocab].view(np.bool_))
@@ -146,7 +150,7 @@ def unpack(words, vocab: int):
 def mask_logits(logits, states: list[State | None]) -> None:
     """Set to -inf, in place, every logit a row's grammar forbids; rows whose state is None are left alone.
     Logits beyond the tokenizer's vocabulary (padding rows of the embedding) are forbidden too."""
-    import torch
+    import torch  # lazy, as in State
 
     rows = [i for i, s in enumerate(states) if s is not None]
     if not rows:
@@ -189,8 +193,6 @@ class GrammarLogitsProcessor:
 
 
 def installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("llguidance") is not None
 
 
@@ -202,8 +204,6 @@ def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
         return None, "off"
     structure = None
     if opts.get("labels") or ec.labels:
-        from loraforge.eval.run import read_labels
-
         structure = Structure(labels=tuple(opts.get("labels") or read_labels(ec.labels)))
     elif ec.schema_file:
         structure = Structure(schema=opts.get("schema") or _read_schema(ec.schema_file))
@@ -222,8 +222,6 @@ def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
 
 
 def _read_schema(path: str) -> dict:
-    from pathlib import Path
-
     try:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -241,10 +239,8 @@ def valid(answers: list[str], structure: Structure) -> list[float]:
     if structure.labels is not None:
         labels = set(structure.labels)
         return [float(a.strip() in labels) for a in answers]
-    from loraforge.eval.metrics import parse_json
-
     try:
-        import jsonschema
+        import jsonschema  # the optional extra loraforge[eval]
 
         check = jsonschema.validators.validator_for(structure.schema)(structure.schema).is_valid
     except ImportError:
@@ -265,7 +261,5 @@ def cli_structure(labels, schema) -> Structure | None:
         return None
     _llguidance()
     if labels:
-        from loraforge.eval.run import read_labels
-
         return Structure(labels=tuple(read_labels(labels)))
     return Structure(schema=_read_schema(str(schema)))

@@ -12,13 +12,14 @@ names: label set, schema, pattern), checked here before any model is loaded.
 from __future__ import annotations
 
 from loraforge.config import RunConfig
+from loraforge.eval.generate import generate_batch
+from loraforge.eval.metrics import score as score_metric
+from loraforge.eval.task import metric_options
 from loraforge.train.selection import TaskTools
 
 
 def task_tools(cfg: RunConfig, observe=None) -> TaskTools:
     """Generation for replay and validation; the metric's scorer when train.select_by=metric (or `observe`)."""
-    from loraforge.eval.generate import generate_batch
-
     ec = cfg.eval
 
     def generate(model, tokenizer, conversations, max_new_tokens):
@@ -27,9 +28,6 @@ def task_tools(cfg: RunConfig, observe=None) -> TaskTools:
 
     score = None
     if cfg.train.select_by == "metric":
-        from loraforge.eval.metrics import score as score_metric
-        from loraforge.eval.run import metric_options
-
         opts = metric_options(cfg)  # a missing label set or schema is an error now, not after training
 
         def score(answers: list[str], references: list) -> float:

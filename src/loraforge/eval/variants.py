@@ -22,7 +22,20 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from loraforge.data.templates import prompt_text
 from loraforge.errors import LoraforgeError
+from loraforge.eval.generate import Generation, generate_batch
+from loraforge.eval.results import ModelScore, VariantRow
+from loraforge.eval.stats import paired_test
+from loraforge.export.gguf import require_llama_cpp
+from loraforge.export.merge import merged_model
+from loraforge.export.pipeline import export_gguf
+from loraforge.model.adapters import load_adapter
+from loraforge.model.load import resolve_base
+from loraforge.train.run_files import RunFiles
 
 KINDS = ("adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "nf4")
 GenFn = Callable[[list, int], list]
@@ -48,15 +61,11 @@ def check_kinds(kinds: list[str] | str | None, device: str) -> list[str]:
             raise LoraforgeError("serving variant nf4 needs CUDA + bitsandbytes, which is not installed",
                                  hint="pip install bitsandbytes") from None
     if any(k.startswith("gguf-") for k in wanted):
-        from loraforge.export.gguf import require_llama_cpp
-
         require_llama_cpp()
     return ["adapter"] + [k for k in dict.fromkeys(wanted) if k != "adapter"]
 
 
 def _hf_generator(model, tok, batch_size: int) -> GenFn:
-    from loraforge.eval.generate import generate_batch
-
     return lambda convs, n: generate_batch(model, tok, convs, max_new_tokens=n, batch_size=batch_size)
 
 
@@ -67,7 +76,7 @@ class GgufGenerator:
         self.path, self.tok, self.threads, self.llm, self.n_ctx = Path(path), tokenizer, threads, None, 0
 
     def _load(self, n_ctx: int):
-        from llama_cpp import Llama
+        from llama_cpp import Llama  # an optional extra (llama-cpp-python), needed only for gguf-* variants
 
         if self.llm is None or n_ctx > self.n_ctx:
             self.close()
@@ -79,10 +88,7 @@ class GgufGenerator:
     def __call__(self, convs: list, max_new_tokens: int) -> list:
         """Greedy (top_k=1, no penalties) to an end-of-generation token; the new token ids are decoded by the
         same Hugging Face tokenizer as the other variants, so equal tokens give equal text."""
-        import llama_cpp
-
-        from loraforge.data.templates import prompt_text
-        from loraforge.eval.generate import Generation
+        import llama_cpp  # an optional extra, as in _load
 
         ids = [self.tok(prompt_text(self.tok, c), add_special_tokens=False)["input_ids"] for c in convs]
         llm = self._load(max(len(x) for x in ids) + max_new_tokens + 8)
@@ -106,37 +112,26 @@ class GgufGenerator:
             self.llm = None
 
 
-def _nf4_model(cfg, run_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from loraforge.model.adapters import load_adapter
-    from loraforge.model.load import resolve_base
+def _nf4_model(cfg, adapter_dir: Path):
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(resolve_base(cfg.base_model), quantization_config=q,
                                                 dtype=torch.bfloat16, device_map={"": 0})
-    return load_adapter(base, run_dir / "adapter")
+    return load_adapter(base, adapter_dir)
 
 
-def variant_generator(kind: str, run_dir: Path, cfg, tok, device: str, out_dir: Path,
+def variant_generator(kind: str, files: RunFiles, cfg, tok, device: str, out_dir: Path,
                       batch_size: int) -> tuple[GenFn, Callable[[], None]]:
     """(generate(conversations, max_new_tokens), close()) for one serving variant other than `adapter`."""
-    import torch
-
     if kind == "merged":
-        from loraforge.export.merge import merged_model
-
-        model = merged_model(run_dir).model.to(device=device, dtype=torch.bfloat16)
+        model = merged_model(files).model.to(device=device, dtype=torch.bfloat16)
         return _hf_generator(model, tok, batch_size), lambda: None
     if kind == "nf4":
-        return _hf_generator(_nf4_model(cfg, run_dir), tok, batch_size), lambda: None
+        return _hf_generator(_nf4_model(cfg, files.adapter_dir), tok, batch_size), lambda: None
     if kind.startswith("gguf-"):
-        from loraforge.export.pipeline import export_gguf
-
         quant = kind.removeprefix("gguf-")
-        res = export_gguf(run_dir, out_dir / "serve-as" / kind, quant=quant, overwrite=True)
+        res = export_gguf(files, out_dir / "serve-as" / kind, quant=quant, overwrite=True)
         gen = GgufGenerator(res.model_file, tok, threads=torch.get_num_threads())
         return gen, gen.close
     raise LoraforgeError(f"unknown serving variant {kind}", hint=f"use {', '.join(KINDS)}")
@@ -144,27 +139,21 @@ def variant_generator(kind: str, run_dir: Path, cfg, tok, device: str, out_dir: 
 
 def release() -> None:
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def compare_variants(scored: dict[str, dict], seed: int) -> dict[str, dict]:
-    """One row per variant: value, CI, stop rate, agreement with the adapter's answers, paired test vs adapter."""
-    from loraforge.eval.stats import paired_test
-
+def compare_variants(scored: dict[str, ModelScore], seed: int) -> dict[str, VariantRow]:
+    """One row per variant: value, CI, stop rate, agreement with the adapter's answers, paired test vs adapter,
+    and its answers."""
     ref = scored.get("adapter")
     rows = {}
     for kind, s in scored.items():
-        row = {"value": s["value"], "ci": s["ci"], "stop_rate": s["stop_rate"], "agreement": None, "vs_adapter": None}
+        row = VariantRow(s.value, s.ci, s.stop_rate, answers=s.answers)
         if ref is not None:
-            same = [a == b for a, b in zip(s["answers"], ref["answers"], strict=True)]
-            row["agreement"] = sum(same) / len(same)
+            same = [a == b for a, b in zip(s.answers, ref.answers, strict=True)]
+            row.agreement = sum(same) / len(same)
             if kind != "adapter":
-                row["vs_adapter"] = asdict(paired_test(s["per_example"], ref["per_example"], seed=seed))
+                row.vs_adapter = asdict(paired_test(s.per_example, ref.per_example, seed=seed))
         rows[kind] = row
     return rows

@@ -7,6 +7,7 @@
     vocab.py      tokenizer metadata for GGUF; the chat template's end-of-turn token
     modelfile.py  the Ollama Modelfile (template, system prompt, stop tokens)
 
-Nothing here is imported at package import time, so the CLI stays fast; export imports loraforge.model
-and loraforge.config only.
+Nothing here is imported at package import time, so the CLI stays fast; export imports loraforge.model,
+loraforge.config, loraforge.data (imatrix's calibration text) and train.run_files (the run's files, found
+once: RunFiles).
 """

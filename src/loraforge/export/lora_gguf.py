@@ -42,7 +42,7 @@ def lora_pairs(adapter_dir: Path) -> dict[str, dict]:
 
 
 def write_lora_gguf(files, base_config, path: str | Path) -> Path:
-    """Write the run's adapter (`files` from merge.find_run) as a GGUF LoRA for a base with `base_config`."""
+    """Write the run's adapter (`files`: train.run_files.RunFiles) as a GGUF LoRA for a base with `base_config`."""
     import gguf
     import torch
 

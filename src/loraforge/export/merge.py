@@ -17,18 +17,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from transformers import GenerationConfig
+
 from loraforge.errors import LoraforgeError
+from loraforge.export.vocab import end_of_turn
+from loraforge.model.adapters import load_adapter
+from loraforge.model.load import load_base, load_tokenizer
+from loraforge.train.run_files import RunFiles
 
 DTYPES = ("bfloat16", "float16")
-
-
-@dataclass
-class RunFiles:
-    run_dir: Path
-    adapter_dir: Path
-    base_model: str            # as the run named it (alias, folder, .gguf or Hub id)
-    adapter_config: dict
-    run_config: dict           # config.yaml as a tree ({} for a bare adapter folder)
 
 
 @dataclass
@@ -39,41 +38,8 @@ class Merged:
     base_path: str             # the resolved local base folder
 
 
-def find_run(run_dir: str | Path, base: str | None = None) -> RunFiles:
-    """The adapter folder and base model of a run folder (or of a bare PEFT adapter folder)."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise LoraforgeError("this run folder does not exist", where=str(run_dir))
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        adapter_dir = run_dir / "adapter"
-    elif (run_dir / "adapter_config.json").is_file():
-        adapter_dir = run_dir
-    else:
-        raise LoraforgeError("no adapter here: expected adapter/adapter_config.json (a finished run) or "
-                             "adapter_config.json (a PEFT adapter folder)", where=str(run_dir),
-                             hint="train first (loraforge train ...), or point at the run folder itself")
-    if not any((adapter_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise LoraforgeError("the adapter folder has no adapter_model.safetensors", where=str(adapter_dir),
-                             hint="the run may have been killed before it saved; resume it with --resume")
-    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    run_cfg = {}
-    for cand in (run_dir / "config.yaml", adapter_dir.parent / "config.yaml"):
-        if cand.is_file():
-            run_cfg = yaml.safe_load(cand.read_text()) or {}
-            break
-    base_model = base or run_cfg.get("base_model") or adapter_cfg.get("base_model_name_or_path")
-    if not base_model:
-        raise LoraforgeError("the adapter does not say which base model it belongs to", where=str(adapter_dir),
-                             hint="pass --base with the base model folder")
-    return RunFiles(run_dir, adapter_dir, str(base_model), adapter_cfg, run_cfg)
-
-
 def adapter_shapes(adapter_dir: Path) -> dict[str, tuple]:
     """Tensor name -> shape of a saved adapter, read from the safetensors header only."""
-    from safetensors import safe_open
-
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise LoraforgeError("only safetensors adapters can be exported", where=str(adapter_dir))
@@ -102,36 +68,20 @@ def check_adapter_fits(model, adapter_dir: Path) -> None:
                                  "(see base_model in the run's config.yaml), or pass --base")
 
 
-def load_tokenizer_for(files: RunFiles, base_path: str):
-    from loraforge.model.load import load_tokenizer
-
-    has_tok = (files.adapter_dir / "tokenizer_config.json").is_file()
-    return load_tokenizer(str(files.adapter_dir) if has_tok else base_path)
-
-
-def merged_model(run_dir: str | Path, base: str | None = None) -> Merged:
+def merged_model(run: str | Path | RunFiles, base: str | None = None) -> Merged:
     """Base (float32, unquantised) + adapter, merged in memory; checks that the adapter fits first."""
-    import torch
-
-    from loraforge.model.adapters import load_adapter
-    from loraforge.model.load import load_base
-
-    files = find_run(run_dir, base)
+    files = RunFiles.resolve(run, base)
     model, _, base_path = load_base(files.base_model, dtype="float32", device="cpu")
     check_adapter_fits(model, files.adapter_dir)
     peft_model = load_adapter(model, files.adapter_dir)
     with torch.no_grad():
         merged = peft_model.merge_and_unload()
     merged.eval()
-    return Merged(merged, load_tokenizer_for(files, base_path), files, base_path)
+    return Merged(merged, load_tokenizer(files.tokenizer_source(base_path)), files, base_path)
 
 
 def generation_config_for(model, tokenizer):
     """The model's generation config with eos = the chat template's end-of-turn token (then the eos)."""
-    from transformers import GenerationConfig
-
-    from loraforge.export.vocab import end_of_turn
-
     gen = GenerationConfig.from_model_config(model.config) if model.generation_config is None \
         else GenerationConfig(**model.generation_config.to_diff_dict())
     eot = end_of_turn(tokenizer)
@@ -148,15 +98,13 @@ def generation_config_for(model, tokenizer):
 def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, *, dtype: str = "bfloat16",
               base: str | None = None, overwrite: bool = False) -> Path:
     """Write the merged 16-bit model folder (atomically) and return its path."""
-    import torch
-
     if dtype not in DTYPES:
         raise LoraforgeError(f"--dtype {dtype} is not a 16-bit dtype", hint=f"use one of {', '.join(DTYPES)}")
     out = Path(out_dir) if out_dir else Path(run_dir) / "merged"
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LoraforgeError("the output folder already exists", where=str(out), hint="pass --overwrite or --out")
     started = time.perf_counter()
-    m = merged_model(run_dir, base)
+    m = merged_model(RunFiles.find(run_dir, base))
     model = m.model.to(getattr(torch, dtype))
     model.generation_config = generation_config_for(model, m.tokenizer)
     tmp = out.with_name(out.name + ".tmp")

@@ -27,6 +27,12 @@ from loraforge.export.gguf import (
     require_llama_cpp,
     write_model_gguf,
 )
+from loraforge.export.imatrix import calibration_texts, importance_matrix
+from loraforge.export.lora_gguf import write_lora_gguf
+from loraforge.export.merge import check_adapter_fits, merged_model
+from loraforge.export.modelfile import write_modelfile
+from loraforge.model.load import load_base, load_tokenizer
+from loraforge.train.run_files import RunFiles
 
 
 @dataclass
@@ -54,8 +60,6 @@ def write_quantised(model, tokenizer, path: Path, quant: str, *, name: str, desc
 
 def calibrate(model, tokenizer, run_config: dict, timings: dict) -> tuple[dict, str]:
     """The importance matrix for q4_k_m and a line saying what text it was computed on."""
-    from loraforge.export.imatrix import calibration_texts, importance_matrix
-
     started = time.perf_counter()
     texts, source = calibration_texts(tokenizer, run_config)
     imatrix = importance_matrix(model, tokenizer, texts)
@@ -78,38 +82,28 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quant: str = "q4_k_m",
+def export_gguf(run_dir: str | Path | RunFiles, out_dir: str | Path | None = None, *, quant: str = "q4_k_m",
                 adapter_only: bool = False, base: str | None = None, overwrite: bool = False,
                 name: str | None = None, use_imatrix: bool = True) -> ExportResult:
     """Export a run as GGUF (merged, or base + LoRA with adapter_only) with a Modelfile beside it.
     q4_k_m is calibrated with an importance matrix unless use_imatrix is False."""
-    from loraforge.export.merge import (
-        check_adapter_fits,
-        find_run,
-        load_tokenizer_for,
-        merged_model,
-    )
-    from loraforge.export.modelfile import write_modelfile
-
     if quant not in MODEL_QUANTS:
         raise LoraforgeError(f"--quant {quant} is not available", hint=f"use one of {', '.join(MODEL_QUANTS)}")
     if quant == "q4_k_m":
         require_llama_cpp()                     # fail before minutes of work, not after
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    files = find_run(run_dir, base)             # a missing adapter fails here, before any loading
-    name = name or Path(run_dir).resolve().name
-    out = check_out(Path(out_dir) if out_dir else Path(run_dir) / "gguf", overwrite)
+    files = RunFiles.resolve(run_dir, base)     # a missing adapter fails here, before any loading
+    name = name or files.run_dir.resolve().name
+    out = check_out(Path(out_dir) if out_dir else files.run_dir / "gguf", overwrite)
     desc = f"loraforge export of run {files.run_dir} (base {files.base_model})"
     if adapter_only:
-        from loraforge.model.load import load_base
-
         model, _, base_path = load_base(files.base_model, dtype="float32", device="cpu")
         check_adapter_fits(model, files.adapter_dir)
-        tokenizer = load_tokenizer_for(files, base_path)
+        tokenizer = load_tokenizer(files.tokenizer_source(base_path))
         stem, gname, gdesc = f"base-{quant}", Path(base_path).name, f"base model of {desc}"
     else:
-        m = merged_model(run_dir, base)
+        m = merged_model(files)
         model, tokenizer, base_path = m.model, m.tokenizer, m.base_path
         stem, gname, gdesc = f"{name}-{quant}", name, desc
     timings["load_s"] = round(time.perf_counter() - started, 2)
@@ -121,8 +115,6 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quant
                                  imatrix=imatrix)
     adapter_file = None
     if adapter_only:
-        from loraforge.export.lora_gguf import write_lora_gguf
-
         adapter_file = write_lora_gguf(files, model.config, out / f"{name}-lora-f32.gguf")
     timings["write_s"] = round(time.perf_counter() - t, 2)
     system = (files.run_config.get("data") or {}).get("system_prompt")

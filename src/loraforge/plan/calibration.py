@@ -46,6 +46,19 @@ class SpeedFit:
     points: int = 0
 
 
+@dataclass(frozen=True)
+class RunFit:
+    """A whole run (plan/run_speed.py) against the loop model: its steady state's `scale` and the host's fixed
+    costs: per run, per distinct batch shape, per training micro-batch and per validation forward."""
+
+    scale: float = 1.0
+    warmup_s: float = 0.0
+    shape_s: float = 0.0
+    step_s: float = 0.0
+    val_s: float = 0.0
+    points: int = 0
+
+
 def size_class(shape: ModelShape) -> str:
     return "small" if shape.params < SMALL_MODEL_PARAMS else "large"
 
@@ -67,6 +80,18 @@ def load_calibration(path: str | None = None) -> dict[str, SpeedFit]:
     if not p.is_file():
         return {}
     return parse_calibration(json.loads(p.read_text(encoding="utf-8")))
+
+
+@lru_cache(maxsize=4)
+def load_runs(path: str | None = None) -> dict[str, RunFit]:
+    """The file's "runs" entries (product-path fits, see plan/run_speed.py); {} when absent."""
+    p = Path(path or os.environ.get("LORAFORGE_PLAN_CALIBRATION") or CALIBRATION_FILE)
+    if not p.is_file():
+        return {}
+    runs = json.loads(p.read_text(encoding="utf-8")).get("runs", {})
+    host = {k: float(v) for k, v in runs.get("host", {}).items()}
+    return {key: RunFit(scale=float(e["scale"]), points=int(e.get("points", 0)), **host)
+            for key, e in runs.items() if key not in ("host", "_source")}
 
 
 def calibration_source(path: str | None = None) -> str | None:

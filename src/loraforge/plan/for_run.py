@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from rich.markup import escape
 
 from loraforge.errors import LoraforgeError
+from loraforge.plan.calibration import speed_key
 from loraforge.plan.fit import suggest
 from loraforge.plan.gpus import GPU, GPUS
 from loraforge.plan.inputs import setup_from_config
 from loraforge.plan.memory import GIB, TrainSetup, estimate
+from loraforge.plan.objective import run_rows, run_time_line
+from loraforge.plan.run_speed import RunShapes, loop_parts, run_seconds
 from loraforge.plan.shapes import shape_from_config
 from loraforge.plan.throughput import tokens_per_second
 
@@ -84,16 +87,20 @@ class RunEstimate(NamedTuple):
 
 
 def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths: list[int],
-                     gpu_name: str | None, gpu_mem_bytes: int | None, n_gpus: int = 1) -> RunEstimate:
+                     gpu_name: str | None, gpu_mem_bytes: int | None, n_gpus: int = 1,
+                     shapes: RunShapes | None = None) -> RunEstimate:
     """The estimate for `cfg` on the model and data the trainer has loaded.
 
     `token_lengths` are the training examples' token counts; `gpu_name`/`gpu_mem_bytes` come from
     torch.cuda.get_device_properties (None on CPU); `n_gpus` data-parallel processes, `batch` per GPU.
+    `shapes` (one GPU): the run's micro-batches as the trainer pads them; the speed then comes from
+    plan.run_speed's product-path model (warm-up, validation and padding included), else from the loop model.
     """
     name = Path(str(model_config.get("_name_or_path") or cfg.base_model)).name or cfg.base_model
     if not token_lengths:
         return RunEstimate("plan: no training examples to estimate", True, None)
-    lengths = [min(n, cfg.data.max_seq_length) for n in token_lengths]  # the trainer drops or cuts longer ones
+    # training rows: the trainer drops or cuts longer ones; a pair is two rows, a GRPO prompt G of prompt + completion
+    lengths = run_rows(cfg.objective, token_lengths, cfg.data.max_seq_length, cfg.grpo.max_new_tokens)
     longest, avg = max(lengths), max(1, round(sum(lengths) / len(lengths)))
     try:
         shape = shape_from_config(model_config, name)
@@ -109,17 +116,27 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
     fits = mem.total <= gpu.memory_gib
     parts = sorted(mem.parts().items(), key=lambda kv: -kv[1])[:3]
     per_gpu = " per GPU" if n_gpus > 1 else ""
-    lines = [f"plan: peak memory ~{mem.total:.1f} GiB{per_gpu} of {gpu.memory_gib:.1f} GiB on {card} (longest "
-             f"example {longest} tokens x batch {setup.batch}; "
+    phase = "" if cfg.objective == "sft" else f", {cfg.objective}'s {mem.phase} phase"
+    lines = [f"plan: peak memory ~{mem.total:.1f} GiB{per_gpu} of {gpu.memory_gib:.1f} GiB on {card}{phase} (longest "
+             f"{'row' if phase else 'example'} {longest} tokens x batch {setup.batch}; "
              + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in parts) + ")"]
     speed = None
-    if gpu.bf16_tflops:
+    if gpu.bf16_tflops and cfg.objective != "sft":
+        line, speed = run_time_line(gpu, shape, setup, lengths, cfg.train.epochs, cfg.train.max_steps,
+                                    cfg.preference.reference == "live", _duration)
+        lines.append(line)
+    elif gpu.bf16_tflops and shapes is not None and n_gpus == 1:
+        seconds = run_seconds(gpu, shape, setup, shapes)
+        tokens = shapes.real_tokens * shapes.epochs
+        speed = tokens / seconds
+        lines.append(f"plan: ~{speed:,.0f} tokens/s -> ~{_duration(seconds)} for {_amount(tokens)} tokens "
+                     f"({shapes.distinct} batch shapes, validation and warm-up included)")
+    elif gpu.bf16_tflops:
         speed = tokens_per_second(gpu, shape, setup, avg)
         tokens = sum(lengths) * cfg.train.epochs
         if cfg.train.max_steps:
             tokens = min(tokens, cfg.train.max_steps * setup.batch * setup.grad_accum * avg)
-        amount = f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens:,.0f}"
-        lines.append(f"plan: ~{speed:,.0f} tokens/s -> ~{_duration(tokens / speed)} for {amount} tokens")
+        lines.append(f"plan: ~{speed:,.0f} tokens/s -> ~{_duration(tokens / speed)} for {_amount(tokens)} tokens")
     if not fits:
         lines.append(f"[yellow]warning:[/] this run needs ~{mem.total:.1f} GiB but {card} has "
                      f"{gpu.memory_gib:.1f} GiB: it will likely run out of memory")
@@ -132,3 +149,25 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
         else:
             lines.append("  no usual change makes it fit: use a larger card or several GPUs")
     return RunEstimate("\n".join(lines), fits, speed)
+
+
+def speed_inputs(cfg: RunConfig, model_config: dict[str, Any], shapes: RunShapes, gpu_name: str,
+                 gpu_mem_bytes: int) -> dict | None:
+    """What bench/plan_runs.py fits calibration.json's "runs" from (summary.json's `plan_speed`): the run's terms
+    of plan.run_speed's model (loop_parts) and the key of its (method, size class); None if unknown."""
+    name = Path(str(model_config.get("_name_or_path") or cfg.base_model)).name or cfg.base_model
+    try:
+        shape = shape_from_config(model_config, name)
+        setup = setup_from_config(cfg, shape, seq=max(n for _, n, _ in shapes.batches), gpus=1)
+    except (LoraforgeError, ValueError):
+        return None
+    gpu = gpu_from_device(gpu_name, gpu_mem_bytes)
+    if not gpu.bf16_tflops:
+        return None
+    parts = {k: round(v, 4) for k, v in loop_parts(gpu, shape, setup, shapes).items()}
+    return {"key": speed_key(setup.method, shape), **parts, "planned_seconds": round(run_seconds(gpu, shape, setup,
+                                                                                                    shapes), 2)}
+
+
+def _amount(tokens: float) -> str:
+    return f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens:,.0f}"

@@ -12,7 +12,7 @@ will be calibrated against GPU measurements in bench/results/. Everything is in 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from loraforge.config import ALL_LINEAR as CONFIG_ALL_LINEAR
@@ -109,6 +109,22 @@ FSDP_GATHERED_LAYERS = 2
 # head, 2 x 2048, offloaded checkpoints: 5.62 GiB allocated per GPU; 4.85 GiB planned without this copy, 5.83
 # with it.
 FSDP_STAGING_COPIES = 1
+# --- objectives other than SFT (config `objective`; train/preference_loop.py, train/grpo_loop.py) ---------
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")
+PAIRED = ("dpo", "orpo", "simpo")  # chosen and rejected of each pair in one batch: 2 rows per example
+WITH_REFERENCE = ("dpo", "kto")    # a no-grad forward of the base (adapter off; no second weight copy)
+# GRPO decodes batch x G rows with transformers' generate (model.decode): a bf16 KV cache of k and v per layer
+# for every row's prompt + completion; DynamicCache grows by concatenation, so one layer's cache briefly exists
+# twice. The prefill's widest transient (no grad, one layer at a time) is the MLP's gate, up and their product
+# (bf16, 6 B x intermediate per prompt token) plus the residual and normed hidden states (4 B x hidden); sampling
+# keeps one position's logits per row (bf16 + fp32 logits + fp32 probabilities).
+GEN_KV_BYTES = 2 * BF16
+GEN_PREFILL_MLP_BYTES, GEN_PREFILL_HIDDEN_BYTES = 6, 4
+# The reference forward (train.logprobs.reference_token_logps) runs PEFT's plain forward without gradients: the
+# final hidden states and their copy at the loss positions (bf16), one layer's MLP transient, and the head's
+# logits at the loss positions with the loss's fp32 copies (LOGITS_BYTES). Preference pairs count every token
+# as a loss token (an upper bound: the prompt's tokens are not); GRPO's loss tokens are the completions.
+REF_HIDDEN_BYTES = 2 * BF16
 
 
 @dataclass(frozen=True)
@@ -132,12 +148,20 @@ class TrainSetup:
     strategy: str = "ddp"  # ddp: every GPU holds everything; fsdp: weights, grads and states sharded over gpus
     mlp_chunk_tokens: int | str = "auto"  # fast path with checkpointing: the MLP over this many tokens at a time
     checkpoint_every: int = 1  # fast path with checkpointing: layers recomputed as one span, one input kept per span
+    objective: str = "sft"  # sft | dpo | orpo | simpo | kto | grpo; seq: one row (a side; GRPO prompt + completion)
+    generations: int = 8    # grpo: completions sampled per prompt (G); batch counts prompts
+    completion: int = 256   # grpo: longest completion in tokens (grpo.max_new_tokens)
+    reference: bool | None = None  # a no-grad reference forward each step; None: dpo and kto yes, others no
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("strategy", self.strategy, STRATEGIES)
-        for name in ("seq", "batch", "grad_accum", "rank", "gpus"):
+        _choice("objective", self.objective, OBJECTIVES)
+        if self.reference and self.objective not in (*WITH_REFERENCE, "grpo"):
+            raise LoraforgeError(f"objective {self.objective} has no reference model",
+                                 hint="a reference forward is part of dpo and kto, and of grpo with a KL term")
+        for name in ("seq", "batch", "grad_accum", "rank", "gpus", "generations", "completion"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LoraforgeError(f"{name} must be a whole number of at least 1 (got {value!r})")
@@ -156,6 +180,16 @@ class TrainSetup:
         """The fast path trains LoRA/QLoRA adapters only (under FSDP2 too: FastLlama.attach_fsdp); full
         fine-tuning always takes the plain path."""
         return self.fast_path and self.is_lora
+
+    @property
+    def with_reference(self) -> bool:
+        """Whether a step runs the reference's no-grad forward (`reference`, or by default dpo and kto)."""
+        return self.objective in WITH_REFERENCE if self.reference is None else self.reference
+
+    @property
+    def rows(self) -> int:
+        """Sequences per example in a training batch: 2 for a pair, G for a GRPO prompt, else 1."""
+        return 2 if self.objective in PAIRED else self.generations if self.objective == "grpo" else 1
 
     @property
     def sharded(self) -> bool:
@@ -203,9 +237,12 @@ class MemoryBreakdown:
     activations_with_checkpointing: float
     activations_without_checkpointing: float
     trainable_params: int
+    kv_cache: float = 0.0  # GRPO's generation phase
+    phase: str = "training"  # the phase this breakdown is of: the peak among `phases`
+    phases: dict[str, float] = field(default_factory=dict)  # total GiB of each phase of a step
 
     PARTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer", "activations", "logits",
-             "overhead")
+             "kv_cache", "overhead")
 
     def parts(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.PARTS}
@@ -317,9 +354,47 @@ def _activation_bytes(shape: ModelShape, setup: TrainSetup, checkpointing: bool)
 
 
 def estimate(shape: ModelShape, setup: TrainSetup | None = None, **changes: Any) -> MemoryBreakdown:
-    """Peak memory of `setup` (default TrainSetup(), with keyword `changes` applied) on `shape`."""
+    """Peak memory of `setup` (default TrainSetup(), with keyword `changes` applied) on `shape`: the largest of
+    a step's phases (training; GRPO's generation; the reference forward of dpo/kto or GRPO with KL)."""
     setup = replace(setup or TrainSetup(), **changes) if changes else (setup or TrainSetup())
     setup.check(shape)
+    train = _training_phase(shape, replace(setup, batch=setup.batch * setup.rows))
+    phases = {"training": train}
+    if setup.objective == "grpo":
+        phases["generation"] = _generation_phase(shape, setup, train)
+    if setup.with_reference:
+        phases["reference"] = _reference_phase(shape, setup, train)
+    peak = max(phases, key=lambda k: phases[k].total)
+    return replace(phases[peak], phase=peak, phases={k: v.total for k, v in phases.items()})
+
+
+def _with_parts(train: MemoryBreakdown, **parts: float) -> MemoryBreakdown:
+    """`train`'s persistent parts (weights, adapters, gradients, optimizer) with other transient parts (GiB)."""
+    out = replace(train, **parts)
+    model = sum(v for k, v in out.parts().items() if k != "overhead")
+    return replace(out, overhead=CUDA_CONTEXT_GIB + ALLOCATOR_SLACK * model)
+
+
+def _generation_phase(shape: ModelShape, setup: TrainSetup, train: MemoryBreakdown) -> MemoryBreakdown:
+    """GRPO's decode of batch x G rows (prompt + completion each), with the training state resident."""
+    rows, prompt = setup.batch * setup.generations, max(setup.seq - setup.completion, 0)
+    kv = rows * setup.seq * shape.kv_dim * GEN_KV_BYTES * (shape.layers + 1)
+    prefill = rows * prompt * (GEN_PREFILL_MLP_BYTES * shape.intermediate + GEN_PREFILL_HIDDEN_BYTES * shape.hidden)
+    return _with_parts(train, kv_cache=kv / GIB, activations=prefill / GIB,
+                       logits=rows * shape.vocab * LOGITS_BYTES / GIB)
+
+
+def _reference_phase(shape: ModelShape, setup: TrainSetup, train: MemoryBreakdown) -> MemoryBreakdown:
+    """The reference's no-grad forward over a training batch (before the policy's forward)."""
+    rows = setup.batch * setup.rows
+    tokens = rows * setup.seq
+    loss_tokens = rows * min(setup.completion, setup.seq) if setup.objective == "grpo" else tokens
+    hidden = tokens * (REF_HIDDEN_BYTES * shape.hidden + GEN_PREFILL_MLP_BYTES * shape.intermediate)
+    return _with_parts(train, activations=hidden / GIB, logits=loss_tokens * shape.vocab * LOGITS_BYTES / GIB)
+
+
+def _training_phase(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
+    """Forward + backward of one micro-batch of setup.batch rows of setup.seq tokens (SFT's whole step)."""
     weights, quant = _weight_bytes(shape, setup)
     on_gpu = 0 if setup.offload else 1
     if setup.is_lora:
@@ -339,8 +414,9 @@ def estimate(shape: ModelShape, setup: TrainSetup | None = None, **changes: Any)
     activations = with_ckpt if setup.gradient_checkpointing else without
     if setup.fast:
         logits = setup.batch * setup.seq * shape.hidden * FAST_LOSS_BYTES
-    else:
-        logits = setup.batch * setup.seq * shape.vocab * LOGITS_BYTES
+    else:  # GRPO's head runs at the completion tokens only (train.logprobs); SFT's count stays as calibrated
+        loss_tokens = min(setup.completion, setup.seq) if setup.objective == "grpo" else setup.seq
+        logits = setup.batch * loss_tokens * shape.vocab * LOGITS_BYTES
     model_bytes = weights + quant + adapters + grads + optimizer + activations + logits
     overhead = CUDA_CONTEXT_GIB * GIB + ALLOCATOR_SLACK * model_bytes
     return MemoryBreakdown(

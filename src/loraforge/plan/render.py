@@ -8,12 +8,18 @@ from rich.table import Table
 
 from loraforge.plan.calibration import calibration_source
 from loraforge.plan.memory import ALL_LINEAR
+from loraforge.plan.objective import row_tokens
 from loraforge.plan.report import PlanReport
 
 _LABELS = {
     "weights": "weights", "quant_constants": "quantisation constants", "adapters": "LoRA adapters (fp32)",
     "gradients": "gradients", "optimizer": "optimizer states", "activations": "activations",
-    "logits": "logits + loss", "overhead": "CUDA context + allocator",
+    "logits": "logits + loss", "kv_cache": "KV cache (generation)", "overhead": "CUDA context + allocator",
+}
+_OBJECTIVES = {
+    "dpo": "chosen + rejected in one batch (2 rows a pair)", "orpo": "chosen + rejected in one batch, no reference",
+    "simpo": "chosen + rejected in one batch, no reference", "kto": "one completion per example",
+    "grpo": "G completions per prompt decoded with the adapter, then trained on",
 }
 
 
@@ -35,7 +41,7 @@ def _notes(report: PlanReport) -> dict[str, str]:
                "full": "bf16 (fp32 master copy under optimizer)"}[setup.method]
     other = "off" if setup.gradient_checkpointing else "on"
     alt = mem.activations_without_checkpointing if setup.gradient_checkpointing else mem.activations_with_checkpointing
-    return {
+    notes = {
         "weights": weights,
         "quant_constants": "absmax, blocksize 64, double-quant" if setup.method == "qlora" else "",
         "adapters": f"{_count(mem.trainable_params)} params" if setup.is_lora else "",
@@ -44,12 +50,35 @@ def _notes(report: PlanReport) -> dict[str, str]:
         "optimizer": setup.optimizer + (", offloaded to CPU" if setup.offload else ""),
         "activations": f"checkpointing {'on' if setup.gradient_checkpointing else 'off'} ({other}: {alt:.2f})",
         "logits": "fused cross-entropy: no logits kept" if setup.fast else "bf16 logits + fp32 loss copies",
+        "kv_cache": f"bf16 k and v of {setup.batch} x {setup.generations} rows x {setup.seq} tokens",
         "overhead": "",
     }
+    if mem.phase == "reference":
+        notes.update(activations="reference forward, no grad (adapter off, no weight copy)",
+                     logits="reference: logits at the loss positions + fp32 loss copies")
+    elif mem.phase == "generation":
+        notes.update(activations="prompt prefill, no grad", logits="sampling logits of one position per row")
+    return notes
+
+
+def _objective_line(report: PlanReport) -> str | None:
+    setup, mem = report.inputs.setup, report.memory
+    if setup.objective == "sft":
+        return None
+    what = _OBJECTIVES[setup.objective]
+    if setup.objective == "grpo":
+        what = (f"G={setup.generations} completions of up to {setup.completion} tokens per prompt after "
+                f"{setup.seq - setup.completion} prompt tokens, decoded with the adapter, then trained on")
+    if setup.with_reference:
+        what += "; reference = the base with the adapter off (no weight copy)"
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in mem.phases.items())
+    return f"objective [bold]{setup.objective}[/]: {what}\npeak in the {mem.phase} phase (GiB: {phases})"
 
 
 def _summary(report: PlanReport) -> str:
     shape, setup, data = report.inputs.shape, report.inputs.setup, report.inputs.data
+    size = f"{data.avg_tokens} tokens" if setup.objective == "sft" else \
+        f"{setup.rows} rows of ~{row_tokens(setup, data):.0f} tokens"
     modules = "all linear layers" if setup.targets == ALL_LINEAR else ",".join(setup.targets)
     method = f"{setup.method} r{setup.rank} on {modules}" if setup.is_lora else setup.method
     gpus = f", {setup.gpus} GPUs ({setup.strategy.upper()}, memory per GPU)" if setup.gpus > 1 else ""
@@ -58,16 +87,20 @@ def _summary(report: PlanReport) -> str:
         f"seq {setup.seq}, batch {setup.batch} x grad-accum {setup.grad_accum}, checkpointing "
         f"{'on' if setup.gradient_checkpointing else 'off'}, {setup.optimizer}, packing "
         f"{'on' if setup.packing else 'off'}, {'fast path' if setup.fast else 'PEFT forward'}",
-        f"data: {data.examples:,} examples x {data.avg_tokens} tokens x {data.epochs:g} epochs = "
+        f"data: {data.examples:,} examples x {size} x {data.epochs:g} epochs = "
         f"{report.total_tokens / 1e6:.2f}M tokens computed, {report.optimizer_steps:,} optimizer steps",
     ]
+    objective = _objective_line(report)
+    if objective:
+        lines.append(objective)
     if data.assumed:
         lines.append("[dim](dataset size assumed: pass --examples and --avg-tokens, or a config with data.train)[/]")
     return "\n".join(lines)
 
 
 def _memory_table(report: PlanReport) -> Table:
-    table = Table(title="Peak GPU memory", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    phase = "" if report.memory.phase == "training" else f" ({report.memory.phase} phase)"
+    table = Table(title=f"Peak GPU memory{phase}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("part")
     table.add_column("GiB", justify="right")
     table.add_column("note", style="dim")
@@ -131,3 +164,6 @@ def render(report: PlanReport, console: Console | None = None) -> None:
         console.print(line)
     speed = calibration_source() or "speed assumes the MFU in plan/throughput.py"
     console.print(f"[dim]Estimates; {speed}. Prices: {report.prices_source}.[/]")
+    if report.inputs.setup.objective == "grpo":
+        console.print("[dim]GRPO's time is a rough guess: completions assumed full length, decoding at a per-layer "
+                      "step cost that is not measured (plan/objective.py).[/]")

@@ -18,7 +18,8 @@ from loraforge.plan.gpus import GPU, GPUS, find_gpu
 from loraforge.plan.inputs import PlanInputs
 from loraforge.plan.memory import MemoryBreakdown, estimate
 from loraforge.plan.prices import PRICES_SOURCE, load_prices
-from loraforge.plan.throughput import optimizer_steps, tokens_per_second, total_tokens, train_seconds
+from loraforge.plan.objective import objective_seconds, row_context, training_tokens
+from loraforge.plan.throughput import optimizer_steps, tokens_per_second
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,9 @@ class PlanReport:
 
 def _row(inputs: PlanInputs, gpu: GPU, total_gib: float, price: float | None) -> GpuRow:
     shape, setup, data = inputs.shape, inputs.setup, inputs.data
-    seconds = train_seconds(gpu, shape, setup, data)
+    seconds = objective_seconds(gpu, shape, setup, data, inputs.reference_live)
     hours = seconds / 3600
-    context = min(data.avg_tokens, setup.seq)
+    context = row_context(setup, data)
     return GpuRow(
         gpu=gpu.name, memory_gib=gpu.memory_gib, fits=total_gib <= gpu.memory_gib,
         max_batch=max_batch(shape, setup, gpu.memory_gib), max_seq=max_seq(shape, setup, gpu.memory_gib),
@@ -103,6 +104,6 @@ def plan_run(inputs: PlanInputs, gpu: str | None = None, prices_file: str | Path
     suggestions = suggest(inputs.shape, inputs.setup, target.memory_gib) if target else []
     return PlanReport(
         inputs=inputs, memory=memory, rows=rows, target_gpu=target.name if target else None,
-        suggestions=tuple(suggestions), total_tokens=total_tokens(inputs.setup, inputs.data),
+        suggestions=tuple(suggestions), total_tokens=training_tokens(inputs.setup, inputs.data),
         optimizer_steps=optimizer_steps(inputs.setup, inputs.data), prices_source=source,
     )

@@ -56,23 +56,32 @@ def flops_per_token(shape: ModelShape, setup: TrainSetup, context: int) -> float
     return (2 + recompute) * matmul_fwd + (3 + recompute) * (attention_fwd + adapter)
 
 
-def tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, context: int,
-                      calibration: dict[str, SpeedFit] | None = None) -> float:
-    """Tokens/s of all `setup.gpus` GPUs together, for micro-batches of `setup.batch` x `context` tokens.
+def seconds_per_micro_batch(gpu: GPU, shape: ModelShape, setup: TrainSetup, rows: int, length: int,
+                            context: int, calibration: dict[str, SpeedFit] | None = None) -> float:
+    """Seconds of one micro-batch of `rows` x `length` tokens attending over `context` tokens, on one GPU.
 
     `calibration` defaults to the committed calibration.json; pass {} for the uncalibrated MFU model.
     """
     fit = (load_calibration() if calibration is None else calibration).get(speed_key(setup.method, shape))
-    tokens = setup.batch * context
-    flops = flops_per_token(shape, setup, context) * tokens
+    flops = flops_per_token(shape, setup, context) * rows * length
     if fit:
         seconds = step_seconds(fit, flops, gpu.bf16_tflops, shape.params, setup.gradient_checkpointing)
     else:
         seconds = flops / (gpu.bf16_tflops * 1e12 * MFU * (QLORA_SPEED if setup.method == "qlora" else 1))
     if setup.offload and not setup.is_lora:
         seconds /= OFFLOAD_SPEED
+    return seconds
+
+
+def tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, context: int,
+                      calibration: dict[str, SpeedFit] | None = None) -> float:
+    """Tokens/s of all `setup.gpus` GPUs together, for micro-batches of `setup.batch` x `context` tokens.
+
+    `calibration` defaults to the committed calibration.json; pass {} for the uncalibrated MFU model.
+    """
+    seconds = seconds_per_micro_batch(gpu, shape, setup, setup.batch, context, context, calibration)
     scale = setup.gpus * (MULTI_GPU_EFFICIENCY if setup.gpus > 1 else 1.0)
-    return tokens / seconds * scale
+    return setup.batch * context / seconds * scale
 
 
 def tokens_per_example(setup: TrainSetup, data: DataSize) -> float:

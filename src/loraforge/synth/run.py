@@ -100,7 +100,7 @@ def make_items(spec: Spec, lists: dict[str, list[str]]) -> list[Item]:
 
 def judge_step(spec: Spec, journal: Journal, log: Callable) -> Callable:
     """The judge pass over the kept candidates (eval's JudgeClient), its scores journaled too."""
-    from loraforge.eval.judge import DEFAULT_RUBRIC, JudgeClient, rubric_scores
+    from loraforge.eval.llm_judge import DEFAULT_RUBRIC, JudgeClient, rubric_scores
 
     j = spec.verify.judge
     key = None

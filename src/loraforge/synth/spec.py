@@ -121,7 +121,7 @@ class OutputFormat(_Section):
 
 
 class Judge(_Section):
-    """An LLM judge (loraforge.eval.judge) scores each kept example 1-10; below `threshold` is rejected."""
+    """An LLM judge (loraforge.eval.llm_judge) scores each kept example 1-10; below `threshold` is rejected."""
 
     base_url: str
     model: str

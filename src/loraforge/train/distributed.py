@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 
 from loraforge.errors import LoraforgeError
@@ -116,21 +117,59 @@ def torchrun_command(n: int, args: list[str]) -> list[str]:
             "-m", "loraforge", *args]
 
 
+EXIT_FILE_ENV = "LORAFORGE_EXIT_FILE"   # where a worker's loraforge exit code goes under run_torchrun
+
+
+def record_exit_code(code: int) -> int:
+    """Under run_torchrun: leave this worker's exit code (a user error 2, a deliberate stop 3) for the launcher,
+    since torchrun itself exits 1 whatever its workers' codes (the first worker to write wins). Returns the
+    code this worker should exit with: 0 after a deliberate stop (every rank stops at the same step), so that
+    torchrun ends quietly; else `code`."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if not path:
+        return code
+    with contextlib.suppress(OSError):   # another worker was first, or the launcher's folder is gone
+        with open(path, "x") as f:
+            f.write(str(code))
+    return 0 if code == 3 else code
+
+
+def _workers(pid: int) -> list[int]:
+    """The processes torchrun started (Linux /proc); [] where that cannot be read."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
 def run_torchrun(n: int, args: list[str]) -> int:
-    """Run `loraforge ARGS` as n local processes and wait; SIGTERM is passed on (torchrun hands it to every
-    process, which checkpoints and stops), Ctrl-C reaches them from the terminal itself."""
+    """Run `loraforge ARGS` as n local processes and wait. torchrun runs in a session of its own, so that
+    SIGTERM and Ctrl-C reach only the workers, from here (each checkpoints and stops, then exits 0 under this
+    launcher): torchrun itself, signalled, would print its own traceback and exit 1. The exit code is the
+    workers' own where one left it (record_exit_code): 3 after a deliberate stop, 2 for a user error."""
     import signal
     import subprocess
+    import tempfile
 
-    proc = subprocess.Popen(torchrun_command(n, args))
-    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
-           signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
-    try:
-        code = proc.wait()
+    with tempfile.TemporaryDirectory(prefix="lf-exit-") as tmp:
+        exit_file = Path(tmp) / "code"
+        proc = subprocess.Popen(torchrun_command(n, args), env={**os.environ, EXIT_FILE_ENV: str(exit_file)},
+                                start_new_session=True)
+
+        def forward(sig, _frame):
+            for pid in _workers(proc.pid) or [proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
+        old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        if exit_file.is_file():
+            return int(exit_file.read_text() or code)
         return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def init_distributed(mode: str, device: str, timeout_s: float) -> DistContext:

@@ -121,21 +121,37 @@ def prepare_model(model, dist: D.DistContext, device: str, fast=None) -> torch.n
     return D.wrap(StepModule(model, fast), dist, device)
 
 
+def validation_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of the validation examples, shortest first, in batches of `batch_size`; or, with `max_tokens`
+    (packed runs: a training row's tokens x rows), as many as fit padded in that many tokens, so that a packed
+    run's validation takes a few forwards of the training step's size rather than one per example."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if not max_tokens:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, cur = [], []
+    for i in order:   # ascending: the newest example is the batch's longest
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + ([cur] if cur else [])
+
+
 @torch.no_grad()
 def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, device, autocast,
-                  fast=None, dist: D.DistContext = D.SINGLE, step_module=None) -> float:
-    """Mean token loss over `items`; under torchrun each rank takes every W-th batch (and runs as many
-    forwards as the others, a repeat counted as nothing) and the sums are added across ranks."""
+                  fast=None, dist: D.DistContext = D.SINGLE, step_module=None, max_tokens: int | None = None) -> float:
+    """Mean token loss over `items` (batches as validation_batches); under torchrun each rank takes every W-th
+    batch (and runs as many forwards as the others, a repeat counted as nothing) and the sums are added across
+    ranks."""
     was_training = model.training
     model.eval()
     forward = step_module if step_module is not None else StepModule(model, fast)
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-    starts = list(range(0, len(order), batch_size))
-    mine = starts[dist.rank::dist.world]
-    for j in range(math.ceil(len(starts) / dist.world)):
-        start = mine[j] if j < len(mine) else starts[0]
-        batch = to_device(collate([items[i] for i in order[start:start + batch_size]], pad_id), device)
+    batches = validation_batches([len(t.input_ids) for t in items], batch_size, max_tokens)
+    mine = batches[dist.rank::dist.world]
+    for j in range(math.ceil(len(batches) / dist.world)):
+        chosen = mine[j] if j < len(mine) else batches[0]
+        batch = to_device(collate([items[i] for i in chosen], pad_id), device)
         with autocast():
             s, n = forward(batch)
         if j < len(mine):   # summed on the device: one read at the end
@@ -287,6 +303,7 @@ def train_loop(setup: LoopSetup) -> LoopResult:
     batches = micro_batches(train_items, cfg, state)
     buckets = _buckets(train_items, cfg, fast, log)
     rows = tc.batch_size if buckets else None
+    val_tokens = tc.batch_size * cfg.data.max_seq_length if cfg.data.packing else None   # validation_batches
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = extra = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
@@ -378,7 +395,7 @@ def train_loop(setup: LoopSetup) -> LoopResult:
                 started = time.time()
                 if evaluate and val_items:
                     val_loss = row["val_loss"] = evaluate_loss(model, val_items, tc.batch_size, pad_id, device,
-                                                               autocast, fast, dist, step_module)
+                                                               autocast, fast, dist, step_module, val_tokens)
                 if evaluate and on_validate is not None:   # the task metric, best checkpoint, early stop
                     extra = on_validate(state.step, row.get("val_loss"))
                     row.update({k: v for k, v in (extra or {}).items() if k != "stop"})
@@ -408,16 +425,20 @@ def train_loop(setup: LoopSetup) -> LoopResult:
                       {k: round(v, 2) for k, v in seconds_in.items()})
 
 
-def _buckets(items: list[Tokenized], cfg: RunConfig, fast, log) -> list[int] | None:
+def batch_buckets(items: list[Tokenized], cfg: RunConfig, fast) -> list[int] | None:
     """The padded lengths of the training batches where the fast path replays CUDA graphs (each length's
     shape then repeats), else None (each batch padded to its own longest example)."""
     if fast is None or cfg.data.packing or not items:
         return None
     buckets = length_buckets([len(t.input_ids) for t in items], cfg.train.batch_size, cfg.seed)
-    if not fast.graphs_want_buckets(cfg.train.batch_size * buckets[-1]):
-        return None
-    log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
-        f"{cfg.train.batch_size} rows, so that CUDA graphs replay them")
+    return buckets if fast.graphs_want_buckets(cfg.train.batch_size * buckets[-1]) else None
+
+
+def _buckets(items: list[Tokenized], cfg: RunConfig, fast, log) -> list[int] | None:
+    buckets = batch_buckets(items, cfg, fast)
+    if buckets:
+        log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
+            f"{cfg.train.batch_size} rows, so that CUDA graphs replay them")
     return buckets
 
 

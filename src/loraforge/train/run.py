@@ -44,14 +44,16 @@ from loraforge.train import distributed as D
 from loraforge.train.checkpoint import (PREFIX, TrainerState, gather_adapter, latest_good, load_checkpoint,
                                         save_checkpoint, write_adapter)
 from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
-from loraforge.plan.for_run import estimate_for_run  # `loraforge plan`'s estimate for this exact run
-from loraforge.train.loop import LoopResult, LoopSetup, TrainingInterrupted, plan_steps, prepare_model, train_loop
+from loraforge.plan.for_run import estimate_for_run, speed_inputs  # `loraforge plan`'s estimate for this run
+from loraforge.train.loop import (LoopResult, LoopSetup, TrainingInterrupted, batch_buckets, plan_steps, prepare_model,
+                                  train_loop)
 from loraforge.train.precision import Precision
 from loraforge.train.profiling import StepProfiler
 from loraforge.train.tracking import Reporters, open_reporters
 from loraforge.train.preference_loop import objective_parts
 from loraforge.train.replay import CACHE, base_answers, replay_examples
 from loraforge.train.selection import Selection, TaskTools, adopt_best
+from loraforge.train.shapes import run_shapes
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -77,6 +79,7 @@ class TrainSummary:
     processes: int
     tokens_per_s: float
     planned_tokens_per_s: float | None
+    plan_speed: dict | None   # what the plan's speed model was given (one GPU, SFT)
     peak_reserved_gib: float | None
     objective: str
     selection: dict           # train.selection's account of which step adapter/ holds
@@ -185,7 +188,7 @@ class TrainingRun:
                  profile: Path | None, tools: TaskTools | None):
         self.cfg, self.resume, self.overwrite, self.dir_ready = cfg, resume, overwrite, dir_ready
         self.with_changes, self.profile, self.tools = with_changes, profile, tools
-        self.plan = None
+        self.plan = self.plan_speed = None
 
     def check(self) -> None:
         """Join the process group under torchrun (every rank must have the same config; rank 0 alone
@@ -222,8 +225,7 @@ class TrainingRun:
         self.special = objective_parts(cfg.objective)  # dpo/orpo/simpo/kto/grpo: their data, module and loop
 
     def load_data(self) -> None:
-        """Training and validation items (replay answers mixed in, rows packed), the data report, and the
-        plan's estimate for this exact run (rank 0)."""
+        """Training and validation items (replay answers mixed in, rows packed) and the data report."""
         cfg, dist, model, tokenizer = self.cfg, self.dist, self.model, self.tokenizer
         replay = self.replay_cache = None
         if cfg.train.replay:  # the base model's own answers, generated before the adapter exists (rank 0; cached)
@@ -252,15 +254,12 @@ class TrainingRun:
             self.data_report["packed_rows"] = len(rows)
         if dist.enabled:
             D.check_same(dist, "training data", D.data_fingerprint(train_items + self.val_items))
-        if dist.is_main:  # `loraforge plan`'s estimate for this exact run
-            gpu = torch.cuda.get_device_properties(self.device) if self.device == "cuda" else None
-            self.plan = estimate_for_run(cfg, model.config.to_dict(), [len(t.input_ids) for t in train_items],
-                                         gpu and gpu.name, gpu and gpu.total_memory, dist.world)
-            console.print(self.plan.text)
+        self.example_lengths = [len(t.input_ids) for t in train_items]
         self.train_items = rows
 
     def prepare(self) -> None:
-        """LoRA on the model (the fast path where it applies), DDP/FSDP2 under torchrun, optimizer, schedule."""
+        """LoRA on the model (the fast path where it applies), the plan's estimate for this run (rank 0), DDP/FSDP2
+        under torchrun, optimizer, schedule."""
         # transformers.optimization is imported here: 6 s at import time on this machine's CPU (measured)
         from transformers import get_scheduler
 
@@ -270,6 +269,10 @@ class TrainingRun:
             p for p in self.model.parameters() if p.is_floating_point()).dtype
         self.model, self.fast = prepare_for_training(self.model, cfg, device, self.compute_dtype,
                                                      base_path=self.base_path, sharded=self.fsdp, log=console.print)
+        if self.dist.is_main:   # `loraforge plan`'s estimate for this exact run, on the shapes the loop will run
+            self.plan, self.plan_speed = _estimate(cfg, self.model, self.example_lengths, self.train_items,
+                                                   self.val_items, self.fast, device, self.dist, self.special)
+            console.print(self.plan.text)
         # DDP / FSDP2 under torchrun; before the optimizer
         self.step_module = (self.special.prepare if self.special else prepare_model)(self.model, self.dist, device,
                                                                                      self.fast)
@@ -416,9 +419,24 @@ class TrainingRun:
             fast_path=self.fast is not None, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), processes=dist.world,
             tokens_per_s=round(result.state.tokens_seen / max(result.seconds, 1e-9), 1),
             planned_tokens_per_s=round(plan.tokens_per_s, 1) if dist.is_main and plan.tokens_per_s else None,
+            plan_speed=self.plan_speed if dist.is_main else None,
             peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if device == "cuda" else None,
             objective=self.cfg.objective, selection=self.selection.describe(),
             replay_examples=self.data_report.get("replay_examples", 0), report=getattr(result, "report", {}))
+
+
+def _estimate(cfg: RunConfig, model, example_lengths: list[int], train_items, val_items, fast, device: str, dist,
+              special):
+    """(plan.for_run's RunEstimate, summary.json's `plan_speed`): on one GPU with the SFT loop, from the run's
+    own batch shapes (train.shapes); else from the loop model alone."""
+    gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
+    shapes = None
+    if gpu is not None and not special and not dist.enabled:
+        shapes = run_shapes(train_items, val_items, cfg, batch_buckets(train_items, cfg, fast))
+    plan = estimate_for_run(cfg, model.config.to_dict(), example_lengths, gpu and gpu.name,
+                            gpu and gpu.total_memory, dist.world, shapes=shapes)
+    inputs = speed_inputs(cfg, model.config.to_dict(), shapes, gpu.name, gpu.total_memory) if shapes else None
+    return plan, inputs
 
 
 def _count(n: int, noun: str) -> str:

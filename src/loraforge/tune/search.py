@@ -23,14 +23,23 @@ trains it again) and the trial folders.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from loraforge.config import RunConfig, build_config
 from loraforge.errors import LoraforgeError
+from loraforge.eval.validation import task_tools
+from loraforge.model.load import resolve_base
+from loraforge.plan.shapes import resolve_shape
+from loraforge.train.run import run_training
+from loraforge.tune.report import write_report
 
 RANKS = (8, 16, 32, 64)
 DROPOUT = (0.0, 0.2)
@@ -50,14 +59,10 @@ def parse_budget(text: str) -> float:
 
 def parameter_count(base_model: str) -> int | None:
     """Parameters of the base (from its shape: config.json or the built-in table), None if unknown."""
-    from loraforge.plan.shapes import resolve_shape
-
     try:
         shape = resolve_shape(base_model)
     except LoraforgeError:
         try:
-            from loraforge.model.load import resolve_base
-
             shape = resolve_shape(resolve_base(base_model))
         except LoraforgeError:
             return None
@@ -92,7 +97,7 @@ def reporter(trial, curve: list, deadline: float | None = None):
     """The `observe` hook of a trial's training: report each validation's metric to Optuna and end the
     trial (optuna.TrialPruned, raised through the training loop) when the pruner says so, or when the
     search's budget (`deadline`, time.time()) is spent."""
-    import optuna
+    import optuna  # the optional extra loraforge[tune], as in _import_optuna
 
     def observe(step: int, row: dict) -> None:
         value = row.get("val_metric")
@@ -109,7 +114,7 @@ def reporter(trial, curve: list, deadline: float | None = None):
 
 
 def make_pruner(kind: str, min_resource: int):
-    import optuna
+    import optuna  # the optional extra loraforge[tune], as in _import_optuna
 
     if kind == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=3)
@@ -122,7 +127,7 @@ def make_pruner(kind: str, min_resource: int):
 
 def _import_optuna():
     try:
-        import optuna
+        import optuna  # the optional extra loraforge[tune]
     except ImportError:
         raise LoraforgeError("`loraforge tune` needs Optuna", hint="pip install 'loraforge[tune]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -134,9 +139,6 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
     """Run the study; returns the summary written to TUNE_DIR/trials.json. `train_fn(cfg, tools)` trains
     one trial (default: loraforge.train.run.run_training)."""
     optuna = _import_optuna()
-    from loraforge.eval.validation import task_tools
-    from loraforge.tune.report import write_report
-
     if budget_s is None and trials is None:
         raise LoraforgeError("say how long to search", hint="pass --budget 30m or --trials N")
     if not (cfg.data.validation or cfg.data.validation_split):
@@ -146,23 +148,15 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise LoraforgeError("the tune folder already exists", where=str(out), hint="pass --overwrite or --out")
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     base = cfg.model_copy(update={"train": cfg.train.model_copy(update={"select_by": "metric"})})
     task_tools(base)  # a missing label set or schema is an error now, before any trial
     if train_fn is None:
-        from loraforge.train.run import run_training
-
         def train_fn(c, tools):
             try:
                 return run_training(c, tools=tools, overwrite=True).summary
             finally:  # the next trial loads its base afresh: give this one's memory back
-                import gc
-
-                import torch
-
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -101,8 +101,11 @@ class StackGraphs:
     capture=False, the same functions run eagerly)."""
 
     def __init__(self, layers, params: list[list[torch.nn.Parameter]], pool, capture: bool = True,
-                 layer_weights: int = 0, only_host_bound: bool = False):
+                 layer_weights: int = 0, only_host_bound: bool = False, memory=None):
         self.layers, self.params, self.pool, self.capture = layers, params, pool, capture
+        # the memory pool the graphs are captured into: a GraphSet's one pool for all its shapes (see GraphSet),
+        # or None: one of their own
+        self.memory = memory
         # "auto": graphs only where the host is what a step waits for (see host_bound)
         self.layer_weights, self.only_host_bound = layer_weights, only_host_bound
         self.flat = [p for ps in params for p in ps]
@@ -167,7 +170,8 @@ class StackGraphs:
         torch.cuda.empty_cache()
         self.h_in, self.cos, self.sin = h.detach().clone(), cos.detach().clone(), sin.detach().clone()
         self.fwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.fwd, capture_error_mode="thread_local"):
+        memory = self.memory() if self.memory is not None else None
+        with torch.cuda.graph(self.fwd, pool=memory, capture_error_mode="thread_local"):
             self.out, self.saved = stack_forward(self.layers, self.h_in, self.cos, self.sin, self.pool)
         # the pinned buffers the graphs read and write stay alive, even if a larger eager step replaces them
         self.keep = dict(self.pool.buffers) if self.pool is not None else {}
@@ -223,7 +227,12 @@ class StackGraphs:
 
 class GraphSet:
     """One StackGraphs per batch shape (each captured at its shape's second step), for runs whose batches come
-    in a few padded lengths; a shape beyond the first `limit` runs eagerly. Arguments as StackGraphs'."""
+    in a few padded lengths; a shape beyond the first `limit` runs eagerly. Arguments as StackGraphs'.
+
+    All shapes' graphs share one memory pool, so the set holds the largest shape's working memory rather than
+    the sum over shapes. That is safe because a graph's outputs in the pool (the stack's output, the saved
+    layer inputs, the backward's incoming gradient) are read only within the step that replayed it, before
+    any other shape's graph replays; the adapter's gradients live outside the pool (StackGraphs.grads)."""
 
     def __init__(self, layers, params, pool, capture: bool = True, layer_weights: int = 0,
                  only_host_bound: bool = False, limit: int = MAX_SHAPES):
@@ -232,10 +241,16 @@ class GraphSet:
             capture, layer_weights, only_host_bound, limit
         self.by_key: dict = {}
         self.current: StackGraphs | None = None
+        self.handle = None    # the shared memory pool, made at the first capture
+
+    def memory(self):
+        if self.handle is None:
+            self.handle = torch.cuda.graph_pool_handle()
+        return self.handle
 
     def make(self) -> StackGraphs:
         return StackGraphs(*self.args, capture=self.capture, layer_weights=self.layer_weights,
-                           only_host_bound=self.only_host_bound)
+                           only_host_bound=self.only_host_bound, memory=self.memory)
 
     def wanted(self, tokens: int) -> bool:
         """Whether steps of `tokens` tokens would replay graphs once their shape repeats (so batches are worth

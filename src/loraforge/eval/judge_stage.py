@@ -4,7 +4,7 @@
     summary = run_judge(client, cfg.eval, prompts, refs, {"base": [...], "finetuned": [...]}, rlog)
 
 The pairwise comparison puts the fine-tuned answer against the base answer (the few-shot base when
-the base was not run) and asks twice with positions swapped (loraforge.eval.judge): win/tie/loss
+the base was not run) and asks twice with positions swapped (loraforge.eval.llm_judge): win/tie/loss
 rates count the judged pairs, errors (timeouts, garbage replies) are counted apart and kept per
 example with their reason. Verdicts are written to results.jsonl in chunks as they come; with
 --resume a verdict already there for the same judge, prompt and answers is reused (errors are asked
@@ -17,7 +17,8 @@ import os
 from collections.abc import Sequence
 
 from loraforge.errors import LoraforgeError
-from loraforge.eval.judge import JudgeClient, PairwiseResult, RubricScore, pairwise, rubric_scores, win_rates
+from loraforge.eval.llm_judge import JudgeClient, PairwiseResult, RubricScore, pairwise, rubric_scores, win_rates
+from loraforge.eval.stats import bootstrap_ci
 from loraforge.eval.stream import ResultLog
 
 CHUNK = 16
@@ -37,8 +38,6 @@ def judge_client(ec) -> JudgeClient | None:
 
 
 def _mean_ci(values: list[float], seed: int) -> tuple[float | None, list[float | None]]:
-    from loraforge.eval.stats import bootstrap_ci
-
     if not values:
         return None, [None, None]
     return sum(values) / len(values), list(bootstrap_ci(values, seed=seed))

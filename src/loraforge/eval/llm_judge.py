@@ -1,6 +1,6 @@
 """LLM-as-judge through any OpenAI-compatible chat endpoint (standard library HTTP only).
 
-    from loraforge.eval.judge import JudgeClient, rubric_scores, pairwise, win_rates
+    from loraforge.eval.llm_judge import JudgeClient, rubric_scores, pairwise, win_rates
     client = JudgeClient("http://localhost:8000", model="judge-model", api_key=None)
     scores = rubric_scores(client, prompts, answers)          # RubricScore: 1-10, or verdict "error"
     pairs = pairwise(client, prompts, answers_a, answers_b)   # PairwiseResult: win/tie/loss for A
