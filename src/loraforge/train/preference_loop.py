@@ -227,7 +227,9 @@ def preference_loop(setup: LoopSetup) -> ObjectiveResult:
             mine = list(range(dist.rank, len(group), dist.world))
             n_ex, n_tokens = dist.all_sum([sum(len(group[j][2]) for j in mine),
                                            sum(len(it.input_ids) for j in mine for it in group[j][2])], device)
-            step_start, step_loss, step_score = time.time(), 0.0, 0.0
+            # the step's summed loss and score stay on the device (float64, as Python floats would add them) and
+            # are read once, after the optimizer step: one host sync a step, not two per micro-batch
+            step_start, sums = time.time(), torch.zeros(2, device=device, dtype=torch.float64)
             n_fwd = math.ceil(len(group) / dist.world)
             for k in range(n_fwd):
                 j = mine[k] if k < len(mine) else None  # None: a weightless repeat (every rank runs as many)
@@ -242,11 +244,10 @@ def preference_loop(setup: LoopSetup) -> ObjectiveResult:
                     losses, scores, _ = example_losses(cfg, items, logp.float(), counts, ref)
                     (losses.sum() * (dist.world / n_ex if j is not None else 0.0)).backward()
                 if j is not None:
-                    step_loss += float(losses.detach().sum())
-                    step_score += float(scores.sum())
+                    sums += torch.stack([losses.detach().sum(), scores.sum()]).double()
             grad_norm = optimizer_step(params, optimizer, scheduler, tc.max_grad_norm)
 
-            step_loss, step_score, stopping = dist.all_sum([step_loss, step_score, float(stop.signum is not None)],
+            step_loss, step_score, stopping = dist.all_sum([*sums.tolist(), float(stop.signum is not None)],
                                                            device)
             advance(state, group, per_epoch, n_tokens)
             last_train = step_loss / n_ex
