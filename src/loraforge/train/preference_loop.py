@@ -296,15 +296,7 @@ class ObjectiveParts:
 
     load: object      # (cfg, tokenizer, log) -> (train items, validation items, data report)
     prepare: object   # (model, dist, device, fast) -> the wrapped module
-    loop: object      # train.loop.train_loop's signature
+    loop: object      # (train.loop.LoopSetup) -> ObjectiveResult
 
 
-def objective_parts(objective: str) -> ObjectiveParts | None:
-    """None for sft (train.loop), else the preference loop or GRPO's."""
-    if objective == "sft":
-        return None
-    if objective == "grpo":
-        from loraforge.train.grpo_loop import GRPO_PARTS
-
-        return GRPO_PARTS
-    return ObjectiveParts(load_preference_data, wrap_logp_step, preference_loop)
+PREFERENCE_PARTS = ObjectiveParts(load_preference_data, wrap_logp_step, preference_loop)

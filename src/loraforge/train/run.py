@@ -50,7 +50,8 @@ from loraforge.train.loop import (LoopResult, LoopSetup, TrainingInterrupted, ba
 from loraforge.train.precision import Precision
 from loraforge.train.profiling import StepProfiler
 from loraforge.train.tracking import Reporters, open_reporters
-from loraforge.train.preference_loop import objective_parts
+from loraforge.train.grpo_loop import GRPO_PARTS
+from loraforge.train.preference_loop import PREFERENCE_PARTS, ObjectiveParts
 from loraforge.train.replay import CACHE, base_answers, replay_examples
 from loraforge.train.selection import Selection, TaskTools, adopt_best
 from loraforge.train.shapes import run_shapes
@@ -437,6 +438,13 @@ def _estimate(cfg: RunConfig, model, example_lengths: list[int], train_items, va
                             gpu and gpu.total_memory, dist.world, shapes=shapes)
     inputs = speed_inputs(cfg, model.config.to_dict(), shapes, gpu.name, gpu.total_memory) if shapes else None
     return plan, inputs
+
+
+def objective_parts(objective: str) -> ObjectiveParts | None:
+    """None for sft (train.loop), else the preference loop's (dpo/orpo/simpo/kto) or GRPO's data, module and loop."""
+    if objective == "sft":
+        return None
+    return GRPO_PARTS if objective == "grpo" else PREFERENCE_PARTS
 
 
 def _count(n: int, noun: str) -> str:
