@@ -260,7 +260,7 @@ class LogInterval:
 @dataclass
 class LoopSetup:
     """Everything a training loop (train_loop, train.preference_loop, train.grpo_loop) runs with, built by
-    train.run: the prepared model and its optimizer, the data, where to write, and the optional hooks."""
+    train.run: the prepared model and its optimizer, the data and where to write."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -277,12 +277,9 @@ class LoopSetup:
     fast: object = None                  # loraforge.model.fast's parts, or None (PEFT forward)
     dist: D.DistContext = field(default_factory=D.DistContext)
     step_module: torch.nn.Module | None = None   # prepare_model's (or the objective's) wrapped module
-    on_log: object = None                # on_log(row): every metrics row (train.tracking)
-    profiler: object = None              # a train.profiling.StepProfiler
-    on_validate: object = None           # on_validate(step, val_loss) -> dict (train.selection)
 
 
-def train_loop(setup: LoopSetup) -> LoopResult:
+def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None) -> LoopResult:
     """Run setup's SFT steps. on_log(row): called with every metrics row (train.tracking); profiler: a
     train.profiling.StepProfiler; on_validate(step, val_loss) -> dict: at each validation, the task metric,
     best checkpoint and early stop (train.selection), its entries added to the row ("stop": True ends the run
@@ -290,8 +287,8 @@ def train_loop(setup: LoopSetup) -> LoopResult:
     model, tokenizer, optimizer, scheduler, cfg, run_dir, state = (
         setup.model, setup.tokenizer, setup.optimizer, setup.scheduler, setup.cfg, setup.run_dir, setup.state)
     train_items, val_items, log, fast, dist = setup.train_items, setup.val_items, setup.log, setup.fast, setup.dist
-    on_log, profiler, on_validate, precision = setup.on_log, setup.profiler, setup.on_validate, setup.precision
-    autocast, step_module = precision.autocast, setup.step_module
+    precision, step_module = setup.precision, setup.step_module
+    autocast = precision.autocast
     tc = cfg.train
     device = torch.device(setup.device)
     pad_id = tokenizer.pad_token_id

@@ -355,10 +355,9 @@ class TrainingRun:
         try:
             if self.special:   # dpo/orpo/simpo/kto/grpo: their own loops (train.preference_loop, train.grpo_loop)
                 return self.special.loop(setup)
-            setup.on_log = reporters.log if reporters else None
-            setup.profiler = StepProfiler(self.profile, self.total_steps) if self.profile and dist.is_main else None
-            setup.on_validate = selection if selection.active else None
-            return train_loop(setup)
+            return train_loop(setup, on_log=reporters.log if reporters else None,
+                              profiler=StepProfiler(self.profile, self.total_steps) if self.profile and dist.is_main
+                              else None, on_validate=selection if selection.active else None)
         except BaseException as e:
             reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
             raise
