@@ -21,7 +21,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -33,13 +32,13 @@ from loraforge.errors import LoraforgeError
 from loraforge.files import write_json
 from loraforge.model.decode import decode_ids, stop_token_ids
 from loraforge.train import distributed as D
-from loraforge.train.checkpoint import TrainerState
 from loraforge.train.logprobs import reference_token_logps, wrap_logp_step
-from loraforge.train.loop import micro_batches, plan_steps, seed_micro_batch
+from loraforge.train.loop import LoopSetup, seed_micro_batch
 from loraforge.train.objectives import group_advantages, grpo_loss
 from loraforge.train.preference_loop import ObjectiveParts, ObjectiveResult
 from loraforge.train.rewards import load_rewards, score
-from loraforge.train.steps import advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session
+from loraforge.train.steps import (advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session,
+                                   objective_start)
 
 BASE_EVAL = "grpo_base_eval.json"
 
@@ -118,19 +117,19 @@ def grpo_eval(model, tokenizer, items: list, rewards: list, cfg: RunConfig) -> d
             "rewards": values, "passes": passes}
 
 
-def grpo_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list, val_items: list,
-              cfg: RunConfig, run_dir: Path, state: TrainerState, log=print, fast=None,
-              dist: D.DistContext = D.SINGLE, step_module=None) -> ObjectiveResult:
+def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
+    model, tokenizer, optimizer, scheduler, cfg, run_dir, state = (
+        setup.model, setup.tokenizer, setup.optimizer, setup.scheduler, setup.cfg, setup.run_dir, setup.state)
+    val_items, log, dist = setup.val_items, setup.log, setup.dist
+    autocast = setup.precision.autocast
     tc, g = cfg.train, cfg.grpo
     if dist.enabled and dist.mode == "fsdp":
         raise LoraforgeError("objective grpo decodes with the whole model on each process; FSDP2 shards it",
                              hint="use train.distributed=ddp")
-    device = accelerator.device
-    pad_id = tokenizer.pad_token_id
+    st = objective_start(setup)  # shared with the other objective's loop (train.steps)
+    device, pad_id, per_epoch, total_steps, params = st.device, st.pad_id, st.per_epoch, st.total_steps, st.params
+    step_module, batches, config_yaml = st.step_module, st.batches, st.config_yaml
     rewards = load_rewards(g.rewards, cfg.eval.pattern, cfg.eval.schema_file)
-    per_epoch, total_steps = plan_steps(len(train_items), cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    step_module = step_module if step_module is not None else wrap_logp_step(model, dist, device.type, fast)
     base_path = run_dir / BASE_EVAL
     base_eval = None
     if val_items:
@@ -141,8 +140,6 @@ def grpo_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tra
         log(f"base model on {len(val_items)} held-out prompts: mean reward {base_eval['mean_reward']:.3f}, "
             f"pass rate {base_eval['pass_rate']:.1%}")
     last_train, val_eval, val_loss = None, None, None
-    batches = micro_batches(train_items, cfg, state)
-    config_yaml = cfg.to_yaml()
     t0 = time.time()
     model.train()
     with session(run_dir, tc, state, total_steps, dist) as (stop, progress, mlog):
@@ -172,7 +169,7 @@ def grpo_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tra
                     logp = logp.float()
                     losses, stats = grpo_loss(logp, logp.detach(), adv, rows, len(completions), g.clip_eps,
                                               ref, g.kl_beta)
-                    accelerator.backward(losses.sum() * (dist.world / n_rows if j is not None else 0.0))
+                    (losses.sum() * (dist.world / n_rows if j is not None else 0.0)).backward()
                 if j is not None:
                     n = len(completions)
                     sums["loss"] += float(losses.detach().sum())
@@ -181,7 +178,7 @@ def grpo_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tra
                     sums["clipped"] += stats["clipped"] * n
                     sums["kl"] += stats.get("kl", 0.0) * n
                     sums["tokens"] += float(batch["attention_mask"].sum())
-            grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, tc.max_grad_norm)
+            grad_norm = optimizer_step(params, optimizer, scheduler, tc.max_grad_norm)
             *totals, stopping = dist.all_sum([*sums.values(), float(stop.signum is not None)], device)
             sums = dict(zip(sums, totals))
             advance(state, group, per_epoch, sums["tokens"])

@@ -257,16 +257,40 @@ class LogInterval:
         self.steps, self.n_loss, self.tokens = self.steps + 1, self.n_loss + n_loss, self.tokens + tokens
 
 
-def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list[Tokenized],
-               val_items: list[Tokenized], cfg: RunConfig, run_dir: Path, state: TrainerState,
-               log=print, fast=None, dist: D.DistContext = D.SINGLE, step_module=None,
-               precision: Precision | None = None,
-               on_log=None, profiler=None, on_validate=None) -> LoopResult:
-    """on_log(row): called with every metrics row (train.tracking); profiler: a train.profiling.StepProfiler;
-    on_validate(step, val_loss) -> dict: at each validation, the task metric, best checkpoint and early stop
-    (train.selection), its entries added to the row ("stop": True ends the run there)."""
+@dataclass
+class LoopSetup:
+    """Everything a training loop (train_loop, train.preference_loop, train.grpo_loop) runs with, built by
+    train.run: the prepared model and its optimizer, the data and where to write."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    device: torch.device
+    precision: Precision                 # autocast, (scaled) backward, unscale, step
+    train_items: list
+    val_items: list
+    cfg: RunConfig
+    run_dir: Path
+    state: TrainerState
+    log: object = print
+    fast: object = None                  # loraforge.model.fast's parts, or None (PEFT forward)
+    dist: D.DistContext = field(default_factory=D.DistContext)
+    step_module: torch.nn.Module | None = None   # prepare_model's (or the objective's) wrapped module
+
+
+def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None) -> LoopResult:
+    """Run setup's SFT steps. on_log(row): called with every metrics row (train.tracking); profiler: a
+    train.profiling.StepProfiler; on_validate(step, val_loss) -> dict: at each validation, the task metric,
+    best checkpoint and early stop (train.selection), its entries added to the row ("stop": True ends the run
+    there)."""
+    model, tokenizer, optimizer, scheduler, cfg, run_dir, state = (
+        setup.model, setup.tokenizer, setup.optimizer, setup.scheduler, setup.cfg, setup.run_dir, setup.state)
+    train_items, val_items, log, fast, dist = setup.train_items, setup.val_items, setup.log, setup.fast, setup.dist
+    precision, step_module = setup.precision, setup.step_module
+    autocast = precision.autocast
     tc = cfg.train
-    device = accelerator.device
+    device = torch.device(setup.device)
     pad_id = tokenizer.pad_token_id
     per_epoch, total_steps = plan_steps(len(train_items), cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -281,7 +305,6 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
     last_train = extra = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
     t0 = state.start_clock()  # elapsed time continues across resumes
-    precision = precision or Precision("fp32", device.type, accelerator.backward)  # fp16: loss scaling
     model.train()
     interval, pending = LogInterval(device), None
     seconds_in = {"validation": 0.0, "checkpoints": 0.0}
@@ -342,7 +365,7 @@ def train_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, tr
             grad_norm = None
             if tc.max_grad_norm:
                 precision.unscale(optimizer)
-                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             precision.step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -32,11 +32,11 @@ from loraforge.data.preference import TokenizeReport, read_pairs, tokenize_prefe
 from loraforge.errors import LoraforgeError
 from loraforge.files import write_json
 from loraforge.train import distributed as D
-from loraforge.train.checkpoint import TrainerState
 from loraforge.train.logprobs import reference_token_logps, row_sums, wrap_logp_step
-from loraforge.train.loop import LoopResult, _track_validation, micro_batches, plan_steps, seed_micro_batch
+from loraforge.train.loop import LoopResult, LoopSetup, _track_validation, seed_micro_batch
 from loraforge.train.objectives import REFERENCE_FREE, beta_of, kto_loss, pair_loss
-from loraforge.train.steps import advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session
+from loraforge.train.steps import (advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session,
+                                   objective_start)
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -193,15 +193,15 @@ def preference_eval(step_module, model, items: list, cfg: RunConfig, pad_id: int
             "examples": len(items), "scores": scores}
 
 
-def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocast, train_items: list,
-                    val_items: list, cfg: RunConfig, run_dir: Path, state: TrainerState, log=print, fast=None,
-                    dist: D.DistContext = D.SINGLE, step_module=None) -> ObjectiveResult:
+def preference_loop(setup: LoopSetup) -> ObjectiveResult:
+    model, optimizer, scheduler, cfg, run_dir, state = (
+        setup.model, setup.optimizer, setup.scheduler, setup.cfg, setup.run_dir, setup.state)
+    train_items, val_items, log, dist = setup.train_items, setup.val_items, setup.log, setup.dist
+    autocast = setup.precision.autocast
     tc = cfg.train
-    device = accelerator.device
-    pad_id = tokenizer.pad_token_id
-    per_epoch, total_steps = plan_steps(len(train_items), cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    step_module = step_module if step_module is not None else wrap_logp_step(model, dist, device.type, fast)
+    st = objective_start(setup)  # shared with the other objective's loop (train.steps)
+    device, pad_id, per_epoch, total_steps, params = st.device, st.pad_id, st.per_epoch, st.total_steps, st.params
+    step_module, batches, config_yaml = st.step_module, st.batches, st.config_yaml
     # the reference of every validation example now (it also scores the base model); of a training example
     # the first time it comes (kept in the run folder for --resume)
     cache = run_dir / REFERENCE_FILE
@@ -218,8 +218,6 @@ def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocas
         log(f"base model on {len(val_items)} held-out examples: reward accuracy {base_eval['reward_accuracy']:.1%}")
     last_train, val_eval = None, None
     val_loss = state.history[-1]["val_loss"] if state.history else None
-    batches = micro_batches(train_items, cfg, state)
-    config_yaml = cfg.to_yaml()
     t0 = time.time()
     model.train()
     with session(run_dir, tc, state, total_steps, dist) as (stop, progress, mlog):
@@ -228,7 +226,9 @@ def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocas
             mine = list(range(dist.rank, len(group), dist.world))
             n_ex, n_tokens = dist.all_sum([sum(len(group[j][2]) for j in mine),
                                            sum(len(it.input_ids) for j in mine for it in group[j][2])], device)
-            step_start, step_loss, step_score = time.time(), 0.0, 0.0
+            # the step's summed loss and score stay on the device (float64, as Python floats would add them) and
+            # are read once, after the optimizer step: one host sync a step, not two per micro-batch
+            step_start, sums = time.time(), torch.zeros(2, device=device, dtype=torch.float64)
             n_fwd = math.ceil(len(group) / dist.world)
             for k in range(n_fwd):
                 j = mine[k] if k < len(mine) else None  # None: a weightless repeat (every rank runs as many)
@@ -241,13 +241,12 @@ def preference_loop(model, tokenizer, optimizer, scheduler, accelerator, autocas
                     with autocast():
                         logp, counts = step_module(batch)
                     losses, scores, _ = example_losses(cfg, items, logp.float(), counts, ref)
-                    accelerator.backward(losses.sum() * (dist.world / n_ex if j is not None else 0.0))
+                    (losses.sum() * (dist.world / n_ex if j is not None else 0.0)).backward()
                 if j is not None:
-                    step_loss += float(losses.detach().sum())
-                    step_score += float(scores.sum())
-            grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, tc.max_grad_norm)
+                    sums += torch.stack([losses.detach().sum(), scores.sum()]).double()
+            grad_norm = optimizer_step(params, optimizer, scheduler, tc.max_grad_norm)
 
-            step_loss, step_score, stopping = dist.all_sum([step_loss, step_score, float(stop.signum is not None)],
+            step_loss, step_score, stopping = dist.all_sum([*sums.tolist(), float(stop.signum is not None)],
                                                            device)
             advance(state, group, per_epoch, n_tokens)
             last_train = step_loss / n_ex
@@ -294,15 +293,7 @@ class ObjectiveParts:
 
     load: object      # (cfg, tokenizer, log) -> (train items, validation items, data report)
     prepare: object   # (model, dist, device, fast) -> the wrapped module
-    loop: object      # train.loop.train_loop's signature
+    loop: object      # (train.loop.LoopSetup) -> ObjectiveResult
 
 
-def objective_parts(objective: str) -> ObjectiveParts | None:
-    """None for sft (train.loop), else the preference loop or GRPO's."""
-    if objective == "sft":
-        return None
-    if objective == "grpo":
-        from loraforge.train.grpo_loop import GRPO_PARTS
-
-        return GRPO_PARTS
-    return ObjectiveParts(load_preference_data, wrap_logp_step, preference_loop)
+PREFERENCE_PARTS = ObjectiveParts(load_preference_data, wrap_logp_step, preference_loop)

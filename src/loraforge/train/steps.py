@@ -8,29 +8,58 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
 
 from loraforge.train.checkpoint import TrainerState, save_checkpoint
-from loraforge.train.loop import TrainingInterrupted, _StopFlag, next_group  # noqa: F401 (the loops' own)
+from loraforge.train.distributed import full_value, peer_failures
+from loraforge.train.logprobs import wrap_logp_step
+from loraforge.train.loop import (LoopSetup, TrainingInterrupted, _StopFlag, micro_batches,  # noqa: F401
+                                  next_group, plan_steps)
 from loraforge.train.progress import TrainProgress
+
+
+@dataclass
+class ObjectiveStart:
+    """What the preference and GRPO loops compute from their LoopSetup before the first step."""
+
+    device: torch.device
+    pad_id: int
+    per_epoch: int
+    total_steps: int
+    params: list
+    step_module: torch.nn.Module
+    batches: Iterator
+    config_yaml: str
+
+
+def objective_start(setup: LoopSetup) -> ObjectiveStart:
+    """The schedule, trainable parameters, log-prob module (wrap_logp_step unless given) and batch iterator
+    of an objective's loop."""
+    device = torch.device(setup.device)
+    per_epoch, total_steps = plan_steps(len(setup.train_items), setup.cfg)
+    step_module = setup.step_module if setup.step_module is not None else \
+        wrap_logp_step(setup.model, setup.dist, device.type, setup.fast)
+    return ObjectiveStart(device, setup.tokenizer.pad_token_id, per_epoch, total_steps,
+                          [p for p in setup.model.parameters() if p.requires_grad], step_module,
+                          micro_batches(setup.train_items, setup.cfg, setup.state), setup.cfg.to_yaml())
 
 
 @contextlib.contextmanager
 def session(run_dir, tc, state: TrainerState, total_steps: int, dist):
     """(stop flag, progress bar, metrics file) for a loop's steps: SIGTERM/SIGINT become a flag, rank 0 alone
     appends to metrics.jsonl, and a dead peer becomes one clear message."""
-    from loraforge.train.distributed import peer_failures
-
     mlog = (run_dir / "metrics.jsonl").open("a") if dist.is_main else open(os.devnull, "w")
     with _StopFlag() as stop, TrainProgress(total_steps, state.step) as progress, mlog, \
             peer_failures(dist, tc.dist_timeout_s):
         yield stop, progress, mlog
 
 
-def optimizer_step(accelerator, params: list, optimizer, scheduler, max_grad_norm: float | None) -> float | None:
+def optimizer_step(params: list, optimizer, scheduler, max_grad_norm: float | None) -> float | None:
     """Clip, step, schedule, clear; returns the gradient norm before clipping (None when not clipping)."""
-    from loraforge.train.distributed import full_value
-
-    grad_norm = full_value(accelerator.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else None
+    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else None
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
