@@ -354,6 +354,7 @@ def test_graph_set_shapes_share_one_pool_and_replay_the_eager_steps(ckpt):
     shapes = [full, {k: v[:, :120] for k, v in full.items()}, {k: v[:, :160] for k, v in full.items()}]
     eager = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="off")
     graphed = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="on")
+    graphed.graphs.shared = True
     for step in range(9):
         batch = shapes[step % 3]
         ref = _grads(model, eager, batch)

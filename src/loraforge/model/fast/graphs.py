@@ -229,10 +229,12 @@ class GraphSet:
     """One StackGraphs per batch shape (each captured at its shape's second step), for runs whose batches come
     in a few padded lengths; a shape beyond the first `limit` runs eagerly. Arguments as StackGraphs'.
 
-    All shapes' graphs share one memory pool, so the set holds the largest shape's working memory rather than
-    the sum over shapes. That is safe because a graph's outputs in the pool (the stack's output, the saved
-    layer inputs, the backward's incoming gradient) are read only within the step that replayed it, before
-    any other shape's graph replays; the adapter's gradients live outside the pool (StackGraphs.grads)."""
+    With `shared` every shape's graphs are captured into one memory pool, so the set would hold the largest
+    shape's working memory rather than the sum over shapes. That should be safe: a graph's outputs in the pool
+    (the stack's output, the saved layer inputs, the backward's incoming gradient) are read only within the
+    step that replayed it, before any other shape's graph replays, and the adapter's gradients live outside the
+    pool (StackGraphs.grads). It is off until tests/gpu/test_fast_gpu.py's shared-pool test and a memory
+    measurement have run on a GPU (session 11 had no device time left for them)."""
 
     def __init__(self, layers, params, pool, capture: bool = True, layer_weights: int = 0,
                  only_host_bound: bool = False, limit: int = MAX_SHAPES):
@@ -241,9 +243,12 @@ class GraphSet:
             capture, layer_weights, only_host_bound, limit
         self.by_key: dict = {}
         self.current: StackGraphs | None = None
-        self.handle = None    # the shared memory pool, made at the first capture
+        self.shared = False   # one memory pool for every shape (see the class docstring)
+        self.handle = None    # that pool, made at the first capture
 
     def memory(self):
+        if not self.shared:
+            return None
         if self.handle is None:
             self.handle = torch.cuda.graph_pool_handle()
         return self.handle
