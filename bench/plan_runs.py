@@ -4,8 +4,8 @@
     python bench/plan_runs.py --write bench/results/train_e2e/h100_s11_*.json    # fit, write calibration.json
 
 Reads the loraforge rows of bench/train_e2e.py results (each carries summary.json's `plan_speed`: the run's
-terms of plan.run_speed's model on the card it ran on, and the (method, size class) key), fits a scale per
-key and the host's shared fixed costs to the measured training seconds (plan.run_speed.fit_runs), prints one
+terms of plan.run_speed's model on the card it ran on, and the (method, size class) key), fits an mfu per
+key and the shared fixed costs to the measured training seconds (plan.run_speed.fit_runs), prints one
 JSON object: per row the measured and planned tokens/s (before: the `planned_tokens_per_s` the run printed;
 after: the new fit; loo: a fit made without that row) and their errors. With --write the fits go into
 src/loraforge/plan/calibration.json's "runs" (the loop model's "entries" are kept).
@@ -62,7 +62,7 @@ def main() -> None:
                     "loo_err": round(loo / r["tokens_per_s"] - 1, 3) if loo else None})
     first = next(iter(fits.values()))
     runs = {"host": {n: round(getattr(first, n), 6) for n in SHARED},
-            **{k: {"scale": round(f.scale, 4), "points": f.points} for k, f in fits.items()}}
+            **{k: {"mfu": round(f.mfu, 4), "points": f.points} for k, f in fits.items()}}
     result = {"command": "python bench/plan_runs.py " + " ".join(sys.argv[1:]), "runs": runs, "rows": out,
               "within_25pct": all(abs(r["err"]) <= 0.25 for r in out)}
     print(json.dumps(result, indent=1))

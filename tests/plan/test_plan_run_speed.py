@@ -9,43 +9,46 @@ from types import SimpleNamespace
 import pytest
 
 from loraforge.plan import KNOWN_MODELS, TrainSetup, find_gpu
-from loraforge.plan.calibration import RunFit
+from loraforge.plan.calibration import MAX_MFU, RunFit
 from loraforge.plan.run_speed import (
     RunShapes, fit_runs, loop_parts, run_seconds, run_tokens_per_second, seconds_from_parts,
 )
-from loraforge.plan.throughput import seconds_per_micro_batch
+from loraforge.plan.throughput import flops_per_token, seconds_per_micro_batch
 
 LLAMA1B = KNOWN_MODELS["Llama-3.2-1B"]
 
 
-def _parts(loop, micro, val, shapes):
-    return {"loop_seconds": loop, "micro_batches": micro, "val_forwards": val, "shapes": shapes}
+def _parts(ideal, graph, eager, val, shapes):
+    return {"ideal_seconds": ideal, "loop_seconds": 0.0, "graph_layers": graph, "eager_layers": eager,
+            "val_layers": val, "shapes": shapes}
 
 
-def test_fit_recovers_scales_and_the_shared_fixed_costs():
-    truth = {"lora/small": RunFit(scale=0.4, warmup_s=12.0, shape_s=0.5, step_s=0.004, val_s=0.02),
-             "qlora/large": RunFit(scale=1.3, warmup_s=12.0, shape_s=0.5, step_s=0.004, val_s=0.02)}
+def test_fit_recovers_utilisations_and_the_shared_fixed_costs():
+    costs = dict(warmup_s=12.0, shape_s=0.5, graph_step_s=0.0002, eager_step_s=0.001, val_s=0.002)
+    truth = {"lora/small": RunFit(mfu=0.4, **costs), "qlora/large": RunFit(mfu=0.6, **costs)}
     points = []
-    for key, loop, micro, val, shapes in [("lora/small", 3.0, 600, 100, 3), ("lora/small", 10.0, 300, 40, 6),
-                                          ("lora/small", 40.0, 2400, 900, 43), ("lora/small", 1.0, 80, 10, 6),
-                                          ("qlora/large", 25.0, 500, 96, 6), ("qlora/large", 9.0, 22, 36, 22),
-                                          ("qlora/large", 60.0, 90, 300, 6)]:
-        parts = _parts(loop, micro, val, shapes)
+    for key, ideal, graph, eager, val, shapes in [
+            ("lora/small", 3.0, 18000, 0, 3000, 3), ("lora/small", 10.0, 0, 9600, 640, 43),
+            ("lora/small", 40.0, 38400, 0, 9000, 6), ("lora/small", 1.0, 0, 1280, 160, 20),
+            ("qlora/large", 25.0, 16000, 0, 3072, 6), ("qlora/large", 9.0, 0, 704, 1152, 22),
+            ("qlora/large", 60.0, 2880, 0, 960, 6)]:
+        parts = _parts(ideal, graph, eager, val, shapes)
         points.append((key, parts, seconds_from_parts(parts, truth[key])))
     fits = fit_runs(points)
     for key, want in truth.items():
-        got = fits[key]
-        for name in ("scale", "warmup_s", "shape_s", "step_s", "val_s"):
-            assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-6), (key, name)
+        for name in ("mfu", "warmup_s", "shape_s", "graph_step_s", "eager_step_s", "val_s"):
+            assert getattr(fits[key], name) == pytest.approx(getattr(want, name), rel=1e-6), (key, name)
     assert fits["lora/small"].points == 4 and fits["qlora/large"].points == 3
 
 
-def test_fit_drops_a_fixed_cost_that_would_be_negative():
-    # measured faster than any warm-up allows: the constant term goes, the scale stays positive
-    points = [("lora/small", _parts(loop, micro, 0, 1), 2.0 * loop + 0.001 * micro - 1.0)
-              for loop, micro in [(5.0, 100), (20.0, 900), (9.0, 50), (30.0, 200)]]
-    fit = fit_runs(points)["lora/small"]
-    assert fit.warmup_s == 0.0 and fit.scale > 0 and fit.step_s >= 0 and fit.val_s == 0.0
+def test_fit_drops_a_negative_cost_and_never_claims_more_than_the_gpus_matmuls():
+    loads = [(5.0, 1000), (20.0, 9000), (9.0, 500), (30.0, 2000)]
+    # measured faster than any warm-up allows: the constant term goes, the rest stays positive
+    slow = fit_runs([("lora/small", _parts(i, 0, e, 0, 1), i / 0.5 + 0.001 * e - 1.0) for i, e in loads])["lora/small"]
+    assert slow.warmup_s == 0.0 and 0.4 < slow.mfu < 0.8 and slow.eager_step_s > 0
+    # matmuls faster than MAX_MFU allows are held at it
+    fast = fit_runs([("lora/small", _parts(i, 0, e, 0, 1), i / 0.95 + 0.01 * e) for i, e in loads])["lora/small"]
+    assert fast.mfu == pytest.approx(MAX_MFU) and fast.eager_step_s > 0
     with pytest.raises(ValueError):
         fit_runs([])
 
@@ -57,11 +60,19 @@ def test_run_time_adds_training_validation_and_fixed_costs():
     one = {n: seconds_per_micro_batch(gpu, LLAMA1B, setup, 4, n, n) for n in (128, 256, 512)}
     parts = loop_parts(gpu, LLAMA1B, setup, shapes)
     assert parts["loop_seconds"] == pytest.approx(2 * (10 * one[256] + 5 * one[512]) + 4 * 3 * one[128] / 3, rel=1e-9)
-    assert parts["micro_batches"] == 30 and parts["val_forwards"] == 12 and parts["shapes"] == 2
-    fit = RunFit(scale=3.0, step_s=0.01, warmup_s=7.0, shape_s=0.5, val_s=0.02)
-    want = 7.0 + 0.5 * 2 + 3.0 * parts["loop_seconds"] + 0.01 * 30 + 0.02 * 12
+    flops = {n: flops_per_token(LLAMA1B, setup, n) * 4 * n for n in (128, 256, 512)}
+    peak = gpu.bf16_tflops * 1e12
+    assert parts["ideal_seconds"] == pytest.approx((2 * (10 * flops[256] + 5 * flops[512]) + 4 * 3 * flops[128] / 3)
+                                                   / peak, rel=1e-9)
+    layers = LLAMA1B.layers
+    assert parts["eager_layers"] == 30 * layers and parts["graph_layers"] == 0
+    assert parts["val_layers"] == 12 * layers and parts["shapes"] == 2
+    fit = RunFit(mfu=0.5, warmup_s=7.0, shape_s=0.5, graph_step_s=0.0001, eager_step_s=0.001, val_s=0.002)
+    want = 7.0 + 0.5 * 2 + parts["ideal_seconds"] / 0.5 + 0.001 * 30 * layers + 0.002 * 12 * layers
     assert run_seconds(gpu, LLAMA1B, setup, shapes, fit) == pytest.approx(want)
     assert run_tokens_per_second(gpu, LLAMA1B, setup, shapes, fit) == pytest.approx(30_000 / want)
+    graphed = RunShapes(shapes.batches, shapes.real_tokens, 2.0, None, shapes.val_batches, 4, graphs=True)
+    assert run_seconds(gpu, LLAMA1B, setup, graphed, fit) == pytest.approx(want - (0.001 - 0.0001) * 30 * layers)
     # packed rows attend over their examples only: a shorter context costs less than the padded length
     packed = RunShapes(batches=((1, 2048, 10),), real_tokens=20_000, context=250)
     full = RunShapes(batches=((1, 2048, 10),), real_tokens=20_000)
@@ -101,7 +112,7 @@ def test_run_shapes_count_what_the_loop_collates(tiny_model, tmp_path, packing, 
         seen[tuple(ids.shape)] += 1
     assert Counter({(r, n): c for r, n, c in shapes.batches}) == seen
     assert shapes.real_tokens == sum(len(t.input_ids) for t in trained)
-    assert shapes.epochs == pytest.approx(2.0)
+    assert shapes.epochs == pytest.approx(2.0) and shapes.graphs == bool(buckets)
     assert sum(c for _, _, c in shapes.val_batches) >= 1 and shapes.evaluations >= 1
     assert (shapes.context is not None) == packing
 
@@ -120,8 +131,8 @@ def test_the_trainers_estimate_uses_the_runs_shapes(monkeypatch, tmp_path):
                "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 64,
                "_name_or_path": "/m/llama-1b"}
     cal = _json.loads(calibration.CALIBRATION_FILE.read_text())
-    cal["runs"] = {"host": {"warmup_s": 5.0, "shape_s": 0.0, "step_s": 0.01, "val_s": 0.0},
-                   "lora/small": {"scale": 2.0, "points": 3}}
+    cal["runs"] = {"host": {"warmup_s": 5.0, "shape_s": 0.0, "graph_step_s": 0.0, "eager_step_s": 0.001,
+                            "val_s": 0.0}, "lora/small": {"mfu": 0.5, "points": 3}}
     path = tmp_path / "cal.json"
     path.write_text(_json.dumps(cal))
     monkeypatch.setenv("LORAFORGE_PLAN_CALIBRATION", str(path))
@@ -137,13 +148,13 @@ def test_the_trainers_estimate_uses_the_runs_shapes(monkeypatch, tmp_path):
         setup = setup_from_config(cfg, shape, seq=200, gpus=1)
         gpu = gpu_from_device(*h100)
         parts = loop_parts(gpu, shape, setup, shapes)
-        assert speed == pytest.approx(40_000 / (5.0 + 2.0 * parts["loop_seconds"] + 0.01 * parts["micro_batches"]),
+        assert speed == pytest.approx(40_000 / (5.0 + parts["ideal_seconds"] / 0.5 + 0.001 * parts["eager_layers"]),
                                       rel=1e-6)
         shown = float(re.search(r"~([\d,]+) tokens/s", text)[1].replace(",", ""))
         assert shown == pytest.approx(speed, abs=1) and "2 batch shapes" in text
         inputs = speed_inputs(cfg, llama1b, shapes, *h100)
         assert inputs["key"] == "lora/small"
-        assert inputs["micro_batches"] == pytest.approx(parts["micro_batches"], abs=0.01)
+        assert inputs["eager_layers"] == pytest.approx(parts["eager_layers"], abs=0.01)
         assert inputs["planned_seconds"] == pytest.approx(40_000 / speed, rel=1e-3)
     finally:
         calibration.load_runs.cache_clear()

@@ -48,15 +48,17 @@ class SpeedFit:
 
 @dataclass(frozen=True)
 class RunFit:
-    """A whole run (plan/run_speed.py) against the loop model: its steady state's `scale` and the host's fixed
-    costs: per run, per distinct batch shape, per training micro-batch and per validation forward."""
+    """A whole run (plan/run_speed.py): the utilisation of its FLOPs and the fixed costs: per run, per distinct
+    batch shape, per layer of a training micro-batch (with CUDA graphs, or eager) and of a validation forward."""
 
-    scale: float = 1.0
+    mfu: float = MAX_MFU
     warmup_s: float = 0.0
     shape_s: float = 0.0
-    step_s: float = 0.0
+    graph_step_s: float = 0.0
+    eager_step_s: float = 0.0
     val_s: float = 0.0
     points: int = 0
+    gpu_tflops: float = 0.0   # peak bf16 TFLOP/s of the card the runs were measured on (0: any card)
 
 
 def size_class(shape: ModelShape) -> str:
@@ -88,9 +90,11 @@ def load_runs(path: str | None = None) -> dict[str, RunFit]:
     p = Path(path or os.environ.get("LORAFORGE_PLAN_CALIBRATION") or CALIBRATION_FILE)
     if not p.is_file():
         return {}
-    runs = json.loads(p.read_text(encoding="utf-8")).get("runs", {})
+    data = json.loads(p.read_text(encoding="utf-8"))
+    runs = data.get("runs", {})
     host = {k: float(v) for k, v in runs.get("host", {}).items()}
-    return {key: RunFit(scale=float(e["scale"]), points=int(e.get("points", 0)), **host)
+    return {key: RunFit(mfu=float(e["mfu"]), points=int(e.get("points", 0)), gpu_tflops=float(data["gpu_tflops"]),
+                        **host)
             for key, e in runs.items() if key not in ("host", "_source")}
 
 

@@ -4,17 +4,18 @@ plan/throughput.py models one micro-batch of one fixed shape, calibrated on trai
 shape (bench/plan_accuracy.py). A real run is more: its micro-batches come in several padded shapes (or packed
 rows whose attention spans one example at a time), LoRA dropout, CUDA graphs or not, validation passes, and a
 warm-up (Triton kernels compiled, one pair of CUDA graphs captured per shape) that weighs on short runs. With
-the loop model alone, the printed estimate was 0.4x-4.6x the measured tokens/s of the runs of
-bench/results/train_e2e/ (session 10). Here the trainer hands over what it will run (`RunShapes`) and
+the loop model alone, the printed estimate was 0.2x-5.9x the measured tokens/s of the runs of
+bench/results/train_e2e/. Here the trainer hands over what it will run (`RunShapes`) and
 
     seconds = warmup_s + shape_s x distinct batch shapes
-              + scale x loop_seconds(every training micro-batch, and each validation forward as a third of one)
-              + step_s x training micro-batches + val_s x validation forwards
+              + FLOPs of every micro-batch (validation forwards a third of one) / (peak FLOP/s x mfu)
+              + (graph_step_s or eager_step_s x training micro-batches + val_s x validation forwards) x layers
 
-where loop_seconds is plan/throughput's micro-batch time; `scale` (per method and size class: how far the run's
-steady state is from the loop model) and the host's fixed costs (shared) are fitted on the product path:
-calibration.json's "runs", written by `bench/plan_runs.py --write` from bench/train_e2e.py results. Without
-an entry the loop model stands alone (scale 1, no fixed costs).
+`mfu` per (method, size class) is capped at calibration.MAX_MFU, so a long-sequence run is never priced faster
+than the GPU's matmuls can go; the fixed costs are shared: the host's launches per layer (far fewer where CUDA
+graphs replay the stack; validation forwards run eagerly), graph captures and kernel compiles per shape. They
+are fitted on the product path into calibration.json's "runs" by `bench/plan_runs.py --write` from
+bench/train_e2e.py results. Without an entry the run is priced by the loop model alone.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loraforge.plan.calibration import RunFit, load_runs, speed_key
+from loraforge.plan.calibration import MAX_MFU, RunFit, load_runs, speed_key
 from loraforge.plan.gpus import GPU
 from loraforge.plan.memory import TrainSetup
 from loraforge.plan.shapes import ModelShape
-from loraforge.plan.throughput import PADDING_WASTE, DataSize, seconds_per_micro_batch
+from loraforge.plan.throughput import PADDING_WASTE, DataSize, flops_per_token, seconds_per_micro_batch
 
+SAME_CARD = 0.1          # a "runs" fit prices cards within 10% of its card's peak TFLOP/s (H100 SXM, H200)
 VALIDATION_PASS = 1 / 3   # a validation forward against a training step's forward + backward (LoRA: ~1/3)
 
 
@@ -41,6 +43,7 @@ class RunShapes:
     context: int | None = None                  # packed rows: their examples' mean length (attention spans one)
     val_batches: tuple[tuple[int, int, int], ...] = ()   # one validation's forwards, as `batches`
     evaluations: int = 0
+    graphs: bool = False                        # the decoder stack replays CUDA graphs (length buckets)
 
     @property
     def micro_batches(self) -> float:
@@ -74,33 +77,43 @@ def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int = 50, val_f
 
 
 def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes) -> dict[str, float]:
-    """The run's terms of the model above, before their constants: loop-model seconds (training, and each
-    validation forward as VALIDATION_PASS of a micro-batch), training micro-batches, validation forwards and
-    distinct batch shapes."""
-    def over(batches, context):
-        secs = count = 0.0
+    """The run's terms of the model above, before their constants: seconds of its FLOPs at the card's peak
+    (`ideal_seconds`), training micro-batches with and without graphs and validation forwards (each times the
+    layers), distinct batch shapes, and the loop model's seconds (`loop_seconds`, the estimate without a fit)."""
+    def over(batches, context, share):
+        ideal = loop = count = 0.0
         for rows, length, n in batches:
-            secs += n * seconds_per_micro_batch(gpu, shape, setup, rows, length, context or length)
+            flops = flops_per_token(shape, setup, context or length) * rows * length * share
+            ideal += n * flops / (gpu.bf16_tflops * 1e12)
+            loop += n * share * seconds_per_micro_batch(gpu, shape, setup, rows, length, context or length)
             count += n
-        return secs, count
+        return ideal, loop, count
 
-    train_s, train_n = over(shapes.batches, shapes.context)
-    val_s, val_n = over(shapes.val_batches, None)
-    return {"loop_seconds": train_s * shapes.epochs + val_s * shapes.evaluations * VALIDATION_PASS,
-            "micro_batches": train_n * shapes.epochs, "val_forwards": val_n * shapes.evaluations,
-            "shapes": float(shapes.distinct)}
+    t_ideal, t_loop, t_n = over(shapes.batches, shapes.context, 1.0)
+    v_ideal, v_loop, v_n = over(shapes.val_batches, None, VALIDATION_PASS)
+    micro = t_n * shapes.epochs * shape.layers
+    return {"ideal_seconds": t_ideal * shapes.epochs + v_ideal * shapes.evaluations,
+            "loop_seconds": t_loop * shapes.epochs + v_loop * shapes.evaluations,
+            "graph_layers": micro if shapes.graphs else 0.0, "eager_layers": 0.0 if shapes.graphs else micro,
+            "val_layers": v_n * shapes.evaluations * shape.layers, "shapes": float(shapes.distinct)}
 
 
-def seconds_from_parts(parts: dict[str, float], fit: RunFit) -> float:
-    return (fit.warmup_s + fit.shape_s * parts["shapes"] + fit.scale * parts["loop_seconds"]
-            + fit.step_s * parts["micro_batches"] + fit.val_s * parts["val_forwards"])
+def seconds_from_parts(parts: dict[str, float], fit: RunFit | None) -> float:
+    if fit is None:
+        return parts["loop_seconds"]
+    return (fit.warmup_s + fit.shape_s * parts["shapes"] + parts["ideal_seconds"] / fit.mfu
+            + fit.graph_step_s * parts["graph_layers"] + fit.eager_step_s * parts["eager_layers"]
+            + fit.val_s * parts["val_layers"])
 
 
 def run_seconds(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes,
                 fit: RunFit | None = None) -> float:
-    """Seconds of the run's training phase (warm-up, steps, validation), by the product-path model."""
+    """Seconds of the run's training phase (warm-up, steps, validation), by the product-path model (or the
+    loop model where calibration.json has no "runs" entry for the method and size class)."""
     if fit is None:
-        fit = load_runs().get(speed_key(setup.method, shape), RunFit())
+        fit = load_runs().get(speed_key(setup.method, shape))
+        if fit is not None and abs(gpu.bf16_tflops / fit.gpu_tflops - 1) > SAME_CARD:
+            fit = None   # its fixed costs (launches, NF4 dequantisation) were measured on another class of card
     return seconds_from_parts(loop_parts(gpu, shape, setup, shapes), fit)
 
 
@@ -110,37 +123,46 @@ def run_tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes
     return shapes.real_tokens * shapes.epochs / run_seconds(gpu, shape, setup, shapes, fit)
 
 
-SHARED = ("warmup_s", "shape_s", "step_s", "val_s")   # the host's costs, one value for every key
+SHARED = ("warmup_s", "shape_s", "graph_step_s", "eager_step_s", "val_s")   # fixed costs, shared by every key
+DROP_FIRST = ("shape_s", "val_s", "graph_step_s", "eager_step_s", "warmup_s")
+FEATURE = {"warmup_s": lambda p: 1.0, "shape_s": lambda p: p["shapes"], "graph_step_s": lambda p: p["graph_layers"],
+           "eager_step_s": lambda p: p["eager_layers"], "val_s": lambda p: p["val_layers"]}
 
 
 def fit_runs(points: list[tuple[str, dict[str, float], float]]) -> dict[str, RunFit]:
-    """Fit one `scale` per key and the shared fixed costs to (key, loop_parts, measured seconds) points: least
-    squares on relative errors; a fixed cost whose fit comes out negative is dropped (0) and the rest refitted."""
+    """Fit one mfu per key and the shared fixed costs to (key, loop_parts, measured seconds) points: least
+    squares on relative errors; a fixed cost whose fit comes out negative is dropped (0), an mfu above MAX_MFU
+    is held at it, and the rest refitted."""
     if not points:
         raise ValueError("no measurements to fit")
     keys = sorted({k for k, _, _ in points})
-    feature = {"warmup_s": lambda p: 1.0, "shape_s": lambda p: p["shapes"], "step_s": lambda p: p["micro_batches"],
-               "val_s": lambda p: p["val_forwards"]}
-    shared = [n for n in SHARED if any(feature[n](p) for _, p, _ in points)]
+    shared = [n for n in SHARED if any(FEATURE[n](p) for _, p, _ in points)]
+    capped: set[str] = set()
     while True:
-        cols = len(keys) + len(shared)
-        a = [[(p["loop_seconds"] if k == key else 0.0) / t for key in keys] + [feature[n](p) / t for n in shared]
+        free = [k for k in keys if k not in capped]
+        a = [[(p["ideal_seconds"] if k == key else 0.0) / t for key in free] + [FEATURE[n](p) / t for n in shared]
              for k, p, t in points]
-        sol = _least_squares(a, [1.0] * len(points)) if len(points) >= cols else None
-        if sol is None:
+        b = [1.0 - (p["ideal_seconds"] / MAX_MFU / t if k in capped else 0.0) for k, p, t in points]
+        cols = len(free) + len(shared)
+        sol = _least_squares(a, b) if cols and len(points) >= cols else ([] if not cols else None)
+        if sol is None:   # terms the points cannot tell apart: drop the least general one first
             if not shared:
                 raise ValueError("the measurements cannot separate the terms")
-            shared = shared[:-1]
+            shared.remove(next(n for n in DROP_FIRST if n in shared))
             continue
-        bad = [n for n, v in zip(shared, sol[len(keys):]) if v < 0]
+        inv = dict(zip(free, sol[:len(free)]))
+        costs = dict(zip(shared, sol[len(free):]))
+        bad = [n for n, v in costs.items() if v < 0]
         if bad:
-            shared.remove(min(bad, key=lambda n: sol[len(keys) + shared.index(n)]))
+            shared.remove(min(bad, key=costs.get))
             continue
-        if any(v <= 0 for v in sol[:len(keys)]):
-            raise ValueError("the measurements give a non-positive scale")
-        costs = dict(zip(shared, sol[len(keys):]))
-        return {key: RunFit(scale=sol[i], points=sum(k == key for k, _, _ in points),
-                            **{n: costs.get(n, 0.0) for n in SHARED}) for i, key in enumerate(keys)}
+        fast = [k for k, v in inv.items() if v < 1 / MAX_MFU]
+        if fast:
+            capped |= set(fast)
+            continue
+        mfu = {k: (MAX_MFU if k in capped else 1 / inv[k]) for k in keys}
+        return {key: RunFit(mfu=mfu[key], points=sum(k == key for k, _, _ in points),
+                            **{n: costs.get(n, 0.0) for n in SHARED}) for key in keys}
 
 
 def _least_squares(a: list[list[float]], b: list[float]) -> list[float] | None:

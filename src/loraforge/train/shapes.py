@@ -42,4 +42,4 @@ def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] 
     return RunShapes(batches=tuple((r, n, c) for (r, n), c in sorted(counts.items())), real_tokens=sum(lengths),
                      epochs=micro / max(1, per_epoch), context=context,
                      val_batches=tuple((r, n, c) for (r, n), c in sorted(val_counts.items())),
-                     evaluations=evaluations)
+                     evaluations=evaluations, graphs=bool(buckets))
