@@ -136,6 +136,7 @@ def run_loraforge(spec: dict, work: Path) -> dict:
     s = json.loads((work / "run" / "summary.json").read_text())
     return {"wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"], "tokens": s["tokens_seen"],
             "tokens_per_s": s["tokens_per_s"], "peak_reserved_gib": s["peak_reserved_gib"],
+            "peak_allocated_gib": s.get("peak_allocated_gib"),
             "final_val_loss": s["final_val_loss"], "planned_tokens_per_s": s["planned_tokens_per_s"],
             "seconds_in": s.get("seconds_in"), "steps": s.get("steps"), "plan_speed": s.get("plan_speed"),
             "clock": _clock(work / "run" / "metrics.jsonl")}
@@ -210,7 +211,8 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
     val = trainer.evaluate()["eval_loss"]
     return {"wall_seconds": round(time.time() - t_start, 1), "train_seconds": round(secs, 2), "tokens": tokens,
             "tokens_per_s": round(tokens / secs, 1), "peak_reserved_gib": peak and round(peak, 3),
-            "final_val_loss": val}
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3) if cuda else None,
+            "final_val_loss": val, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
 
 # ---- the device run ----------------------------------------------------------------------------------------

@@ -66,3 +66,26 @@ def test_packed_losses_equal_unpacked_on_the_tiny_model(tiny_model, attn):
         for start, n, src in zip(row.boundaries, row.seq_lens, row.sources):
             got = losses(logits[r, start:start + n], labels[r, start:start + n])
             torch.testing.assert_close(got, alone[src], rtol=1e-4, atol=1e-4)
+
+
+def test_rows_padded_to_a_bucket_carry_the_segment_offsets():
+    """collate of packed rows with a length bucket and a row count: every tensor of that shape, padding rows
+    without loss, and cu_seqlens = each example's end in the flattened batch, one segment for each row's
+    padding, then empty segments up to a power of two."""
+    from loraforge.data.batching import collate
+    from loraforge.data.packing import cu_seqlens, segment_slots
+
+    rows = pack(_items([5, 9, 3, 7, 2]), 12)   # 26 tokens: rows [9, 3], [7, 5], [2]
+    batch = collate(rows, 0, buckets=[8, 16], rows=4)
+    assert all(v.shape == (4, 16) for k, v in batch.items() if k != "cu_seqlens")
+    assert (batch["labels"][3] == IGNORE_INDEX).all() and int(batch["attention_mask"].sum()) == 26
+    ends = []
+    for r in range(4):
+        lens = rows[r].seq_lens if r < len(rows) else []
+        ends += [16 * r + sum(lens[:k + 1]) for k in range(len(lens))]
+        if not ends or ends[-1] != 16 * (r + 1):
+            ends.append(16 * (r + 1))
+    assert len(ends) == 9 and batch["cu_seqlens"].tolist() == [0] + ends + [64] * (16 - 9)
+    assert [segment_slots(n) for n in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
+    full = cu_seqlens([[4, 4], [8]], 2, 8)   # rows filled exactly: no padding segment
+    assert full.tolist() == [0, 4, 8, 16] + [16] * 5 and full.dtype.is_floating_point is False

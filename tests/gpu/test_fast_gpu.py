@@ -355,16 +355,7 @@ def test_graph_set_shapes_share_one_pool_and_replay_the_eager_steps(ckpt):
     eager = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="off")
     graphed = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="on")
     graphed.graphs.shared = True
-    for step in range(9):
-        batch = shapes[step % 3]
-        ref = _grads(model, eager, batch)
-        got = _grads(model, graphed, batch)
-        assert got[0] == pytest.approx(ref[0], rel=1e-3), step
-        for k in ref[1]:
-            assert rel(got[1][k], ref[1][k]) < 1e-2, (step, k)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data.mul_(1.05)
+    _steps_match(model, eager, graphed, [shapes[step % 3] for step in range(9)])
     sets = graphed.graphs.by_key.values()
     assert len(sets) == 3 and all(g.fwd is not None and g.bwd is not None and g.failed is None for g in sets)
     assert len({g.fwd.pool() for g in sets}) == 1
@@ -378,3 +369,59 @@ def test_graph_set_shapes_share_one_pool_and_replay_the_eager_steps(ckpt):
         grads[parts is graphed] = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
     for k in grads[False]:
         assert rel(grads[True][k], grads[False][k]) < 1e-2, k
+
+
+def _packed_batches(n_batches=3, rows=2, width=256):
+    """Batches of packed rows as the trainer collates them where graphs replay: one length bucket, full rows,
+    the segment offsets (data.packing.cu_seqlens) padded to a power of two."""
+    from loraforge.data.batching import collate
+    from loraforge.data.packing import pack
+    from loraforge.data.templates import Tokenized
+
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for b in range(n_batches):
+        items = []
+        for i in range(9):
+            n = int(torch.randint(12, 110, (1,), generator=g))
+            ids = torch.randint(1, 1000, (n,), generator=g).tolist()
+            items.append(Tokenized(ids, [IGNORE_INDEX] * 5 + ids[5:], f"b{b}e{i}"))
+        packed = pack(items, width)[:rows]
+        out.append({k: v.cuda() for k, v in collate(packed, 0, buckets=[width], rows=rows).items()})
+    return out
+
+
+@pytest.mark.parametrize("quantize,ckpt", [(False, True), (True, "offload"), (False, False)],
+                         ids=["bf16", "nf4-offload", "no-checkpointing"])
+def test_cuda_graphs_replay_packed_rows(quantize, ckpt):
+    """Packed rows through the CUDA graphs (varlen attention with the collate's segment offsets, refilled
+    before each replay; empty segments pad the offsets; the row length bounds the longest example): step
+    after step, over batches whose examples differ but whose shape repeats, the graphs give the eager
+    per-layer path's loss and gradients, and that path gives PEFT's (the masked SDPA reference)."""
+    model = _small_llama(quantize)
+    batches = _packed_batches()
+    keys = {tuple(b["cu_seqlens"].shape) for b in batches}
+    eager = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="off")
+    graphed = FastLlama(model, dtype=BF16, checkpointing=ckpt, graphs="on")
+    plain = _grads(model, split_model(model), batches[0])
+    first = _grads(model, eager, batches[0])
+    assert first[0] == pytest.approx(plain[0], rel=1e-2)
+    _steps_match(model, eager, graphed, [batches[step % len(batches)] for step in range(6)])
+    sets = list(graphed.graphs.by_key.values())
+    assert len(sets) == len(keys) and all(g.fwd is not None and g.bwd is not None and g.failed is None
+                                          for g in sets)
+    assert graphed.graphs.current.eager is False
+
+
+def _steps_match(model, eager, graphed, batches):
+    """Step after step (the adapter changed between steps), the graphed FastLlama's loss and gradients equal
+    the eager one's."""
+    for step, batch in enumerate(batches):
+        ref = _grads(model, eager, batch)
+        got = _grads(model, graphed, batch)
+        assert got[0] == pytest.approx(ref[0], rel=1e-3), step
+        for k in ref[1]:
+            assert rel(got[1][k], ref[1][k]) < 1e-2, (step, k)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.mul_(1.05)

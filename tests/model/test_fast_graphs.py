@@ -1,7 +1,7 @@
 """The whole-stack path that CUDA graphs capture (model.fast.graphs), run eagerly on CPU: the same loss and
 gradients as the per-layer path and as PEFT, gradients that accumulate over micro-batches, one set of graphs
-per batch shape, and the conditions under which the graphs stay out (packed rows, a shape seen once). The graphs themselves
-are compared on the device: tests/gpu/test_fast_gpu.py."""
+per batch shape, packed rows, and the conditions under which the graphs stay out (a shape seen once, an eval
+forward). The graphs themselves are compared on the device: tests/gpu/test_fast_gpu.py."""
 
 import pytest
 import torch
@@ -46,21 +46,55 @@ def test_gradients_accumulate_over_micro_batches():
             _close(p.grad, ga[k] + gb[k], 1e-6, k)
 
 
-def test_graphs_apply_with_dropout_and_without_checkpointing_but_not_to_packed_rows():
+def test_graphs_apply_with_dropout_and_without_checkpointing():
     assert FastLlama(_adapted("llama", dropout=0.1), dtype=torch.float32, checkpointing=True).graphs is not None
     model = _adapted("llama")
     assert FastLlama(model, dtype=torch.float32, checkpointing=False).graphs is not None
     assert FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off").graphs is None
     fast = FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="eager")
-    batch = _batch()
-    packed = {"input_ids": batch["input_ids"][:1], "labels": batch["labels"][:1],
-              "position_ids": torch.arange(20)[None] % 10, "segment_ids": (torch.arange(20)[None] >= 10).long()}
-    fast.loss_sum(packed)[0].backward()
-    assert fast.graphs.eager is None   # the per-layer path ran
     model.eval()
     with torch.no_grad():
-        fast.loss_sum(batch)
-    assert fast.graphs.eager is None
+        fast.loss_sum(_batch())
+    assert fast.graphs.eager is None   # no training step: the per-layer path ran
+
+
+def _packed_batch():
+    """Two batches' worth of packed rows as the trainer collates them where graphs replay: padded to a length
+    bucket and to full rows, with the segment offsets (data.packing.cu_seqlens)."""
+    from loraforge.data.batching import collate
+    from loraforge.data.packing import pack
+    from loraforge.data.templates import Tokenized
+
+    g = torch.Generator().manual_seed(5)
+    items = []
+    for i, n in enumerate([9, 14, 5, 11, 7]):
+        ids = torch.randint(1, 90, (n,), generator=g).tolist()
+        items.append(Tokenized(ids, [-100] * 2 + ids[2:], f"e{i}"))
+    rows = pack(items, 20)
+    return collate(rows, 0, buckets=[24], rows=len(rows) + 1)
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_packed_rows_through_the_stack_path_match_per_layer(ckpt):
+    """Packed rows (padded to a bucket and to full rows, as where graphs replay) run through the stack path
+    with the per-layer path's loss and gradients; a capturing FastLlama on CPU (a mask, not varlen) keeps them
+    on the per-layer path."""
+    model = _adapted("llama")
+    batch = _packed_batch()
+    assert batch["input_ids"].shape == (4, 24) and int(batch["cu_seqlens"][-1]) == 4 * 24
+    ref_loss, ref_n, ref = _loss_and_grads(model, FastLlama(model, dtype=torch.float32, checkpointing=ckpt,
+                                                             graphs="off"), batch)
+    plain = _loss_and_grads(model, split_model(model), batch)
+    stack = FastLlama(model, dtype=torch.float32, checkpointing=ckpt, graphs="eager")
+    loss, n, grads = _loss_and_grads(model, stack, batch)
+    assert stack.graphs.eager is True and n == ref_n == plain[1]
+    assert loss == pytest.approx(ref_loss, rel=1e-6) and loss == pytest.approx(plain[0], rel=1e-5)
+    for k in grads:
+        _close(grads[k], ref[k], 1e-6, k)
+    capturing = FastLlama(model, dtype=torch.float32, checkpointing=ckpt)
+    for _ in range(2):
+        _loss_and_grads(model, capturing, batch)
+    assert capturing.graphs.eager is None
 
 
 def test_backward_into_buffers_gives_the_returned_gradients():

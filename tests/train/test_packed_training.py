@@ -11,7 +11,7 @@ from loraforge.config import LoraSection, build_config
 from loraforge.data.batching import collate
 from loraforge.data.formats import Example
 from loraforge.data.packing import pack
-from loraforge.data.templates import tokenize_example
+from loraforge.data.templates import Tokenized, tokenize_example
 from loraforge.model.adapters import attach_adapter
 from loraforge.model.fast import FastLlama
 from loraforge.model.load import load_base
@@ -56,17 +56,17 @@ def test_packed_run_trains_on_fewer_rows(tiny_model, tmp_path):
     assert metrics[-1]["loss"] < 0.7 * metrics[0]["loss"]
 
 
-def test_validation_batches_fill_a_packed_step_and_keep_every_example_once():
-    from loraforge.train.loop import validation_batches
+def test_validation_batches_and_packed_validation_rows_keep_every_example_once():
+    from loraforge.train.loop import validation_batches, validation_rows
 
     lengths = [50, 7, 300, 120, 120, 33, 90, 260, 15, 64]
     plain = validation_batches(lengths, 3)
     assert [len(b) for b in plain] == [3, 3, 3, 1]
-    budget = validation_batches(lengths, 1, max_tokens=512)
-    assert sorted(i for b in budget for i in b) == list(range(len(lengths)))
-    assert all(len(b) * max(lengths[i] for i in b) <= 512 for b in budget if len(b) > 1)
-    assert len(budget) < len(lengths) / 2
-    assert [lengths[b[0]] for b in budget] == sorted(lengths[b[0]] for b in budget)
+    assert [lengths[i] for b in plain for i in b] == sorted(lengths)
+    items = [Tokenized(list(range(n)), list(range(n)), f"v{k}") for k, n in enumerate(lengths)]
+    rows = validation_rows(items, 512)
+    assert sorted(s for r in rows for s in r.sources) == sorted(t.source for t in items)
+    assert len(rows) == 3 and all(len(r.input_ids) <= 512 for r in rows)   # 1,049 tokens
 
 
 def test_packed_validation_loss_equals_one_example_at_a_time(tiny_model):
@@ -78,5 +78,5 @@ def test_packed_validation_loss_equals_one_example_at_a_time(tiny_model):
              for i, r in enumerate(chat_rows(11))]
     one = evaluate_loss(model, items, 1, tok.pad_token_id, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     filled = evaluate_loss(model, items, 1, tok.pad_token_id, torch.device("cpu"),
-                           lambda: torch.autocast("cpu", enabled=False), max_tokens=400)
+                           lambda: torch.autocast("cpu", enabled=False), pack_to=400)
     assert filled == pytest.approx(one, rel=1e-5)

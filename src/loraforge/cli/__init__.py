@@ -14,6 +14,7 @@ second Ctrl-C without saving, 1 an unexpected failure (a bug: a traceback).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -339,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.text import Text
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    # the CUDA caching allocator grows segments in place instead of keeping blocks of every size it once
+    # needed: peak reserved memory near the peak allocated (the user's own setting wins). Read when CUDA
+    # first allocates, so set before any command touches the GPU; torchrun's workers inherit it.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         code = app(args=argv, standalone_mode=False)
         if code == 130:  # click turns a KeyboardInterrupt (a second Ctrl-C) into this return value

@@ -63,11 +63,11 @@ def bucket_length(longest: int, buckets: list[int]) -> int:
 
 def collate(items: list[Tokenized], pad_id: int, buckets: list[int] | None = None, rows: int | None = None):
     """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors;
-    packed rows (data.packing) also get position_ids and segment_ids (see data.packing.collate_rows).
+    packed rows (data.packing) also get position_ids, segment_ids and cu_seqlens (data.packing.collate_rows).
     With `buckets` the length is padded up to a bucket, and with `rows` the batch to that many rows."""
-    if items and hasattr(items[0], "seq_lens"):
-        return collate_rows(items, pad_id)
     length = bucket_length(max(len(t.input_ids) for t in items), buckets) if buckets else None
+    if items and hasattr(items[0], "seq_lens"):
+        return collate_rows(items, pad_id, length, rows)
     return {"input_ids": pad_right([t.input_ids for t in items], pad_id, length, rows),
             "attention_mask": pad_right([[1] * len(t.input_ids) for t in items], 0, length, rows),
             "labels": pad_right([t.labels for t in items], IGNORE_INDEX, length, rows)}

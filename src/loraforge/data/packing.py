@@ -116,13 +116,15 @@ def collate_packed(rows: list[PackedRow], pad_id: int, dtype=None):
             "attention_mask": block_causal_mask([r.seq_lens for r in rows], ids.shape[1], dtype)}
 
 
-def collate_rows(rows: list[PackedRow], pad_id: int):
+def collate_rows(rows: list[PackedRow], pad_id: int, length: int | None = None, n_rows: int | None = None):
     """A training batch of packed rows: input_ids, labels, position_ids, a 2D attention_mask of real tokens
-    (for counting) and segment_ids (which example of its row each token belongs to; every pad its own
-    segment), from which the model side builds the attention it needs (`segment_attention`)."""
+    (for counting), segment_ids (which example of its row each token belongs to; every pad its own segment),
+    from which the model side builds the attention it needs (`segment_attention`), and cu_seqlens (see
+    `cu_seqlens`). With `length` the rows are padded to that many tokens and with `n_rows` the batch to that
+    many rows (rows of padding only), so that batch shapes repeat (data.batching's length buckets)."""
     import torch
 
-    ids = pad_right([r.input_ids for r in rows], pad_id)
+    ids = pad_right([r.input_ids for r in rows], pad_id, length, n_rows)
     seg = torch.full(ids.shape, -1, dtype=torch.long)
     for r, row in enumerate(rows):
         pos = 0
@@ -130,9 +132,38 @@ def collate_rows(rows: list[PackedRow], pad_id: int):
             seg[r, pos:pos + n] = k
             pos += n
         seg[r, pos:] = torch.arange(len(row.seq_lens), len(row.seq_lens) + ids.shape[1] - pos)
-    return {"input_ids": ids, "labels": pad_right([r.labels for r in rows], IGNORE_INDEX),
-            "position_ids": pad_right([r.position_ids for r in rows], 0),
-            "attention_mask": pad_right([[1] * len(r.input_ids) for r in rows], 0), "segment_ids": seg}
+    seg[len(rows):] = torch.arange(ids.shape[1])
+    shape = {"length": ids.shape[1], "rows": ids.shape[0]}
+    return {"input_ids": ids, "labels": pad_right([r.labels for r in rows], IGNORE_INDEX, **shape),
+            "position_ids": pad_right([r.position_ids for r in rows], 0, **shape),
+            "attention_mask": pad_right([[1] * len(r.input_ids) for r in rows], 0, **shape), "segment_ids": seg,
+            "cu_seqlens": cu_seqlens([r.seq_lens for r in rows], *ids.shape)}
+
+
+def segment_slots(n: int) -> int:
+    """The number of segments cu_seqlens is padded to for `n` real ones: a power of two (at least 8), so that
+    batches of packed rows come in a few shapes that CUDA graphs can replay (model.fast.graphs)."""
+    return max(8, 1 << (n - 1).bit_length())
+
+
+def cu_seqlens(seq_lens: list[list[int]], n_rows: int, width: int):
+    """int32 offsets of the segments of a (n_rows, width) batch of packed rows, flattened: each row's examples,
+    then its padding as one segment; padded with the total (empty segments) to `segment_slots` segments. What
+    varlen flash attention takes, computed on the host so that the device never has to say where examples
+    start (ops.packed_attention). Padding attends to padding only, whose outputs carry no loss."""
+    import torch
+
+    ends, pos = [], 0
+    for r in range(n_rows):
+        lens = seq_lens[r] if r < len(seq_lens) else []
+        for n in lens:
+            pos += n
+            ends.append(pos)
+        pos = (r + 1) * width
+        if not ends or ends[-1] != pos:
+            ends.append(pos)
+    slots = segment_slots(len(ends))
+    return torch.tensor([0] + ends + [pos] * (slots - len(ends)), dtype=torch.int32)
 
 
 def segment_attention(segment_ids):

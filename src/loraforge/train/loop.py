@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 from loraforge.config import RunConfig
 from loraforge.data.batching import batch_order, collate, length_buckets
-from loraforge.data.packing import segment_attention
+from loraforge.data.packing import pack, segment_attention
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 from loraforge.errors import LoraforgeError, Stopped
+from loraforge.model.attention import decode_attention
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import TrainerState, save_checkpoint
 from loraforge.train.precision import Precision
@@ -121,41 +122,45 @@ def prepare_model(model, dist: D.DistContext, device: str, fast=None) -> torch.n
     return D.wrap(StepModule(model, fast), dist, device)
 
 
-def validation_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Indices of the validation examples, shortest first, in batches of `batch_size`; or, with `max_tokens`
-    (packed runs: a training row's tokens x rows), as many as fit padded in that many tokens, so that a packed
-    run's validation takes a few forwards of the training step's size rather than one per example."""
+def validation_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the validation examples, shortest first, in batches of `batch_size`."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    if not max_tokens:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches, cur = [], []
-    for i in order:   # ascending: the newest example is the batch's longest
-        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    return batches + ([cur] if cur else [])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def validation_rows(items: list[Tokenized], pack_to: int) -> list:
+    """A packed run's validation examples packed as its training rows are (data.packing): each example keeps
+    its own loss, and every forward is a training batch's shape (rows of `pack_to` tokens, the segment offsets
+    the varlen attention reads from the host), instead of one padded shape per batch."""
+    return pack(items, pack_to)
 
 
 @torch.no_grad()
 def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, device, autocast,
-                  fast=None, dist: D.DistContext = D.SINGLE, step_module=None, max_tokens: int | None = None) -> float:
-    """Mean token loss over `items` (batches as validation_batches); under torchrun each rank takes every W-th
-    batch (and runs as many forwards as the others, a repeat counted as nothing) and the sums are added across
-    ranks."""
+                  fast=None, dist: D.DistContext = D.SINGLE, step_module=None, pack_to: int | None = None) -> float:
+    """Mean token loss over `items` (batches as validation_batches; with `pack_to`, packed runs, rows of that
+    many tokens, `batch_size` rows a forward); under torchrun each rank takes every W-th batch (and runs as many
+    forwards as the others, a repeat counted as nothing) and the sums are added across ranks. The forwards run
+    with flash attention rather than cuDNN's, which plans every new shape (model.attention)."""
     was_training = model.training
     model.eval()
     forward = step_module if step_module is not None else StepModule(model, fast)
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    batches = validation_batches([len(t.input_ids) for t in items], batch_size, max_tokens)
-    mine = batches[dist.rank::dist.world]
-    for j in range(math.ceil(len(batches) / dist.world)):
-        chosen = mine[j] if j < len(mine) else batches[0]
-        batch = to_device(collate([items[i] for i in chosen], pad_id), device)
-        with autocast():
-            s, n = forward(batch)
-        if j < len(mine):   # summed on the device: one read at the end
-            total, count = total + s.detach(), count + n
+    if pack_to:
+        rows = validation_rows(items, pack_to)
+        groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        shape = {"buckets": [-(-pack_to // 16) * 16], "rows": batch_size}
+    else:
+        groups = [[items[i] for i in b] for b in validation_batches([len(t.input_ids) for t in items], batch_size)]
+        shape = {}
+    mine = groups[dist.rank::dist.world]
+    with decode_attention(torch.device(device)):
+        for j in range(math.ceil(len(groups) / dist.world)):
+            batch = to_device(collate(mine[j] if j < len(mine) else groups[0], pad_id, **shape), device)
+            with autocast():
+                s, n = forward(batch)
+            if j < len(mine):   # summed on the device: one read at the end
+                total, count = total + s.detach(), count + n
     total, count = dist.all_sum([float(total), count], device)
     model.train(was_training)
     return total / max(count, 1)
@@ -300,7 +305,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
     batches = micro_batches(train_items, cfg, state)
     buckets = _buckets(train_items, cfg, fast, log)
     rows = tc.batch_size if buckets else None
-    val_tokens = tc.batch_size * cfg.data.max_seq_length if cfg.data.packing else None   # validation_batches
+    pack_val = cfg.data.max_seq_length if cfg.data.packing else None   # evaluate_loss: validation rows
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = extra = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
@@ -392,7 +397,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
                 started = time.time()
                 if evaluate and val_items:
                     val_loss = row["val_loss"] = evaluate_loss(model, val_items, tc.batch_size, pad_id, device,
-                                                               autocast, fast, dist, step_module, val_tokens)
+                                                               autocast, fast, dist, step_module, pack_val)
                 if evaluate and on_validate is not None:   # the task metric, best checkpoint, early stop
                     extra = on_validate(state.step, row.get("val_loss"))
                     row.update({k: v for k, v in (extra or {}).items() if k != "stop"})
@@ -424,8 +429,9 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
 
 def batch_buckets(items: list[Tokenized], cfg: RunConfig, fast) -> list[int] | None:
     """The padded lengths of the training batches where the fast path replays CUDA graphs (each length's
-    shape then repeats), else None (each batch padded to its own longest example)."""
-    if fast is None or cfg.data.packing or not items:
+    shape then repeats), else None (each batch padded to its own longest example). Packed rows too: their
+    lengths are the rows' (mostly max_seq_length), and collate adds the segment offsets graphs replay with."""
+    if fast is None or not items:
         return None
     buckets = length_buckets([len(t.input_ids) for t in items], cfg.train.batch_size, cfg.seed)
     return buckets if fast.graphs_want_buckets(cfg.train.batch_size * buckets[-1]) else None

@@ -83,6 +83,7 @@ class TrainSummary:
     planned_tokens_per_s: float | None
     plan_speed: dict | None   # what the plan's speed model was given (one GPU, SFT)
     peak_reserved_gib: float | None
+    peak_allocated_gib: float | None   # what tensors held at the peak (reserved adds the allocator's cache)
     objective: str
     selection: dict           # train.selection's account of which step adapter/ holds
     replay_examples: int
@@ -416,6 +417,7 @@ class TrainingRun:
             planned_tokens_per_s=round(plan.tokens_per_s, 1) if dist.is_main and plan.tokens_per_s else None,
             plan_speed=self.plan_speed if dist.is_main else None,
             peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if device == "cuda" else None,
+            peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 3) if device == "cuda" else None,
             objective=self.cfg.objective, selection=self.selection.describe(),
             replay_examples=self.data_report.get("replay_examples", 0), report=getattr(result, "report", {}))
 

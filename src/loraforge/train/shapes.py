@@ -13,7 +13,7 @@ from collections import Counter
 from loraforge.config import RunConfig
 from loraforge.data.batching import batch_order, bucket_length
 from loraforge.plan.run_speed import RunShapes
-from loraforge.train.loop import plan_steps, validation_batches
+from loraforge.train.loop import plan_steps, validation_batches, validation_rows
 
 
 def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] | None) -> RunShapes:
@@ -34,10 +34,13 @@ def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] 
         example = [n for t in items for n in t.seq_lens]
         context = max(1, round(sum(n * n for n in example) / max(1, sum(example))))
     val_counts: Counter = Counter()
-    val_lengths = [len(t.input_ids) for t in val_items]
-    val_tokens = tc.batch_size * cfg.data.max_seq_length if cfg.data.packing else None
-    for batch in validation_batches(val_lengths, tc.batch_size, val_tokens):
-        val_counts[(len(batch), max(val_lengths[i] for i in batch))] += 1
+    if cfg.data.packing and val_items:   # rows of max_seq_length, batch_size a forward (train.loop.evaluate_loss)
+        val_counts[(tc.batch_size, -(-cfg.data.max_seq_length // 16) * 16)] = \
+            -(-len(validation_rows(val_items, cfg.data.max_seq_length)) // tc.batch_size)
+    else:
+        val_lengths = [len(t.input_ids) for t in val_items]
+        for batch in validation_batches(val_lengths, tc.batch_size):
+            val_counts[(len(batch), max(val_lengths[i] for i in batch))] += 1
     evaluations = (steps // tc.eval_every + (steps % tc.eval_every != 0)) if val_items else 0
     return RunShapes(batches=tuple((r, n, c) for (r, n), c in sorted(counts.items())), real_tokens=sum(lengths),
                      epochs=micro / max(1, per_epoch), context=context,

@@ -18,9 +18,12 @@ embedding, the final norm and the loss stay outside (the loss kernel reads a hos
 The adapter's gradients are written by the backward graph into buffers of its own (outside the graphs'
 pool), which become the parameters' `.grad` (or are added to them when gradients accumulate); so the graphs
 apply only where nothing else must see the gradients arrive: one process (DDP and FSDP2 reduce them in
-autograd hooks), and unpacked rows (varlen attention takes the longest example as a host integer). LoRA
-dropout runs inside them: its masks are functions of a seed tensor refilled before each replay
-(model.fast.dropout). FastLlama decides where they apply.
+autograd hooks). Packed rows replay too when their batches come with the collate's cu_seqlens
+(data.packing.cu_seqlens): the segment offsets padded to a few counts and refilled before each replay like
+the hidden states, and the row length as the bound on the longest example (a host integer varlen attention
+launches with; the session 11 profile of a packed 1B run had the host launching kernels for 257 ms of each
+289 ms step, bench/results/train_e2e/profiles_s11). LoRA dropout runs inside them: its masks are functions
+of a seed tensor refilled before each replay (model.fast.dropout). FastLlama decides where they apply.
 
 Without CUDA (`capture=False`) the same stack functions run eagerly: tests on CPU compare them, gradients
 included, against the per-layer path (model.fast.recompute); the GPU tests compare the graphs.
@@ -46,8 +49,9 @@ def host_bound(tokens: int, layer_weights: int) -> bool:
     return tokens * layer_weights <= HOST_BOUND_WORK
 
 
-def stack_forward(layers, h, cos, sin, pool):
-    """Run the layers without grad; (output, saved inputs: None where the pool holds them)."""
+def stack_forward(layers, h, cos, sin, pool, packed=None):
+    """Run the layers without grad; (output, saved inputs: None where the pool holds them). `packed`: the
+    attention of packed rows (ops.packed_attention), None for unpacked ones."""
     saved = []
     with torch.no_grad():
         for i, layer in enumerate(layers):
@@ -56,13 +60,13 @@ def stack_forward(layers, h, cos, sin, pool):
                 saved.append(None)
             else:
                 saved.append(h)
-            h = layer(h, cos, sin, None)
+            h = layer(h, cos, sin, packed)
         if pool is not None:
             pool.finish(torch.cuda.current_stream(h.device))
     return h, saved
 
 
-def stack_backward(layers, params, grad, cos, sin, saved, pool, into=None) -> list[torch.Tensor] | None:
+def stack_backward(layers, params, grad, cos, sin, saved, pool, into=None, packed=None) -> list[torch.Tensor] | None:
     """Each layer, top down, recomputed with grad and back-propagated from `grad`. The gradients of
     `params` (one list per layer) are returned flattened in that order, made contiguous (they may be
     slices of one block matrix, see lora.LoraGroupFn); or, with `into` (one list of buffers per layer),
@@ -72,7 +76,7 @@ def stack_backward(layers, params, grad, cos, sin, saved, pool, into=None) -> li
         h = pool.load(i, grad.device) if saved[i] is None else saved[i]
         h = h.detach().requires_grad_(True)
         with torch.enable_grad():
-            y = layers[i](h, cos, sin, None)
+            y = layers[i](h, cos, sin, packed)
         res = torch.autograd.grad(y, [h, *params[i]], grad, allow_unused=True)
         grad = res[0]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params[i], res[1:])]
@@ -115,15 +119,18 @@ class StackGraphs:
         self.fwd = self.bwd = None
         self.anchor = None
         self.eager = None     # whether the last step's stack ran without graphs (None: not through here)
-        self.saved = None
+        self.saved = self.packed = self.step_packed = None
 
     @staticmethod
-    def shape_key(h, cos):
-        return tuple(h.shape), h.dtype, tuple(cos.shape), h.device
+    def shape_key(h, cos, packed=None):
+        """What a graph is captured for: the shapes and the host values its kernels were launched with (for
+        packed rows: the number of segments and the bound on the longest, data.packing.cu_seqlens)."""
+        attn = None if packed is None else (packed[0], tuple(packed[1].shape), *packed[2:])
+        return tuple(h.shape), h.dtype, tuple(cos.shape), h.device, attn
 
-    def ready(self, h, cos) -> bool:
+    def ready(self, h, cos, packed=None) -> bool:
         """True when this step runs through the graphs: captured for this shape, or the shape repeats."""
-        key = self.shape_key(h, cos)
+        key = self.shape_key(h, cos, packed)
         if not self.capture:
             return True
         if self.only_host_bound and not self.host_bound(h.shape[0] * h.shape[1]):
@@ -138,44 +145,49 @@ class StackGraphs:
     def host_bound(self, tokens: int) -> bool:
         return host_bound(tokens, self.layer_weights)
 
-    def __call__(self, h, cos, sin) -> torch.Tensor:
+    def __call__(self, h, cos, sin, packed=None) -> torch.Tensor:
         # the node's one input with grad is a scalar of our own, not the parameters: their AccumulateGrad
         # nodes, made here on the default stream, would be kept alive into the backward capture, and autograd
         # syncing the capture stream with the default one there invalidates the capture
         if self.anchor is None or self.anchor.device != h.device:
             self.anchor = torch.zeros((), device=h.device, requires_grad=True)
-        return _Stack.apply(self, h, cos, sin, self.anchor)
+        return _Stack.apply(self, h, cos, sin, packed, self.anchor)
 
     # -- forward -----------------------------------------------------------------------------------------
-    def forward(self, h, cos, sin) -> torch.Tensor:
+    def forward(self, h, cos, sin, packed=None) -> torch.Tensor:
         if self.capture and self.fwd is None and self.failed is None:
             try:
-                self._capture_forward(h, cos, sin)
+                self._capture_forward(h, cos, sin, packed)
             except Exception as e:  # noqa: BLE001 - the stack then runs eagerly, as without graphs
                 self._fail("forward", e)
         self.eager = not self.capture or self.failed is not None
         if self.eager:
-            self.step_cos, self.step_sin = cos, sin
-            out, self.saved = stack_forward(self.layers, h, cos, sin, self.pool)
+            self.step_cos, self.step_sin, self.step_packed = cos, sin, packed
+            out, self.saved = stack_forward(self.layers, h, cos, sin, self.pool, packed)
             return out
         self.h_in.copy_(h)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+        if packed is not None:
+            self.packed[1].copy_(packed[1])
         self.fwd.replay()
         return self.out.detach()
 
-    def _capture_forward(self, h, cos, sin) -> None:
+    def _capture_forward(self, h, cos, sin, packed) -> None:
         torch.cuda.synchronize()
         # the eager steps' cached blocks would sit beside the graphs' own pool: give them back first
         torch.cuda.empty_cache()
         self.h_in, self.cos, self.sin = h.detach().clone(), cos.detach().clone(), sin.detach().clone()
+        # packed rows: the segment offsets are an input like h (refilled before each replay); the bound on the
+        # longest segment is a host value, part of the shape key
+        self.packed = None if packed is None else (packed[0], packed[1].clone(), *packed[2:])
         self.fwd = torch.cuda.CUDAGraph()
         memory = self.memory() if self.memory is not None else None
         with torch.cuda.graph(self.fwd, pool=memory, capture_error_mode="thread_local"):
-            self.out, self.saved = stack_forward(self.layers, self.h_in, self.cos, self.sin, self.pool)
+            self.out, self.saved = stack_forward(self.layers, self.h_in, self.cos, self.sin, self.pool, self.packed)
         # the pinned buffers the graphs read and write stay alive, even if a larger eager step replaces them
         self.keep = dict(self.pool.buffers) if self.pool is not None else {}
-        self.key = self.shape_key(h, cos)
+        self.key = self.shape_key(h, cos, packed)
 
     # -- backward ----------------------------------------------------------------------------------------
     def backward(self, grad) -> None:
@@ -184,11 +196,11 @@ class StackGraphs:
                 self._capture_backward(grad)
             except Exception as e:  # noqa: BLE001
                 self._fail("backward", e)
-                self.step_cos, self.step_sin, self.eager = self.cos, self.sin, True
+                self.step_cos, self.step_sin, self.step_packed, self.eager = self.cos, self.sin, self.packed, True
         if self.eager:   # the inputs stored by this step's forward (eager, or the forward graph's replay)
             grads = stack_backward(self.layers, self.params, grad, self.step_cos, self.step_sin, self.saved,
-                                   self.pool)
-            self.saved = self.step_cos = self.step_sin = None
+                                   self.pool, packed=self.step_packed)
+            self.saved = self.step_cos = self.step_sin = self.step_packed = None
             if self.failed is not None:
                 self.fwd = self.bwd = self.out = self.grads = None   # the graphs' pool goes back
             give_grads(self.flat, grads)
@@ -215,7 +227,7 @@ class StackGraphs:
         with torch.cuda.graph(self.bwd, pool=self.fwd.pool(), capture_error_mode="thread_local"):
             self.grad_in = torch.empty_like(grad)
             stack_backward(self.layers, self.params, self.grad_in, self.cos, self.sin, self.saved, self.pool,
-                           into=per_layer)
+                           into=per_layer, packed=self.packed)
 
     def _fail(self, what: str, e: Exception) -> None:
         self.failed = f"capturing the {what} failed: {e!r}"
@@ -262,23 +274,23 @@ class GraphSet:
         padding to a few lengths): capture is on and, under `auto`, such steps are host-bound."""
         return self.capture and (not self.only_host_bound or host_bound(tokens, self.layer_weights))
 
-    def ready(self, h, cos) -> bool:
-        key = StackGraphs.shape_key(h, cos)
+    def ready(self, h, cos, packed=None) -> bool:
+        key = StackGraphs.shape_key(h, cos, packed)
         graphs = self.by_key.get(key)
         if graphs is None:
             if len(self.by_key) >= self.limit:
                 return False
             graphs = self.by_key[key] = self.make()
         self.current = graphs
-        return graphs.ready(h, cos)
+        return graphs.ready(h, cos, packed)
 
     @property
     def eager(self):
         """Whether the last step's stack ran without graphs (None: no step went through here)."""
         return None if self.current is None else self.current.eager
 
-    def __call__(self, h, cos, sin) -> torch.Tensor:
-        return self.current(h, cos, sin)
+    def __call__(self, h, cos, sin, packed=None) -> torch.Tensor:
+        return self.current(h, cos, sin, packed)
 
 
 class _Stack(torch.autograd.Function):
@@ -286,11 +298,11 @@ class _Stack(torch.autograd.Function):
     parameters their gradients itself (so none are returned here; `anchor` only makes the output need grad)."""
 
     @staticmethod
-    def forward(ctx, graphs: StackGraphs, h, cos, sin, anchor):
+    def forward(ctx, graphs: StackGraphs, h, cos, sin, packed, anchor):
         ctx.graphs = graphs
-        return graphs.forward(h, cos, sin)
+        return graphs.forward(h, cos, sin, packed)
 
     @staticmethod
     def backward(ctx, grad):
         ctx.graphs.backward(grad)
-        return None, None, None, None, None
+        return None, None, None, None, None, None

@@ -216,9 +216,9 @@ class FastLlama:
             self.graphs = GraphSet(self.layers, params, self.pool, capture=graphs != "eager", layer_weights=weights,
                                    only_host_bound=graphs == "auto")
 
-    def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None, cu_seqlens=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, H) in the compute dtype. Packed rows (data.packing) give their
-        position_ids and segment_ids: attention then stays inside each example."""
+        position_ids and segment_ids (and the collate's cu_seqlens): attention then stays inside each example."""
         dev = input_ids.device
         self.state.forward_pass += 1   # the LoRA factors are cast once per pass
         training = torch.is_grad_enabled() and self.model.training
@@ -227,20 +227,23 @@ class FastLlama:
             if seed.device != dev:
                 seed = self.state.dropout_seed = new_seed(dev)
             reseed_(seed)
-        packed = packed_attention(segment_ids) if segment_ids is not None else None
+        packed = packed_attention(segment_ids, cu_seqlens) if segment_ids is not None else None
         with torch.autocast(dev.type, enabled=False):
             h = (self.embed_entry or self.decoder.embed_tokens)(input_ids).to(self.dtype)
             pos = position_ids if position_ids is not None else \
                 torch.arange(input_ids.shape[1], device=dev)[None].expand(input_ids.shape[0], -1)
             cos, sin = self.decoder.rotary_emb(h, pos)
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
-            # the graphs' backward recomputes whole layers: not for batches whose MLP runs in chunks
-            graphed = training and packed is None and self.graphs is not None and not self.layers[0].rows(h) and \
-                (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos)
+            # the graphs' backward recomputes whole layers: not for batches whose MLP runs in chunks; packed rows
+            # only with host-computed offsets (ops.packed_attention) or without capture (tests on CPU)
+            replayable = self.graphs is not None and (packed is None or not self.graphs.capture or
+                                                      (packed[0] == "varlen" and cu_seqlens is not None))
+            graphed = training and replayable and not self.layers[0].rows(h) and \
+                (h.is_cuda or not self.graphs.capture) and _one_process() and self.graphs.ready(h, cos, packed)
             self._recompute = training and self.checkpointing
             self.state.keep_xa = self._recompute or graphed   # see lora._thin_product
             if graphed:
-                h = self.graphs(h, cos, sin)
+                h = self.graphs(h, cos, sin, packed)
             else:
                 if self._recompute:
                     h = h.detach().requires_grad_(True)  # so that backward enters the first recomputed layer
@@ -308,12 +311,13 @@ class FastLlama:
         labels = batch["labels"][:, 1:]
         # the loss positions: found on the host by the training loop (`loss_index`, no sync), else found here
         # before the forward is queued, so that this host-device sync waits for an idle GPU instead of
-        # stalling the CPU in the middle of the step (packed rows add one more, for the longest example, in
-        # ops.packed_attention, also before the forward)
+        # stalling the CPU in the middle of the step (packed rows without the collate's cu_seqlens add one more,
+        # for the longest example, in ops.packed_attention, also before the forward)
         idx = batch.get("loss_index")
         if idx is None:
             idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
-        h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))[:, :-1]
+        h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"),
+                        batch.get("cu_seqlens"))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
         return (self.head_entry or self._head_loss)(h, labels.flatten().index_select(0, idx)), len(idx)
 
@@ -324,7 +328,8 @@ class FastLlama:
             raise ValueError("per-token log-probs need the whole head; not with an FSDP2-sharded untied head")
         labels = batch["labels"][:, 1:]
         idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
-        h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))[:, :-1]
+        h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"),
+                        batch.get("cu_seqlens"))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
         with torch.autocast(h.device.type, enabled=False):
             logp = -linear_cross_entropy_rows(h, self.head.weight, labels.flatten().index_select(0, idx))
