@@ -31,6 +31,17 @@ def test_overrides_parse_scalars():
     assert load_config(overrides=["train.learning_rate=1e-3"]).train.learning_rate == pytest.approx(1e-3)
 
 
+def test_bare_on_off_mean_the_words(tmp_path):
+    """YAML reads a bare on/off as a boolean; the auto/on/off settings take it as the word."""
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  fast_path: off\n  cuda_graphs: on\n")
+    c = load_config(f, ["eval.constrained=off"])
+    assert (c.model.fast_path, c.model.cuda_graphs, c.eval.constrained) == ("off", "on", "off")
+    assert load_config(overrides=["model.fast_path=on"]).model.fast_path == "on"
+    with pytest.raises(LoraforgeError, match="model.fast_path"):
+        load_config(overrides=["model.fast_path=sometimes"])
+
+
 @pytest.mark.parametrize("override, expected", [
     (["train.lr=1e-3"], ["unknown key 'train.lr'", "learning_rate"]),
     (["lora.adapter=qlora"], ["'lora.adapter'", "'lora' or 'dora'", "'qlora'"]),

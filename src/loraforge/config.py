@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraforge.errors import LoraforgeError
 
@@ -27,6 +27,15 @@ ALIASES = {"lr": "learning_rate", "rank": "r", "lora_r": "r", "lora_alpha": "alp
            "num_epochs": "epochs", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
            "micro_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
            "max_seq_len": "max_seq_length", "sequence_len": "max_seq_length", "target": "target_modules"}
+
+
+def _on_off(value):
+    """YAML 1.1 reads a bare on/off (yes/no) as a boolean: `fast_path: off` means the word, not False."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+# an auto / on / off setting, written bare in YAML or as a key=value override
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
 
 
 class _Section(BaseModel):
@@ -45,11 +54,11 @@ class ModelSection(_Section):
                            "pinned CPU memory (fast path, CUDA)."
     )
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    fast_path: Literal["auto", "on", "off"] = Field(
+    fast_path: Switch = Field(
         "auto", description="loraforge's fused Llama-family forward: auto = on CUDA for Llama/Mistral/Qwen, "
                             "on = also on CPU, off = PEFT's own forward."
     )
-    cuda_graphs: Literal["auto", "on", "off"] = Field(
+    cuda_graphs: Switch = Field(
         "auto", description="Fast path with gradient checkpointing on one GPU: replay the decoder stack as CUDA "
                             "graphs once a batch shape repeats (batches padded to a few lengths, packed rows too). auto = where the "
                             "host limits the step (small models: 1.4x for a 1B model on an H100), on = wherever they apply."
@@ -168,7 +177,7 @@ class EvalSection(_Section):
     reference: str | None = Field(None, description="A published result shown beside ours, e.g. 'Paper X: 93.0%'.")
     serve_as: list[str] = Field(default_factory=list, description="Also evaluate the adapter as served: adapter, "
                                                                    "merged, gguf-f16, gguf-q8_0, gguf-q4_k_m, nf4.")
-    constrained: Literal["auto", "on", "off"] = Field(
+    constrained: Switch = Field(
         "auto", description="Structured decoding (llguidance, extra `structured`): the fine-tuned model is also "
                             "evaluated decoding only valid answers: a label of eval.labels, or JSON matching "
                             "eval.schema_file (any JSON object for json_valid/field_f1/slot_f1 without one). "

@@ -8,20 +8,17 @@ is reported).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Thread
 
-import yaml
-
 from loraforge.data.templates import prompt_text
-from loraforge.errors import LoraforgeError
 from loraforge.eval.structured import GrammarLogitsProcessor, compile_structure
 from loraforge.model.adapters import load_adapter
 from loraforge.model.attention import decode_attention
 from loraforge.model.decode import END_OF_TURN, stop_token_ids
 from loraforge.model.load import load_base, pick_device
+from loraforge.train.run_files import RunFiles
 
 __all__ = ["END_OF_TURN", "Generation", "InferenceHandle", "build_messages", "generate_batch", "stop_token_ids"]
 
@@ -95,22 +92,13 @@ def load_for_inference(name: str) -> InferenceHandle:
     """A run folder (base + its adapter), an adapter folder, or a bare base model."""
     path = Path(name)
     device = pick_device("auto")
-    run_cfg = path / "config.yaml"
-    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else \
-        path if (path / "adapter_config.json").is_file() else None
-    if adapter is None:
+    if not ((path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()):
         model, tok, _ = load_base(name, device=device)
         return InferenceHandle(model, tok)
-    base_name = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    system = None
-    if run_cfg.is_file():
-        cfg = yaml.safe_load(run_cfg.read_text()) or {}
-        base_name = base_name or cfg.get("base_model")
-        system = (cfg.get("data") or {}).get("system_prompt")
-    if not base_name:
-        raise LoraforgeError("the adapter does not say which base model it belongs to", where=str(adapter))
-    model, tok, _ = load_base(base_name, device=device)
-    return InferenceHandle(load_adapter(model, adapter), tok, system)
+    files = RunFiles.find(path)
+    model, tok, _ = load_base(files.base_model, device=device)
+    system = (files.run_config.get("data") or {}).get("system_prompt")
+    return InferenceHandle(load_adapter(model, files.adapter_dir), tok, system)
 
 
 def generate_answers(handle: InferenceHandle, prompts: list[str], *, system: str | None = None,
