@@ -212,7 +212,8 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
     return {"wall_seconds": round(time.time() - t_start, 1), "train_seconds": round(secs, 2), "tokens": tokens,
             "tokens_per_s": round(tokens / secs, 1), "peak_reserved_gib": peak and round(peak, 3),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3) if cuda else None,
-            "final_val_loss": val, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+            "final_val_loss": val,
+            "allocator": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
 
 # ---- the device run ----------------------------------------------------------------------------------------

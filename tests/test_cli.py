@@ -1,6 +1,7 @@
 """The command line: help for every subcommand, and user errors as one message with exit code 2."""
 
 import json
+import os
 
 import yaml
 
@@ -73,3 +74,22 @@ def test_train_then_generate(tiny_model, chat_file, tmp_path, capsys):
 
 def test_usage_error_exit_code(capsys):
     assert main(["train", "--no-such-flag"]) == 2
+
+
+def test_allocator_default_respects_the_users_setting(monkeypatch):
+    """Expandable segments under the name this torch reads, unless the user set either name."""
+    import platform
+
+    from loraforge.cli import allocator_defaults
+
+    for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    allocator_defaults()
+    if "microsoft" not in platform.uname().release.lower():
+        assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"   # torch 2.13 here
+        assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    allocator_defaults()
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"

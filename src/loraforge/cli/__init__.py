@@ -334,16 +334,33 @@ from loraforge.cli import tune_cmds  # noqa: E402,F401  (loraforge tune)
 STYLES = {0: "bold green", 2: "bold red", 3: "bold yellow"}
 
 
+def allocator_defaults() -> None:
+    """Expandable segments for the CUDA caching allocator, unless the user configured it: segments grow in
+    place instead of the cache keeping blocks of every size it once needed, so peak reserved memory stays
+    near the peak allocated (Unsloth and torchtune set the same). torch >= 2.10 reads PYTORCH_ALLOC_CONF (the
+    older name warns that it is deprecated). Not on Windows or WSL, where expandable segments fail. Read when
+    CUDA first allocates: set before any command touches the GPU; torchrun's workers inherit it."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    if any(k in os.environ for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")) or os.name == "nt" \
+            or "microsoft" in platform.uname().release.lower():
+        return
+    try:
+        major, minor = (int(x) for x in version("torch").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return
+    os.environ["PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 10) else "PYTORCH_CUDA_ALLOC_CONF"] = \
+        "expandable_segments:True"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (see the module docstring)."""
     from rich.console import Console
     from rich.text import Text
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    # the CUDA caching allocator grows segments in place instead of keeping blocks of every size it once
-    # needed: peak reserved memory near the peak allocated (the user's own setting wins). Read when CUDA
-    # first allocates, so set before any command touches the GPU; torchrun's workers inherit it.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    allocator_defaults()
     try:
         code = app(args=argv, standalone_mode=False)
         if code == 130:  # click turns a KeyboardInterrupt (a second Ctrl-C) into this return value

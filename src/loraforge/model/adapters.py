@@ -1,6 +1,7 @@
 """LoRA / DoRA adapters through PEFT, so that every tool that reads PEFT folders loads ours.
 
-attach_adapter: wrap a frozen base with a fresh adapter (targets checked against the model);
+attach_adapter: wrap a frozen base with a fresh adapter (targets checked against the model; its dropout
+                modules made MaskDropout, cheaper on CPU);
 save_adapter:   adapter_config.json + adapter_model.safetensors (+ tokenizer) written atomically;
 load_adapter:   a saved adapter over a base model, for inference or evaluation.
 """
@@ -51,9 +52,25 @@ def attach_adapter(model, lora: LoraSection, base_path: str | None = None):
                           use_dora=lora.adapter == "dora", bias="none", task_type="CAUSAL_LM")
     with peft_wrapping():
         peft_model = get_peft_model(model, peft_cfg)
+    use_mask_dropout(peft_model)
     if base_path:
         peft_model.peft_config["default"].base_model_name_or_path = base_path
     return peft_model
+
+
+def use_mask_dropout(model) -> None:
+    """PEFT's nn.Dropout modules become MaskDropout (same p; the CPU masks ~3x cheaper, model.fast.dropout)."""
+    import torch
+
+    from loraforge.model.fast.dropout import MaskDropout
+
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if drops is None:
+            continue
+        for name, d in drops.items():
+            if type(d) is torch.nn.Dropout:
+                drops[name] = MaskDropout(d.p)
 
 
 def trainable_parameters(model) -> list:
