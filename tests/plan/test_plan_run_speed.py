@@ -173,3 +173,5 @@ def test_plan_guesses_the_shapes_from_the_data_size():
     assert unpacked.evaluations == 5 and unpacked.val_batches == ((4, 256, 25),)   # 250 steps / 50; 100 examples
     packed = approx_shapes(TrainSetup(method="lora", batch=1, seq=2048, grad_accum=2, packing=True), data)
     assert sum(n for _, _, n in packed.batches) == 98 and packed.context == 200   # 200,000 / 2,048 rows
+    assert packed.distinct == 2   # rows of 2,048, segment offsets padded to a power of two
+    assert packed.val_batches == ((1, 2048, 10),)   # 100 examples x 200 tokens in rows of 2,048

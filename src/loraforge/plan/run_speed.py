@@ -66,14 +66,17 @@ def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int = 50, val_f
     else:
         micro, context = math.ceil(data.examples / setup.batch), None
         length = min(setup.seq, math.ceil(avg * (1 + PADDING_WASTE) / 16) * 16)
-    distinct = min(buckets, micro) if not setup.packing else min(micro, 32)
+    # packed batches come in a couple of shapes (rows of `seq`, segment offsets padded to a power of two)
+    distinct = min(buckets if not setup.packing else 2, micro)
     per_shape = [micro // distinct + (i < micro % distinct) for i in range(distinct)]
     n_val = max(1, round(data.examples * val_fraction))
+    # packed runs validate in rows of `seq` too (train.loop.evaluate_loss)
+    val_forwards = math.ceil((math.ceil(n_val * avg / setup.seq) if setup.packing else n_val) / setup.batch)
     steps = math.ceil(micro * data.epochs / setup.grad_accum)
+    # distinct shapes as lengths one token apart: the guess knows how many there are, not their lengths
     return RunShapes(batches=tuple((setup.batch, length + i, n) for i, n in enumerate(per_shape)),
                      real_tokens=round(data.examples * avg), epochs=data.epochs, context=context,
-                     val_batches=((setup.batch, length, math.ceil(n_val / setup.batch)),),
-                     evaluations=math.ceil(steps / eval_every))
+                     val_batches=((setup.batch, length, val_forwards),), evaluations=math.ceil(steps / eval_every))
 
 
 def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes) -> dict[str, float]:
