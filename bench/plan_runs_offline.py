@@ -30,7 +30,7 @@ from loraforge.data.batching import length_buckets  # noqa: E402
 from loraforge.data.packing import pack  # noqa: E402
 from loraforge.model.fast.graphs import host_bound  # noqa: E402
 from loraforge.plan.for_run import speed_inputs  # noqa: E402
-from loraforge.train.loop import validation_batches  # noqa: E402
+from loraforge.train.loop import validation_groups  # noqa: E402
 from loraforge.train.run import load_data  # noqa: E402
 from loraforge.train.shapes import run_shapes  # noqa: E402
 from train_e2e import DROPOUT, LR, RUNS, SEED, R  # noqa: E402
@@ -85,8 +85,7 @@ def main() -> None:
                 b = length_buckets([len(t.input_ids) for t in items], spec["batch"], SEED)
                 buckets = b if host_bound(spec["batch"] * b[-1], layer_weights(conf)) else None
             shapes = run_shapes(items, val, cfg, buckets)
-            lengths = [len(t.input_ids) for t in val]
-            old = Counter((len(b), max(lengths[i] for i in b)) for b in validation_batches(lengths, spec["batch"]))
+            old = Counter((len(g), max(len(t.input_ids) for t in g)) for g in validation_groups(val, spec["batch"])[0])
             shapes = replace(shapes, val_batches=tuple((x, n, c) for (x, n), c in sorted(old.items())))
             rows.append({**r, "epochs": epochs, "file": Path(f).name,
                          "plan_speed": speed_inputs(cfg, conf, shapes, *H100)})

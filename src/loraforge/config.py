@@ -60,8 +60,9 @@ class ModelSection(_Section):
     )
     cuda_graphs: Switch = Field(
         "auto", description="Fast path with gradient checkpointing on one GPU: replay the decoder stack as CUDA "
-                            "graphs once a batch shape repeats (batches padded to a few lengths, packed rows too). auto = where the "
-                            "host limits the step (small models: 1.4x for a 1B model on an H100), on = wherever they apply."
+                            "graphs once a batch shape repeats (batches padded to a few lengths, packed rows too). "
+                            "auto = where the host limits the step (small models: 1.4x for a 1B model on an H100), "
+                            "on = wherever they apply."
     )
     mlp_chunk_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="Fast path with gradient checkpointing: run each layer's MLP over this many tokens at a "

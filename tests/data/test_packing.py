@@ -79,13 +79,10 @@ def test_rows_padded_to_a_bucket_carry_the_segment_offsets():
     batch = collate(rows, 0, buckets=[8, 16], rows=4)
     assert all(v.shape == (4, 16) for k, v in batch.items() if k != "cu_seqlens")
     assert (batch["labels"][3] == IGNORE_INDEX).all() and int(batch["attention_mask"].sum()) == 26
-    ends = []
-    for r in range(4):
-        lens = rows[r].seq_lens if r < len(rows) else []
-        ends += [16 * r + sum(lens[:k + 1]) for k in range(len(lens))]
-        if not ends or ends[-1] != 16 * (r + 1):
-            ends.append(16 * (r + 1))
-    assert len(ends) == 9 and batch["cu_seqlens"].tolist() == [0] + ends + [64] * (16 - 9)
+    assert [r.seq_lens for r in rows] == [[9, 3], [7, 5], [2]]
+    # row 0: 9, 12, its padding to 16; row 1: 23, 28, padding to 32; row 2: 34, padding to 48; row 3: padding
+    ends = [9, 12, 16, 23, 28, 32, 34, 48, 64]
+    assert batch["cu_seqlens"].tolist() == [0] + ends + [64] * (16 - 9)
     assert [segment_slots(n) for n in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
     full = cu_seqlens([[4, 4], [8]], 2, 8)   # rows filled exactly: no padding segment
     assert full.tolist() == [0, 4, 8, 16] + [16] * 5 and full.dtype.is_floating_point is False

@@ -56,17 +56,19 @@ def test_packed_run_trains_on_fewer_rows(tiny_model, tmp_path):
     assert metrics[-1]["loss"] < 0.7 * metrics[0]["loss"]
 
 
-def test_validation_batches_and_packed_validation_rows_keep_every_example_once():
-    from loraforge.train.loop import validation_batches, validation_rows
+def test_validation_groups_keep_every_example_once():
+    from loraforge.train.loop import validation_groups
 
     lengths = [50, 7, 300, 120, 120, 33, 90, 260, 15, 64]
-    plain = validation_batches(lengths, 3)
-    assert [len(b) for b in plain] == [3, 3, 3, 1]
-    assert [lengths[i] for b in plain for i in b] == sorted(lengths)
     items = [Tokenized(list(range(n)), list(range(n)), f"v{k}") for k, n in enumerate(lengths)]
-    rows = validation_rows(items, 512)
+    plain, pad = validation_groups(items, 3)
+    assert [len(b) for b in plain] == [3, 3, 3, 1] and pad == {}
+    assert [len(t.input_ids) for b in plain for t in b] == sorted(lengths)
+    groups, pad = validation_groups(items, 2, pack_to=512)
+    rows = [r for g in groups for r in g]
     assert sorted(s for r in rows for s in r.sources) == sorted(t.source for t in items)
     assert len(rows) == 3 and all(len(r.input_ids) <= 512 for r in rows)   # 1,049 tokens
+    assert [len(g) for g in groups] == [2, 1] and pad == {"buckets": [512], "rows": 2}
 
 
 def test_packed_validation_loss_equals_one_example_at_a_time(tiny_model):

@@ -92,7 +92,7 @@ def load_for_inference(name: str) -> InferenceHandle:
     """A run folder (base + its adapter), an adapter folder, or a bare base model."""
     path = Path(name)
     device = pick_device("auto")
-    if not ((path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()):
+    if RunFiles.adapter_in(path) is None:
         model, tok, _ = load_base(name, device=device)
         return InferenceHandle(model, tok)
     files = RunFiles.find(path)

@@ -122,37 +122,30 @@ def prepare_model(model, dist: D.DistContext, device: str, fast=None) -> torch.n
     return D.wrap(StepModule(model, fast), dist, device)
 
 
-def validation_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices of the validation examples, shortest first, in batches of `batch_size`."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def validation_rows(items: list[Tokenized], pack_to: int) -> list:
-    """A packed run's validation examples packed as its training rows are (data.packing): each example keeps
-    its own loss, and every forward is a training batch's shape (rows of `pack_to` tokens, the segment offsets
-    the varlen attention reads from the host), instead of one padded shape per batch."""
-    return pack(items, pack_to)
+def validation_groups(items: list, batch_size: int, pack_to: int | None = None) -> tuple[list[list], dict]:
+    """The validation forwards: the examples shortest first, `batch_size` a forward; or, with `pack_to` (packed
+    runs), packed as the training rows are (data.packing: each example keeps its own loss), `batch_size` rows a
+    forward, all padded to rows of `pack_to` tokens (one shape, instead of one padded shape per batch). Also the
+    collate arguments that pad them so (data.batching.collate's `buckets` and `rows`)."""
+    if not pack_to:
+        order = sorted(items, key=lambda t: len(t.input_ids))
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)], {}
+    rows = pack(items, pack_to)
+    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return groups, {"buckets": [pack_to], "rows": batch_size}
 
 
 @torch.no_grad()
 def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, device, autocast,
                   fast=None, dist: D.DistContext = D.SINGLE, step_module=None, pack_to: int | None = None) -> float:
-    """Mean token loss over `items` (batches as validation_batches; with `pack_to`, packed runs, rows of that
-    many tokens, `batch_size` rows a forward); under torchrun each rank takes every W-th batch (and runs as many
+    """Mean token loss over `items` (forwards as validation_groups); under torchrun each rank takes every W-th batch (and runs as many
     forwards as the others, a repeat counted as nothing) and the sums are added across ranks. The forwards run
     with flash attention rather than cuDNN's, which plans every new shape (model.attention)."""
     was_training = model.training
     model.eval()
     forward = step_module if step_module is not None else StepModule(model, fast)
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    if pack_to:
-        rows = validation_rows(items, pack_to)
-        groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        shape = {"buckets": [-(-pack_to // 16) * 16], "rows": batch_size}
-    else:
-        groups = [[items[i] for i in b] for b in validation_batches([len(t.input_ids) for t in items], batch_size)]
-        shape = {}
+    groups, shape = validation_groups(items, batch_size, pack_to)
     mine = groups[dist.rank::dist.world]
     with decode_attention(torch.device(device)):
         for j in range(math.ceil(len(groups) / dist.world)):
@@ -305,7 +298,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
     batches = micro_batches(train_items, cfg, state)
     buckets = _buckets(train_items, cfg, fast, log)
     rows = tc.batch_size if buckets else None
-    pack_val = cfg.data.max_seq_length if cfg.data.packing else None   # evaluate_loss: validation rows
+    pack_val = cfg.data.max_seq_length if cfg.data.packing else None   # validation_groups
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = extra = None
     val_loss = state.history[-1]["val_loss"] if state.history else None

@@ -51,11 +51,8 @@ class RunFiles:
         run_dir = Path(path)
         if not run_dir.exists():
             raise LoraforgeError("this run folder does not exist", where=str(run_dir))
-        if (run_dir / "adapter" / "adapter_config.json").is_file():
-            adapter_dir = run_dir / "adapter"
-        elif (run_dir / "adapter_config.json").is_file():
-            adapter_dir = run_dir
-        else:
+        adapter_dir = cls.adapter_in(run_dir)
+        if adapter_dir is None:
             raise LoraforgeError("no adapter here: expected adapter/adapter_config.json (a finished run) or "
                                  "adapter_config.json (a PEFT adapter folder)", where=str(run_dir),
                                  hint="train first (loraforge train ...), or point at the run folder itself")
@@ -73,6 +70,14 @@ class RunFiles:
             raise LoraforgeError("the adapter does not say which base model it belongs to", where=str(adapter_dir),
                                  hint="pass --base with the base model folder")
         return cls(run_dir, adapter_dir, str(base_model), adapter_cfg, run_cfg, config_path)
+
+    @staticmethod
+    def adapter_in(path: Path) -> Path | None:
+        """The adapter folder of a finished run folder (path/adapter) or of a bare PEFT adapter folder, else None."""
+        for cand in (path / "adapter", path):
+            if (cand / "adapter_config.json").is_file():
+                return cand
+        return None
 
     @classmethod
     def resolve(cls, run: str | Path | RunFiles, base: str | None = None) -> RunFiles:

@@ -2,7 +2,7 @@
 
 `run_shapes` walks one epoch's batch order (data.batching, the same seed as the loop), pads each batch as
 collate will (to its longest row, or to a length bucket and full rows where CUDA graphs replay), and does the
-same for one validation pass (train.loop.validation_batches), so plan.run_speed prices the shapes the GPU
+same for one validation pass (train.loop.validation_groups), so plan.run_speed prices the shapes the GPU
 will actually see rather than an average example.
 """
 
@@ -13,7 +13,7 @@ from collections import Counter
 from loraforge.config import RunConfig
 from loraforge.data.batching import batch_order, bucket_length
 from loraforge.plan.run_speed import RunShapes
-from loraforge.train.loop import plan_steps, validation_batches, validation_rows
+from loraforge.train.loop import plan_steps, validation_groups
 
 
 def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] | None) -> RunShapes:
@@ -34,13 +34,10 @@ def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] 
         example = [n for t in items for n in t.seq_lens]
         context = max(1, round(sum(n * n for n in example) / max(1, sum(example))))
     val_counts: Counter = Counter()
-    if cfg.data.packing and val_items:   # rows of max_seq_length, batch_size a forward (train.loop.evaluate_loss)
-        val_counts[(tc.batch_size, -(-cfg.data.max_seq_length // 16) * 16)] = \
-            -(-len(validation_rows(val_items, cfg.data.max_seq_length)) // tc.batch_size)
-    else:
-        val_lengths = [len(t.input_ids) for t in val_items]
-        for batch in validation_batches(val_lengths, tc.batch_size):
-            val_counts[(len(batch), max(val_lengths[i] for i in batch))] += 1
+    groups, pad = validation_groups(val_items, tc.batch_size, cfg.data.max_seq_length if cfg.data.packing else None)
+    for group in groups:   # padded as collate pads them
+        longest = max(len(t.input_ids) for t in group)
+        val_counts[(pad.get("rows") or len(group), bucket_length(longest, pad.get("buckets") or []))] += 1
     evaluations = (steps // tc.eval_every + (steps % tc.eval_every != 0)) if val_items else 0
     return RunShapes(batches=tuple((r, n, c) for (r, n), c in sorted(counts.items())), real_tokens=sum(lengths),
                      epochs=micro / max(1, per_epoch), context=context,
