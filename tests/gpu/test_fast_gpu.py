@@ -304,11 +304,13 @@ def test_nf4_kernel_rebuilds_bitsandbytes_weights_bit_for_bit(shape):
 
 def test_seeded_dropout_kernel():
     """The Triton mask: the rate asked for, the same mask for the same seed and stream, survivors scaled, and a
-    backward that applies the same mask."""
+    backward that applies the same mask. The inputs have no exact zeros (torch.randn can draw 0.0, which would
+    read as a dropped element: sessions 12-13 failed here on an input zero, not on the mask)."""
     from loraforge.model.fast.dropout import new_seed, reseed_, seeded_dropout
 
     torch.manual_seed(0)
-    x = torch.randn(4096, 1000, device="cuda", dtype=BF16, requires_grad=True)
+    nonzero = lambda t: torch.where(t == 0, torch.ones_like(t), t)  # noqa: E731
+    x = nonzero(torch.randn(4096, 1000, device="cuda", dtype=BF16)).requires_grad_(True)
     seed = new_seed("cuda")
     reseed_(seed)
     a = seeded_dropout(x, seed, 3, 0.1)
@@ -316,9 +318,14 @@ def test_seeded_dropout_kernel():
     assert float((a == 0).float().mean()) == pytest.approx(0.1, abs=0.01)
     kept = a != 0
     assert rel(a[kept].float(), (x[kept] / 0.9).float()) < 1e-2
-    g = torch.randn_like(a)
+    g = nonzero(torch.randn_like(a))
     a.backward(g)
     assert torch.equal(x.grad != 0, kept) and rel(x.grad[kept].float(), (g[kept] / 0.9).float()) < 1e-2
+    # the mask itself, forward against backward: ones in, ones back
+    o = torch.ones(999, 1001, device="cuda", dtype=BF16, requires_grad=True)
+    m = seeded_dropout(o, seed, 7, 0.3)
+    m.backward(torch.ones_like(m))
+    assert torch.equal(o.grad, m) and float((m == 0).float().mean()) == pytest.approx(0.3, abs=0.01)
 
 
 @pytest.mark.parametrize("ckpt", [True, False], ids=["checkpointed", "no-checkpointing"])
@@ -346,8 +353,8 @@ def test_cuda_graphs_with_dropout_replay_the_eager_steps(ckpt):
 
 @pytest.mark.parametrize("ckpt", [True, False], ids=["checkpointed", "no-checkpointing"])
 def test_graph_set_shapes_share_one_pool_and_replay_the_eager_steps(ckpt):
-    """Three batch shapes, each captured (GraphSet), all in one memory pool: steps that alternate between
-    them, and a step whose gradient is accumulated over micro-batches of two shapes, give the eager path's
+    """Three batch shapes, each captured (GraphSet), all in one memory pool and writing one set of gradient
+    buffers: steps that alternate between them, and a step whose gradient is accumulated over micro-batches of two shapes, give the eager path's
     losses and gradients."""
     model = _small_llama(False)
     full = _batch()
@@ -359,6 +366,7 @@ def test_graph_set_shapes_share_one_pool_and_replay_the_eager_steps(ckpt):
     sets = graphed.graphs.by_key.values()
     assert len(sets) == 3 and all(g.fwd is not None and g.bwd is not None and g.failed is None for g in sets)
     assert len({g.fwd.pool() for g in sets}) == 1
+    assert len({g.grads[0].data_ptr() for g in sets}) == 1   # one set of gradient buffers too
     grads = {}
     for parts in (eager, graphed):
         model.zero_grad(set_to_none=True)

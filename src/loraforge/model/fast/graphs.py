@@ -36,7 +36,7 @@ import warnings
 import torch
 
 HOST_BOUND_WORK = 5e11   # tokens x weights of one layer, see host_bound
-MAX_SHAPES = 8           # batch shapes captured by one GraphSet (each holds its own memory pool)
+MAX_SHAPES = 8           # batch shapes captured by one GraphSet (into one memory pool, GraphSet.shared)
 
 
 def host_bound(tokens: int, layer_weights: int) -> bool:
@@ -105,11 +105,11 @@ class StackGraphs:
     capture=False, the same functions run eagerly)."""
 
     def __init__(self, layers, params: list[list[torch.nn.Parameter]], pool, capture: bool = True,
-                 layer_weights: int = 0, only_host_bound: bool = False, memory=None):
+                 layer_weights: int = 0, only_host_bound: bool = False, memory=None, grad_buffers=None):
         self.layers, self.params, self.pool, self.capture = layers, params, pool, capture
         # the memory pool the graphs are captured into: a GraphSet's one pool for all its shapes (see GraphSet),
-        # or None: one of their own
-        self.memory = memory
+        # or None: one of their own; likewise the buffers the backward graph writes the adapter's gradients to
+        self.memory, self.grad_buffers = memory, grad_buffers
         # "auto": graphs only where the host is what a step waits for (see host_bound)
         self.layer_weights, self.only_host_bound = layer_weights, only_host_bound
         self.flat = [p for ps in params for p in ps]
@@ -218,7 +218,8 @@ class StackGraphs:
         # the gradients' own buffers, outside the graphs' pool: memory freed during the forward capture is
         # reused by the backward capture, so a gradient left in the pool would be overwritten by the next
         # forward replay (the next micro-batch) while it is still the parameter's .grad
-        self.grads = [torch.empty_like(p) for p in self.flat]
+        self.grads = self.grad_buffers() if self.grad_buffers is not None else \
+            [torch.empty_like(p) for p in self.flat]
         per_layer, start = [], 0
         for ps in self.params:
             per_layer.append(self.grads[start:start + len(ps)])
@@ -241,12 +242,17 @@ class GraphSet:
     """One StackGraphs per batch shape (each captured at its shape's second step), for runs whose batches come
     in a few padded lengths; a shape beyond the first `limit` runs eagerly. Arguments as StackGraphs'.
 
-    With `shared` every shape's graphs are captured into one memory pool, so the set would hold the largest
-    shape's working memory rather than the sum over shapes. That should be safe: a graph's outputs in the pool
-    (the stack's output, the saved layer inputs, the backward's incoming gradient) are read only within the
-    step that replayed it, before any other shape's graph replays, and the adapter's gradients live outside the
-    pool (StackGraphs.grads). It is off until tests/gpu/test_fast_gpu.py's shared-pool test and a memory
-    measurement have run on a GPU (session 11 had no device time left for them)."""
+    Every shape's graphs are captured into one memory pool (`shared`), so the set holds the largest shape's
+    working memory rather than the sum over shapes. That is safe: a graph's outputs in the pool (the stack's
+    output, the saved layer inputs, the backward's incoming gradient) are read only within the step that
+    replayed it, before any other shape's graph replays, and the adapter's gradients live outside the pool
+    (StackGraphs.grads). tests/gpu/test_fast_gpu.py's shared-pool test checks the replays against the eager
+    steps (passed on an H200, session 13); `shared = False` gives each shape a pool of its own.
+
+    The shapes' backward graphs also write the adapter's gradients into one set of buffers (made at the first
+    capture): a replay that would overwrite a .grad still aliasing them moves it out first (StackGraphs.backward),
+    whichever shape wrote it. Session 13's H200 run of the 8B QLoRA mix had six shapes, each with its own
+    fp32 buffers: 6 x 168 MB for the 42M adapter parameters of r = 16 on every linear layer."""
 
     def __init__(self, layers, params, pool, capture: bool = True, layer_weights: int = 0,
                  only_host_bound: bool = False, limit: int = MAX_SHAPES):
@@ -255,8 +261,9 @@ class GraphSet:
             capture, layer_weights, only_host_bound, limit
         self.by_key: dict = {}
         self.current: StackGraphs | None = None
-        self.shared = False   # one memory pool for every shape (see the class docstring)
+        self.shared = True    # one memory pool for every shape (see the class docstring)
         self.handle = None    # that pool, made at the first capture
+        self.grads = None     # the gradient buffers all shapes' backward graphs write (see the class docstring)
 
     def memory(self):
         if not self.shared:
@@ -265,9 +272,15 @@ class GraphSet:
             self.handle = torch.cuda.graph_pool_handle()
         return self.handle
 
+    def grad_buffers(self) -> list[torch.Tensor]:
+        if self.grads is None:
+            self.grads = [torch.empty_like(p) for ps in self.args[1] for p in ps]
+        return self.grads
+
     def make(self) -> StackGraphs:
         return StackGraphs(*self.args, capture=self.capture, layer_weights=self.layer_weights,
-                           only_host_bound=self.only_host_bound, memory=self.memory)
+                           only_host_bound=self.only_host_bound, memory=self.memory,
+                           grad_buffers=self.grad_buffers if self.shared else None)
 
     def wanted(self, tokens: int) -> bool:
         """Whether steps of `tokens` tokens would replay graphs once their shape repeats (so batches are worth
