@@ -275,6 +275,7 @@ class LoopSetup:
     fast: object = None                  # loraforge.model.fast's parts, or None (PEFT forward)
     dist: D.DistContext = field(default_factory=D.DistContext)
     step_module: torch.nn.Module | None = None   # prepare_model's (or the objective's) wrapped module
+    buckets: list[int] | None = None     # SFT: the batches' padded lengths (batch_buckets), None: each its own
 
 
 def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None) -> LoopResult:
@@ -296,7 +297,10 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
     metrics_path = run_dir / "metrics.jsonl"
     config_yaml = cfg.to_yaml()
     batches = micro_batches(train_items, cfg, state)
-    buckets = _buckets(train_items, cfg, fast, log)
+    buckets = setup.buckets
+    if buckets:
+        log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
+            f"{tc.batch_size} rows, so that CUDA graphs replay them")
     rows = tc.batch_size if buckets else None
     pack_val = cfg.data.max_seq_length if cfg.data.packing else None   # validation_groups
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
@@ -428,14 +432,6 @@ def batch_buckets(items: list[Tokenized], cfg: RunConfig, fast) -> list[int] | N
         return None
     buckets = length_buckets([len(t.input_ids) for t in items], cfg.train.batch_size, cfg.seed)
     return buckets if fast.graphs_want_buckets(cfg.train.batch_size * buckets[-1]) else None
-
-
-def _buckets(items: list[Tokenized], cfg: RunConfig, fast, log) -> list[int] | None:
-    buckets = batch_buckets(items, cfg, fast)
-    if buckets:
-        log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
-            f"{cfg.train.batch_size} rows, so that CUDA graphs replay them")
-    return buckets
 
 
 def _track_validation(state: TrainerState, val_loss: float, train_loss: float, log) -> None:

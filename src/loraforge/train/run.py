@@ -266,9 +266,11 @@ class TrainingRun:
             p for p in self.model.parameters() if p.is_floating_point()).dtype
         self.model, self.fast = prepare_for_training(self.model, cfg, device, self.compute_dtype,
                                                      base_path=self.base_path, sharded=self.fsdp, log=console.print)
+        # the SFT loop's padded batch lengths (CUDA graphs replay each), worked out once for the loop and the estimate
+        self.buckets = batch_buckets(self.train_items, cfg, self.fast) if not self.special else None
         if self.dist.is_main:   # `loraforge plan`'s estimate for this exact run, on the shapes the loop will run
             self.plan, self.plan_speed = _estimate(cfg, self.model, self.example_lengths, self.train_items,
-                                                   self.val_items, self.fast, device, self.dist, self.special)
+                                                   self.val_items, self.buckets, device, self.dist, self.special)
             console.print(self.plan.text)
         # DDP / FSDP2 under torchrun; before the optimizer
         self.step_module = (self.special.prepare if self.special else prepare_model)(self.model, self.dist, device,
@@ -347,7 +349,7 @@ class TrainingRun:
         device = torch.device("cuda", dist.local_rank) if self.device == "cuda" else torch.device(self.device)
         setup = LoopSetup(self.model, self.tokenizer, self.optimizer, self.scheduler, device, self.precision,
                           self.train_items, self.val_items, cfg, self.run_dir, state, log=console.print, fast=fast,
-                          dist=dist, step_module=self.step_module)
+                          dist=dist, step_module=self.step_module, buckets=self.buckets)
         try:
             if self.special:   # dpo/orpo/simpo/kto/grpo: their own loops (train.preference_loop, train.grpo_loop)
                 return self.special.loop(setup)
@@ -422,14 +424,14 @@ class TrainingRun:
             replay_examples=self.data_report.get("replay_examples", 0), report=getattr(result, "report", {}))
 
 
-def _estimate(cfg: RunConfig, model, example_lengths: list[int], train_items, val_items, fast, device: str, dist,
+def _estimate(cfg: RunConfig, model, example_lengths: list[int], train_items, val_items, buckets, device: str, dist,
               special):
     """(plan.for_run's RunEstimate, summary.json's `plan_speed`): on one GPU with the SFT loop, from the run's
     own batch shapes (train.shapes); else from the loop model alone."""
     gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
     shapes = None
     if gpu is not None and not special and not dist.enabled:
-        shapes = run_shapes(train_items, val_items, cfg, batch_buckets(train_items, cfg, fast))
+        shapes = run_shapes(train_items, val_items, cfg, buckets)
     plan = estimate_for_run(cfg, model.config.to_dict(), example_lengths, gpu and gpu.name,
                             gpu and gpu.total_memory, dist.world, shapes=shapes)
     inputs = speed_inputs(cfg, model.config.to_dict(), shapes, gpu.name, gpu.total_memory) if shapes else None
