@@ -91,7 +91,7 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
     tree = {
         "base_model": EMBEDDED_MODEL, "output_dir": str(output_dir),
         # the fused forward on the CPU too (model.fast_path's auto means CUDA only): a quickstart step 2.62-2.73 s
-        # -> 2.01-2.04 s on this project's 2-core machine, the same losses (bench/results/quickstart_cpu/s13/)
+        # -> 2.01-2.04 s on this project's 2-core machine, equal losses before dropout streams part (quickstart_cpu/s13)
         "model": {"fast_path": "on"},
         "data": {"train": str(output_dir / "data" / "train.jsonl"),
                  "validation": str(output_dir / "data" / "validation.jsonl"),
