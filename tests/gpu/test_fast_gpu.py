@@ -304,8 +304,8 @@ def test_nf4_kernel_rebuilds_bitsandbytes_weights_bit_for_bit(shape):
 
 def test_seeded_dropout_kernel():
     """The Triton mask: the rate asked for, the same mask for the same seed and stream, survivors scaled, and a
-    backward that applies the same mask. The inputs have no exact zeros (torch.randn can draw 0.0, which would
-    read as a dropped element: sessions 12-13 failed here on an input zero, not on the mask)."""
+    backward that applies the same mask. The inputs have no exact zeros: torch.randn can draw 0.0, which reads
+    as a dropped element (the likely cause of this test's failures in sessions 12-13, not yet confirmed)."""
     from loraforge.model.fast.dropout import new_seed, reseed_, seeded_dropout
 
     torch.manual_seed(0)
@@ -354,8 +354,8 @@ def test_cuda_graphs_with_dropout_replay_the_eager_steps(ckpt):
 @pytest.mark.parametrize("ckpt", [True, False], ids=["checkpointed", "no-checkpointing"])
 def test_graph_set_shapes_share_one_pool_and_replay_the_eager_steps(ckpt):
     """Three batch shapes, each captured (GraphSet), all in one memory pool and writing one set of gradient
-    buffers: steps that alternate between them, and a step whose gradient is accumulated over micro-batches of two shapes, give the eager path's
-    losses and gradients."""
+    buffers: steps that alternate between them, and a step whose gradient is accumulated over micro-batches of
+    two shapes, give the eager path's losses and gradients."""
     model = _small_llama(False)
     full = _batch()
     shapes = [full, {k: v[:, :120] for k, v in full.items()}, {k: v[:, :160] for k, v in full.items()}]

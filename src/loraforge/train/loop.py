@@ -138,9 +138,10 @@ def validation_groups(items: list, batch_size: int, pack_to: int | None = None) 
 @torch.no_grad()
 def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, device, autocast,
                   fast=None, dist: D.DistContext = D.SINGLE, step_module=None, pack_to: int | None = None) -> float:
-    """Mean token loss over `items` (forwards as validation_groups); under torchrun each rank takes every W-th batch (and runs as many
-    forwards as the others, a repeat counted as nothing) and the sums are added across ranks. The forwards run
-    with flash attention rather than cuDNN's, which plans every new shape (model.attention)."""
+    """Mean token loss over `items` (forwards as validation_groups); under torchrun each rank takes every W-th
+    batch (and runs as many forwards as the others, a repeat counted as nothing) and the sums are added across
+    ranks. The forwards run with flash attention rather than cuDNN's, which plans every new shape
+    (model.attention)."""
     was_training = model.training
     model.eval()
     forward = step_module if step_module is not None else StepModule(model, fast)
