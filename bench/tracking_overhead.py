@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _output import emit  # noqa: E402
+
 
 def rows(n: int) -> list[dict]:
     out = []
@@ -99,11 +102,7 @@ def main() -> None:
     import importlib.metadata as md
 
     result["versions"] = {p: md.version(p) for p in ("tensorboard", "mlflow", "wandb", "trackio")}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ median ~250 tokens), packing off and on. tokens/s counts each tool's real (non-p
 training set's tokens x epochs over the time of its training loop (for the peers, trainer.train()). The final
 validation loss is the mean loss of the answer tokens of the same held-out file, read by each tool.
 Prints one JSON object: {"command", "device", "rows": [...]} (the format of bench/results/train_e2e/).
+Tool `loraforge-tensorboard` is loraforge with `train.report_to: [tensorboard]`: what reporting to a tracker
+costs a real run (issue 22's < 1% at 8B), beside the plain `loraforge` row of the same call.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ RUNS = {   # model: smollm2 (the HF folder given) or a bench/train_speed.py shap
     "8b-mix": dict(model="8b", data="mix8b", seq=2048, batch=2, accum=4, qlora=True),
     "8b-mix-packed": dict(model="8b", data="mix8b", seq=2048, batch=1, accum=4, qlora=True, packing=True),
 }
-TOOLS = ["loraforge", "unsloth-trl", "trl"]
+TOOLS = ["loraforge", "unsloth-trl", "trl"]   # and loraforge-tensorboard (not by default)
 LR, R, DROPOUT, SEED = 2e-4, 16, 0.05, 3407
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -112,7 +114,7 @@ def prepare(out: Path, shared: Path) -> None:
 
 
 # ---- one tool on one run (its own process) -----------------------------------------------------------------
-def run_loraforge(spec: dict, work: Path) -> dict:
+def run_loraforge(spec: dict, work: Path, report_to: tuple[str, ...] = ()) -> dict:
     import yaml
 
     cfg = {"base_model": spec["model_dir"], "output_dir": str(work / "run"), "seed": SEED,
@@ -122,13 +124,14 @@ def run_loraforge(spec: dict, work: Path) -> dict:
                     "packing": bool(spec.get("packing"))},
            "lora": {"r": R, "alpha": R, "dropout": DROPOUT},
            "train": {"epochs": spec["epochs"], "learning_rate": LR, "batch_size": spec["batch"],
-                     "grad_accum": spec["accum"]}}
+                     "grad_accum": spec["accum"], "report_to": list(report_to)}}
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.time()
     prof = ["--profile", str(spec["profile"])] if spec.get("profile") else []
-    proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(path), *prof], capture_output=True,
-                          text=True)
+    # --overwrite: the bench's own scratch folder, re-run by a later call on the same machine
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(path), "--overwrite", *prof],
+                          capture_output=True, text=True)
     wall = time.time() - t0
     (work / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
@@ -169,7 +172,8 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16) if spec.get("qlora") else None
-        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16, device_map={"": 0} if cuda else None,
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16,
+                                                     device_map={"": 0} if cuda else None,
                                                      quantization_config=quant, attn_implementation="sdpa")
         tok = AutoTokenizer.from_pretrained(spec["model_dir"])
         peft_config = LoraConfig(r=R, lora_alpha=R, lora_dropout=DROPOUT, target_modules=TARGETS, bias="none",
@@ -282,8 +286,8 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
             (work / "spec.json").write_text(json.dumps(spec))
             try:
-                if tool == "loraforge":
-                    res = run_loraforge(spec, work)
+                if tool.startswith("loraforge"):
+                    res = run_loraforge(spec, work, tuple(tool.split("-")[1:]))
                 else:
                     with (work / "log.txt").open("w") as log:   # kept when the child times out
                         proc = subprocess.run([sys.executable, __file__, "child", tool, str(work / "spec.json")],
@@ -314,7 +318,7 @@ def ratios(rows: list[dict]) -> dict:
     ok = {(r["run"], r["tool"]): r for r in rows if "error" not in r}
     for (run, tool), r in ok.items():
         ours = ok.get((run, "loraforge"))
-        if tool != "loraforge" and ours:
+        if tool != "loraforge" and ours:   # for loraforge-tensorboard: the cost of reporting
             out[f"{run}:{tool}"] = {"speed": round(ours["tokens_per_s"] / r["tokens_per_s"], 3),
                                     "memory": r["peak_reserved_gib"] and
                                     round(ours["peak_reserved_gib"] / r["peak_reserved_gib"], 3),

@@ -25,7 +25,7 @@ from loraforge.plan.gpus import GPU, GPUS
 from loraforge.plan.inputs import setup_from_config
 from loraforge.plan.memory import GIB, TrainSetup, estimate
 from loraforge.plan.objective import run_rows, run_time_line
-from loraforge.plan.run_speed import RunShapes, loop_parts, run_seconds
+from loraforge.plan.run_speed import RunShapes, loop_parts, run_fit, run_seconds, seconds_from_parts
 from loraforge.plan.shapes import shape_from_config
 from loraforge.plan.throughput import tokens_per_second
 
@@ -164,9 +164,10 @@ def speed_inputs(cfg: RunConfig, model_config: dict[str, Any], shapes: RunShapes
     gpu = gpu_from_device(gpu_name, gpu_mem_bytes)
     if not gpu.bf16_tflops:
         return None
-    parts = {k: round(v, 4) for k, v in loop_parts(gpu, shape, setup, shapes).items()}
-    return {"key": speed_key(setup.method, shape), **parts, "planned_seconds": round(run_seconds(gpu, shape, setup,
-                                                                                                    shapes), 2)}
+    parts = loop_parts(gpu, shape, setup, shapes)
+    planned = seconds_from_parts(parts, run_fit(gpu, shape, setup))
+    return {"key": speed_key(setup.method, shape), **{k: round(v, 4) for k, v in parts.items()},
+            "planned_seconds": round(planned, 2)}
 
 
 def _amount(tokens: float) -> str:

@@ -113,11 +113,15 @@ def run_seconds(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShape
                 fit: RunFit | None = None) -> float:
     """Seconds of the run's training phase (warm-up, steps, validation), by the product-path model (or the
     loop model where calibration.json has no "runs" entry for the method and size class)."""
-    if fit is None:
-        fit = load_runs().get(speed_key(setup.method, shape))
-        if fit is not None and abs(gpu.bf16_tflops / fit.gpu_tflops - 1) > SAME_CARD:
-            fit = None   # its fixed costs (launches, NF4 dequantisation) were measured on another class of card
-    return seconds_from_parts(loop_parts(gpu, shape, setup, shapes), fit)
+    return seconds_from_parts(loop_parts(gpu, shape, setup, shapes), fit or run_fit(gpu, shape, setup))
+
+
+def run_fit(gpu: GPU, shape: ModelShape, setup: TrainSetup) -> RunFit | None:
+    """calibration.json's "runs" fit for the run's (method, size class), if it was measured on this class of card."""
+    fit = load_runs().get(speed_key(setup.method, shape))
+    if fit is not None and abs(gpu.bf16_tflops / fit.gpu_tflops - 1) > SAME_CARD:
+        return None   # its fixed costs (launches, NF4 dequantisation) were measured on another class of card
+    return fit
 
 
 def run_tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes,
