@@ -127,11 +127,10 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
         from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
     data = load_dataset("json", data_files={"train": spec["train"]})["train"]
     trainer = Trainer(model=model, args=Config(**common), train_dataset=data, processing_class=tok, **kw)
-    cols = trainer.train_dataset.column_names
-    tokens = sum(len(trainer.train_dataset[i][k]) for i in range(len(trainer.train_dataset))
-                 for k in cols if k.endswith("input_ids"))
-    if "prompt_input_ids" in cols:   # prompt + each side: the prompt counts twice, as in the other rows
-        tokens += sum(len(x) for x in trainer.train_dataset["prompt_input_ids"])
+    cols = trainer.train_dataset.column_names   # TRL 1.15: prompt_ids, chosen_ids, rejected_ids
+    ids = [k for k in cols if k.endswith("_ids") and "attention" not in k]
+    # each side is scored after the prompt: the prompt counts twice, as in loraforge's tokens_seen
+    tokens = sum(len(x) * (2 if k.startswith("prompt") else 1) for k in ids for x in trainer.train_dataset[k])
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

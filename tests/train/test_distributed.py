@@ -139,6 +139,21 @@ def test_more_gpus_than_visible_is_refused(tiny_model, reference, tmp_path, caps
     assert not (tmp_path / "run").exists()  # refused before anything started
 
 
+def test_a_user_error_under_gpus_n_is_one_message_and_exit_2(tiny_model, reference, tmp_path):
+    """Both workers meet the missing data file: the user sees its message once, exit code 2, and none of
+    torchrun's failure report (its error line, launcher traceback, per-rank box)."""
+    root, data, _ = reference
+    tree = _tree(tiny_model, data, tmp_path / "run")
+    tree["data"]["train"] = str(tmp_path / "missing.jsonl")
+    res = subprocess.run([sys.executable, "-m", "loraforge", "train", str(_write(tmp_path / "run.yaml", tree)),
+                          "--gpus", "2"], env=ENV, capture_output=True, text=True, timeout=120)
+    log = res.stdout + res.stderr
+    assert res.returncode == 2, log[-3000:]
+    assert log.count("data file not found") == 1 and "missing.jsonl" in log, log[-3000:]
+    for noise in ("Traceback", "ChildFailedError", "FAILED", "exitcode"):
+        assert noise not in log, log[-3000:]
+
+
 def test_fsdp_shards_an_untied_embedding_and_head_as_groups_of_their_own(tmp_path):
     """edge_modules: an untied embedding and head are FSDP2 groups of their own (a tied pair stays in the
     root group); with them, FSDP2 x2 follows the one-process curve of an untied model."""

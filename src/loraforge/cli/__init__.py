@@ -366,10 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         if code == 130:  # click turns a KeyboardInterrupt (a second Ctrl-C) into this return value
             raise KeyboardInterrupt
     except LoraforgeError as e:
-        err.print(Text(f"{e.label}: ", style=STYLES.get(e.exit_code, "bold")) + Text(str(e)))
         from loraforge.train.distributed import record_exit_code
 
-        return record_exit_code(e.exit_code)   # under `--gpus N`, for the launcher (torchrun's own code is 1)
+        code, speak = record_exit_code(e.exit_code)  # under `--gpus N`, for the launcher (torchrun's own code is 1)
+        if speak:
+            err.print(Text(f"{e.label}: ", style=STYLES.get(e.exit_code, "bold")) + Text(str(e)))
+        return code
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         return int(code or 0)

@@ -9,8 +9,9 @@ step, and DDP/FSDP2 reduce the gradients once per step. So the optimizer sees th
 the number of processes, the loss curve matches the one-process run, and the data position saved in a
 checkpoint is global: a run resumes on any number of processes.
 
-Launch: `loraforge train CONFIG --gpus N` re-runs itself under `python -m torch.distributed.run`; torchrun
-(with a rendezvous for several machines) works directly too. Backend nccl on CUDA, gloo on CPU. torch is
+Launch: `loraforge train CONFIG --gpus N` re-runs itself under torchrun (torch.distributed.run's parse_args
+and run, quiet where a worker has said why it stopped); torchrun (with a rendezvous for several machines)
+works directly too. Backend nccl on CUDA, gloo on CPU. torch is
 imported inside the functions, so the launcher answers at once.
 """
 
@@ -112,26 +113,57 @@ def check_gpu_count(n: int, device: str) -> None:
 
 
 def torchrun_command(n: int, args: list[str]) -> list[str]:
-    """The command that runs `loraforge ARGS` as n processes on this machine (a private rendezvous port)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+    """The command that runs `loraforge ARGS` as n processes on this machine (a private rendezvous port):
+    torchrun's own parse_args + run, through torchrun_quietly."""
+    return [sys.executable, "-c", "import sys; from loraforge.train.distributed import torchrun_quietly; "
+            "sys.exit(torchrun_quietly(sys.argv[1:]))", "--standalone", "--nproc-per-node", str(n),
             "-m", "loraforge", *args]
 
 
 EXIT_FILE_ENV = "LORAFORGE_EXIT_FILE"   # where a worker's loraforge exit code goes under run_torchrun
 
 
-def record_exit_code(code: int) -> int:
+def record_exit_code(code: int) -> tuple[int, bool]:
     """Under run_torchrun: leave this worker's exit code (a user error 2, a deliberate stop 3) for the launcher,
     since torchrun itself exits 1 whatever its workers' codes (the first worker to write wins). Returns the
-    code this worker should exit with: 0 after a deliberate stop (every rank stops at the same step), so that
-    torchrun ends quietly; else `code`."""
+    code this worker should exit with (0 after a deliberate stop: every rank stops at the same step, so that
+    torchrun ends quietly; else `code`) and whether this worker wrote first: the one that prints the message
+    (the ranks meet the same error, and the user needs it once). Outside run_torchrun: (code, True)."""
     path = os.environ.get(EXIT_FILE_ENV)
     if not path:
-        return code
-    with contextlib.suppress(OSError):   # another worker was first, or the launcher's folder is gone
+        return code, True
+    try:
         with open(path, "x") as f:
             f.write(str(code))
-    return 0 if code == 3 else code
+    except OSError:   # another worker was first, or the launcher's folder is gone
+        return (0 if code == 3 else code), False
+    return (0 if code == 3 else code), True
+
+
+def _worker_reported() -> bool:
+    path = os.environ.get(EXIT_FILE_ENV)
+    return bool(path) and Path(path).is_file()
+
+
+def torchrun_quietly(argv: list[str]) -> int:
+    """torch.distributed.run's `main` (parse_args, then run) without its failure report when a worker left its
+    exit code (record_exit_code: a user error it has printed, or a deliberate stop): torchrun's error line,
+    its own traceback and a box per rank would bury that one message. Any other failure (a crash) still gets
+    torchrun's report of which rank failed, without the launcher's traceback. Returns the exit code."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # its lines on the failed rank and on stopping the others, once a worker has said why it stopped
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(lambda _: not _worker_reported())
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        if not _worker_reported():
+            print(e.format_msg(), file=sys.stderr)
+        return 1
+    return 0
 
 
 def _workers(pid: int) -> list[int]:
