@@ -10,7 +10,8 @@ learning rate, epochs and effective batch; each tool in its own process.
     python bench/train_e2e.py prepare --out .e2e            # on any machine: the runs' data files (needs ../shared)
     python bench/train_e2e.py run --data .e2e --smol DIR --runs 135m-banking77,135m-snips --out $OUT/x.json
 
-Runs (`RUNS`): SmolLM2-135M-Instruct (real weights, DIR = its HF folder) on all of BANKING77 and on SNIPS 2017
+Runs (`RUNS`): SmolLM2-135M-Instruct (real weights, DIR = its HF folder; a tokenizer-only DIR gives its shape
+with random weights, `weights: random` in the row) on all of BANKING77 and on SNIPS 2017
 turned into slot-extraction chats (answers are JSON); a Llama-3.2-1B shape and a Llama-3.1-8B shape QLoRA
 (random weights, SmolLM2's tokenizer and chat template) on an Alpaca-like length mix (bench/_mix.py's lengths,
 median ~250 tokens), packing off and on. tokens/s counts each tool's real (non-pad) training tokens: the
@@ -221,9 +222,19 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
 
 
 # ---- the device run ----------------------------------------------------------------------------------------
+def has_weights(folder: str) -> bool:
+    return any(Path(folder).glob("*.safetensors")) or any(Path(folder).glob("*.bin"))
+
+
 def model_dir(name: str, smol: str, cache: Path) -> str:
+    """The run's model folder: SmolLM2's (real weights) or a train_speed.py shape with random weights, built
+    once into the cache. Where --smol holds the tokenizer only (the device has no room for the GGUF next to the
+    site packages), the 135m rows use SmolLM2-135M's shape with random weights: the same speed and memory,
+    validation losses comparable only between the tools of that call (the row says `weights: random`)."""
     if name == "smollm2":
-        return smol
+        if has_weights(smol):
+            return smol
+        name = "135m"
     out = cache / f"model-{name}"
     if not (out / "config.json").is_file():
         sys.path.insert(0, str(HERE))
@@ -298,7 +309,8 @@ def main() -> None:
                 res = {"error": f"timed out after {a.timeout} s"}
             if tool == "loraforge" and a.bench_rate and "error" not in res:
                 res["bench_tokens_per_s"] = bench_rate(spec, "135m" if conf["model"] == "smollm2" else conf["model"])
-            rows.append({"run": run, "tool": tool, **res})
+            weights = "real" if conf["model"] == "smollm2" and has_weights(a.smol) else "random"
+            rows.append({"run": run, "tool": tool, "weights": weights, **res})
             print(json.dumps(rows[-1])[:400], file=sys.stderr, flush=True)
             if a.out:   # each row as it comes: a call cut short keeps what it measured
                 a.out.parent.mkdir(parents=True, exist_ok=True)

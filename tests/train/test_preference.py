@@ -187,6 +187,9 @@ def test_reference_by_disabled_adapter_equals_a_separate_copy_of_the_base(tiny_m
         model.eval()
         adapted, _ = sequence_logps(model, batch)
     assert ref.tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    # the head applied a few logits at a time (3 rows of the tiny vocabulary): the same log-probs
+    small, _ = row_sums(*reference_token_logps(model, batch, chunk=3 * model.config.vocab_size), 8)
+    assert small.tolist() == pytest.approx(ref.tolist(), rel=1e-6)
     assert (adapted - want).abs().max() > 1e-2  # the adapter was on for the policy
     assert model.training is False and counts.tolist() == [s.n_loss_tokens for it in items for s in it.sides()]
 
