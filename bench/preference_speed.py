@@ -127,10 +127,13 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
         from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
     data = load_dataset("json", data_files={"train": spec["train"]})["train"]
     trainer = Trainer(model=model, args=Config(**common), train_dataset=data, processing_class=tok, **kw)
-    cols = trainer.train_dataset.column_names   # TRL 1.15: prompt_ids, chosen_ids, rejected_ids
-    ids = [k for k in cols if k.endswith("_ids") and "attention" not in k]
-    # each side is scored after the prompt: the prompt counts twice, as in loraforge's tokens_seen
-    tokens = sum(len(x) * (2 if k.startswith("prompt") else 1) for k in ids for x in trainer.train_dataset[k])
+    ds = trainer.train_dataset   # each side after its prompt: the prompt counts twice, as in loraforge's tokens_seen
+    if "chosen_input_ids" in ds.column_names:   # TRL 1.15's ORPO: each side's ids hold the prompt already
+        tokens = sum(len(x) for k in ("chosen_input_ids", "rejected_input_ids") for x in ds[k])
+    else:                                       # its DPO: prompt_ids, chosen_ids, rejected_ids
+        tokens = sum(len(x) * (2 if k == "prompt_ids" else 1) for k in ("prompt_ids", "chosen_ids", "rejected_ids")
+                     for x in ds[k])
+    cols = ds.column_names
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
