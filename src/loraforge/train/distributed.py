@@ -11,8 +11,8 @@ checkpoint is global: a run resumes on any number of processes.
 
 Launch: `loraforge train CONFIG --gpus N` re-runs itself under torchrun (torch.distributed.run's parse_args
 and run, quiet where a worker has said why it stopped); torchrun (with a rendezvous for several machines)
-works directly too. Backend nccl on CUDA, gloo on CPU. torch is
-imported inside the functions, so the launcher answers at once.
+works directly too. Backend nccl on CUDA, gloo on CPU. torch is imported inside the functions, so the
+launcher answers at once.
 """
 
 from __future__ import annotations
