@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +30,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _output import emit  # noqa: E402
+from _peers import loraforge_train, peer_model, print_result, run_child  # noqa: E402
 TOOLS = ["loraforge", "unsloth-trl", "trl"]
 R, LR, BETA, SEED, BATCH, ACCUM = 16, 5e-6, 0.1, 3407, 2, 2
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT_TOKENS, ANSWER_TOKENS, MAX_LENGTH = 480, 510, 1152
 
 
@@ -62,8 +61,6 @@ def make_pairs(tokenizer_dir: str, n: int, out: Path) -> Path:
 
 
 def run_loraforge(spec: dict, work: Path) -> dict:
-    import yaml
-
     cfg = {"base_model": spec["model_dir"], "output_dir": str(work / "run"), "seed": SEED,
            "objective": spec["objective"],
            "model": {"quantization": spec.get("quantization", "nf4"), "gradient_checkpointing": "offload"},
@@ -72,16 +69,10 @@ def run_loraforge(spec: dict, work: Path) -> dict:
            "lora": {"r": R, "alpha": R, "dropout": 0.0},
            "train": {"epochs": 1, "learning_rate": LR, "batch_size": BATCH, "grad_accum": ACCUM,
                      "eval_every": 100000, "save_every": 100000}}
-    path = work / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(path), "--overwrite"],
-                          capture_output=True, text=True)
-    (work / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        return {"error": (proc.stdout + proc.stderr)[-3000:]}
-    s = json.loads((work / "run" / "summary.json").read_text())
-    return {"wall_seconds": round(time.time() - t0, 1), "train_seconds": s["train_seconds"],
+    s, wall, log = loraforge_train(cfg, work)
+    if s is None:
+        return {"error": log[-3000:]}
+    return {"wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"],
             "tokens": s["tokens_seen"], "tokens_per_s": s["tokens_per_s"],
             "peak_reserved_gib": s["peak_reserved_gib"], "peak_allocated_gib": s.get("peak_allocated_gib"),
             "final_train_loss": s.get("final_train_loss")}
@@ -91,29 +82,9 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
     """Unsloth + TRL (as its notebooks) or plain TRL + PEFT; runs in this process (`child`)."""
     import torch
 
-    cuda = torch.cuda.is_available()   # (CPU: a smoke test of the set-up only, no quantization)
+    cuda = torch.cuda.is_available()   # (CPU: a smoke test of the set-up only)
     t_start = time.time()
-    if tool == "unsloth-trl":
-        from unsloth import FastLanguageModel  # noqa: first, it patches transformers and TRL
-
-        model, tok = FastLanguageModel.from_pretrained(spec["model_dir"], max_seq_length=MAX_LENGTH, dtype=None,
-                                                       load_in_4bit=True, local_files_only=True)
-        model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=R, lora_dropout=0, bias="none",
-                                                 target_modules=TARGETS, use_gradient_checkpointing="unsloth",
-                                                 random_state=SEED)
-        kw = {}
-    else:
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16) if cuda else None
-        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16,
-                                                     device_map={"": 0} if cuda else None,
-                                                     quantization_config=quant, attn_implementation="sdpa")
-        tok = AutoTokenizer.from_pretrained(spec["model_dir"])
-        kw = {"peft_config": LoraConfig(r=R, lora_alpha=R, lora_dropout=0.0, target_modules=TARGETS, bias="none",
-                                        task_type="CAUSAL_LM")}
+    model, tok, kw = peer_model(tool, spec["model_dir"], MAX_LENGTH, qlora=True, r=R, dropout=0.0, seed=SEED)
     from datasets import load_dataset
 
     common = dict(output_dir=str(work / "out"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
@@ -175,7 +146,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.cmd == "child":
-        print("RESULT " + json.dumps(run_peer(a.tool, json.loads(a.spec.read_text()), a.spec.parent)))
+        print_result(run_peer(a.tool, json.loads(a.spec.read_text()), a.spec.parent))
         return
     import torch
 
@@ -189,19 +160,11 @@ def main() -> None:
             work = a.cache / objective / tool
             work.mkdir(parents=True, exist_ok=True)
             (work / "spec.json").write_text(json.dumps(spec))
-            try:
-                if tool == "loraforge":
-                    res = run_loraforge(spec, work)
-                else:
-                    with (work / "log.txt").open("w") as log:
-                        proc = subprocess.run([sys.executable, __file__, "child", "--tool", tool, "--spec",
-                                               str(work / "spec.json")], stdout=subprocess.PIPE, stderr=log,
-                                              text=True, timeout=a.timeout)
-                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                    res = json.loads(line[-1][7:]) if line else {
-                        "error": (work / "log.txt").read_text()[-3000:] + proc.stdout[-500:]}
-            except subprocess.TimeoutExpired:
-                res = {"error": f"timed out after {a.timeout} s"}
+            if tool == "loraforge":
+                res = run_loraforge(spec, work)
+            else:
+                res = run_child([sys.executable, __file__, "child", "--tool", tool, "--spec", str(work / "spec.json")],
+                                work, a.timeout)
             rows.append({"objective": objective, "tool": tool, **res})
             print(json.dumps(rows[-1])[:400], file=sys.stderr, flush=True)
             if a.out:

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _peers import loraforge_train, peer_model, print_result, run_child  # noqa: E402
 SYSTEM = {"banking77": "Classify the customer's banking query. Reply with the intent label only.",
           "snips": "Extract the slots of the request as a JSON object (slot name: text). Reply with the JSON only."}
 RUNS = {   # model: smollm2 (the HF folder given) or a bench/train_speed.py shape built with random weights
@@ -46,7 +48,6 @@ RUNS = {   # model: smollm2 (the HF folder given) or a bench/train_speed.py shap
 }
 TOOLS = ["loraforge", "unsloth-trl", "trl"]   # and loraforge-tensorboard (not by default)
 LR, R, DROPOUT, SEED = 2e-4, 16, 0.05, 3407
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ---- data (prepare) ---------------------------------------------------------------------------------------
@@ -80,7 +81,6 @@ def _snips(shared: Path) -> list[dict]:
 
 def _mix(n: int, seed: int, words: list[str]) -> list[dict]:
     """Alpaca-like chats whose lengths follow bench/_mix.py's mix (in words ~ tokens), a third prompt."""
-    sys.path.insert(0, str(HERE))
     from _mix import sample_lengths
 
     rng = random.Random(seed)
@@ -116,8 +116,6 @@ def prepare(out: Path, shared: Path) -> None:
 
 # ---- one tool on one run (its own process) -----------------------------------------------------------------
 def run_loraforge(spec: dict, work: Path, report_to: tuple[str, ...] = ()) -> dict:
-    import yaml
-
     cfg = {"base_model": spec["model_dir"], "output_dir": str(work / "run"), "seed": SEED,
            "model": {"quantization": "nf4" if spec.get("qlora") else "none",
                      "gradient_checkpointing": "offload" if spec.get("qlora") else False},
@@ -126,18 +124,9 @@ def run_loraforge(spec: dict, work: Path, report_to: tuple[str, ...] = ()) -> di
            "lora": {"r": R, "alpha": R, "dropout": DROPOUT},
            "train": {"epochs": spec["epochs"], "learning_rate": LR, "batch_size": spec["batch"],
                      "grad_accum": spec["accum"], "report_to": list(report_to)}}
-    path = work / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    t0 = time.time()
-    prof = ["--profile", str(spec["profile"])] if spec.get("profile") else []
-    # --overwrite: the bench's own scratch folder, re-run by a later call on the same machine
-    proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(path), "--overwrite", *prof],
-                          capture_output=True, text=True)
-    wall = time.time() - t0
-    (work / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        return {"error": (proc.stdout + proc.stderr)[-3000:]}
-    s = json.loads((work / "run" / "summary.json").read_text())
+    s, wall, log = loraforge_train(cfg, work, *(["--profile", str(spec["profile"])] if spec.get("profile") else []))
+    if s is None:
+        return {"error": log[-3000:]}
     return {"wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"], "tokens": s["tokens_seen"],
             "tokens_per_s": s["tokens_per_s"], "peak_reserved_gib": s["peak_reserved_gib"],
             "peak_allocated_gib": s.get("peak_allocated_gib"),
@@ -158,27 +147,8 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
 
     cuda = torch.cuda.is_available()   # (CPU: a smoke test of the set-up only)
     t_start = time.time()
-    if tool == "unsloth-trl":
-        from unsloth import FastLanguageModel  # noqa: first, it patches transformers and TRL
-        from unsloth.chat_templates import train_on_responses_only
-
-        model, tok = FastLanguageModel.from_pretrained(spec["model_dir"], max_seq_length=spec["seq"], dtype=None,
-                                                       load_in_4bit=bool(spec.get("qlora")), local_files_only=True)
-        model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=R, lora_dropout=DROPOUT, bias="none",
-                                                 target_modules=TARGETS, use_gradient_checkpointing="unsloth",
-                                                 random_state=SEED)
-    else:
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16) if spec.get("qlora") else None
-        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16,
-                                                     device_map={"": 0} if cuda else None,
-                                                     quantization_config=quant, attn_implementation="sdpa")
-        tok = AutoTokenizer.from_pretrained(spec["model_dir"])
-        peft_config = LoraConfig(r=R, lora_alpha=R, lora_dropout=DROPOUT, target_modules=TARGETS, bias="none",
-                                 task_type="CAUSAL_LM")
+    model, tok, kw = peer_model(tool, spec["model_dir"], spec["seq"], qlora=bool(spec.get("qlora")), r=R,
+                                dropout=DROPOUT, seed=SEED)
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -197,10 +167,11 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
                      seed=SEED, max_length=spec["seq"], packing=bool(spec.get("packing")),
                      gradient_checkpointing=bool(spec.get("qlora")) and tool == "trl",
                      dataset_text_field="text", dataset_num_proc=4)
-    kw = {} if tool == "unsloth-trl" else {"peft_config": peft_config}
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=data["train"], eval_dataset=data["val"],
                          args=args, **kw)
     if tool == "unsloth-trl":
+        from unsloth.chat_templates import train_on_responses_only
+
         trainer = train_on_responses_only(trainer, instruction_part="<|im_start|>user\n",
                                           response_part="<|im_start|>assistant\n")
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * spec["epochs"]
@@ -237,7 +208,6 @@ def model_dir(name: str, smol: str, cache: Path) -> str:
         name = "135m"
     out = cache / f"model-{name}"
     if not (out / "config.json").is_file():
-        sys.path.insert(0, str(HERE))
         from train_speed import make_model
 
         make_model(name, out, smol)
@@ -282,7 +252,7 @@ def main() -> None:
         return prepare(a.out, a.shared)
     if a.cmd == "child":
         spec = json.loads(a.spec.read_text())
-        print("RESULT " + json.dumps(run_peer(a.tool, spec, a.spec.parent)))
+        print_result(run_peer(a.tool, spec, a.spec.parent))
         return
     import torch
 
@@ -296,17 +266,10 @@ def main() -> None:
             work = a.cache / run / tool
             work.mkdir(parents=True, exist_ok=True)
             (work / "spec.json").write_text(json.dumps(spec))
-            try:
-                if tool.startswith("loraforge"):
-                    res = run_loraforge(spec, work, tuple(tool.split("-")[1:]))
-                else:
-                    with (work / "log.txt").open("w") as log:   # kept when the child times out
-                        proc = subprocess.run([sys.executable, __file__, "child", tool, str(work / "spec.json")],
-                                              stdout=subprocess.PIPE, stderr=log, text=True, timeout=a.timeout)
-                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                    res = json.loads(line[-1][7:]) if line else {"error": (proc.stdout + proc.stderr)[-3000:]}
-            except subprocess.TimeoutExpired:
-                res = {"error": f"timed out after {a.timeout} s"}
+            if tool.startswith("loraforge"):
+                res = run_loraforge(spec, work, tuple(tool.split("-")[1:]))
+            else:
+                res = run_child([sys.executable, __file__, "child", tool, str(work / "spec.json")], work, a.timeout)
             if tool == "loraforge" and a.bench_rate and "error" not in res:
                 res["bench_tokens_per_s"] = bench_rate(spec, "135m" if conf["model"] == "smollm2" else conf["model"])
             weights = "real" if conf["model"] == "smollm2" and has_weights(a.smol) else "random"

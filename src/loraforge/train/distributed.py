@@ -135,9 +135,10 @@ def record_exit_code(code: int) -> tuple[int, bool]:
     try:
         with open(path, "x") as f:
             f.write(str(code))
+        first = True
     except OSError:   # another worker was first, or the launcher's folder is gone
-        return (0 if code == 3 else code), False
-    return (0 if code == 3 else code), True
+        first = False
+    return (0 if code == 3 else code), first
 
 
 def _worker_reported() -> bool:
