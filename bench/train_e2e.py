@@ -19,7 +19,8 @@ training set's tokens x epochs over the time of its training loop (for the peers
 validation loss is the mean loss of the answer tokens of the same held-out file, read by each tool.
 Prints one JSON object: {"command", "device", "rows": [...]} (the format of bench/results/train_e2e/).
 Tool `loraforge-tensorboard` is loraforge with `train.report_to: [tensorboard]`: what reporting to a tracker
-costs a real run (issue 22's < 1% at 8B), beside the plain `loraforge` row of the same call.
+costs a real run (issue 22's < 1% at 8B), beside the plain `loraforge` row of the same call; `loraforge-shareprefix`
+is loraforge with `data.share_prefix: on` (its default, auto, shares only on the CPU).
 """
 
 from __future__ import annotations
@@ -115,15 +116,18 @@ def prepare(out: Path, shared: Path) -> None:
 
 
 # ---- one tool on one run (its own process) -----------------------------------------------------------------
-def run_loraforge(spec: dict, work: Path, report_to: tuple[str, ...] = ()) -> dict:
+def run_loraforge(spec: dict, work: Path, variant: tuple[str, ...] = ()) -> dict:
+    """`loraforge train` on the run's config; variant: trackers to report to, and `shareprefix` for
+    data.share_prefix on (a GPU run of the same data with the common system turn computed once a batch)."""
+    report_to = [v for v in variant if v != "shareprefix"]
     cfg = {"base_model": spec["model_dir"], "output_dir": str(work / "run"), "seed": SEED,
            "model": {"quantization": "nf4" if spec.get("qlora") else "none",
                      "gradient_checkpointing": "offload" if spec.get("qlora") else False},
            "data": {"train": spec["train"], "validation": spec["val"], "max_seq_length": spec["seq"],
-                    "packing": bool(spec.get("packing"))},
+                    "packing": bool(spec.get("packing")), "share_prefix": "on" if "shareprefix" in variant else "auto"},
            "lora": {"r": R, "alpha": R, "dropout": DROPOUT},
            "train": {"epochs": spec["epochs"], "learning_rate": LR, "batch_size": spec["batch"],
-                     "grad_accum": spec["accum"], "report_to": list(report_to)}}
+                     "grad_accum": spec["accum"], "report_to": report_to}}
     s, wall, log = loraforge_train(cfg, work, *(["--profile", str(spec["profile"])] if spec.get("profile") else []))
     if s is None:
         return {"error": log[-3000:]}

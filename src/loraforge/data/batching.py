@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 
+from loraforge.data import prefix
 from loraforge.data.packing import collate_rows, pad_right
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 
@@ -61,10 +62,17 @@ def bucket_length(longest: int, buckets: list[int]) -> int:
     return next((b for b in buckets if b >= longest), longest)
 
 
-def collate(items: list[Tokenized], pad_id: int, buckets: list[int] | None = None, rows: int | None = None):
+def collate(items: list[Tokenized], pad_id: int, buckets: list[int] | None = None, rows: int | None = None,
+            share_prefix: int = 0):
     """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding) as torch tensors;
     packed rows (data.packing) also get position_ids, segment_ids and cu_seqlens (data.packing.collate_rows).
-    With `buckets` the length is padded up to a bucket, and with `rows` the batch to that many rows."""
+    With `buckets` the length is padded up to a bucket, and with `rows` the batch to that many rows. With
+    `share_prefix` (a minimum length) examples that open with the same tokens come as one row holding them once
+    (data.prefix), where that pays; buckets and rows then do not apply."""
+    if share_prefix and not hasattr(items[0], "seq_lens"):
+        row = prefix.share_prefix(items, share_prefix)
+        if row is not None:
+            return collate_rows([row], pad_id)
     length = bucket_length(max(len(t.input_ids) for t in items), buckets) if buckets else None
     if items and hasattr(items[0], "seq_lens"):
         return collate_rows(items, pad_id, length, rows)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 
+SHARED = -1   # the segment id of a row's shared prefix (data.prefix): every later token of the row attends to it
+
 
 @dataclass
 class PackedRow:
@@ -27,6 +29,7 @@ class PackedRow:
     position_ids: list[int]
     seq_lens: list[int]   # length of each example, in order; boundaries are their running sums
     sources: list[str]
+    shared_prefix: int = 0   # data.prefix: the first segment is a prefix every later token of the row sees
 
     @property
     def boundaries(self) -> list[int]:
@@ -121,7 +124,8 @@ def collate_rows(rows: list[PackedRow], pad_id: int, length: int | None = None, 
     (for counting), segment_ids (which example of its row each token belongs to; every pad its own segment),
     from which the model side builds the attention it needs (`segment_attention`), and cu_seqlens (see
     `cu_seqlens`). With `length` the rows are padded to that many tokens and with `n_rows` the batch to that
-    many rows (rows of padding only), so that batch shapes repeat (data.batching's length buckets)."""
+    many rows (rows of padding only), so that batch shapes repeat (data.batching's length buckets). Rows with a
+    shared prefix (data.prefix) get `shared_prefix: True` instead of cu_seqlens."""
     import torch
 
     ids = pad_right([r.input_ids for r in rows], pad_id, length, n_rows)
@@ -132,12 +136,15 @@ def collate_rows(rows: list[PackedRow], pad_id: int, length: int | None = None, 
             seg[r, pos:pos + n] = k
             pos += n
         seg[r, pos:] = torch.arange(len(row.seq_lens), len(row.seq_lens) + ids.shape[1] - pos)
+        seg[r, :row.shared_prefix] = SHARED
     seg[len(rows):] = torch.arange(ids.shape[1])
     shape = {"length": ids.shape[1], "rows": ids.shape[0]}
-    return {"input_ids": ids, "labels": pad_right([r.labels for r in rows], IGNORE_INDEX, **shape),
-            "position_ids": pad_right([r.position_ids for r in rows], 0, **shape),
-            "attention_mask": pad_right([[1] * len(r.input_ids) for r in rows], 0, **shape), "segment_ids": seg,
-            "cu_seqlens": cu_seqlens([r.seq_lens for r in rows], *ids.shape)}
+    batch = {"input_ids": ids, "labels": pad_right([r.labels for r in rows], IGNORE_INDEX, **shape),
+             "position_ids": pad_right([r.position_ids for r in rows], 0, **shape),
+             "attention_mask": pad_right([[1] * len(r.input_ids) for r in rows], 0, **shape), "segment_ids": seg}
+    if any(r.shared_prefix for r in rows):   # varlen offsets cannot say "seen by every later segment"
+        return batch | {"shared_prefix": True}
+    return batch | {"cu_seqlens": cu_seqlens([r.seq_lens for r in rows], *ids.shape)}
 
 
 def segment_slots(n: int) -> int:
@@ -167,9 +174,11 @@ def cu_seqlens(seq_lens: list[list[int]], n_rows: int, width: int):
 
 
 def segment_attention(segment_ids):
-    """(batch, 1, T, T) boolean mask, True where a token may attend: earlier tokens of its own example."""
+    """(batch, 1, T, T) boolean mask, True where a token may attend: earlier tokens of its own example, and
+    of a shared prefix (segment id SHARED, data.prefix)."""
     import torch
 
     t = segment_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
-    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+    seen = (segment_ids[:, :, None] == segment_ids[:, None, :]) | (segment_ids[:, None, :] == SHARED)
+    return (seen & causal)[:, None]

@@ -1,9 +1,9 @@
 """Batched generation for evaluation and for `loraforge generate` / `loraforge chat`.
 
-Prompts are rendered with the model's chat template and decoded greedily by transformers' generate in
-length-sorted, left-padded batches (with a grammar's logits processor for structured decoding), stopping at
-the template's end-of-turn token; GRPO's sampler (model.decode) is tested equal to it when greedy. Each answer records whether the model stopped by itself (a model that never stops
-is reported).
+Prompts are rendered with the model's chat template and decoded greedily by model.decode's batched decoder
+(the one GRPO samples with: length-sorted, left-padded batches, a common prompt prefix prefilled once on the
+CPU), with a grammar's logits processor for structured decoding, stopping at the template's end-of-turn
+token. Each answer records whether the model stopped by itself (a model that never stops is reported).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from loraforge.data.templates import prompt_text
 from loraforge.eval.structured import GrammarLogitsProcessor, compile_structure
 from loraforge.model.adapters import load_adapter
 from loraforge.model.attention import decode_attention
-from loraforge.model.decode import END_OF_TURN, stop_token_ids
+from loraforge.model.decode import END_OF_TURN, decode_ids, stop_token_ids
 from loraforge.model.load import load_base, pick_device
 from loraforge.train.run_files import RunFiles
 
@@ -47,45 +47,21 @@ def build_messages(prompt: str | list[dict], system: str | None) -> list[dict]:
 def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
                    batch_size: int = 32, progress=None, cudnn_attention: bool = False,
                    grammar=None) -> list[Generation]:
-    """Greedy answers to each conversation (its last assistant turn, if any, is left out). With `grammar`
-    (loraforge.eval.structured.compile_structure) each row decodes only tokens its grammar permits."""
-    texts = [prompt_text(tokenizer, c) for c in conversations]
-    stops = stop_token_ids(tokenizer, model)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out: list[Generation | None] = [None] * len(texts)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            extra = {}
-            if grammar is not None:
-                from transformers import LogitsProcessorList  # lazy: transformers' generation utils take ~1 s
+    """Greedy answers to each conversation (its last assistant turn, if any, is left out), through
+    model.decode's batched decoder. With `grammar` (loraforge.eval.structured.compile_structure) each row
+    decodes only tokens its grammar permits."""
+    prompts = [tokenizer(prompt_text(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
+    processors = None
+    if grammar is not None:
+        from transformers import LogitsProcessorList  # lazy: transformers' generation utils take ~1 s
 
-                states = [grammar.start() for _ in idx]
-                extra["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor(states)])
-            with decode_attention(device, cudnn_attention):
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
-                                     top_k=None, **extra)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            for row, i in enumerate(idx):
-                toks = new[row].tolist()
-                cut = next((k for k, t in enumerate(toks) if t in stops), None)
-                kept = toks if cut is None else toks[:cut]
-                out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), cut is not None,
-                                    len(kept))
-            if progress:
-                progress(len(idx))
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return out  # type: ignore[return-value]
+        def processors(idx):
+            return LogitsProcessorList([GrammarLogitsProcessor([grammar.start() for _ in idx])])
+    done = decode_ids(model, prompts, stops=stop_token_ids(tokenizer, model), pad_id=tokenizer.pad_token_id,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                      cudnn_attention=cudnn_attention, processors=processors)
+    return [Generation(tokenizer.decode(c.ids, skip_special_tokens=True).strip(), c.stopped, len(c.ids))
+            for c in done]
 
 
 def load_for_inference(name: str) -> InferenceHandle:

@@ -5,15 +5,19 @@ Prompts are sorted by length, left-padded into batches and decoded with the KV c
 from the adapter being trained, with no weight copy or server). Decoding stops at the given stop tokens
 (the template's end-of-turn); each completion records whether it stopped by itself. Sampling takes a
 temperature, top-p and a seed: the same seed gives the same completions (the global RNG is forked, so
-training's own random state is untouched). eval.generate (answers for evaluation and `loraforge
-generate`) and train's GRPO loop both decode through `decode_ids`.
+training's own random state is untouched). On the CPU a batch's common prompt prefix (the chat template's
+system turn) is prefilled once and its KV cache repeated for every row, the rows' padding placed after it.
+eval.generate (answers for evaluation and `loraforge generate`) and train's GRPO loop both decode through
+`decode_ids`.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from loraforge.data.templates import END_OF_TURN
 from loraforge.model.attention import decode_attention
@@ -41,13 +45,58 @@ def _sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
 
 
+# the shortest common prompt prefix worth a prefill of its own (share_prefix)
+SHARE_MIN = 8
+
+
+def shared_prompt_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one token of its own."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def _cache_kwarg(model) -> str:
+    """The name generate() takes a prefilled KV cache under: `cache` in recent transformers, else
+    `past_key_values` (deprecated there)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _layout(rows: list[list[int]], pad_id: int, share: int):
+    """(input_ids, attention_mask) of a batch: left-padded, every prompt ending where decoding starts; with
+    `share` > 0 the common prefix first, then each row's padding, then the rest of its prompt (positions come
+    from the mask, so the rest goes on from the prefix as it would without the padding)."""
+    width = share + max(len(r) - share for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, prompt in enumerate(rows):
+        if share:
+            ids[row, :share] = torch.tensor(prompt[:share])
+            mask[row, :share] = 1
+        rest = prompt[share:]
+        ids[row, width - len(rest):] = torch.tensor(rest)
+        mask[row, width - len(rest):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int, max_new_tokens: int = 64,
                batch_size: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-               progress=None, cudnn_attention: bool = False) -> list[Completion]:
+               progress=None, cudnn_attention: bool = False, processors=None,
+               share_prefix: bool | None = None) -> list[Completion]:
     """Completions of each prompt (token ids); greedy when temperature is 0. The model is put in eval mode
-    while it decodes and given back in the mode it was in."""
+    while it decodes and given back in the mode it was in. `processors(indices)`: the logits processors of
+    a batch of these prompts (structured decoding), or None. `share_prefix` (None: on the CPU): a batch's
+    common prompt prefix (a chat template's system turn) is prefilled once and its KV cache repeated for
+    every row (on the CPU quickstart's validation: 13.9 -> 11.4 s for 77 prompts of ~50 tokens, 24 shared);
+    the completions are the same."""
     device = next(model.parameters()).device
+    share_prefix = device.type == "cpu" if share_prefix is None else share_prefix
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -59,16 +108,21 @@ def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int
                 torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                width = max(len(prompts[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # left padding: every prompt ends where decoding starts
-                    ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                    mask[row, width - len(prompts[i]):] = 1
+                rows = [prompts[i] for i in idx]
+                share = shared_prompt_prefix(rows) if share_prefix and len(rows) > 1 else 0
+                share = share if share >= SHARE_MIN else 0
+                ids, mask = _layout(rows, pad_id, share)
+                extra = {} if processors is None else {"logits_processor": processors(idx)}
                 with decode_attention(device, cudnn_attention):
+                    if share:   # the prefix once (its cache filled in place), repeated for each row
+                        name, cache = _cache_kwarg(model), DynamicCache()
+                        model(input_ids=ids[:1, :share].to(device), use_cache=True, **{name: cache})
+                        cache.batch_repeat_interleave(len(rows))
+                        extra[name] = cache
                     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                          max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
-                                         **_sampling(temperature, top_p))
+                                         **_sampling(temperature, top_p), **extra)
+                width = ids.shape[1]
                 for row, i in enumerate(idx):
                     toks = gen[row, width:].tolist()
                     cut = next((k for k, t in enumerate(toks) if t in stops), None)

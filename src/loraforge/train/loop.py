@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.config import RunConfig
+from loraforge.data import prefix
 from loraforge.data.batching import batch_order, collate, length_buckets
 from loraforge.data.packing import pack, segment_attention
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
@@ -78,9 +79,11 @@ def to_device(batch: dict, device) -> dict:
     """A collated host batch on `device`, with its loss positions (`loss_index`) found on the host: on CUDA
     copied from pinned memory without blocking, so the host goes on queueing work."""
     batch = {**batch, "loss_index": loss_positions(batch["labels"])}
+    flags = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}   # e.g. shared_prefix
+    tensors = {k: v for k, v in batch.items() if k not in flags}
     if torch.device(device).type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in tensors.items()} | flags
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()} | flags
 
 
 def loss_sum(model, batch: dict, parts=None) -> tuple[torch.Tensor, int]:
@@ -137,10 +140,11 @@ def validation_groups(items: list, batch_size: int, pack_to: int | None = None) 
 
 @torch.no_grad()
 def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, device, autocast,
-                  fast=None, dist: D.DistContext = D.SINGLE, step_module=None, pack_to: int | None = None) -> float:
+                  fast=None, dist: D.DistContext = D.SINGLE, step_module=None, pack_to: int | None = None,
+                  share_prefix: int = 0) -> float:
     """Mean token loss over `items` (forwards as validation_groups); under torchrun each rank takes every W-th
     batch (and runs as many forwards as the others, a repeat counted as nothing) and the sums are added across
-    ranks. The forwards run with flash attention rather than cuDNN's, which plans every new shape
+    ranks. `share_prefix`: as data.batching.collate's. The forwards run with flash attention rather than cuDNN's, which plans every new shape
     (model.attention)."""
     was_training = model.training
     model.eval()
@@ -150,7 +154,8 @@ def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, d
     mine = groups[dist.rank::dist.world]
     with decode_attention(torch.device(device)):
         for j in range(math.ceil(len(groups) / dist.world)):
-            batch = to_device(collate(mine[j] if j < len(mine) else groups[0], pad_id, **shape), device)
+            batch = to_device(collate(mine[j] if j < len(mine) else groups[0], pad_id, **shape,
+                                      share_prefix=share_prefix), device)
             with autocast():
                 s, n = forward(batch)
             if j < len(mine):   # summed on the device: one read at the end
@@ -158,6 +163,17 @@ def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, d
     total, count = dist.all_sum([float(total), count], device)
     model.train(was_training)
     return total / max(count, 1)
+
+
+def share_prefix_tokens(cfg: RunConfig, device: torch.device, buckets=None) -> int:
+    """data.share_prefix as collate's `share_prefix` (the shortest prefix worth sharing; 0: never). auto = on the
+    CPU only, where the step's time follows its tokens, and not where batches come in buckets for CUDA graphs:
+    on a GPU the small steps it would shorten are the host-bound ones that graphs replay, which a new row shape
+    each batch prevents."""
+    mode = cfg.data.share_prefix
+    if mode == "off" or cfg.data.packing or (mode == "auto" and (device.type != "cpu" or buckets)):
+        return 0
+    return prefix.MIN_TOKENS
 
 
 def plan_steps(n_items: int, cfg: RunConfig) -> tuple[int, int]:
@@ -304,6 +320,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
             f"{tc.batch_size} rows, so that CUDA graphs replay them")
     rows = tc.batch_size if buckets else None
     pack_val = cfg.data.max_seq_length if cfg.data.packing else None   # validation_groups
+    share = share_prefix_tokens(cfg, device, buckets)   # data.prefix: a batch's common prefix computed once
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = extra = None
     val_loss = state.history[-1]["val_loss"] if state.history else None
@@ -345,7 +362,8 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
             # 1. this step's micro-batches (the same on every rank); this rank takes every W-th one; the
             #    step's loss tokens are counted over all of them on the host (every rank holds the whole step)
             group = next_group(batches, per_epoch, tc)
-            mine = [(j, collate(group[j][2], pad_id, buckets, rows)) for j in range(dist.rank, len(group), dist.world)]
+            mine = [(j, collate(group[j][2], pad_id, buckets, rows, share))
+                    for j in range(dist.rank, len(group), dist.world)]
             n_loss = sum(n_loss_of[id(t)] for _, _, items in group for t in items)
             n_tokens = sum(len(t.input_ids) for _, _, items in group for t in items)
 
@@ -354,7 +372,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
             step_loss = torch.zeros((), device=device, dtype=torch.float32)
             n_fwd = math.ceil(len(group) / dist.world)
             for k in range(n_fwd):
-                j, batch = mine[k] if k < len(mine) else (None, collate(group[0][2], pad_id, buckets, rows))
+                j, batch = mine[k] if k < len(mine) else (None, collate(group[0][2], pad_id, buckets, rows, share))
                 batch = to_device(batch, device)   # j None: a weightless repeat, so every rank runs n_fwd
                 seed_micro_batch(device, cfg.seed, state.step, j or 0)
                 with D.grad_sync(step_module, dist, sync=k == n_fwd - 1):
@@ -395,7 +413,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
                 started = time.time()
                 if evaluate and val_items:
                     val_loss = row["val_loss"] = evaluate_loss(model, val_items, tc.batch_size, pad_id, device,
-                                                               autocast, fast, dist, step_module, pack_val)
+                                                               autocast, fast, dist, step_module, pack_val, share)
                 if evaluate and on_validate is not None:   # the task metric, best checkpoint, early stop
                     extra = on_validate(state.step, row.get("val_loss"))
                     row.update({k: v for k, v in (extra or {}).items() if k != "stop"})

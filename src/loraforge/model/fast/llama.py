@@ -216,9 +216,11 @@ class FastLlama:
             self.graphs = GraphSet(self.layers, params, self.pool, capture=graphs != "eager", layer_weights=weights,
                                    only_host_bound=graphs == "auto")
 
-    def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None, cu_seqlens=None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None, cu_seqlens=None,
+               shared_prefix: bool = False) -> torch.Tensor:
         """Final-norm hidden states (B, T, H) in the compute dtype. Packed rows (data.packing) give their
-        position_ids and segment_ids (and the collate's cu_seqlens): attention then stays inside each example."""
+        position_ids and segment_ids (and the collate's cu_seqlens): attention then stays inside each example
+        (and its row's shared prefix: data.prefix)."""
         dev = input_ids.device
         self.state.forward_pass += 1   # the LoRA factors are cast once per pass
         training = torch.is_grad_enabled() and self.model.training
@@ -227,7 +229,7 @@ class FastLlama:
             if seed.device != dev:
                 seed = self.state.dropout_seed = new_seed(dev)
             reseed_(seed)
-        packed = packed_attention(segment_ids, cu_seqlens) if segment_ids is not None else None
+        packed = packed_attention(segment_ids, cu_seqlens, shared_prefix) if segment_ids is not None else None
         with torch.autocast(dev.type, enabled=False):
             h = (self.embed_entry or self.decoder.embed_tokens)(input_ids).to(self.dtype)
             pos = position_ids if position_ids is not None else \
@@ -317,7 +319,7 @@ class FastLlama:
         if idx is None:
             idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"),
-                        batch.get("cu_seqlens"))[:, :-1]
+                        batch.get("cu_seqlens"), batch.get("shared_prefix", False))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
         return (self.head_entry or self._head_loss)(h, labels.flatten().index_select(0, idx)), len(idx)
 
@@ -329,7 +331,7 @@ class FastLlama:
         labels = batch["labels"][:, 1:]
         idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"),
-                        batch.get("cu_seqlens"))[:, :-1]
+                        batch.get("cu_seqlens"), batch.get("shared_prefix", False))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
         with torch.autocast(h.device.type, enabled=False):
             logp = -linear_cross_entropy_rows(h, self.head.weight, labels.flatten().index_select(0, idx))

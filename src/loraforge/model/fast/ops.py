@@ -89,14 +89,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, p
     return a.transpose(1, 2).reshape(bsz, t, -1)
 
 
-def packed_attention(segment_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+def packed_attention(segment_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, shared_prefix: bool = False):
     """What attention() needs to keep packed examples apart: on CUDA with torch's varlen flash attention,
     the examples' cumulative offsets in the flattened batch and a bound on the longest one; elsewhere a
     (B, 1, T, T) boolean mask (data.packing.segment_attention). With the collate's `cu_seqlens`
     (data.packing.cu_seqlens: padded with empty segments to a few sizes) the bound is the row length, and
     nothing waits for the device: the shapes and host values then repeat, as CUDA graphs need
-    (model.fast.graphs). Without it, the offsets are found on the device (one host sync a batch)."""
-    if segment_ids.is_cuda and _varlen_fn() is not None:
+    (model.fast.graphs). Without it, the offsets are found on the device (one host sync a batch). A row with a
+    shared prefix (data.prefix) always takes the mask: varlen segments cannot share keys."""
+    if segment_ids.is_cuda and _varlen_fn() is not None and not shared_prefix:
         bsz, t = segment_ids.shape
         if cu_seqlens is not None:
             return "varlen", cu_seqlens, t
