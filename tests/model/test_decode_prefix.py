@@ -4,15 +4,16 @@ repeated for every row; the completions are those of the plain left-padded batch
 import pytest
 import torch
 
-from loraforge.model.decode import SHARE_MIN, _layout, decode_ids, shared_prompt_prefix, stop_token_ids
+from loraforge.data.prefix import shared_length
+from loraforge.model.decode import SHARE_MIN, _layout, decode_ids, stop_token_ids
 
 SYSTEM = "You sort things by colour. Name the colour of the thing asked about, in one short sentence."
 
 
-def test_shared_prompt_prefix_leaves_every_prompt_a_token():
-    assert shared_prompt_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
-    assert shared_prompt_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
-    assert shared_prompt_prefix([[9, 2], [1, 2]]) == 0
+def test_shared_length_leaves_every_prompt_a_token():
+    assert shared_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert shared_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert shared_length([[9, 2], [1, 2]]) == 0
 
 
 def test_layout_puts_the_padding_between_prefix_and_rest():
@@ -42,7 +43,7 @@ def model_and_prompts(tiny_model):
 
 def test_a_shared_prefix_decodes_the_same_tokens(model_and_prompts):
     model, tok, prompts = model_and_prompts
-    assert shared_prompt_prefix(prompts) >= SHARE_MIN
+    assert shared_length(prompts) >= SHARE_MIN
     seen = []
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
     kw = dict(stops=stop_token_ids(tok, model), pad_id=tok.pad_token_id, max_new_tokens=10, batch_size=8)
@@ -52,7 +53,7 @@ def test_a_shared_prefix_decodes_the_same_tokens(model_and_prompts):
         plain = decode_ids(model, prompts, share_prefix=False, **kw)
     finally:
         hook.remove()
-    assert seen[0] == (1, shared_prompt_prefix(prompts))    # the prefix, once
+    assert seen[0] == (1, shared_length(prompts))    # the prefix, once
     assert seen[1][0] == 8 and seen[1][1] < max(map(len, prompts)) - 5   # then only the rows' own tokens
     assert seen[n_shared][1] == max(map(len, prompts))      # the plain batch prefills everything
     assert [c.ids for c in shared] == [c.ids for c in plain]

@@ -28,17 +28,22 @@ MIN_SAVING = 0.15
 MAX_ROW = 4096
 
 
+def shared_length(seqs: list[list[int]]) -> int:
+    """How many leading tokens all sequences share, leaving each at least one token of its own (also what
+    model.decode prefills once for a batch of prompts)."""
+    first, n = seqs[0], min(len(x) for x in seqs) - 1
+    for x in seqs[1:]:
+        k = 0
+        while k < n and x[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
 def common_prefix(items: list[Tokenized]) -> int:
     """How many leading tokens all items share and can share in one row: no loss token among them nor on
     the token after them, and at least one token of every item left after them."""
-    first = items[0].input_ids
-    n = min(len(t.input_ids) for t in items) - 1
-    for t in items[1:]:
-        ids = t.input_ids
-        k = 0
-        while k < n and ids[k] == first[k]:
-            k += 1
-        n = k
+    n = shared_length([t.input_ids for t in items])
     for t in items:
         labels = t.labels
         k = 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from loraforge.data.prefix import shared_length
 from loraforge.data.templates import END_OF_TURN
 from loraforge.model.attention import decode_attention
 
@@ -47,17 +48,14 @@ def _sampling(temperature: float, top_p: float) -> dict:
 
 # the shortest common prompt prefix worth a prefill of its own (share_prefix)
 SHARE_MIN = 8
+# the model types whose KV cache the prefix sharing is tested with (a plain per-layer cache, no sliding window)
+SHARE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def shared_prompt_prefix(prompts: list[list[int]]) -> int:
-    """How many leading tokens all prompts share, leaving each at least one token of its own."""
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        k = 0
-        while k < n and p[k] == first[k]:
-            k += 1
-        n = k
-    return max(n, 0)
+def _can_share(model) -> bool:
+    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    return getattr(cfg, "model_type", None) in SHARE_TYPES and not getattr(cfg, "use_sliding_window", False) \
+        and not (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None))
 
 
 def _cache_kwarg(model) -> str:
@@ -91,12 +89,12 @@ def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int
                share_prefix: bool | None = None) -> list[Completion]:
     """Completions of each prompt (token ids); greedy when temperature is 0. The model is put in eval mode
     while it decodes and given back in the mode it was in. `processors(indices)`: the logits processors of
-    a batch of these prompts (structured decoding), or None. `share_prefix` (None: on the CPU): a batch's
-    common prompt prefix (a chat template's system turn) is prefilled once and its KV cache repeated for
-    every row (on the CPU quickstart's validation: 13.9 -> 11.4 s for 77 prompts of ~50 tokens, 24 shared);
-    the completions are the same."""
+    a batch of these prompts (structured decoding), or None. `share_prefix` (None: on the CPU; Llama, Mistral
+    and Qwen models): a batch's common prompt prefix (a chat template's system turn) is prefilled once and its
+    KV cache repeated for every row (on the CPU quickstart's validation: 13.9 -> 11.4 s for 77 prompts of ~50
+    tokens, 24 shared); the completions are the same."""
     device = next(model.parameters()).device
-    share_prefix = device.type == "cpu" if share_prefix is None else share_prefix
+    share_prefix = (device.type == "cpu" if share_prefix is None else share_prefix) and _can_share(model)
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -109,7 +107,7 @@ def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 rows = [prompts[i] for i in idx]
-                share = shared_prompt_prefix(rows) if share_prefix and len(rows) > 1 else 0
+                share = shared_length(rows) if share_prefix and len(rows) > 1 else 0
                 share = share if share >= SHARE_MIN else 0
                 ids, mask = _layout(rows, pad_id, share)
                 extra = {} if processors is None else {"logits_processor": processors(idx)}
