@@ -69,12 +69,12 @@ def collate(items: list[Tokenized], pad_id: int, buckets: list[int] | None = Non
     With `buckets` the length is padded up to a bucket, and with `rows` the batch to that many rows. With
     `share_prefix` (a minimum length) examples that open with the same tokens come as one row holding them once
     (data.prefix), where that pays; buckets and rows then do not apply."""
-    if share_prefix and not hasattr(items[0], "seq_lens"):
-        row = prefix.share_prefix(items, share_prefix)
-        if row is not None:
-            return collate_rows([row], pad_id)
+    packed = hasattr(items[0], "seq_lens")
+    row = prefix.share_prefix(items, share_prefix) if share_prefix and not packed else None
+    if row is not None:
+        return collate_rows([row], pad_id)
     length = bucket_length(max(len(t.input_ids) for t in items), buckets) if buckets else None
-    if items and hasattr(items[0], "seq_lens"):
+    if packed:
         return collate_rows(items, pad_id, length, rows)
     return {"input_ids": pad_right([t.input_ids for t in items], pad_id, length, rows),
             "attention_mask": pad_right([[1] * len(t.input_ids) for t in items], 0, length, rows),

@@ -50,7 +50,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new
     """Greedy answers to each conversation (its last assistant turn, if any, is left out), through
     model.decode's batched decoder. With `grammar` (loraforge.eval.structured.compile_structure) each row
     decodes only tokens its grammar permits."""
-    prompts = [tokenizer(prompt_text(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
+    prompts = tokenizer([prompt_text(tokenizer, c) for c in conversations], add_special_tokens=False)["input_ids"]
     processors = None
     if grammar is not None:
         from transformers import LogitsProcessorList  # lazy: transformers' generation utils take ~1 s

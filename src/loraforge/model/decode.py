@@ -95,6 +95,7 @@ def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int
     tokens, 24 shared); the completions are the same."""
     device = next(model.parameters()).device
     share_prefix = (device.type == "cpu" if share_prefix is None else share_prefix) and _can_share(model)
+    cache_name = _cache_kwarg(model) if share_prefix else None
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -112,11 +113,12 @@ def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int
                 ids, mask = _layout(rows, pad_id, share)
                 extra = {} if processors is None else {"logits_processor": processors(idx)}
                 with decode_attention(device, cudnn_attention):
-                    if share:   # the prefix once (its cache filled in place), repeated for each row
-                        name, cache = _cache_kwarg(model), DynamicCache()
-                        model(input_ids=ids[:1, :share].to(device), use_cache=True, **{name: cache})
+                    if share:   # the prefix once (its cache filled in place, no logits wanted), repeated per row
+                        cache = DynamicCache()
+                        model(input_ids=ids[:1, :share].to(device), use_cache=True, logits_to_keep=1,
+                              **{cache_name: cache})
                         cache.batch_repeat_interleave(len(rows))
-                        extra[name] = cache
+                        extra[cache_name] = cache
                     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                          max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
                                          **_sampling(temperature, top_p), **extra)

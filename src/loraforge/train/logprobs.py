@@ -23,8 +23,9 @@ def _inputs(batch: dict) -> dict:
 
 # logits of at most this many elements at a time on the decoder + head path (the DPO/KTO/GRPO reference): 2,048
 # completion tokens of a 128K vocabulary are 1 GiB of bf16 logits and 2 GiB more in fp32 when taken at once.
-# An 8B QLoRA DPO step peaked 2.3 GiB above the SFT step of as many tokens (H100, session 14); that this was
-# the cause is an estimate, not yet re-measured.
+# It was written for an 8B QLoRA DPO step that peaked 2.3 GiB above SFT (H100, session 14), but did not lower
+# that peak: 10.23 GiB reserved before and after, and ORPO, which has no reference, peaks at the same 10.23 GiB
+# (session 15, bench/results/preference/). It only bounds the reference's transient logits.
 LOGIT_CHUNK = 2 ** 26
 
 
