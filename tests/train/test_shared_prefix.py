@@ -88,13 +88,20 @@ def test_shared_row_gives_the_padded_batch_loss_and_gradients(tiny_model, path):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
 
 
-def test_a_run_with_shared_prefix_follows_the_run_without(tiny_model, tmp_path):
+def test_a_run_with_shared_prefix_follows_the_run_without(tiny_model, tmp_path, monkeypatch):
+    from loraforge.data import prefix
     from loraforge.train.run import run_training
 
     rows = [{"messages": [SYSTEM, *r["messages"]]} for r in chat_rows(24)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
+    shared, real = {"off": 0, "auto": 0}, prefix.share_prefix
     losses = {}
     for mode in ("off", "auto"):
+        def counting(items, min_tokens=prefix.MIN_TOKENS, mode=mode):
+            row = real(items, min_tokens)
+            shared[mode] += row is not None
+            return row
+        monkeypatch.setattr(prefix, "share_prefix", counting)
         tree = tiny_config(tiny_model, data, tmp_path / mode, epochs=1, learning_rate=1e-2, batch_size=4,
                            grad_accum=1, eval_every=3)
         tree["lora"]["dropout"] = 0.0
@@ -102,6 +109,7 @@ def test_a_run_with_shared_prefix_follows_the_run_without(tiny_model, tmp_path):
         run_training(build_config(tree))
         metrics = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [(m["loss"], m.get("val_loss")) for m in metrics]
+    assert shared["off"] == 0 and shared["auto"] >= 5   # auto (this is the CPU) did lay batches out as one row
     assert len(losses["auto"]) == len(losses["off"]) >= 5
     for (a, va), (b, vb) in zip(losses["off"], losses["auto"]):
         assert b == pytest.approx(a, rel=1e-4)
