@@ -261,3 +261,43 @@ def test_rotary_tables_the_kernels_cannot_take_fall_back_to_peft():
     said = []
     assert fast_engine(model, "on", "cpu", torch.float32, True, log=said.append) is None
     assert "plain PEFT path" in said[0] and "rotary" in said[0]
+
+
+@pytest.mark.parametrize("rows", [None, 7, 64])
+def test_per_row_log_probs_in_chunks_match_the_whole_logits(rows):
+    """linear_cross_entropy_rows (DPO/ORPO/KTO/GRPO's policy log-probs): values, input and weight gradients
+    equal the plain cross-entropy over the whole logits, under an uneven upstream gradient (the per-row case
+    liger's kernel once got wrong), whatever the chunking; and backward saves the inputs and one number per
+    row, never a (rows x vocab) tensor."""
+    from loraforge.model.fast import ops
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(97, 24, generator=g, dtype=torch.float64) * 0.5
+    y = torch.randint(0, 97, (50,), generator=g)
+    up = torch.randn(50, generator=g, dtype=torch.float64)
+    a, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(a @ wa.t(), y, reduction="none")
+    (ref * up).sum().backward()
+    b, wb = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = ops.linear_cross_entropy_rows(b, wb, y, rows)
+    assert out.dtype == torch.float32 and out.shape == (50,)
+    (out * up).sum().backward()
+    _close(out.detach().double(), ref.detach(), 1e-6, "per-row loss")
+    _close(b.grad, a.grad, 1e-5, "input gradient")
+    _close(wb.grad, wa.grad, 1e-5, "weight gradient")
+    assert all(97 not in s or s == w.shape for s in saved), saved
+    assert ops.linear_cross_entropy_rows(h[:0], w, y[:0]).shape == (0,)
+
+
+def test_per_row_log_probs_chunk_follows_the_vocabulary(monkeypatch):
+    """The default chunk holds ROWS_LOGITS_BYTES of fp32 logits: 523 rows at Llama-3's 128,256 tokens."""
+    from loraforge.model.fast import ops
+
+    seen = []
+    real = ops._LinearLogp.apply
+    monkeypatch.setattr(ops._LinearLogp, "apply", lambda h, w, y, rows: seen.append(rows) or real(h, w, y, rows))
+    ops.linear_cross_entropy_rows(torch.randn(3, 4), torch.randn(128256, 4), torch.tensor([0, 5, 9]))
+    assert seen == [ops.ROWS_LOGITS_BYTES // (4 * 128256)] == [523]

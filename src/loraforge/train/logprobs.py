@@ -23,9 +23,9 @@ def _inputs(batch: dict) -> dict:
 
 # logits of at most this many elements at a time on the decoder + head path (the DPO/KTO/GRPO reference): 2,048
 # completion tokens of a 128K vocabulary are 1 GiB of bf16 logits and 2 GiB more in fp32 when taken at once.
-# It was written for an 8B QLoRA DPO step that peaked 2.3 GiB above SFT (H100, session 14), but did not lower
-# that peak: 10.23 GiB reserved before and after, and ORPO, which has no reference, peaks at the same 10.23 GiB
-# (session 15, bench/results/preference/). It only bounds the reference's transient logits.
+# It bounds the reference's transient logits. The 8B QLoRA DPO step's peak above SFT, which it was first written
+# for, was the policy's (model.fast.ops.linear_cross_entropy_rows: about 3 GiB of one chunk's logits and their
+# gradients, in the allocator's history of session 16, bench/results/preference/).
 LOGIT_CHUNK = 2 ** 26
 
 

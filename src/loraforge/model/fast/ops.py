@@ -180,17 +180,57 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     return total
 
 
-def _chunk_ce_rows(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((h @ w.t()).float(), y, reduction="none")
+# fp32 logits of one chunk of rows: ROWS_LOGITS_BYTES / (4 x vocab) rows at a time (523 rows at Llama-3's 128K
+# vocabulary). The checkpointed per-chunk cross-entropy this replaced kept about four (rows x vocab) tensors of
+# 2,048 rows alive in backward (bf16 and fp32 logits, the log-softmax and its gradient): 3 GiB at 128K vocab, the
+# excess of an 8B QLoRA DPO step over SFT in the allocator's history (bench/results/preference/, session 16).
+ROWS_LOGITS_BYTES = 256 * 2 ** 20
+
+
+class _LinearLogp(torch.autograd.Function):
+    """log p(y_i) = (h_i W^T)[y_i] - logsumexp(h_i W^T) for each row, one chunk of rows at a time. Saved for
+    backward: the inputs and each row's logsumexp; backward recomputes a chunk's logits and turns them into
+    their gradient in place (g_i (onehot(y_i) - softmax_i)), so one chunk's logits are alive at a time."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, rows: int):
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        for s in range(0, h.shape[0], rows):
+            logits = (h[s:s + rows] @ w.t()).float()
+            lse[s:s + rows] = torch.logsumexp(logits, dim=-1)
+            out[s:s + rows] = logits.gather(1, y[s:s + rows, None]).squeeze(1) - lse[s:s + rows]
+            del logits
+        ctx.save_for_backward(h, w, y, lse)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, y, lse = ctx.saved_tensors
+        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], ctx.rows):
+            gs = g[s:s + ctx.rows, None].float()
+            d = (h[s:s + ctx.rows] @ w.t()).float().sub_(lse[s:s + ctx.rows, None]).exp_().mul_(-gs)
+            d.scatter_add_(1, y[s:s + ctx.rows, None], gs)   # d logp / d logits = onehot - softmax, times g
+            d = d.to(h.dtype)
+            if gh is not None:
+                gh[s:s + ctx.rows] = d @ w
+            if gw is not None:
+                gw.addmm_(d.t().float(), h[s:s + ctx.rows].float())
+            del d
+        return gh, gw.to(w.dtype) if gw is not None else None, None, None
 
 
 def linear_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                              chunk: int = 2048) -> torch.Tensor:
-    """CE(hidden_i @ weight^T, labels_i) for each row (N,), fp32, without keeping (N, vocab) logits: chunks
-    recomputed in backward. Not liger's kernel: with reduction="none" its backward scaled every row's gradient
-    by the first row's (linkedin/Liger-Kernel#968, fixed only in 2026 by #1298), so per-row losses go here."""
+                              rows: int | None = None) -> torch.Tensor:
+    """CE(hidden_i @ weight^T, labels_i) for each row (N,), fp32, without keeping (N, vocab) logits: `rows`
+    rows at a time (default: ROWS_LOGITS_BYTES of fp32 logits), recomputed in backward (_LinearLogp). Not
+    liger's kernel: with reduction="none" its backward scaled every row's gradient by the first row's
+    (linkedin/Liger-Kernel#968, fixed only in 2026 by #1298), and it has no CPU path."""
     weight = weight.to(hidden.dtype)
-    out = [checkpoint(_chunk_ce_rows, hidden[s:s + chunk], weight, labels[s:s + chunk], use_reentrant=False)
-           if hidden.requires_grad else _chunk_ce_rows(hidden[s:s + chunk], weight, labels[s:s + chunk])
-           for s in range(0, hidden.shape[0], chunk)]
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    rows = rows or max(1, ROWS_LOGITS_BYTES // (4 * weight.shape[0]))
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return -_LinearLogp.apply(hidden, weight, labels, rows)
