@@ -82,3 +82,24 @@ def test_packed_validation_loss_equals_one_example_at_a_time(tiny_model):
     filled = evaluate_loss(model, items, 1, tok.pad_token_id, torch.device("cpu"),
                            lambda: torch.autocast("cpu", enabled=False), pack_to=400)
     assert filled == pytest.approx(one, rel=1e-5)
+    budget = evaluate_loss(model, items, 2, tok.pad_token_id, torch.device("cpu"),
+                           lambda: torch.autocast("cpu", enabled=False), max_tokens=10_000)
+    assert budget == pytest.approx(one, rel=1e-5)
+
+
+def test_validation_forwards_fill_a_token_budget():
+    """With max_tokens a forward takes more than batch_size examples while rows x its longest fit the budget,
+    never fewer than batch_size; validation_layout gives a run's budget as batch_size x max_seq_length."""
+    from loraforge.config import build_config
+    from loraforge.train.loop import validation_groups, validation_layout
+
+    lengths = [50, 7, 300, 120, 120, 33, 90, 260, 15, 64]
+    items = [Tokenized(list(range(n)), list(range(n)), f"v{k}") for k, n in enumerate(lengths)]
+    groups, pad = validation_groups(items, 2, max_tokens=400)
+    # 6 x 90 > 400 closes the first; [260, 300] is over the budget but batch_size (2) rows are the least
+    assert [[len(t.input_ids) for t in g] for g in groups] == [[7, 15, 33, 50, 64], [90, 120, 120], [260, 300]]
+    assert pad == {}
+    assert validation_groups(items, 2, max_tokens=1)[0] == validation_groups(items, 2)[0]
+    cfg = build_config({"base_model": "x", "data": {"train": "t.jsonl", "max_seq_length": 300},
+                        "train": {"batch_size": 4}})
+    assert validation_layout(cfg) == {"batch_size": 4, "pack_to": None, "max_tokens": 1200}

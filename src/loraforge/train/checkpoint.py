@@ -23,6 +23,7 @@ import json
 import random
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,26 +126,85 @@ def write_adapter(model, out_dir: Path, weights: dict | None, tokenizer=None) ->
         tokenizer.save_pretrained(out_dir)
 
 
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time and in order, from host copies taken when
+    save_checkpoint returns: training goes on while the files are serialised, hashed and flushed. On an
+    H100 the periodic saves of the 135M BANKING77 run (3 epochs, every 50 steps) took 8.84 of its 56.9 s
+    of training (bench/results/train_e2e/s16), each mostly PEFT's state-dict walk, pickling and fsync
+    (0.36 s a save for SmolLM2-135M's r16 adapter and AdamW state on this project's CPU). A save that
+    is cut off leaves only its `.tmp` folder, which latest_good removes: the previous checkpoint stands."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="loraforge-checkpoint")
+        self._thread.start()
+
+    def _run(self, write) -> None:
+        try:
+            write()
+        except BaseException as e:   # handed to the training thread by the next wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written (if any) is on disk; raise what stopped it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise LoraforgeError(f"a checkpoint could not be written: {error}",
+                                 hint="check the disk (space, permissions) of the run folder") from error
+
+
+def _to_host(obj):
+    """A copy of a (nested) state dict whose tensors live in host memory and no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: TrainerState, config_yaml: str,
-                    keep_last: int, dist: DistContext = SINGLE, step_module=None) -> Path:
+                    keep_last: int, dist: DistContext = SINGLE, step_module=None,
+                    writer: CheckpointWriter | None = None, background: bool = False) -> Path:
+    """checkpoints/step-N: written here, or with `writer` and `background` (one process) on its thread from
+    host copies of the adapter, optimizer, scheduler, RNG and trainer state taken now. With a writer, a
+    save first waits for the one before it."""
     final = ckpt_root / f"{PREFIX}{state.step:08d}"
+    if writer is not None:
+        writer.wait()
     weights = gather_adapter(model, step_module, dist)  # collectives first, on every rank
     optim_state = _gather_optimizer(optimizer, step_module, dist)
+    state.elapsed_s = round(state.elapsed(), 3)
+    extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if background and writer is not None and not dist.enabled:
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        snap = (_to_host(optim_state), _to_host(extra), json.dumps(asdict(state), indent=1), state.protect_step)
+        writer.submit(lambda: _write_checkpoint(ckpt_root, final, model, weights, *snap, config_yaml, keep_last))
+        return final
     if dist.is_main:
-        _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, state, config_yaml, keep_last)
+        _write_checkpoint(ckpt_root, final, model, weights, optim_state, extra, json.dumps(asdict(state), indent=1),
+                          state.protect_step, config_yaml, keep_last)
     dist.barrier()  # nobody leaves (or is stopped) before the checkpoint is whole
     return final
 
 
-def _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, state, config_yaml, keep_last):
+def _write_checkpoint(ckpt_root, final, model, weights, optim_state, extra, state_json, protect_step, config_yaml,
+                      keep_last):
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write_adapter(model, tmp, weights)
     torch.save(optim_state, tmp / "optimizer.pt")
-    torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-    state.elapsed_s = round(state.elapsed(), 3)
-    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+    torch.save(extra, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(state_json)
     (tmp / "config.yaml").write_text(config_yaml)
     manifest = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
@@ -156,7 +216,7 @@ def _write_checkpoint(ckpt_root, final, model, weights, optim_state, scheduler, 
         shutil.rmtree(final)
     tmp.rename(final)
     _fsync(ckpt_root)
-    kept = None if state.protect_step is None else f"{PREFIX}{state.protect_step:08d}"  # the best one stays
+    kept = None if protect_step is None else f"{PREFIX}{protect_step:08d}"  # the best one stays
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         if old.name != kept:
             shutil.rmtree(old, ignore_errors=True)

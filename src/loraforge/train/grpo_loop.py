@@ -195,7 +195,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
             mlog.flush()
             progress.update(state.step, last_train, row["lr"], row["tokens_per_s"], val_loss)
             checkpoint_or_stop(run_dir, model, optimizer, scheduler, state, config_yaml, tc, total_steps, stopping,
-                               stop.signum, dist, step_module)
+                               stop.signum, dist, step_module, writer=setup.writer)
     if val_items and val_eval is None:
         val_eval = grpo_eval(model, tokenizer, val_items, rewards, cfg)
     report = {}

@@ -41,7 +41,7 @@ from loraforge.data.templates import IGNORE_INDEX, Tokenized
 from loraforge.errors import LoraforgeError, Stopped
 from loraforge.model.attention import decode_attention
 from loraforge.train import distributed as D
-from loraforge.train.checkpoint import TrainerState, save_checkpoint
+from loraforge.train.checkpoint import CheckpointWriter, TrainerState, save_checkpoint
 from loraforge.train.precision import Precision
 from loraforge.train.progress import TrainProgress, announce_stop
 
@@ -125,23 +125,41 @@ def prepare_model(model, dist: D.DistContext, device: str, fast=None) -> torch.n
     return D.wrap(StepModule(model, fast), dist, device)
 
 
-def validation_groups(items: list, batch_size: int, pack_to: int | None = None) -> tuple[list[list], dict]:
-    """The validation forwards: the examples shortest first, `batch_size` a forward; or, with `pack_to` (packed
-    runs), packed as the training rows are (data.packing: each example keeps its own loss), `batch_size` rows a
-    forward, all padded to rows of `pack_to` tokens (one shape, instead of one padded shape per batch). Also the
-    collate arguments that pad them so (data.batching.collate's `buckets` and `rows`)."""
+def validation_groups(items: list, batch_size: int, pack_to: int | None = None,
+                      max_tokens: int | None = None) -> tuple[list[list], dict]:
+    """The validation forwards: the examples shortest first, `batch_size` a forward, or more while the forward
+    holds at most `max_tokens` padded tokens (no backward follows: a training micro-batch's budget at its
+    longest, batch_size x max_seq_length, fits); or, with `pack_to` (packed runs), packed as the training rows
+    are (data.packing: each example keeps its own loss), `batch_size` rows a forward, all padded to rows of
+    `pack_to` tokens (one shape, instead of one padded shape per batch). Also the collate arguments that pad
+    them so (data.batching.collate's `buckets` and `rows`)."""
     if not pack_to:
-        order = sorted(items, key=lambda t: len(t.input_ids))
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)], {}
+        groups: list[list] = []
+        for t in sorted(items, key=lambda t: len(t.input_ids)):   # each new item is the group's longest
+            g = groups[-1] if groups else None
+            if g is None or len(g) >= batch_size and (len(g) + 1) * len(t.input_ids) > (max_tokens or 0):
+                groups.append([t])
+            else:
+                g.append(t)
+        return groups, {}
     rows = pack(items, pack_to)
     groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     return groups, {"buckets": [pack_to], "rows": batch_size}
 
 
+def validation_layout(cfg: RunConfig) -> dict:
+    """validation_groups' arguments for a run: the training batch size, the packed row length (packed runs)
+    and the token budget of one forward (batch_size x max_seq_length). With the budget the 500 validation
+    examples of the SNIPS run (~80 tokens) take 10 forwards instead of 32: the validation was 19.8 of its
+    41.3 s of training on an H100 (bench/results/train_e2e/s16)."""
+    return {"batch_size": cfg.train.batch_size, "pack_to": cfg.data.max_seq_length if cfg.data.packing else None,
+            "max_tokens": cfg.train.batch_size * cfg.data.max_seq_length}
+
+
 @torch.no_grad()
 def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, device, autocast,
                   fast=None, dist: D.DistContext = D.SINGLE, step_module=None, pack_to: int | None = None,
-                  share_prefix: int = 0) -> float:
+                  share_prefix: int = 0, max_tokens: int | None = None) -> float:
     """Mean token loss over `items` (forwards as validation_groups); under torchrun each rank takes every W-th
     batch (and runs as many forwards as the others, a repeat counted as nothing) and the sums are added across
     ranks. `share_prefix`: as data.batching.collate's. The forwards run with flash attention rather than cuDNN's, which plans every new shape
@@ -150,7 +168,7 @@ def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, d
     model.eval()
     forward = step_module if step_module is not None else StepModule(model, fast)
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    groups, shape = validation_groups(items, batch_size, pack_to)
+    groups, shape = validation_groups(items, batch_size, pack_to, max_tokens)
     mine = groups[dist.rank::dist.world]
     with decode_attention(torch.device(device)):
         for j in range(math.ceil(len(groups) / dist.world)):
@@ -293,6 +311,7 @@ class LoopSetup:
     dist: D.DistContext = field(default_factory=D.DistContext)
     step_module: torch.nn.Module | None = None   # prepare_model's (or the objective's) wrapped module
     buckets: list[int] | None = None     # SFT: the batches' padded lengths (batch_buckets), None: each its own
+    writer: CheckpointWriter | None = None   # periodic checkpoints written in the background (one process)
 
 
 def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None) -> LoopResult:
@@ -319,7 +338,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
         log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
             f"{tc.batch_size} rows, so that CUDA graphs replay them")
     rows = tc.batch_size if buckets else None
-    pack_val = cfg.data.max_seq_length if cfg.data.packing else None   # validation_groups
+    val_layout = validation_layout(cfg)
     share = share_prefix_tokens(cfg, device, buckets)   # data.prefix: a batch's common prefix computed once
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = extra = None
@@ -412,8 +431,9 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
                 row, pending = pending, None
                 started = time.time()
                 if evaluate and val_items:
-                    val_loss = row["val_loss"] = evaluate_loss(model, val_items, tc.batch_size, pad_id, device,
-                                                               autocast, fast, dist, step_module, pack_val, share)
+                    val_loss = row["val_loss"] = evaluate_loss(
+                        model, val_items, val_layout["batch_size"], pad_id, device, autocast, fast, dist, step_module,
+                        val_layout["pack_to"], share, val_layout["max_tokens"])
                 if evaluate and on_validate is not None:   # the task metric, best checkpoint, early stop
                     extra = on_validate(state.step, row.get("val_loss"))
                     row.update({k: v for k, v in (extra or {}).items() if k != "stop"})
@@ -425,7 +445,8 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
             if state.step % tc.save_every == 0 or stopping:
                 started = time.time()
                 ckpt = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, config_yaml,
-                                       tc.keep_last, dist=dist, step_module=step_module)
+                                       tc.keep_last, dist=dist, step_module=step_module, writer=setup.writer,
+                                       background=not stopping)
                 interval.since = time.time()
                 seconds_in["checkpoints"] += interval.since - started
                 if stopping:

@@ -265,7 +265,8 @@ def preference_loop(setup: LoopSetup) -> ObjectiveResult:
             mlog.flush()
             progress.update(state.step, last_train, row["lr"], row["tokens_per_s"], val_loss)
             checkpoint_or_stop(run_dir, model, optimizer, scheduler, state, config_yaml, tc, total_steps, stopping,
-                               stop.signum, dist, step_module, before_save=save_cache)
+                               stop.signum, dist, step_module, before_save=save_cache,
+                               writer=setup.writer)
     if val_items and val_eval is None:  # a resumed run that had nothing left to do
         val_eval = preference_eval(step_module, model, val_items, cfg, pad_id, device, autocast, dist)
     report = write_preference_report(run_dir, cfg, base_eval, val_eval, dist, log)

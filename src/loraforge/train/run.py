@@ -42,8 +42,8 @@ from loraforge.model.adapters import save_adapter, trainable_parameters
 from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
-from loraforge.train.checkpoint import (PREFIX, TrainerState, gather_adapter, latest_good, load_checkpoint,
-                                        save_checkpoint, write_adapter)
+from loraforge.train.checkpoint import (PREFIX, CheckpointWriter, TrainerState, gather_adapter, latest_good,
+                                        load_checkpoint, save_checkpoint, write_adapter)
 from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
 from loraforge.plan.for_run import estimate_for_run, speed_inputs  # `loraforge plan`'s estimate for this run
 from loraforge.train.loop import (LoopResult, LoopSetup, TrainingInterrupted, batch_buckets, plan_steps, prepare_model,
@@ -186,6 +186,7 @@ class TrainingRun:
         self.cfg, self.resume, self.overwrite, self.dir_ready = cfg, resume, overwrite, dir_ready
         self.with_changes, self.profile, self.tools = with_changes, profile, tools
         self.plan = self.plan_speed = None
+        self.writer: CheckpointWriter | None = None   # set by train(): one process's background checkpoint saves
 
     def check(self) -> None:
         """Join the process group under torchrun (every rank must have the same config; rank 0 alone
@@ -325,7 +326,7 @@ class TrainingRun:
         """A checkpoint of the current step in checkpoints/."""
         return save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, self.scheduler, self.state,
                                self.cfg.to_yaml(), self.cfg.train.keep_last, dist=self.dist,
-                               step_module=self.step_module)
+                               step_module=self.step_module, writer=self.writer)
 
     def train(self) -> LoopResult:
         """The objective's loop (train.loop, train.preference_loop, train.grpo_loop), with the trackers."""
@@ -347,16 +348,29 @@ class TrainingRun:
             reporters = self.reporters = open_reporters(cfg, self.run_dir, state.step if self.resume else None,
                                                         warn=console.print)
         device = torch.device("cuda", dist.local_rank) if self.device == "cuda" else torch.device(self.device)
+        # periodic checkpoints written in the background on one process (CheckpointWriter); a save this run
+        # makes itself (self.save: the selection's, the last step's) waits for it first
+        self.writer = None if dist.enabled else CheckpointWriter()
         setup = LoopSetup(self.model, self.tokenizer, self.optimizer, self.scheduler, device, self.precision,
                           self.train_items, self.val_items, cfg, self.run_dir, state, log=console.print, fast=fast,
-                          dist=dist, step_module=self.step_module, buckets=self.buckets)
+                          dist=dist, step_module=self.step_module, buckets=self.buckets, writer=self.writer)
         try:
             if self.special:   # dpo/orpo/simpo/kto/grpo: their own loops (train.preference_loop, train.grpo_loop)
-                return self.special.loop(setup)
-            return train_loop(setup, on_log=reporters.log if reporters else None,
-                              profiler=StepProfiler(self.profile, self.total_steps) if self.profile and dist.is_main
-                              else None, on_validate=selection if selection.active else None)
+                result = self.special.loop(setup)
+            else:
+                result = train_loop(setup, on_log=reporters.log if reporters else None,
+                                    profiler=StepProfiler(self.profile, self.total_steps)
+                                    if self.profile and dist.is_main else None,
+                                    on_validate=selection if selection.active else None)
+            if self.writer is not None:
+                self.writer.wait()   # every checkpoint on disk before adapter/ is chosen from them
+            return result
         except BaseException as e:
+            if self.writer is not None:
+                try:   # the background save finishes (or fails) before the run reports how it ended
+                    self.writer.wait()
+                except LoraforgeError as werr:
+                    console.print(f"[yellow]warning:[/] {werr}")
             reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
             raise
 

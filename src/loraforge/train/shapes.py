@@ -13,7 +13,7 @@ from collections import Counter
 from loraforge.config import RunConfig
 from loraforge.data.batching import batch_order, bucket_length
 from loraforge.plan.run_speed import RunShapes
-from loraforge.train.loop import plan_steps, validation_groups
+from loraforge.train.loop import plan_steps, validation_groups, validation_layout
 
 
 def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] | None) -> RunShapes:
@@ -34,7 +34,7 @@ def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] 
         example = [n for t in items for n in t.seq_lens]
         context = max(1, round(sum(n * n for n in example) / max(1, sum(example))))
     val_counts: Counter = Counter()
-    groups, pad = validation_groups(val_items, tc.batch_size, cfg.data.max_seq_length if cfg.data.packing else None)
+    groups, pad = validation_groups(val_items, **validation_layout(cfg))
     for group in groups:   # padded as collate pads them
         longest = max(len(t.input_ids) for t in group)
         val_counts[(pad.get("rows") or len(group), bucket_length(longest, pad.get("buckets") or []))] += 1

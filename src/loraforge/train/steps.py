@@ -83,14 +83,15 @@ def metrics_row(state: TrainerState, per_epoch: int, loss: float, scheduler, gra
 
 
 def checkpoint_or_stop(run_dir, model, optimizer, scheduler, state: TrainerState, config_yaml: str, tc,
-                       total_steps: int, stopping: bool, signum, dist, step_module, before_save=None) -> None:
+                       total_steps: int, stopping: bool, signum, dist, step_module, before_save=None,
+                       writer=None) -> None:
     """Save every save_every steps and when a stop signal came; after a signal, stop with a message."""
     if not (state.step % tc.save_every == 0 or stopping):
         return
     if before_save is not None:
         before_save()
     ckpt = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, config_yaml, tc.keep_last,
-                           dist=dist, step_module=step_module)
+                           dist=dist, step_module=step_module, writer=writer, background=not stopping)
     if stopping:
         name = signal.Signals(signum).name if signum is not None else "a stop signal"
         raise TrainingInterrupted(f"{name} received: stopped after step {state.step}/{total_steps}; checkpoint "
