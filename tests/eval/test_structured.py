@@ -154,3 +154,16 @@ def test_real_tokenizer_random_logits_only_valid_snips_json():
         else:
             continue                                   # cut by the token budget: not an answer
         jsonschema.validate(json.loads(tok.decode(ids)), schema)
+
+
+def test_too_old_llguidance_is_refused_by_name(monkeypatch):
+    """llguidance 1.6.1 takes one end token only (an H100 eval failed inside it); the check names the fix."""
+    import importlib.metadata
+
+    from loraforge.eval import structured
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.6.1" if name == "llguidance" else real(name))
+    with pytest.raises(LoraforgeError, match=r"llguidance >= 1\.7, found 1\.6\.1"):
+        structured._llguidance()
+    assert structured._version("1.10.0rc1") == (1, 10) and structured._version("1.7") >= structured.LLGUIDANCE_MIN

@@ -19,6 +19,7 @@ keys come in the schema's `properties` order. `mask_logits` applies a batch of s
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class Structure:
         return f"one of {len(self.labels)} labels" if self.labels is not None else "JSON Schema"
 
 
+LLGUIDANCE_MIN = (1, 7)   # the first release whose tokenizer takes several end tokens (1.6.1 failed on an H100)
+
+
 def _llguidance():
     try:
         import llguidance  # the optional extra loraforge[structured]
@@ -54,7 +58,16 @@ def _llguidance():
     except ImportError:
         raise LoraforgeError("structured decoding needs the `llguidance` package, which is not installed",
                              hint="pip install 'loraforge[structured]' (or eval.constrained=off)") from None
+    if _version(importlib.metadata.version("llguidance")) < LLGUIDANCE_MIN:
+        raise LoraforgeError(f"structured decoding needs llguidance >= {'.'.join(map(str, LLGUIDANCE_MIN))}, "
+                             f"found {importlib.metadata.version('llguidance')}",
+                             hint="pip install -U 'loraforge[structured]' (or eval.constrained=off)")
     return llguidance
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '1.9.1' or '1.10.0rc1'."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
 
 
 def ll_tokenizer(tokenizer, stop_ids: list[int]):
