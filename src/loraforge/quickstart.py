@@ -38,18 +38,21 @@ def banking77_rows(split: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def make_splits(per_intent: int, test_size: int, seed: int = SEED) -> tuple[list, list, list]:
-    """(train, validation, test) rows: `per_intent` + 1 per intent from train.csv (per_intent=0: all of
-    train.csv but the one validation row per intent), and a seeded test slice."""
+def make_splits(per_intent: int, test_size: int, seed: int = SEED,
+                val_per_intent: int = 1) -> tuple[list, list, list]:
+    """(train, validation, test) rows: `per_intent` + `val_per_intent` per intent from train.csv (per_intent=0:
+    all of train.csv but the validation rows), and a seeded test slice. One validation row per intent is what
+    the CPU quickstart can afford; a search that chooses by validation wants more (session 16: a `tune` winner
+    scored 93.5% on 77 validation chats and 91.1% on the 3,080 test queries)."""
     by_label: dict[str, list[dict]] = defaultdict(list)
     for row in banking77_rows("train"):
         by_label[row["category"]].append(row)
     rng = random.Random(seed)
     train, val = [], []
     for label in sorted(by_label):
-        rows = rng.sample(by_label[label], per_intent + 1 if per_intent else len(by_label[label]))
-        val.append(rows.pop())
-        train += rows
+        rows = rng.sample(by_label[label], per_intent + val_per_intent if per_intent else len(by_label[label]))
+        val += rows[len(rows) - val_per_intent:]
+        train += rows[:len(rows) - val_per_intent]
     rng.shuffle(train)
     test = banking77_rows("test")
     test = random.Random(seed + 1).sample(test, min(test_size, len(test)))
@@ -77,7 +80,8 @@ def accuracy(model, tokenizer, test: list[dict], batch_size: int, label: str) ->
 
 
 def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 300, epochs: float = 3,
-                   overwrite: bool = False, overrides: list[str] | None = None, regression: bool = True) -> dict:
+                   overwrite: bool = False, overrides: list[str] | None = None, regression: bool = True,
+                   val_per_intent: int = 1) -> dict:
     from loraforge.eval.forgetting import forgetting, regression_rate
     from loraforge.eval.validation import task_tools
     from loraforge.model.load import load_base, pick_device
@@ -85,8 +89,9 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
     from loraforge.files import write_json
     from loraforge.train.run import run_training
 
-    if per_intent < 0 or test_size < 1:
-        raise LoraforgeError("--per-intent must be 0 (all) or more and --test-size at least 1")
+    if per_intent < 0 or test_size < 1 or not 1 <= val_per_intent <= 20:
+        raise LoraforgeError("--per-intent must be 0 (all) or more, --test-size at least 1 and --val-per-intent "
+                             "1 to 20")
     t0 = time.time()
     tree = {
         "base_model": EMBEDDED_MODEL, "output_dir": str(output_dir),
@@ -105,7 +110,7 @@ def run_quickstart(output_dir: Path, *, per_intent: int = 10, test_size: int = 3
     folder = RunFolder(check_output_dir(cfg, resume=False, overwrite=overwrite), resume=False)
     run_dir = folder.open()
     try:
-        train, val, test = make_splits(per_intent, test_size)
+        train, val, test = make_splits(per_intent, test_size, val_per_intent=val_per_intent)
         (run_dir / "data").mkdir(exist_ok=True)
         write_jsonl(run_dir / "data" / "train.jsonl", to_messages(train))
         write_jsonl(run_dir / "data" / "validation.jsonl", to_messages(val))

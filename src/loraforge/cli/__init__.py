@@ -130,6 +130,8 @@ def quickstart(
     output_dir: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
     per_intent: Annotated[int, typer.Option(help="Training examples per intent (77 intents); 0 = all 10,003 but validation.")] = 10,
     test_size: Annotated[int, typer.Option(help="Test queries evaluated (seeded slice of the test set).")] = 300,
+    val_per_intent: Annotated[int, typer.Option(help="Validation examples per intent, held out of training "
+                                                     "(the best step is chosen by them).")] = 1,
     epochs: Annotated[float, typer.Option(help="Passes over the training examples.")] = 3,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     regression: Annotated[bool, typer.Option(help="Score the general-prompt regression set before and after "
@@ -140,7 +142,7 @@ def quickstart(
     from loraforge.quickstart import run_quickstart
 
     run_quickstart(output_dir, per_intent=per_intent, test_size=test_size, epochs=epochs, overwrite=overwrite,
-                   overrides=overrides or [], regression=regression)
+                   overrides=overrides or [], regression=regression, val_per_intent=val_per_intent)
 
 
 @app.command()
