@@ -166,4 +166,5 @@ def test_too_old_llguidance_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.6.1" if name == "llguidance" else real(name))
     with pytest.raises(LoraforgeError, match=r"llguidance >= 1\.7, found 1\.6\.1"):
         structured._llguidance()
+    assert not structured.installed()   # eval.constrained=auto then decodes plainly instead of failing
     assert structured._version("1.10.0rc1") == (1, 10) and structured._version("1.7") >= structured.LLGUIDANCE_MIN

@@ -170,7 +170,8 @@ def test_plan_guesses_the_shapes_from_the_data_size():
     assert sum(n for _, _, n in unpacked.batches) == 250 and unpacked.distinct == 6
     assert all(r == 4 and 256 <= n < 262 for r, n, _ in unpacked.batches)   # avg x 1.25, to 16 (+ a token a shape)
     assert unpacked.real_tokens == 200_000 and unpacked.context is None
-    assert unpacked.evaluations == 5 and unpacked.val_batches == ((4, 256, 25),)   # 250 steps / 50; 100 examples
+    # 250 steps / 50; 100 examples, 16 a forward (validation fills 4 x 1,024 tokens with rows of 256)
+    assert unpacked.evaluations == 5 and unpacked.val_batches == ((16, 256, 7),)
     packed = approx_shapes(TrainSetup(method="lora", batch=1, seq=2048, grad_accum=2, packing=True), data)
     assert sum(n for _, _, n in packed.batches) == 98 and packed.context == 200   # 200,000 / 2,048 rows
     assert packed.distinct == 2   # rows of 2,048, segment offsets padded to a power of two

@@ -89,7 +89,8 @@ def test_packed_validation_loss_equals_one_example_at_a_time(tiny_model):
 
 def test_validation_forwards_fill_a_token_budget():
     """With max_tokens a forward takes more than batch_size examples while rows x its longest fit the budget,
-    never fewer than batch_size; validation_layout gives a run's budget as batch_size x max_seq_length."""
+    never fewer than batch_size; validation_layout's budget is batch_size rows of the longest training example
+    (at most max_seq_length): no forward larger than a training batch."""
     from loraforge.config import build_config
     from loraforge.train.loop import validation_groups, validation_layout
 
@@ -102,4 +103,6 @@ def test_validation_forwards_fill_a_token_budget():
     assert validation_groups(items, 2, max_tokens=1)[0] == validation_groups(items, 2)[0]
     cfg = build_config({"base_model": "x", "data": {"train": "t.jsonl", "max_seq_length": 300},
                         "train": {"batch_size": 4}})
-    assert validation_layout(cfg) == {"batch_size": 4, "pack_to": None, "max_tokens": 1200}
+    assert validation_layout(cfg, items) == {"batch_size": 4, "pack_to": None, "max_tokens": 1200}
+    assert validation_layout(cfg, items[:2])["max_tokens"] == 4 * 50   # the longest of [50, 7]
+    assert validation_layout(cfg, [])["max_tokens"] == 1200

@@ -96,3 +96,22 @@ def test_select_by_loss_needs_no_metric(tiny_model, chat_file, tmp_path):
 def test_select_by_metric_without_tools_is_a_clear_error(tiny_model, chat_file, tmp_path):
     with pytest.raises(LoraforgeError, match="select_by=metric needs"):
         run_training(_cfg(tiny_model, chat_file, tmp_path / "run", select_by="metric"))
+
+
+def test_best_adapter_with_slow_background_checkpoints(tiny_model, chat_file, tmp_path, monkeypatch):
+    """Periodic checkpoints are written on a background thread; with each write slowed down the run still
+    waits for them, so adapter/ is the best step's and pruning keeps the best and the last."""
+    import time
+
+    import torch
+
+    from loraforge.train import checkpoint
+
+    real = checkpoint._write_checkpoint
+    monkeypatch.setattr(checkpoint, "_write_checkpoint", lambda *a: time.sleep(0.3) or real(*a))
+    cfg = _cfg(tiny_model, chat_file, tmp_path / "run", select_by="metric", save_every=2, validate_limit=3, epochs=2)
+    res = run_training(cfg, tools=scripted([0.1, 0.3, 0.8, 0.2, 0.1]))
+    ckpts = sorted(p.name for p in (res.run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step-00000006", "step-00000009"]
+    adapter, best = _weights(res.run_dir / "adapter"), _weights(res.run_dir / "checkpoints" / ckpts[0])
+    assert adapter.keys() == best.keys() and all(torch.equal(adapter[k], best[k]) for k in adapter)

@@ -58,11 +58,19 @@ def _llguidance():
     except ImportError:
         raise LoraforgeError("structured decoding needs the `llguidance` package, which is not installed",
                              hint="pip install 'loraforge[structured]' (or eval.constrained=off)") from None
-    if _version(importlib.metadata.version("llguidance")) < LLGUIDANCE_MIN:
+    found = _installed_version()
+    if found is not None and _version(found) < LLGUIDANCE_MIN:
         raise LoraforgeError(f"structured decoding needs llguidance >= {'.'.join(map(str, LLGUIDANCE_MIN))}, "
-                             f"found {importlib.metadata.version('llguidance')}",
-                             hint="pip install -U 'loraforge[structured]' (or eval.constrained=off)")
+                             f"found {found}", hint="pip install -U 'loraforge[structured]' (or eval.constrained=off)")
     return llguidance
+
+
+def _installed_version() -> str | None:
+    """llguidance's version from its package metadata (None: no metadata, e.g. a source checkout)."""
+    try:
+        return importlib.metadata.version("llguidance")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -206,7 +214,11 @@ class GrammarLogitsProcessor:
 
 
 def installed() -> bool:
-    return importlib.util.find_spec("llguidance") is not None
+    """llguidance is importable and recent enough (eval.constrained=auto falls back to plain decoding else)."""
+    if importlib.util.find_spec("llguidance") is None:
+        return False
+    found = _installed_version()
+    return found is None or _version(found) >= LLGUIDANCE_MIN
 
 
 def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
@@ -230,7 +242,7 @@ def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
     if not installed():
         if mode == "on":
             _llguidance()
-        return None, "off (llguidance is not installed: pip install 'loraforge[structured]')"
+        return None, "off (llguidance is not installed, or older than 1.7: pip install -U 'loraforge[structured]')"
     return structure, structure.describe()
 
 

@@ -70,13 +70,15 @@ def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int = 50, val_f
     distinct = min(buckets if not setup.packing else 2, micro)
     per_shape = [micro // distinct + (i < micro % distinct) for i in range(distinct)]
     n_val = max(1, round(data.examples * val_fraction))
-    # packed runs validate in rows of `seq` too (train.loop.evaluate_loss)
-    val_forwards = math.ceil((math.ceil(n_val * avg / setup.seq) if setup.packing else n_val) / setup.batch)
+    # packed runs validate in rows of `seq` too (train.loop.evaluate_loss); unpacked ones fill batch x seq tokens
+    # a forward (train.loop.validation_layout: `seq` is the longest example where the data is known)
+    val_rows = setup.batch if setup.packing else max(setup.batch, setup.batch * setup.seq // length)
+    val_forwards = math.ceil((math.ceil(n_val * avg / setup.seq) if setup.packing else n_val) / val_rows)
     steps = math.ceil(micro * data.epochs / setup.grad_accum)
     # distinct shapes as lengths one token apart: the guess knows how many there are, not their lengths
     return RunShapes(batches=tuple((setup.batch, length + i, n) for i, n in enumerate(per_shape)),
                      real_tokens=round(data.examples * avg), epochs=data.epochs, context=context,
-                     val_batches=((setup.batch, length, val_forwards),), evaluations=math.ceil(steps / eval_every))
+                     val_batches=((val_rows, length, val_forwards),), evaluations=math.ceil(steps / eval_every))
 
 
 def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes) -> dict[str, float]:

@@ -185,7 +185,10 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: Trainer
     state.elapsed_s = round(state.elapsed(), 3)
     extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
     if background and writer is not None and not dist.enabled:
-        weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        # the trainable tensors under every name the model's state dict gives them (tied copies included), as
+        # PEFT's save_pretrained would read them from the live model
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in model.state_dict(keep_vars=True).items()
+                   if p.requires_grad}
         snap = (_to_host(optim_state), _to_host(extra), json.dumps(asdict(state), indent=1), state.protect_step)
         writer.submit(lambda: _write_checkpoint(ckpt_root, final, model, weights, *snap, config_yaml, keep_last))
         return final

@@ -128,11 +128,11 @@ def prepare_model(model, dist: D.DistContext, device: str, fast=None) -> torch.n
 def validation_groups(items: list, batch_size: int, pack_to: int | None = None,
                       max_tokens: int | None = None) -> tuple[list[list], dict]:
     """The validation forwards: the examples shortest first, `batch_size` a forward, or more while the forward
-    holds at most `max_tokens` padded tokens (no backward follows: a training micro-batch's budget at its
-    longest, batch_size x max_seq_length, fits); or, with `pack_to` (packed runs), packed as the training rows
-    are (data.packing: each example keeps its own loss), `batch_size` rows a forward, all padded to rows of
-    `pack_to` tokens (one shape, instead of one padded shape per batch). Also the collate arguments that pad
-    them so (data.batching.collate's `buckets` and `rows`)."""
+    holds at most `max_tokens` padded tokens (validation_layout: the tokens of the largest training batch);
+    or, with `pack_to` (packed runs), packed as the training rows are (data.packing: each example keeps its
+    own loss), `batch_size` rows a forward, all padded to rows of `pack_to` tokens (one shape, instead of one
+    padded shape per batch). Also the collate arguments that pad them so (data.batching.collate's `buckets`
+    and `rows`)."""
     if not pack_to:
         groups: list[list] = []
         for t in sorted(items, key=lambda t: len(t.input_ids)):   # each new item is the group's longest
@@ -147,13 +147,15 @@ def validation_groups(items: list, batch_size: int, pack_to: int | None = None,
     return groups, {"buckets": [pack_to], "rows": batch_size}
 
 
-def validation_layout(cfg: RunConfig) -> dict:
+def validation_layout(cfg: RunConfig, train_items: list) -> dict:
     """validation_groups' arguments for a run: the training batch size, the packed row length (packed runs)
-    and the token budget of one forward (batch_size x max_seq_length). With the budget the 500 validation
-    examples of the SNIPS run (~80 tokens) take 10 forwards instead of 32: the validation was 19.8 of its
-    41.3 s of training on an H100 (bench/results/train_e2e/s16)."""
+    and the token budget of one forward: batch_size rows of the longest training example (at most
+    max_seq_length), the largest batch training itself runs, so validation never needs more memory. With it
+    the 500 validation chats of the SNIPS run take 15 forwards instead of 32: validation was 19.8 of
+    its 41.3 s of training on an H100 (bench/results/train_e2e/s16)."""
+    longest = max((len(t.input_ids) for t in train_items), default=cfg.data.max_seq_length)
     return {"batch_size": cfg.train.batch_size, "pack_to": cfg.data.max_seq_length if cfg.data.packing else None,
-            "max_tokens": cfg.train.batch_size * cfg.data.max_seq_length}
+            "max_tokens": cfg.train.batch_size * min(cfg.data.max_seq_length, longest)}
 
 
 @torch.no_grad()
@@ -338,7 +340,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
         log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
             f"{tc.batch_size} rows, so that CUDA graphs replay them")
     rows = tc.batch_size if buckets else None
-    val_layout = validation_layout(cfg)
+    val_layout = validation_layout(cfg, train_items)
     share = share_prefix_tokens(cfg, device, buckets)   # data.prefix: a batch's common prefix computed once
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = extra = None

@@ -34,7 +34,7 @@ def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] 
         example = [n for t in items for n in t.seq_lens]
         context = max(1, round(sum(n * n for n in example) / max(1, sum(example))))
     val_counts: Counter = Counter()
-    groups, pad = validation_groups(val_items, **validation_layout(cfg))
+    groups, pad = validation_groups(val_items, **validation_layout(cfg, items))
     for group in groups:   # padded as collate pads them
         longest = max(len(t.input_ids) for t in group)
         val_counts[(pad.get("rows") or len(group), bucket_length(longest, pad.get("buckets") or []))] += 1

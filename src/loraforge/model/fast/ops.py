@@ -15,6 +15,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from loraforge.data.packing import segment_attention
@@ -206,6 +207,7 @@ class _LinearLogp(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         h, w, y, lse = ctx.saved_tensors
         gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -214,11 +216,10 @@ class _LinearLogp(torch.autograd.Function):
             gs = g[s:s + ctx.rows, None].float()
             d = (h[s:s + ctx.rows] @ w.t()).float().sub_(lse[s:s + ctx.rows, None]).exp_().mul_(-gs)
             d.scatter_add_(1, y[s:s + ctx.rows, None], gs)   # d logp / d logits = onehot - softmax, times g
-            d = d.to(h.dtype)
+            if gw is not None:   # (a trainable head: rare) from the fp32 gradient
+                gw.addmm_(d.t(), h[s:s + ctx.rows].float())
             if gh is not None:
-                gh[s:s + ctx.rows] = d @ w
-            if gw is not None:
-                gw.addmm_(d.t().float(), h[s:s + ctx.rows].float())
+                gh[s:s + ctx.rows] = d.to(h.dtype) @ w
             del d
         return gh, gw.to(w.dtype) if gw is not None else None, None, None
 
