@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.version import Version
+
 from loraforge.errors import LoraforgeError
 from loraforge.eval.metrics import parse_json
 from loraforge.eval.task import read_labels
@@ -74,8 +76,8 @@ def _installed_version() -> str | None:
 
 
 def _version(text: str) -> tuple[int, ...]:
-    """(major, minor) of a version string such as '1.9.1' or '1.10.0rc1'."""
-    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
+    """(major, minor) of a version string such as '1.9.1' or '1.10.0rc1' (packaging's PEP 440 parser)."""
+    return Version(text).release[:2]
 
 
 def ll_tokenizer(tokenizer, stop_ids: list[int]):

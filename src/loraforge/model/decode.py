@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from loraforge.data.prefix import shared_length
+from loraforge.data.prefix import MIN_TOKENS, shared_length
 from loraforge.data.templates import END_OF_TURN
 from loraforge.model.attention import decode_attention
 
@@ -46,8 +46,8 @@ def _sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
 
 
-# the shortest common prompt prefix worth a prefill of its own (share_prefix)
-SHARE_MIN = 8
+# the shortest common prompt prefix worth a prefill of its own: training's bound (data.prefix)
+SHARE_MIN = MIN_TOKENS
 # the model types whose KV cache the prefix sharing is tested with (a plain per-layer cache, no sliding window)
 SHARE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -184,17 +184,18 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: Trainer
     optim_state = _gather_optimizer(optimizer, step_module, dist)
     state.elapsed_s = round(state.elapsed(), 3)
     extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    state_json = json.dumps(asdict(state), indent=1)
     if background and writer is not None and not dist.enabled:
         # the trainable tensors under every name the model's state dict gives them (tied copies included), as
         # PEFT's save_pretrained would read them from the live model
         weights = {n: p.detach().to("cpu", copy=True) for n, p in model.state_dict(keep_vars=True).items()
                    if p.requires_grad}
-        snap = (_to_host(optim_state), _to_host(extra), json.dumps(asdict(state), indent=1), state.protect_step)
+        snap = (_to_host(optim_state), _to_host(extra), state_json, state.protect_step)
         writer.submit(lambda: _write_checkpoint(ckpt_root, final, model, weights, *snap, config_yaml, keep_last))
         return final
     if dist.is_main:
-        _write_checkpoint(ckpt_root, final, model, weights, optim_state, extra, json.dumps(asdict(state), indent=1),
-                          state.protect_step, config_yaml, keep_last)
+        _write_checkpoint(ckpt_root, final, model, weights, optim_state, extra, state_json, state.protect_step,
+                          config_yaml, keep_last)
     dist.barrier()  # nobody leaves (or is stopped) before the checkpoint is whole
     return final
 

@@ -164,8 +164,8 @@ def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, d
                   share_prefix: int = 0, max_tokens: int | None = None) -> float:
     """Mean token loss over `items` (forwards as validation_groups); under torchrun each rank takes every W-th
     batch (and runs as many forwards as the others, a repeat counted as nothing) and the sums are added across
-    ranks. `share_prefix`: as data.batching.collate's. The forwards run with flash attention rather than cuDNN's, which plans every new shape
-    (model.attention)."""
+    ranks. `share_prefix`: as data.batching.collate's. The forwards run with flash attention rather than
+    cuDNN's, which plans every new shape (model.attention)."""
     was_training = model.training
     model.eval()
     forward = step_module if step_module is not None else StepModule(model, fast)
@@ -434,8 +434,8 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
                 started = time.time()
                 if evaluate and val_items:
                     val_loss = row["val_loss"] = evaluate_loss(
-                        model, val_items, val_layout["batch_size"], pad_id, device, autocast, fast, dist, step_module,
-                        val_layout["pack_to"], share, val_layout["max_tokens"])
+                        model, val_items, **val_layout, pad_id=pad_id, device=device, autocast=autocast, fast=fast,
+                        dist=dist, step_module=step_module, share_prefix=share)
                 if evaluate and on_validate is not None:   # the task metric, best checkpoint, early stop
                     extra = on_validate(state.step, row.get("val_loss"))
                     row.update({k: v for k, v in (extra or {}).items() if k != "stop"})
