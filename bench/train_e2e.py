@@ -47,6 +47,8 @@ RUNS = {   # model: smollm2 (the HF folder given) or a bench/train_speed.py shap
     "8b-mix": dict(model="8b", data="mix8b", seq=2048, batch=2, accum=4, qlora=True),
     "8b-mix-packed": dict(model="8b", data="mix8b", seq=2048, batch=1, accum=4, qlora=True, packing=True),
 }
+VARIANTS = {"shareprefix": ("data", "share_prefix", "on"), "nographs": ("model", "cuda_graphs", "off"), "graphs": ("model", "cuda_graphs", "on"),
+            "adam8": ("train", "optimizer", "adamw_8bit"), "chunk2k": ("model", "mlp_chunk_tokens", 2048)}
 TOOLS = ["loraforge", "unsloth-trl", "trl"]   # and loraforge-tensorboard (not by default)
 LR, R, DROPOUT, SEED = 2e-4, 16, 0.05, 3407
 
@@ -117,17 +119,22 @@ def prepare(out: Path, shared: Path) -> None:
 
 # ---- one tool on one run (its own process) -----------------------------------------------------------------
 def run_loraforge(spec: dict, work: Path, variant: tuple[str, ...] = ()) -> dict:
-    """`loraforge train` on the run's config; variant: trackers to report to, and `shareprefix` for
-    data.share_prefix on (a GPU run of the same data with the common system turn computed once a batch)."""
-    report_to = [v for v in variant if v != "shareprefix"]
+    """`loraforge train` on the run's config; variant: trackers to report to, and settings a user may change
+    (VARIANTS: e.g. `shareprefix` for data.share_prefix on, a GPU run of the same data with the common system
+    turn computed once a batch; `nographs-adam8` for the memory each default costs)."""
+    report_to = [v for v in variant if v not in VARIANTS]
     cfg = {"base_model": spec["model_dir"], "output_dir": str(work / "run"), "seed": SEED,
            "model": {"quantization": "nf4" if spec.get("qlora") else "none",
                      "gradient_checkpointing": "offload" if spec.get("qlora") else False},
            "data": {"train": spec["train"], "validation": spec["val"], "max_seq_length": spec["seq"],
-                    "packing": bool(spec.get("packing")), "share_prefix": "on" if "shareprefix" in variant else "auto"},
+                    "packing": bool(spec.get("packing"))},
            "lora": {"r": R, "alpha": R, "dropout": DROPOUT},
            "train": {"epochs": spec["epochs"], "learning_rate": LR, "batch_size": spec["batch"],
                      "grad_accum": spec["accum"], "report_to": report_to}}
+    for v in variant:
+        if v in VARIANTS:
+            section, key, value = VARIANTS[v]
+            cfg[section][key] = value
     s, wall, log = loraforge_train(cfg, work, *(["--profile", str(spec["profile"])] if spec.get("profile") else []))
     if s is None:
         return {"error": log[-3000:]}

@@ -22,6 +22,7 @@ from loraforge.errors import LoraforgeError
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+HOST_EMBEDDING_MIN_BYTES = 256 * 2 ** 20   # model.host_embedding auto: QLoRA input tables of this size or more
 # Names other tools use for our keys, so an error can point at the right one.
 ALIASES = {"lr": "learning_rate", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
            "num_epochs": "epochs", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
@@ -63,6 +64,11 @@ class ModelSection(_Section):
                             "graphs once a batch shape repeats (batches padded to a few lengths, packed rows too). "
                             "auto = where the host limits the step (small models: 1.4x for a 1B model on an H100), "
                             "on = wherever they apply."
+    )
+    host_embedding: Switch = Field(
+        "auto", description="Keep the frozen input embedding in host memory and copy each batch's rows over "
+                            "(model.host_embedding): auto = for a QLoRA model on a GPU whose untied table is 256 "
+                            "MiB or more (Llama-3.1-8B: 0.98 GiB less GPU memory); on = any untied frozen table."
     )
     mlp_chunk_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="Fast path with gradient checkpointing: run each layer's MLP over this many tokens at a "
@@ -121,7 +127,9 @@ class TrainSection(_Section):
     grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step, in all: several processes "
                                                  "share them, so the run's batch does not change with --gpus.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null = off.")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "auto", description="auto = adamw_8bit for a QLoRA model (model.quantization nf4: bitsandbytes is there "
+                            "already; 8B: 0.23 GiB less GPU memory), else adamw (fused on a GPU).")
     eval_every: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
     save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
@@ -352,3 +360,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))
     return build_config(tree, source)
+
+
+
+
+def resolve_optimizer(name: str, quantized: bool, sharded: bool = False, device: str = "cuda") -> str:
+    """train.optimizer with auto resolved: 8-bit AdamW for a quantized model on one GPU or under DDP (QLoRA runs
+    are the ones sized to the GPU's memory; QLoRA's own recipe and the peers' notebooks use 8-bit or paged
+    states), else AdamW: bitsandbytes' optimizers take no FSDP2-sharded (DTensor) parameters, and a CPU run
+    has no memory to save. The planner resolves it the same way (plan.memory.TrainSetup.optimizer_name)."""
+    if name != "auto":
+        return name
+    return "adamw_8bit" if quantized and not sharded and device == "cuda" else "adamw"
+
+
+def optimizer_of(cfg: "RunConfig", sharded: bool = False, device: str = "cuda") -> str:
+    return resolve_optimizer(cfg.train.optimizer, cfg.model.quantization == "nf4", sharded, device)

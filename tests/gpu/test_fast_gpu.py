@@ -155,9 +155,11 @@ def test_cuda_graphs_replay_the_eager_steps(quantize, adapter, ckpt):
         with torch.autocast("cuda", dtype=BF16):
             s, n = loss_sum(model, batch, graphed)
         (s / n).backward()
+    buffers = {b.data_ptr() for b in g.grads}
     for k, p in model.named_parameters():
         if p.requires_grad:
             assert rel(p.grad.float(), 2 * single[k]) < 1e-3, k
+            assert p.grad.data_ptr() in buffers, k   # accumulated in the graph's buffers: no second copy
 
 
 def _text_rows(n=400):

@@ -135,6 +135,21 @@ def test_auto_keeps_graphs_to_host_bound_steps():
     assert fast.graphs.layer_weights == 48 * (48 + 2 * 24 + 48) + 3 * 48 * 80
 
 
+def test_auto_drops_graphs_when_the_runs_largest_batch_is_not_host_bound():
+    """A run whose longest batches are GPU-bound gets no graphs for its short ones (their pool would sit
+    beside the eager peak); `on` keeps them, and a run that is host-bound throughout keeps them under auto."""
+    from loraforge.model.fast.graphs import HOST_BOUND_WORK
+
+    small = FastLlama(_adapted("llama"), dtype=torch.float32, checkpointing=True)
+    tokens = int(HOST_BOUND_WORK // small.graphs.layer_weights)
+    assert small.fit_graphs(tokens - 64) is False   # host-bound but on the CPU: no buckets ...
+    assert small.graphs is not None                  # ... and the graphs stay
+    assert small.fit_graphs(tokens + 64) is False and small.graphs is None
+    on = FastLlama(_adapted("llama"), dtype=torch.float32, checkpointing=True, graphs="on")
+    on.fit_graphs(tokens + 64)
+    assert on.graphs is not None
+
+
 def test_capture_waits_for_a_shape_that_repeats():
     graphs = StackGraphs([], [], None, capture=True)
     a, b, cos = torch.zeros(2, 8, 4), torch.zeros(2, 9, 4), torch.zeros(1, 8, 2)

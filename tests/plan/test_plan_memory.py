@@ -18,13 +18,27 @@ EMBED_NORMS_8B = 2 * 128256 * 4096 + 65 * 4096  # untied embedding + lm_head, 2 
 
 
 def test_qlora_weights_by_hand():
-    mem = estimate(LLAMA8B, method="qlora")
+    mem = estimate(LLAMA8B, method="qlora", host_embedding="off")
     nf4 = LINEAR_8B * 0.5 + EMBED_NORMS_8B * 2
     absmax = LINEAR_8B * (1 / 64 + 4 / (64 * 256))  # 8-bit absmax per 64 + fp32 per 256 blocks
     assert mem.weights * GIB == pytest.approx(nf4)
     assert mem.quant_constants * GIB == pytest.approx(absmax)
     # ~5.7 GB = 5.3 GiB: 3.5 GB of NF4 linear layers + 2.1 GB of bf16 embedding and lm_head
     assert 5.5e9 < (mem.weights + mem.quant_constants) * GIB < 6.0e9
+    # the default (model.host_embedding auto) keeps the 1 GB input table in host memory
+    assert estimate(LLAMA8B, method="qlora").weights * GIB == pytest.approx(nf4 - 128256 * 4096 * 2)
+
+
+def test_qlora_defaults_to_8bit_adam_and_host_embedding_only_where_untied():
+    qlora, lora = TrainSetup(method="qlora"), TrainSetup(method="lora")
+    assert (qlora.optimizer_name, lora.optimizer_name) == ("adamw_8bit", "adamw")
+    assert TrainSetup(method="qlora", optimizer="adamw").optimizer_name == "adamw"
+    assert estimate(LLAMA8B, method="qlora").optimizer == pytest.approx(41_943_040 * 2 / GIB)
+    assert qlora.host_table(LLAMA8B) and not lora.host_table(LLAMA8B)
+    assert TrainSetup(method="lora", host_embedding="on").host_table(LLAMA8B)
+    assert not qlora.host_table(KNOWN_MODELS["Llama-3.2-1B"])   # tied: the head needs the table
+    fsdp = TrainSetup(method="qlora", gpus=2, strategy="fsdp")
+    assert not fsdp.host_table(LLAMA8B) and fsdp.optimizer_name == "adamw"   # bnb's states take no DTensor
 
 
 def test_lora_bf16_weights_are_about_15_gib():

@@ -139,6 +139,6 @@ def test_fsdp_plans_the_fast_path_and_matches_the_measured_peaks(result, model):
     for case, gpus, strategy in (("ddp-1", 1, "ddp"), ("fsdp-2", 2, "fsdp")):
         plan = estimate(KNOWN_MODELS[model], method="qlora", seq=2048, batch=2, gpus=gpus, strategy=strategy,
                         fast_path=True, gradient_checkpointing=True, offload_checkpoints=True, lora_dropout=0.0,
-                        rank=16)
+                        rank=16, optimizer="adamw", host_embedding="off")   # as those runs trained
         measured = max(cases[case]["peak_gib_per_gpu"])
         assert plan.total - plan.overhead == pytest.approx(measured, rel=0.05), case

@@ -88,7 +88,7 @@ def test_bucketed_stack_steps_give_the_plain_losses(tiny_model, tmp_path, monkey
         tree["model"] = {"fast_path": "on", "cuda_graphs": "off" if name == "plain" else "auto"}
         tree["lora"]["dropout"] = 0.0
         if name == "bucketed":   # the stack path that graphs capture, eagerly, with buckets as on a GPU
-            monkeypatch.setattr(FastLlama, "graphs_want_buckets", lambda self, tokens: True)
+            monkeypatch.setattr(FastLlama, "fit_graphs", lambda self, tokens: True)
             monkeypatch.setattr(prepare, "fast_engine", lambda *a, **k: engines.append(
                 fast_engine(*a, **{**k, "graphs": "eager"})) or engines[-1])
         run_training(build_config(tree))

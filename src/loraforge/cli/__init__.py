@@ -156,7 +156,8 @@ def plan(
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank r.")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated LoRA modules, or all-linear.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(help="Recompute activations in backward.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw | adamw_8bit | paged_adamw_8bit.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(
+        help="auto (adamw_8bit for qlora, else adamw) | adamw | adamw_8bit | paged_adamw_8bit.")] = None,
     packing: Annotated[Optional[bool], typer.Option(help="Pack examples into full rows (no padding).")] = None,
     offload: Annotated[Optional[bool], typer.Option(help="Keep optimizer states in CPU RAM.")] = None,
     gpus: Annotated[Optional[int], typer.Option(help="Data-parallel GPUs (batch is per GPU).")] = None,

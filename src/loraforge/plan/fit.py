@@ -84,7 +84,7 @@ def _changes(setup: TrainSetup) -> list[Change]:
                lambda s: None if s.batch == 1 else replace(s, batch=1, grad_accum=s.batch * s.grad_accum)),
         Change(f"FSDP (shard weights and states over the {setup.gpus} GPUs)", 1,
                lambda s: replace(s, strategy="fsdp") if s.gpus > 1 and s.strategy == "ddp" else None),
-        Change("8-bit AdamW", 1, lambda s: replace(s, optimizer="adamw_8bit") if s.optimizer == "adamw" else None),
+        Change("8-bit AdamW", 1, lambda s: replace(s, optimizer="adamw_8bit") if s.optimizer_name == "adamw" else None),
         Change("offload optimizer states to CPU", 2, lambda s: None if s.offload else replace(s, offload=True)),
         Change("LoRA instead of full fine-tuning", 3, lambda s: replace(s, method="lora") if not s.is_lora else None),
         Change("QLoRA (4-bit base) instead of LoRA", 3,

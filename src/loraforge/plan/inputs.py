@@ -77,7 +77,7 @@ def setup_from_config(cfg: RunConfig, shape: ModelShape | None = None, **changes
         method="qlora" if cfg.model.quantization == "nf4" else "lora",
         seq=cfg.data.max_seq_length, batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
         rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout,
-        gradient_checkpointing=bool(ckpt), optimizer=cfg.train.optimizer,
+        gradient_checkpointing=bool(ckpt), optimizer=cfg.train.optimizer, host_embedding=cfg.model.host_embedding,
         packing=cfg.data.packing,
         strategy=_strategy(cfg), fast_path=fast, offload_checkpoints=fast and ckpt == "offload",
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens, checkpoint_every=cfg.model.checkpoint_every,
@@ -131,3 +131,4 @@ def _objective_lengths(setup: TrainSetup, prompt_length: int | None, seq_given: 
                              f"{setup.completion} tokens", hint="raise it, or lower --completion "
                              "(grpo.max_new_tokens), or give --prompt-length")
     return setup
+

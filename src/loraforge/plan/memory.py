@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from loraforge.config import ALL_LINEAR as CONFIG_ALL_LINEAR
+from loraforge.config import HOST_EMBEDDING_MIN_BYTES, resolve_optimizer
 from loraforge.errors import LoraforgeError
 from loraforge.plan.shapes import ModelShape
 
@@ -138,7 +139,7 @@ class TrainSetup:
     rank: int = 16
     targets: tuple[str, ...] = ALL_LINEAR
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw"
+    optimizer: str = "auto"  # train.optimizer: auto = adamw_8bit for qlora, else adamw (see `optimizer_name`)
     packing: bool = False
     offload: bool = False  # optimizer states (and full fine-tuning's fp32 master weights) live in CPU RAM
     lora_dropout: float = 0.05
@@ -152,10 +153,24 @@ class TrainSetup:
     generations: int = 8    # grpo: completions sampled per prompt (G); batch counts prompts
     completion: int = 256   # grpo: longest completion in tokens (grpo.max_new_tokens)
     reference: bool | None = None  # a no-grad reference forward each step; None: dpo and kto yes, others no
+    host_embedding: str = "auto"  # model.host_embedding: an untied input table in host memory (see host_table)
+
+    @property
+    def optimizer_name(self) -> str:
+        """The optimizer the trainer builds (train.optimizer auto resolved as config.optimizer_of does)."""
+        return resolve_optimizer(self.optimizer, self.method == "qlora", self.sharded)
+
+    def host_table(self, shape) -> bool:
+        """Whether the input embedding lives in host memory (the rule of model.host_embedding.why_not_host)."""
+        if self.host_embedding == "off" or self.sharded or shape.tied_embeddings or self.method == "full":
+            return False
+        return self.host_embedding == "on" or (self.method == "qlora" and
+                                               shape.vocab * shape.hidden * BF16 >= HOST_EMBEDDING_MIN_BYTES)
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("optimizer", self.optimizer, ("auto",) + OPTIMIZERS)
+        _choice("host_embedding", self.host_embedding, ("auto", "on", "off"))
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("objective", self.objective, OBJECTIVES)
         if self.reference and self.objective not in (*WITH_REFERENCE, "grpo"):
@@ -264,6 +279,8 @@ def adapter_params(shape: ModelShape, setup: TrainSetup) -> int:
 def _weight_bytes(shape: ModelShape, setup: TrainSetup) -> tuple[float, float]:
     """(weights, quantisation constants) in bytes of the base model on one GPU."""
     other = (shape.embedding_params + shape.norm_params) * BF16
+    if setup.host_table(shape):
+        other -= shape.vocab * shape.hidden * BF16
     if setup.method != "qlora":
         per_weight, per_const = BF16, 0.0
     else:
@@ -400,11 +417,11 @@ def _training_phase(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     if setup.is_lora:
         trainable = adapter_params(shape, setup)
         adapters, grads = trainable * FP32, trainable * FP32
-        optimizer = trainable * ADAM_STATE_BYTES[setup.optimizer] * on_gpu
+        optimizer = trainable * ADAM_STATE_BYTES[setup.optimizer_name] * on_gpu
     else:
         trainable = shape.params
         adapters, grads = 0, trainable * FULL_GRAD_BYTES
-        optimizer = trainable * (FULL_MASTER_BYTES + ADAM_STATE_BYTES[setup.optimizer]) * on_gpu
+        optimizer = trainable * (FULL_MASTER_BYTES + ADAM_STATE_BYTES[setup.optimizer_name]) * on_gpu
     if setup.sharded:
         adapters, grads, optimizer = adapters / setup.gpus, grads / setup.gpus, optimizer / setup.gpus
     elif setup.gpus > 1:

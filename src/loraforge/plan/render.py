@@ -47,7 +47,7 @@ def _notes(report: PlanReport) -> dict[str, str]:
         "adapters": f"{_count(mem.trainable_params)} params" if setup.is_lora else "",
         "gradients": ("fp32, adapters only" if setup.is_lora else "bf16")
         + (", + DDP bucket copy" if setup.gpus > 1 and not setup.sharded else ""),
-        "optimizer": setup.optimizer + (", offloaded to CPU" if setup.offload else ""),
+        "optimizer": setup.optimizer_name + (", offloaded to CPU" if setup.offload else ""),
         "activations": f"checkpointing {'on' if setup.gradient_checkpointing else 'off'} ({other}: {alt:.2f})",
         "logits": "fused cross-entropy: no logits kept" if setup.fast else "bf16 logits + fp32 loss copies",
         "kv_cache": f"bf16 k and v of {setup.batch} x {setup.generations} rows x {setup.seq} tokens",
@@ -85,7 +85,7 @@ def _summary(report: PlanReport) -> str:
     lines = [
         f"[bold]{shape.name}[/] ({_count(shape.params)} params) - {method}{gpus}",
         f"seq {setup.seq}, batch {setup.batch} x grad-accum {setup.grad_accum}, checkpointing "
-        f"{'on' if setup.gradient_checkpointing else 'off'}, {setup.optimizer}, packing "
+        f"{'on' if setup.gradient_checkpointing else 'off'}, {setup.optimizer_name}, packing "
         f"{'on' if setup.packing else 'off'}, {'fast path' if setup.fast else 'PEFT forward'}",
         f"data: {data.examples:,} examples x {size} x {data.epochs:g} epochs = "
         f"{report.total_tokens / 1e6:.2f}M tokens computed, {report.optimizer_steps:,} optimizer steps",

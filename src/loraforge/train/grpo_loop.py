@@ -33,7 +33,7 @@ from loraforge.files import write_json
 from loraforge.model.decode import decode_ids, stop_token_ids
 from loraforge.train import distributed as D
 from loraforge.train.logprobs import reference_token_logps, wrap_logp_step
-from loraforge.train.loop import LoopSetup, seed_micro_batch
+from loraforge.train.loop import LoopSetup, seed_micro_batch, to_device
 from loraforge.train.objectives import group_advantages, grpo_loss
 from loraforge.train.preference_loop import ObjectiveParts, ObjectiveResult
 from loraforge.train.rewards import load_rewards, score
@@ -157,7 +157,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
                 completions = sample(model, tokenizer, items, cfg, seed)
                 values = rewards_of(rewards, tokenizer, items, completions)
                 adv = group_advantages(torch.tensor(values).view(len(items), g.group_size)).flatten().to(device)
-                batch = {key: v.to(device) for key, v in completion_batch(items, completions, pad_id).items()}
+                batch = to_device(completion_batch(items, completions, pad_id), device)
                 ref = None
                 if g.kl_beta > 0:
                     with autocast():

@@ -77,13 +77,16 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def to_device(batch: dict, device) -> dict:
     """A collated host batch on `device`, with its loss positions (`loss_index`) found on the host: on CUDA
-    copied from pinned memory without blocking, so the host goes on queueing work."""
+    copied from pinned memory without blocking, so the host goes on queueing work; the ids stay on the host
+    too (`host_input_ids`: an embedding kept in host memory, model.host_embedding, gathers from them)."""
     batch = {**batch, "loss_index": loss_positions(batch["labels"])}
     flags = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}   # e.g. shared_prefix
     tensors = {k: v for k, v in batch.items() if k not in flags}
     if torch.device(device).type != "cuda":
         return {k: v.to(device) for k, v in tensors.items()} | flags
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()} | flags
+    pinned = {k: v.pin_memory() for k, v in tensors.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in pinned.items()} | flags | \
+        {"host_input_ids": pinned["input_ids"]}
 
 
 def loss_sum(model, batch: dict, parts=None) -> tuple[torch.Tensor, int]:
@@ -473,7 +476,7 @@ def batch_buckets(items: list[Tokenized], cfg: RunConfig, fast) -> list[int] | N
     if fast is None or not items:
         return None
     buckets = length_buckets([len(t.input_ids) for t in items], cfg.train.batch_size, cfg.seed)
-    return buckets if fast.graphs_want_buckets(cfg.train.batch_size * buckets[-1]) else None
+    return buckets if fast.fit_graphs(cfg.train.batch_size * buckets[-1]) else None
 
 
 def _track_validation(state: TrainerState, val_loss: float, train_loss: float, log) -> None:

@@ -33,7 +33,7 @@ from loraforge.errors import LoraforgeError
 from loraforge.files import write_json
 from loraforge.train import distributed as D
 from loraforge.train.logprobs import reference_token_logps, row_sums, wrap_logp_step
-from loraforge.train.loop import LoopResult, LoopSetup, _track_validation, seed_micro_batch
+from loraforge.train.loop import LoopResult, LoopSetup, _track_validation, seed_micro_batch, to_device
 from loraforge.train.objectives import REFERENCE_FREE, beta_of, kto_loss, pair_loss
 from loraforge.train.steps import (advance, checkpoint_or_stop, metrics_row, next_group, optimizer_step, session,
                                    objective_start)
@@ -119,7 +119,7 @@ def fill_reference(model, items: list, batch_size: int, pad_id: int, device, aut
     starts = list(range(0, len(todo), batch_size))
     for start in starts[dist.rank::dist.world]:
         chunk = todo[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in sides_batch(chunk, pad_id).items()}
+        batch = to_device(sides_batch(chunk, pad_id), device)
         with autocast():
             _store_reference(chunk, row_sums(*reference_token_logps(model, batch), batch["input_ids"].shape[0])[0])
         for i, it in enumerate(chunk):
@@ -174,7 +174,7 @@ def preference_eval(step_module, model, items: list, cfg: RunConfig, pad_id: int
         k = j * dist.world + dist.rank
         start = starts[k] if k < len(starts) else starts[0]
         chunk = items[start:start + bs]
-        batch = {key: v.to(device) for key, v in sides_batch(chunk, pad_id).items()}
+        batch = to_device(sides_batch(chunk, pad_id), device)
         counts = (batch["labels"][:, 1:] != -100).sum(1)
         ref = _reference_of(model, chunk, batch, cfg)
         if base:
@@ -233,7 +233,7 @@ def preference_loop(setup: LoopSetup) -> ObjectiveResult:
             for k in range(n_fwd):
                 j = mine[k] if k < len(mine) else None  # None: a weightless repeat (every rank runs as many)
                 items = group[j if j is not None else 0][2]
-                batch = {key: v.to(device) for key, v in sides_batch(items, pad_id).items()}
+                batch = to_device(sides_batch(items, pad_id), device)
                 with autocast():
                     ref = _reference_of(model, items, batch, cfg)
                 seed_micro_batch(device, cfg.seed, state.step, j or 0)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from loraforge.config import RunConfig
+from loraforge.config import RunConfig, optimizer_of
 from loraforge.data.batching import split_validation
 from loraforge.data.formats import Example, read_examples
 from loraforge.data.packing import pack
@@ -141,17 +141,17 @@ def load_data(cfg: RunConfig, tokenizer, replay=None) -> tuple[list, list, dict,
     return train_items, val_items, report, val_ex
 
 
-def make_optimizer(params: list, cfg: RunConfig, device: str):
-    tc = cfg.train
-    if tc.optimizer == "adamw":
+def make_optimizer(params: list, cfg: RunConfig, device: str, sharded: bool = False):
+    tc, name = cfg.train, optimizer_of(cfg, sharded, device)
+    if name == "adamw":
         return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
                                  fused=device == "cuda" or None)
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise LoraforgeError(f"train.optimizer={tc.optimizer} needs bitsandbytes",
+        raise LoraforgeError(f"train.optimizer={name} needs bitsandbytes",
                              hint="pip install bitsandbytes, or use train.optimizer=adamw") from None
-    cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
 
 
@@ -277,7 +277,7 @@ class TrainingRun:
         self.step_module = (self.special.prepare if self.special else prepare_model)(self.model, self.dist, device,
                                                                                      self.fast)
         self.params = trainable_parameters(self.model)
-        self.optimizer = make_optimizer(self.params, cfg, device)
+        self.optimizer = make_optimizer(self.params, cfg, device, self.fsdp)
         _, self.total_steps = plan_steps(len(self.train_items), cfg)
         warmup = round(cfg.train.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, self.optimizer, num_warmup_steps=warmup,

@@ -66,11 +66,13 @@ def stack_forward(layers, h, cos, sin, pool, packed=None):
     return h, saved
 
 
-def stack_backward(layers, params, grad, cos, sin, saved, pool, into=None, packed=None) -> list[torch.Tensor] | None:
+def stack_backward(layers, params, grad, cos, sin, saved, pool, into=None, packed=None,
+                   accumulate: bool = False) -> list[torch.Tensor] | None:
     """Each layer, top down, recomputed with grad and back-propagated from `grad`. The gradients of
     `params` (one list per layer) are returned flattened in that order, made contiguous (they may be
     slices of one block matrix, see lora.LoraGroupFn); or, with `into` (one list of buffers per layer),
-    copied there as soon as each layer's are known, so that nothing of a layer outlives its backward."""
+    copied (`accumulate`: added) there as soon as each layer's are known, so that nothing of a layer
+    outlives its backward."""
     out = []
     for i in reversed(range(len(layers))):
         h = pool.load(i, grad.device) if saved[i] is None else saved[i]
@@ -81,7 +83,7 @@ def stack_backward(layers, params, grad, cos, sin, saved, pool, into=None, packe
         grad = res[0]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params[i], res[1:])]
         if into is not None:
-            torch._foreach_copy_(into[i], grads)
+            (torch._foreach_add_ if accumulate else torch._foreach_copy_)(into[i], grads)
         else:
             out = [g.contiguous() for g in grads] + out
     return None if into is not None else out
@@ -205,14 +207,25 @@ class StackGraphs:
                 self.fwd = self.bwd = self.out = self.grads = None   # the graphs' pool goes back
             give_grads(self.flat, grads)
             return
-        # a .grad that is still one of the graph's own tensors (no zero_grad(set_to_none=True) since the
-        # last step) is moved out before the replay overwrites it
+        # the backward graph adds into its buffers, which are the parameters' .grad: a micro-batch accumulates
+        # in place, and a step holds one copy of the adapter's gradients, as eager autograd does (moving the
+        # .grad out before each replay held two from the second micro-batch on: 0.16 GiB at 8B, r = 16)
+        fresh, other, into = [], [], []
         for p, g in zip(self.flat, self.grads):
-            if p.grad is not None and p.grad.data_ptr() == g.data_ptr():
-                p.grad = p.grad.clone()
+            if p.grad is None:
+                fresh.append(g)
+            elif p.grad.data_ptr() != g.data_ptr():   # an eager micro-batch's gradient: carried over
+                other.append(p.grad)
+                into.append(g)
+        if fresh:
+            torch._foreach_zero_(fresh)
+        if other:
+            torch._foreach_copy_(into, other)
         self.grad_in.copy_(grad)
         self.bwd.replay()
-        give_grads(self.flat, self.grads)
+        for p, g in zip(self.flat, self.grads):
+            if p.grad is None or p.grad.data_ptr() != g.data_ptr():
+                p.grad = g
 
     def _capture_backward(self, grad) -> None:
         # the gradients' own buffers, outside the graphs' pool: memory freed during the forward capture is
@@ -228,7 +241,7 @@ class StackGraphs:
         with torch.cuda.graph(self.bwd, pool=self.fwd.pool(), capture_error_mode="thread_local"):
             self.grad_in = torch.empty_like(grad)
             stack_backward(self.layers, self.params, self.grad_in, self.cos, self.sin, self.saved, self.pool,
-                           into=per_layer, packed=self.packed)
+                           into=per_layer, packed=self.packed, accumulate=True)
 
     def _fail(self, what: str, e: Exception) -> None:
         self.failed = f"capturing the {what} failed: {e!r}"
@@ -249,9 +262,9 @@ class GraphSet:
     (StackGraphs.grads). tests/gpu/test_fast_gpu.py's shared-pool test checks the replays against the eager
     steps (passed on an H200, session 13); `shared = False` gives each shape a pool of its own.
 
-    The shapes' backward graphs also write the adapter's gradients into one set of buffers (made at the first
-    capture): a replay that would overwrite a .grad still aliasing them moves it out first (StackGraphs.backward),
-    whichever shape wrote it. Session 13's H200 run of the 8B QLoRA mix had six shapes, each with its own
+    The shapes' backward graphs also add the adapter's gradients into one set of buffers (made at the first
+    capture), which are the parameters' .grad (StackGraphs.backward zeroes them at a step's first micro-batch),
+    whichever shape wrote them. Session 13's H200 run of the 8B QLoRA mix had six shapes, each with its own
     fp32 buffers: 6 x 168 MB for the 42M adapter parameters of r = 16 on every linear layer."""
 
     def __init__(self, layers, params, pool, capture: bool = True, layer_weights: int = 0,

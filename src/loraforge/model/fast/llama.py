@@ -37,6 +37,7 @@ from loraforge.data.templates import IGNORE_INDEX
 from loraforge.model.fast.chunked import chunk_rows, mlp_backward_chunked, mlp_forward_chunked
 from loraforge.model.fast.dropout import new_seed, reseed_
 from loraforge.model.fast.graphs import GraphSet
+from loraforge.model.host_embedding import HostEmbedding
 from loraforge.model.fast.lora import Projections
 from loraforge.model.fast.ops import (attention, linear_cross_entropy_rows, linear_cross_entropy_sum, packed_attention,
                                       rms_norm, rope, rope_qkv, swiglu)
@@ -217,7 +218,7 @@ class FastLlama:
                                    only_host_bound=graphs == "auto")
 
     def hidden(self, input_ids: torch.Tensor, position_ids=None, segment_ids=None, cu_seqlens=None,
-               shared_prefix: bool = False) -> torch.Tensor:
+               shared_prefix: bool = False, host_ids=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, H) in the compute dtype. Packed rows (data.packing) give their
         position_ids and segment_ids (and the collate's cu_seqlens): attention then stays inside each example
         (and its row's shared prefix: data.prefix)."""
@@ -231,7 +232,9 @@ class FastLlama:
             reseed_(seed)
         packed = packed_attention(segment_ids, cu_seqlens, shared_prefix) if segment_ids is not None else None
         with torch.autocast(dev.type, enabled=False):
-            h = (self.embed_entry or self.decoder.embed_tokens)(input_ids).to(self.dtype)
+            emb = self.embed_entry or self.decoder.embed_tokens
+            # model.host_embedding: the rows gathered from the batch's host copy of the ids (no sync)
+            h = (emb(input_ids, host_ids) if isinstance(emb, HostEmbedding) else emb(input_ids)).to(self.dtype)
             pos = position_ids if position_ids is not None else \
                 torch.arange(input_ids.shape[1], device=dev)[None].expand(input_ids.shape[0], -1)
             cos, sin = self.decoder.rotary_emb(h, pos)
@@ -259,9 +262,15 @@ class FastLlama:
             norm = self.decoder.norm
             return rms_norm(h, norm.weight, norm.variance_epsilon)
 
-    def graphs_want_buckets(self, tokens: int) -> bool:
-        """Whether training batches of about `tokens` tokens should come in a few padded lengths (data.batching's
-        buckets): CUDA graphs would then replay for every batch after its length's first two steps."""
+    def fit_graphs(self, tokens: int) -> bool:
+        """Given the run's largest training batch (`tokens` tokens), whether its batches should come in a few
+        padded lengths (data.batching's buckets): CUDA graphs then replay for every batch after its length's
+        first two steps. Under model.cuda_graphs auto a run has graphs for all its batches or none: where the
+        largest is not host-bound the graphs are dropped, since a pool captured for the short batches is held
+        beside the eager peak of the long ones (8B QLoRA at 2 x 2,048: 0.79 GiB more reserved, session 16's
+        allocator history in bench/results/train_e2e/s16/)."""
+        if self.graphs is not None and self.graphs.only_host_bound and not self.graphs.wanted(tokens):
+            self.graphs = None
         return self.graphs is not None and self.graphs.wanted(tokens) and _one_process() and \
             self.head.weight.is_cuda
 
@@ -319,7 +328,7 @@ class FastLlama:
         if idx is None:
             idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"),
-                        batch.get("cu_seqlens"), batch.get("shared_prefix", False))[:, :-1]
+                        batch.get("cu_seqlens"), batch.get("shared_prefix", False), batch.get("host_input_ids"))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
         return (self.head_entry or self._head_loss)(h, labels.flatten().index_select(0, idx)), len(idx)
 
@@ -331,7 +340,7 @@ class FastLlama:
         labels = batch["labels"][:, 1:]
         idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"),
-                        batch.get("cu_seqlens"), batch.get("shared_prefix", False))[:, :-1]
+                        batch.get("cu_seqlens"), batch.get("shared_prefix", False), batch.get("host_input_ids"))[:, :-1]
         h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
         with torch.autocast(h.device.type, enabled=False):
             logp = -linear_cross_entropy_rows(h, self.head.weight, labels.flatten().index_select(0, idx))
