@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _output import emit  # noqa: E402
 from loraforge.model.fast.dropout import BLOCK, _apply_mask  # noqa: E402
 
 # (tokens, features): SmolLM2-135M at 16 x 64 tokens (hidden 576, MLP 1,536), Llama-3.1-8B at 2 x 2,048 (4,096, 14,336)
@@ -105,12 +107,8 @@ def main() -> None:
                      "candidate_regenerates": bool(torch.equal(y_new, candidate(x, seed, 5, a.p))),
                      "candidate_other_stream_differs": not bool(torch.equal(y_new, candidate(x, seed, 6, a.p)))})
         print(json.dumps(rows[-1]), file=sys.stderr)
-    out = json.dumps({"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "p": a.p,
-                      "block": BLOCK, "rows": rows}, indent=1)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(out)
-    print(out)
+    emit({"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "p": a.p, "block": BLOCK,
+          "rows": rows}, a.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,26 @@ def _queries(path: Path) -> set[str]:
     return {json.loads(x)["messages"][0]["content"] for x in path.read_text().splitlines() if x.strip()}
 
 
+def run_and_compare(cfg) -> tuple[dict, float, dict]:
+    """`loraforge train` on a GRPO config; (its summary, seconds, the held-out comparison of grpo_eval.json: pass
+    rates and mean rewards of the starting point and the tuned adapter, with paired bootstrap CIs of the gains)."""
+    from loraforge.eval.stats import bootstrap_ci, paired_test
+    from loraforge.train.run import run_training
+
+    t0 = time.time()
+    result = run_training(cfg, overwrite=True)
+    seconds = time.time() - t0
+    ev = json.loads((Path(cfg.output_dir) / "grpo_eval.json").read_text())
+    out = {"held_out": len(ev["tuned_passes"])}
+    for key, name in (("passes", "pass_rate"), ("rewards", "mean_reward")):
+        base, tuned = [float(x) for x in ev[f"base_{key}"]], [float(x) for x in ev[f"tuned_{key}"]]
+        cmp = paired_test(tuned, base)
+        out |= {f"sft_{name}": ev["base"][name], f"grpo_{name}": ev["tuned"][name],
+                f"grpo_{name}_ci95": list(bootstrap_ci(tuned)), f"grpo_minus_sft_{name}": cmp.diff,
+                f"grpo_minus_sft_{name}_ci95": list(cmp.ci), f"p_bootstrap_{name}": cmp.p_bootstrap}
+    return result.summary, seconds, out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft", required=True, type=Path, help="a `loraforge quickstart` run folder")
@@ -45,9 +65,7 @@ def main() -> None:
 
     from loraforge.config import load_config
     from loraforge.data.formats import write_jsonl
-    from loraforge.eval.stats import bootstrap_ci, paired_test
     from loraforge.quickstart import SEED, SYSTEM_PROMPT, banking77_rows
-    from loraforge.train.run import run_training
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -77,19 +95,11 @@ def main() -> None:
                       "eval_every": 100000, "save_every": 100000},
             "eval": {"batch_size": 32}}
     cfg = load_config(base=tree, overrides=args.overrides)
-    t0 = time.time()
-    result = run_training(cfg, overwrite=True)
-    seconds = time.time() - t0
-    ev = json.loads((Path(cfg.output_dir) / "grpo_eval.json").read_text())
-    base, tuned = [float(x) for x in ev["base_passes"]], [float(x) for x in ev["tuned_passes"]]
-    cmp = paired_test(tuned, base)
+    summary, seconds, compared = run_and_compare(cfg)
     out = {"command": "python " + " ".join(sys.argv), "task": "banking77 intent label, reward exact_match",
            "model": "SmolLM2-135M-Instruct + the quickstart's SFT adapter (merged, bf16)",
-           "grpo_prompts": len(prompts), "held_out": len(tuned),
-           "sft_pass_rate": ev["base"]["pass_rate"], "grpo_pass_rate": ev["tuned"]["pass_rate"],
-           "grpo_pass_rate_ci95": list(bootstrap_ci(tuned)),
-           "grpo_minus_sft": cmp.diff, "grpo_minus_sft_ci95": list(cmp.ci), "p_bootstrap": cmp.p_bootstrap,
-           "seconds": round(seconds, 1), "train": result.summary, "config": yaml.safe_load(cfg.to_yaml()),
+           "grpo_prompts": len(prompts), **compared,
+           "seconds": round(seconds, 1), "train": summary, "config": yaml.safe_load(cfg.to_yaml()),
            "machine": {"platform": platform.platform(), "processor": platform.processor()}}
     emit(json.loads(json.dumps(out, default=str)), args.out)
 
