@@ -20,7 +20,9 @@ validation loss is the mean loss of the answer tokens of the same held-out file,
 Prints one JSON object: {"command", "device", "rows": [...]} (the format of bench/results/train_e2e/).
 Tool `loraforge-tensorboard` is loraforge with `train.report_to: [tensorboard]`: what reporting to a tracker
 costs a real run (issue 22's < 1% at 8B), beside the plain `loraforge` row of the same call; `loraforge-shareprefix`
-is loraforge with `data.share_prefix: on` (its default, auto, shares only on the CPU).
+is loraforge with `data.share_prefix: on` (its default, auto, shares only on the CPU); likewise `-nographs`,
+`-graphs`, `-adam8`, `-chunk2k` set one config key each (VARIANTS), joined as in `loraforge-graphs-adam8`: what
+each default costs or saves, in the same call.
 """
 
 from __future__ import annotations
