@@ -20,8 +20,11 @@ def test_table_output(capsys):
     assert main(["plan", "--model", "llama-3.1-8b", "--method", "qlora", "--gradient-checkpointing"]) == 0
     out = capsys.readouterr().out
     for text in ("Llama-3.1-8B", "Peak GPU memory", "quantisation constants", "RTX 3060 12GB", "H200 141GB",
-                 "Cheapest card that fits", "late 2026"):
+                 "Cheapest card that fits", "late 2026", "adamw_8bit"):
         assert text in out
+    assert "input" in out and "host memory" in out   # model.host_embedding auto, said in the weights' note
+    assert main(["plan", "--model", "llama-3.2-1b", "--method", "qlora"]) == 0
+    assert "host memory" not in capsys.readouterr().out   # a tied table stays on the GPU
 
 
 def test_json_output(capsys):
