@@ -39,7 +39,7 @@ from loraforge.model.fast.dropout import new_seed, reseed_
 from loraforge.model.fast.graphs import GraphSet
 from loraforge.model.host_embedding import HostEmbedding
 from loraforge.model.fast.lora import Projections
-from loraforge.model.fast.ops import (attention, linear_cross_entropy_rows, linear_cross_entropy_sum, packed_attention,
+from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, linear_logp_rows, packed_attention,
                                       rms_norm, rope, rope_qkv, swiglu)
 from loraforge.model.fast.recompute import PinnedPool, Span, recompute
 from loraforge.model.fast.state import FastState
@@ -317,8 +317,9 @@ class FastLlama:
         with torch.autocast(h.device.type, enabled=False):
             return vocab_parallel_ce_sum(h, self.head.weight, labels)
 
-    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy over the batch's loss tokens, and their count (as train.loop.loss_sum)."""
+    def _loss_rows(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(final hidden states at the loss positions (N, H), their labels (N,), the flat positions (N,)) of a
+        batch, each position predicting the next token."""
         labels = batch["labels"][:, 1:]
         # the loss positions: found on the host by the training loop (`loss_index`, no sync), else found here
         # before the forward is queued, so that this host-device sync waits for an idle GPU instead of
@@ -329,22 +330,22 @@ class FastLlama:
             idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"),
                         batch.get("cu_seqlens"), batch.get("shared_prefix", False), batch.get("host_input_ids"))[:, :-1]
-        h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
-        return (self.head_entry or self._head_loss)(h, labels.flatten().index_select(0, idx)), len(idx)
+        return h.reshape(-1, h.shape[-1]).index_select(0, idx), labels.flatten().index_select(0, idx), idx
+
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over the batch's loss tokens, and their count (as train.loop.loss_sum)."""
+        h, y, idx = self._loss_rows(batch)
+        return (self.head_entry or self._head_loss)(h, y), len(idx)
 
     def token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-prob of each loss token, fp32, in row order; the row it belongs to): what preference and
         GRPO objectives read. The head runs over the loss positions only, in recomputed chunks."""
         if self.vocab_parallel:
             raise ValueError("per-token log-probs need the whole head; not with an FSDP2-sharded untied head")
-        labels = batch["labels"][:, 1:]
-        idx = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
-        h = self.hidden(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"),
-                        batch.get("cu_seqlens"), batch.get("shared_prefix", False), batch.get("host_input_ids"))[:, :-1]
-        h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
+        h, y, idx = self._loss_rows(batch)
         with torch.autocast(h.device.type, enabled=False):
-            logp = -linear_cross_entropy_rows(h, self.head.weight, labels.flatten().index_select(0, idx))
-        return logp, torch.div(idx, labels.shape[1], rounding_mode="floor")
+            logp = linear_logp_rows(h, self.head.weight, y)
+        return logp, torch.div(idx, batch["labels"].shape[1] - 1, rounding_mode="floor")
 
     def sequence_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-prob of each row's loss tokens (B,), fp32; their count (B,))."""

@@ -16,7 +16,6 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 from loraforge.data.packing import segment_attention
 from loraforge.model.fast.kernels import RopeQKV
@@ -152,10 +151,6 @@ def _flce_chunking() -> dict:
     return {"chunk_mem_const": 8} if "chunk_mem_const" in params else {}
 
 
-def _chunk_ce(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
-
-
 # liger's logits chunk grows with the rows of one call (with the budget above, 8 x rows x hidden elements:
 # 8.6 GB for Llama-3.1-8B at 131,072 tokens, 34 GB at 524,288): longer inputs go through it in blocks of
 # this many rows (a logits chunk of at most 1 GiB at hidden 4,096); shorter ones in one call, as before
@@ -163,22 +158,19 @@ LOSS_BLOCK_ROWS = 16384
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk: int = 2048, block: int = LOSS_BLOCK_ROWS) -> torch.Tensor:
+                             block: int = LOSS_BLOCK_ROWS) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, labels_i) for rows `hidden` (N, H) without keeping (N, vocab) logits:
-    liger's fused kernel on CUDA (`block` rows a call), else recomputed chunks (each chunk's logits live
-    only while it runs)."""
+    liger's fused kernel on CUDA (`block` rows a call), else the per-row losses' chunks (_LinearLogp: one
+    chunk's logits alive at a time). On this project's CPU that gives the same sums as the checkpointed chunks
+    it replaced, forward + backward 107 ms against 113 for 50 loss rows of SmolLM2's head and 553 against 663
+    for 400 (`python bench/loss_cpu.py`, bench/results/loss_cpu.json)."""
     weight = weight.to(hidden.dtype)
-    if use_kernels(hidden):
-        flce = functools.partial(_liger().liger_fused_linear_cross_entropy, reduction="sum", **_flce_chunking())
-        if hidden.shape[0] <= block:
-            return flce(hidden, weight, labels)
-        return sum(flce(h, weight, y) for h, y in zip(hidden.split(block), labels.split(block)))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, hidden.shape[0], chunk):
-        h, y = hidden[s:s + chunk], labels[s:s + chunk]
-        total = total + (checkpoint(_chunk_ce, h, weight, y, use_reentrant=False) if h.requires_grad
-                         else _chunk_ce(h, weight, y))
-    return total
+    if not use_kernels(hidden):
+        return linear_cross_entropy_rows(hidden, weight, labels).sum()
+    flce = functools.partial(_liger().liger_fused_linear_cross_entropy, reduction="sum", **_flce_chunking())
+    if hidden.shape[0] <= block:
+        return flce(hidden, weight, labels)
+    return sum(flce(h, weight, y) for h, y in zip(hidden.split(block), labels.split(block)))
 
 
 # fp32 logits of one chunk of rows: ROWS_LOGITS_BYTES / (4 x vocab) rows at a time (523 rows at Llama-3's 128K
@@ -218,20 +210,26 @@ class _LinearLogp(torch.autograd.Function):
             d.scatter_add_(1, y[s:s + ctx.rows, None], gs)   # d logp / d logits = onehot - softmax, times g
             if gw is not None:   # (a trainable head: rare) from the fp32 gradient
                 gw.addmm_(d.t(), h[s:s + ctx.rows].float())
-            if gh is not None:
-                gh[s:s + ctx.rows] = d.to(h.dtype) @ w
+            if gh is not None:   # written in place: no copy kernel a chunk
+                torch.mm(d.to(h.dtype), w, out=gh[s:s + ctx.rows])
             del d
         return gh, gw.to(w.dtype) if gw is not None else None, None, None
 
 
-def linear_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                              rows: int | None = None) -> torch.Tensor:
-    """CE(hidden_i @ weight^T, labels_i) for each row (N,), fp32, without keeping (N, vocab) logits: `rows`
-    rows at a time (default: ROWS_LOGITS_BYTES of fp32 logits), recomputed in backward (_LinearLogp). Not
-    liger's kernel: with reduction="none" its backward scaled every row's gradient by the first row's
+def linear_logp_rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     rows: int | None = None) -> torch.Tensor:
+    """log softmax(hidden_i @ weight^T)[labels_i] for each row (N,), fp32, without keeping (N, vocab) logits:
+    `rows` rows at a time (default: ROWS_LOGITS_BYTES of fp32 logits), recomputed in backward (_LinearLogp).
+    Not liger's kernel: with reduction="none" its backward scaled every row's gradient by the first row's
     (linkedin/Liger-Kernel#968, fixed only in 2026 by #1298), and it has no CPU path."""
     weight = weight.to(hidden.dtype)
     rows = rows or max(1, ROWS_LOGITS_BYTES // (4 * weight.shape[0]))
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    return -_LinearLogp.apply(hidden, weight, labels, rows)
+    return _LinearLogp.apply(hidden, weight, labels, rows)
+
+
+def linear_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              rows: int | None = None) -> torch.Tensor:
+    """CE(hidden_i @ weight^T, labels_i) for each row (N,): -linear_logp_rows."""
+    return -linear_logp_rows(hidden, weight, labels, rows)
