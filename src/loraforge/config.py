@@ -362,8 +362,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(tree, source)
 
 
-
-
 def resolve_optimizer(name: str, quantized: bool, sharded: bool = False, device: str = "cuda") -> str:
     """train.optimizer with auto resolved: 8-bit AdamW for a quantized model on one GPU or under DDP (QLoRA runs
     are the ones sized to the GPU's memory; QLoRA's own recipe and the peers' notebooks use 8-bit or paged
@@ -376,3 +374,23 @@ def resolve_optimizer(name: str, quantized: bool, sharded: bool = False, device:
 
 def optimizer_of(cfg: "RunConfig", sharded: bool = False, device: str = "cuda") -> str:
     return resolve_optimizer(cfg.train.optimizer, cfg.model.quantization == "nf4", sharded, device)
+
+
+def host_embedding_refusal(setting: str, *, on_gpu: bool, sharded: bool, frozen: bool, tied: bool, quantized: bool,
+                           table_bytes: int) -> str | None:
+    """None when model.host_embedding = `setting` keeps the input embedding in host memory, else why not. The
+    trainer (model.host_embedding.why_not_host, from the live model) and the planner
+    (plan.memory.TrainSetup.host_table, from the model's shape) both decide by it."""
+    if setting == "off":
+        return "model.host_embedding is off"
+    if not on_gpu:
+        return "the model is not on a GPU"
+    if sharded:
+        return "FSDP shards the embedding already"
+    if not frozen:
+        return "the input embedding is trained (lora.modules_to_save) or not a plain embedding"
+    if tied:
+        return "the input embedding is tied to the output head, which needs it on the GPU"
+    if setting == "auto" and not (quantized and table_bytes >= HOST_EMBEDDING_MIN_BYTES):
+        return "auto moves only a QLoRA model's table of 256 MiB or more"
+    return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraforge.config import HOST_EMBEDDING_MIN_BYTES   # auto: 8B's table is 1 GiB; a 1B model's is tied anyway
+from loraforge.config import host_embedding_refusal
 
 
 
@@ -59,22 +59,14 @@ def _tied(model) -> bool:
 
 def why_not_host(model, setting: str, device: str, quantized: bool, sharded: bool) -> str | None:
     """None when the input embedding should move to the host under model.host_embedding = `setting`, else why
-    not (said to the user only when they asked for it: `on`)."""
-    if setting == "off":
-        return "model.host_embedding is off"
-    if device != "cuda":
-        return "the model is not on a GPU"
-    if sharded:
-        return "FSDP shards the embedding already"
+    not (said to the user only when they asked for it: `on`); the rule is config.host_embedding_refusal."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     emb = inner.get_input_embeddings()
-    if not isinstance(emb, nn.Embedding) or emb.weight.requires_grad:
-        return "the input embedding is trained (lora.modules_to_save) or not a plain embedding"
-    if _tied(model):
-        return "the input embedding is tied to the output head, which needs it on the GPU"
-    if setting == "auto" and not (quantized and emb.weight.numel() * emb.weight.element_size() >= HOST_EMBEDDING_MIN_BYTES):
-        return "auto moves only a QLoRA model's table of 256 MiB or more"
-    return None
+    plain = isinstance(emb, nn.Embedding)
+    return host_embedding_refusal(setting, on_gpu=device == "cuda", sharded=sharded,
+                                  frozen=plain and not emb.weight.requires_grad, tied=plain and _tied(model),
+                                  quantized=quantized,
+                                  table_bytes=emb.weight.numel() * emb.weight.element_size() if plain else 0)
 
 
 def move_embedding_to_host(model) -> HostEmbedding:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from loraforge.config import ALL_LINEAR as CONFIG_ALL_LINEAR
-from loraforge.config import HOST_EMBEDDING_MIN_BYTES, resolve_optimizer
+from loraforge.config import host_embedding_refusal, resolve_optimizer
 from loraforge.errors import LoraforgeError
 from loraforge.plan.shapes import ModelShape
 
@@ -161,11 +161,11 @@ class TrainSetup:
         return resolve_optimizer(self.optimizer, self.method == "qlora", self.sharded)
 
     def host_table(self, shape) -> bool:
-        """Whether the input embedding lives in host memory (the rule of model.host_embedding.why_not_host)."""
-        if self.host_embedding == "off" or self.sharded or shape.tied_embeddings or self.method == "full":
-            return False
-        return self.host_embedding == "on" or (self.method == "qlora" and
-                                               shape.vocab * shape.hidden * BF16 >= HOST_EMBEDDING_MIN_BYTES)
+        """Whether the input embedding lives in host memory (model.host_embedding; full fine-tuning trains it)."""
+        return host_embedding_refusal(self.host_embedding, on_gpu=True, sharded=self.sharded,
+                                      frozen=self.method != "full", tied=shape.tied_embeddings,
+                                      quantized=self.method == "qlora",
+                                      table_bytes=shape.vocab * shape.hidden * BF16) is None
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)

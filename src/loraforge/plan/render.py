@@ -37,10 +37,11 @@ def _count(n: int) -> str:
 
 def _notes(report: PlanReport) -> dict[str, str]:
     setup, mem = report.inputs.setup, report.memory
-    weights = {"qlora": "NF4 linear layers, bf16 embeddings/norms", "lora": "bf16, frozen",
+    host = setup.host_table(report.inputs.shape)   # model.host_embedding
+    weights = {"qlora": "NF4 linear layers, " + ("bf16 head/norms; input embedding in host memory" if host
+                                                 else "bf16 embeddings/norms"),
+               "lora": "bf16, frozen" + ("; input embedding in host memory" if host else ""),
                "full": "bf16 (fp32 master copy under optimizer)"}[setup.method]
-    if setup.host_table(report.inputs.shape):   # model.host_embedding
-        weights = weights.replace("embeddings/norms", "head/norms; input embedding in host memory")
     other = "off" if setup.gradient_checkpointing else "on"
     alt = mem.activations_without_checkpointing if setup.gradient_checkpointing else mem.activations_with_checkpointing
     notes = {
