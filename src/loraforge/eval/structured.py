@@ -51,6 +51,7 @@ class Structure:
 
 
 LLGUIDANCE_MIN = (1, 7)   # the first release whose tokenizer takes several end tokens (1.6.1 failed on an H100)
+_MIN_TEXT = ".".join(map(str, LLGUIDANCE_MIN))
 
 
 def _llguidance():
@@ -60,19 +61,21 @@ def _llguidance():
     except ImportError:
         raise LoraforgeError("structured decoding needs the `llguidance` package, which is not installed",
                              hint="pip install 'loraforge[structured]' (or eval.constrained=off)") from None
-    found = _installed_version()
-    if found is not None and _version(found) < LLGUIDANCE_MIN:
-        raise LoraforgeError(f"structured decoding needs llguidance >= {'.'.join(map(str, LLGUIDANCE_MIN))}, "
-                             f"found {found}", hint="pip install -U 'loraforge[structured]' (or eval.constrained=off)")
+    found = _too_old()
+    if found is not None:
+        raise LoraforgeError(f"structured decoding needs llguidance >= {_MIN_TEXT}, found {found}",
+                             hint="pip install -U 'loraforge[structured]' (or eval.constrained=off)")
     return llguidance
 
 
-def _installed_version() -> str | None:
-    """llguidance's version from its package metadata (None: no metadata, e.g. a source checkout)."""
+def _too_old() -> str | None:
+    """The installed llguidance's version when it is older than LLGUIDANCE_MIN, else None (also when there is
+    no package metadata, e.g. a source checkout)."""
     try:
-        return importlib.metadata.version("llguidance")
+        found = importlib.metadata.version("llguidance")
     except importlib.metadata.PackageNotFoundError:
         return None
+    return found if _version(found) < LLGUIDANCE_MIN else None
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -217,10 +220,7 @@ class GrammarLogitsProcessor:
 
 def installed() -> bool:
     """llguidance is importable and recent enough (eval.constrained=auto falls back to plain decoding else)."""
-    if importlib.util.find_spec("llguidance") is None:
-        return False
-    found = _installed_version()
-    return found is None or _version(found) >= LLGUIDANCE_MIN
+    return importlib.util.find_spec("llguidance") is not None and _too_old() is None
 
 
 def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
@@ -244,7 +244,7 @@ def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
     if not installed():
         if mode == "on":
             _llguidance()
-        return None, "off (llguidance is not installed, or older than 1.7: pip install -U 'loraforge[structured]')"
+        return None, f"off (llguidance is not installed, or older than {_MIN_TEXT}: pip install -U 'loraforge[structured]')"
     return structure, structure.describe()
 
 
