@@ -130,9 +130,11 @@ class CheckpointWriter:
     """Writes checkpoints on a background thread, one at a time and in order, from host copies taken when
     save_checkpoint returns: training goes on while the files are serialised, hashed and flushed. On an
     H100 the periodic saves of the 135M BANKING77 run (3 epochs, every 50 steps) took 8.84 of its 56.9 s
-    of training (bench/results/train_e2e/s16), each mostly PEFT's state-dict walk, pickling and fsync. For
-    SmolLM2-135M's r16 adapter and AdamW state on this project's CPU the training thread waits 0.22 s a save
-    written in place and 0.022 s handed to the writer (bench/checkpoint_save.py, median of 5). A save that
+    of training (bench/results/train_e2e/s16), each mostly PEFT's state-dict walk, pickling and fsync; with
+    the writer the same `loraforge train` run spent 1.41 of 41.9 s on its 37 saves (session 17, another H100
+    machine: s17/h100_call2_135m_banking77_3epochs.json). Isolated, for SmolLM2-135M's r16 adapter and AdamW
+    state on this project's CPU, the training thread waits 0.22 s a save written in place and 0.022 s handed to
+    the writer (bench/checkpoint_save.py, median of 5). A save that
     is cut off leaves only its `.tmp` folder, which latest_good removes: the previous checkpoint stands."""
 
     def __init__(self):
