@@ -63,7 +63,8 @@ def main() -> None:
                                 for r in test])
     t0 = time.time()
     sft_run, merged = work / "sft", work / "sft-merged"
-    if not (merged / "config.json").is_file():
+    reused = (merged / "config.json").is_file()   # an earlier run's SFT starting point in --work
+    if not reused:
         subprocess.run([sys.executable, "-m", "loraforge", "train", str(ROOT / "examples/snips_slots.yaml"),
                         f"output_dir={sft_run}", f"data.train={work / 'sft.jsonl'}", "train.epochs=1",
                         "train.batch_size=8", "train.eval_every=1000", "train.save_every=1000",
@@ -86,7 +87,7 @@ def main() -> None:
            "task": "SNIPS slot filling; reward = slot F1 of a schema-valid JSON answer, else 0",
            "model": "SmolLM2-135M-Instruct + a one-epoch SFT adapter on the SFT slice (merged, bf16)",
            "sft_examples": len(sft), "grpo_prompts": len(grpo), **compared,
-           "seconds_sft": round(sft_seconds, 1), "seconds_grpo": round(seconds, 1), "train": summary,
+           "seconds_sft": None if reused else round(sft_seconds, 1), "sft_reused": reused, "seconds_grpo": round(seconds, 1), "train": summary,
            "config": yaml.safe_load(cfg.to_yaml()),
            "machine": {"platform": platform.platform(), "processor": platform.processor()}}
     emit(json.loads(json.dumps(out, default=str)), args.out)

@@ -65,7 +65,7 @@ def document_chat(tokenizer, lines: list[str], length: int, rng: random.Random) 
 def write_set(path: Path, tokenizer, lines: list[str], length: int, n: int, seed: int) -> None:
     rng = random.Random(seed)
     rows = []
-    for k in range(n):
+    for _ in range(n):
         start = rng.randrange(len(lines))
         rows.append(document_chat(tokenizer, lines[start:] + lines[:start], length, rng))
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
