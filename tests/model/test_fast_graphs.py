@@ -222,3 +222,25 @@ def test_stack_path_with_dropout_over_two_shapes_matches_per_layer():
         torch.manual_seed(seed)
         assert _loss_and_grads(model, stack, batch)[0] == pytest.approx(ref, rel=1e-6)
     assert len(stack.graphs.by_key) == 2
+
+
+def test_capture_collects_garbage_first_and_pauses_the_collector(monkeypatch):
+    # a collection during a capture may destroy an older CUDA graph and invalidate the capture (graphs.capturing)
+    import contextlib
+    import gc
+
+    from loraforge.model.fast import graphs
+
+    seen, collected = [], []
+    monkeypatch.setattr(graphs.torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(graphs.gc, "collect", lambda *a: collected.append(1) or 0)
+    assert gc.isenabled()
+    with graphs.capturing(object(), None):
+        seen.append(gc.isenabled())
+    assert collected == [1] and seen == [False] and gc.isenabled()
+    try:
+        with graphs.capturing(object(), None):
+            raise RuntimeError("capture failed")
+    except RuntimeError:
+        pass
+    assert gc.isenabled()

@@ -44,6 +44,7 @@ from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import (PREFIX, CheckpointWriter, TrainerState, gather_adapter, latest_good,
                                         load_checkpoint, save_checkpoint, write_adapter)
+from loraforge.train.flat import FlatAdamW, can_flatten
 from loraforge.train.folder import RunFolder, apply_changes, check_output_dir, check_resume, record_changes
 from loraforge.plan.for_run import estimate_for_run, speed_inputs  # `loraforge plan`'s estimate for this run
 from loraforge.train.loop import (LoopResult, LoopSetup, TrainingInterrupted, batch_buckets, plan_steps, prepare_model,
@@ -141,11 +142,12 @@ def load_data(cfg: RunConfig, tokenizer, replay=None) -> tuple[list, list, dict,
     return train_items, val_items, report, val_ex
 
 
-def make_optimizer(params: list, cfg: RunConfig, device: str, sharded: bool = False):
+def make_optimizer(params: list, cfg: RunConfig, device: str, sharded: bool = False, flat: bool = False):
+    """`flat`: one process owns the gradients, so AdamW may step the adapter as one flat tensor (train.flat)."""
     tc, name = cfg.train, optimizer_of(cfg, sharded, device)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
-                                 fused=device == "cuda" or None)
+        cls = FlatAdamW if flat and can_flatten(params) else torch.optim.AdamW
+        return cls(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=device == "cuda" or None)
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -277,7 +279,9 @@ class TrainingRun:
         self.step_module = (self.special.prepare if self.special else prepare_model)(self.model, self.dist, device,
                                                                                      self.fast)
         self.params = trainable_parameters(self.model)
-        self.optimizer = make_optimizer(self.params, cfg, device, self.fsdp)
+        self.optimizer = make_optimizer(self.params, cfg, device, self.fsdp, flat=not self.dist.enabled)
+        if isinstance(self.optimizer, FlatAdamW) and self.fast is not None:
+            self.fast.keep_grads()   # the CUDA graphs add into the flat gradient's views
         _, self.total_steps = plan_steps(len(self.train_items), cfg)
         warmup = round(cfg.train.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, self.optimizer, num_warmup_steps=warmup,

@@ -31,6 +31,8 @@ included, against the per-layer path (model.fast.recompute); the GPU tests compa
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
 
 import torch
@@ -89,6 +91,25 @@ def stack_backward(layers, params, grad, cos, sin, saved, pool, into=None, packe
     return None if into is not None else out
 
 
+@contextlib.contextmanager
+def capturing(graph, pool):
+    """torch.cuda.graph with Python's cyclic garbage collector run before and paused during the capture.
+    torch no longer collects at a capture's start (torch.compiler.config.force_cudagraph_gc is off by default),
+    so a collection the capture's own allocations trigger may free dead cycles there: destroying an older
+    CUDAGraph (or anything else the driver refuses while a stream captures) invalidates the capture. Seen in
+    session 17 as an order-dependent failure of the GPU graph tests ("operation not permitted when stream is
+    capturing", raised from CUDAGraph.cpp while an earlier test's graphs were garbage)."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def give_grads(params: list, grads: list) -> None:
     """grads become the parameters' .grad, or are added to the .grad already there (accumulation)."""
     to, frm = [], []
@@ -122,6 +143,7 @@ class StackGraphs:
         self.anchor = None
         self.eager = None     # whether the last step's stack ran without graphs (None: not through here)
         self.saved = self.packed = self.step_packed = None
+        self.fixed = False    # the grad buffers are the parameters' .grad for the whole run (GraphSet.keep_grads)
 
     @staticmethod
     def shape_key(h, cos, packed=None):
@@ -185,7 +207,7 @@ class StackGraphs:
         self.packed = None if packed is None else (packed[0], packed[1].clone(), *packed[2:])
         self.fwd = torch.cuda.CUDAGraph()
         memory = self.memory() if self.memory is not None else None
-        with torch.cuda.graph(self.fwd, pool=memory, capture_error_mode="thread_local"):
+        with capturing(self.fwd, memory):
             self.out, self.saved = stack_forward(self.layers, self.h_in, self.cos, self.sin, self.pool, self.packed)
         # the pinned buffers the graphs read and write stay alive, even if a larger eager step replaces them
         self.keep = dict(self.pool.buffers) if self.pool is not None else {}
@@ -210,6 +232,10 @@ class StackGraphs:
         # the backward graph adds into its buffers, which are the parameters' .grad: a micro-batch accumulates
         # in place, and a step holds one copy of the adapter's gradients, as eager autograd does (moving the
         # .grad out before each replay held two from the second micro-batch on: 0.16 GiB at 8B, r = 16)
+        if self.fixed:   # the buffers are the .grad, zeroed by the optimizer's owner between steps
+            self.grad_in.copy_(grad)
+            self.bwd.replay()
+            return
         fresh, other, into = [], [], []
         for p, g in zip(self.flat, self.grads):
             if p.grad is None:
@@ -238,7 +264,7 @@ class StackGraphs:
             per_layer.append(self.grads[start:start + len(ps)])
             start += len(ps)
         self.bwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.bwd, pool=self.fwd.pool(), capture_error_mode="thread_local"):
+        with capturing(self.bwd, self.fwd.pool()):
             self.grad_in = torch.empty_like(grad)
             stack_backward(self.layers, self.params, self.grad_in, self.cos, self.sin, self.saved, self.pool,
                            into=per_layer, packed=self.packed, accumulate=True)
@@ -277,6 +303,7 @@ class GraphSet:
         self.shared = True    # one memory pool for every shape (see the class docstring)
         self.handle = None    # that pool, made at the first capture
         self.grads = None     # the gradient buffers all shapes' backward graphs write (see the class docstring)
+        self.fixed = False    # whether those are the parameters' .grad for the whole run (keep_grads)
 
     def memory(self):
         if not self.shared:
@@ -290,10 +317,23 @@ class GraphSet:
             self.grads = [torch.empty_like(p) for ps in self.args[1] for p in ps]
         return self.grads
 
+    def keep_grads(self) -> None:
+        """The parameters' .grad stay in place for the run and are zeroed between steps by their owner (train.flat):
+        they are the buffers every shape's backward graph adds into, and no step moves or zeroes them here."""
+        flat = [p for ps in self.args[1] for p in ps]
+        if any(p.grad is None for p in flat):
+            raise ValueError("keep_grads: every adapter parameter needs its .grad in place first")
+        self.grads = [p.grad for p in flat]
+        self.fixed = True
+        for graphs in self.by_key.values():
+            graphs.fixed = True
+
     def make(self) -> StackGraphs:
-        return StackGraphs(*self.args, capture=self.capture, layer_weights=self.layer_weights,
-                           only_host_bound=self.only_host_bound, memory=self.memory,
-                           grad_buffers=self.grad_buffers if self.shared else None)
+        graphs = StackGraphs(*self.args, capture=self.capture, layer_weights=self.layer_weights,
+                             only_host_bound=self.only_host_bound, memory=self.memory,
+                             grad_buffers=self.grad_buffers if self.shared or self.fixed else None)
+        graphs.fixed = self.fixed
+        return graphs
 
     def wanted(self, tokens: int) -> bool:
         """Whether steps of `tokens` tokens would replay graphs once their shape repeats (so batches are worth

@@ -274,6 +274,12 @@ class FastLlama:
         return self.graphs is not None and self.graphs.wanted(tokens) and _one_process() and \
             self.head.weight.is_cuda
 
+    def keep_grads(self) -> None:
+        """The adapter's .grad tensors now stay in place for the whole run, zeroed rather than dropped between
+        steps (train.flat): the graphs' backward adds into them instead of into buffers of its own."""
+        if self.graphs is not None:
+            self.graphs.keep_grads()
+
     def _layer(self, i: int, h, cos, sin, packed):
         layer = self.layers[i]
         if self._recompute:
