@@ -26,6 +26,12 @@ def can_flatten(params: list[torch.Tensor]) -> bool:
         all(p.layout == torch.strided for p in params)
 
 
+def stepped_parameters(optimizer) -> list[torch.Tensor]:
+    """The tensors the optimizer steps: what gradient clipping should take (FlatAdamW's one flat parameter, whose
+    norm is its members' norm, in one kernel and no host loop over them)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 class FlatAdamW(torch.optim.AdamW):
     """torch.optim.AdamW over one flat parameter that `params` are views of (see the module docstring)."""
 

@@ -42,6 +42,7 @@ from loraforge.errors import LoraforgeError, Stopped
 from loraforge.model.attention import decode_attention
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import CheckpointWriter, TrainerState, save_checkpoint
+from loraforge.train.flat import stepped_parameters
 from loraforge.train.precision import Precision
 from loraforge.train.progress import TrainProgress, announce_stop
 
@@ -334,7 +335,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
     device = torch.device(setup.device)
     pad_id = tokenizer.pad_token_id
     per_epoch, total_steps = plan_steps(len(train_items), cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = stepped_parameters(optimizer)   # what clipping takes: one flat tensor under train.flat
     step_module = step_module if step_module is not None else prepare_model(model, dist, device.type, fast)
     metrics_path = run_dir / "metrics.jsonl"
     config_yaml = cfg.to_yaml()

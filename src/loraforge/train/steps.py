@@ -15,6 +15,7 @@ import torch
 
 from loraforge.train.checkpoint import TrainerState, save_checkpoint
 from loraforge.train.distributed import full_value, peer_failures
+from loraforge.train.flat import stepped_parameters
 from loraforge.train.logprobs import wrap_logp_step
 from loraforge.train.loop import (LoopSetup, TrainingInterrupted, _StopFlag, micro_batches,  # noqa: F401
                                   next_group, plan_steps)
@@ -43,7 +44,7 @@ def objective_start(setup: LoopSetup) -> ObjectiveStart:
     step_module = setup.step_module if setup.step_module is not None else \
         wrap_logp_step(setup.model, setup.dist, device.type, setup.fast)
     return ObjectiveStart(device, setup.tokenizer.pad_token_id, per_epoch, total_steps,
-                          [p for p in setup.model.parameters() if p.requires_grad], step_module,
+                          stepped_parameters(setup.optimizer), step_module,
                           micro_batches(setup.train_items, setup.cfg, setup.state), setup.cfg.to_yaml())
 
 
