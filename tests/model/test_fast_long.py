@@ -208,6 +208,7 @@ def test_loss_runs_liger_in_blocks_of_rows_on_long_inputs(monkeypatch):
 
     monkeypatch.setattr(ops, "use_kernels", lambda t: True)
     monkeypatch.setattr(ops, "_liger", lambda: FakeLiger)
+    monkeypatch.setattr(ops, "SMALL_LOSS_BYTES", 0)   # these logits are small: see the next test
     ops._flce_chunking.cache_clear()
     try:
         g = torch.Generator().manual_seed(0)
@@ -224,6 +225,38 @@ def test_loss_runs_liger_in_blocks_of_rows_on_long_inputs(monkeypatch):
     assert calls == [(50, 8), (16, 8), (16, 8), (16, 8), (2, 8)]
     assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
     _close(grads[1][1], grads[0][1], 1e-6, "input gradient")
+
+
+def test_small_losses_skip_liger_on_cuda(monkeypatch):
+    """Logits under SMALL_LOSS_BYTES (a classification batch's few answer tokens) go through _LinearLogp's one
+    chunk on CUDA too, not liger's host-side chunk loop; the same sum and input gradient as whole logits."""
+    from loraforge.model.fast import ops
+
+    calls = []
+
+    class FakeLiger:
+        @staticmethod
+        def liger_fused_linear_cross_entropy(h, w, y, reduction="mean", **_):
+            calls.append(h.shape[0])
+            return torch.nn.functional.cross_entropy(h @ w.t(), y, reduction=reduction)
+
+    monkeypatch.setattr(ops, "use_kernels", lambda t: True)
+    monkeypatch.setattr(ops, "_liger", lambda: FakeLiger)
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(40, 8, generator=g, requires_grad=True), torch.randn(11, 8, generator=g)
+    y = torch.randint(0, 11, (40,), generator=g)
+    loss = ops.linear_cross_entropy_sum(h, w, y)
+    loss.backward()
+    ref_h = h.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_h @ w.t(), y, reduction="sum")
+    ref.backward()
+    assert calls == [] and float(loss) == pytest.approx(float(ref), rel=1e-6)
+    _close(h.grad, ref_h.grad, 1e-6, "input gradient")
+    monkeypatch.setattr(ops, "SMALL_LOSS_BYTES", 40 * 11 * 4 - 1)   # one byte less: liger's
+    ops._flce_chunking.cache_clear()
+    ops.linear_cross_entropy_sum(h, w, y)
+    ops._flce_chunking.cache_clear()   # computed from the stand-in
+    assert calls == [40]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -107,3 +107,15 @@ def test_a_run_with_the_flat_optimizer_ends_where_the_per_tensor_one_does(tiny_m
         if "lora_" in n1:
             assert n1 == n2
             torch.testing.assert_close(p1.detach(), p2.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_is_a_snapshot_with_a_step_count_per_member():
+    params = _params()
+    b = FlatAdamW(params, lr=1e-2)
+    _step(b, params, 0, True)
+    sd = b.state_dict()
+    before = sd["state"][2]["exp_avg"].clone()
+    _step(b, params, 1, True)
+    assert torch.equal(sd["state"][2]["exp_avg"], before)        # later steps leave it as it was
+    assert float(sd["state"][0]["step"]) == 1 and float(b.state_dict()["state"][0]["step"]) == 2
+    assert sd["state"][0]["step"] is not sd["state"][1]["step"]  # a per-tensor AdamW adds to each on its own

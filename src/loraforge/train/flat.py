@@ -63,13 +63,21 @@ class FlatAdamW(torch.optim.AdamW):
         # the members' .grad are views of flat.grad: they stay, zeroed (one kernel)
         self.flat.grad.zero_()
 
-    def _split(self, value):
+    def _split(self, value) -> list:
+        """One value per member: the flat state's slices (views of one host copy, so one device-to-host copy per
+        buffer instead of one per member: a checkpoint copies the state to the host anyway), and the step
+        count as a tensor of each member's own, as per-tensor AdamW keeps it."""
         if isinstance(value, torch.Tensor) and value.shape == self.flat.shape:
-            return [value[s:s + n].view(shape).clone() for s, n, shape in self.spans]
-        return [value.clone() if isinstance(value, torch.Tensor) else value for _ in self.spans]
+            host = value.detach().to("cpu", copy=True)
+            return [host[s:s + n].view(shape) for s, n, shape in self.spans]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to("cpu", copy=True)
+            return [value.clone() for _ in self.spans]
+        return [value for _ in self.spans]
 
     def state_dict(self) -> dict:
-        """Per member parameter, as torch.optim.AdamW over the members would write it."""
+        """Per member parameter, as torch.optim.AdamW over the members would write it (its tensors in host
+        memory: a snapshot, which the loaders move to the parameters' device)."""
         sd = super().state_dict()
         flat_state = sd["state"].get(0, {})
         per = {k: self._split(v) for k, v in flat_state.items()}

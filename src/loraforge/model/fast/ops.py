@@ -155,17 +155,23 @@ def _flce_chunking() -> dict:
 # 8.6 GB for Llama-3.1-8B at 131,072 tokens, 34 GB at 524,288): longer inputs go through it in blocks of
 # this many rows (a logits chunk of at most 1 GiB at hidden 4,096); shorter ones in one call, as before
 LOSS_BLOCK_ROWS = 16384
+# below this many bytes of fp32 logits (a few hundred loss rows: a classification batch's answers) the loss is one
+# chunk of _LinearLogp on CUDA too: liger's fused loss spent about 3 ms of host time a call on its chunk loop in
+# session 17's profile of the 135M BANKING77 run, for ~0.1 ms of GPU work. Session 18 (H100, 3 epochs of that run):
+# 30,801 tokens/s against 25,847 through liger, 38.4 against 45.9 s of training outside validation and checkpoints
+# (bench/results/train_e2e/s18/)
+SMALL_LOSS_BYTES = 64 * 2 ** 20
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              block: int = LOSS_BLOCK_ROWS) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, labels_i) for rows `hidden` (N, H) without keeping (N, vocab) logits:
-    liger's fused kernel on CUDA (`block` rows a call), else the per-row losses' chunks (_LinearLogp: one
-    chunk's logits alive at a time). On this project's CPU that gives the same sums as the checkpointed chunks
+    liger's fused kernel on CUDA (`block` rows a call) where the logits would exceed SMALL_LOSS_BYTES, else the
+    per-row losses' chunks (_LinearLogp: one chunk's logits alive at a time). On this project's CPU that gives the same sums as the checkpointed chunks
     it replaced, forward + backward 107 ms against 113 for 50 loss rows of SmolLM2's head and 553 against 663
     for 400 (`python bench/loss_cpu.py`, bench/results/loss_cpu.json)."""
     weight = weight.to(hidden.dtype)
-    if not use_kernels(hidden):
+    if not use_kernels(hidden) or hidden.shape[0] * weight.shape[0] * 4 <= SMALL_LOSS_BYTES:
         return linear_cross_entropy_rows(hidden, weight, labels).sum()
     flce = functools.partial(_liger().liger_fused_linear_cross_entropy, reduction="sum", **_flce_chunking())
     if hidden.shape[0] <= block:
