@@ -392,5 +392,5 @@ def host_embedding_refusal(setting: str, *, on_gpu: bool, sharded: bool, frozen:
     if tied:
         return "the input embedding is tied to the output head, which needs it on the GPU"
     if setting == "auto" and not (quantized and table_bytes >= HOST_EMBEDDING_MIN_BYTES):
-        return "auto moves only a QLoRA model's table of 256 MiB or more"
+        return f"auto moves only a QLoRA model's table of {HOST_EMBEDDING_MIN_BYTES >> 20} MiB or more"
     return None

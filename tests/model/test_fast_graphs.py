@@ -244,3 +244,26 @@ def test_capture_collects_garbage_first_and_pauses_the_collector(monkeypatch):
     except RuntimeError:
         pass
     assert gc.isenabled()
+
+
+def test_kept_gradients_are_the_graph_buffers_of_every_shape():
+    """GraphSet.keep_grads (train.flat): the parameters' .grad views become the buffers every shape's backward
+    graph adds into, with no per-step zeroing or moving of its own; refused once a shape has graphs."""
+    from loraforge.model.fast.graphs import GraphSet
+    from loraforge.train.flat import FlatAdamW
+
+    params = [[torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))],
+              [torch.nn.Parameter(torch.ones(4))]]
+    graphs = GraphSet([None, None], params, None, capture=True)
+    with pytest.raises(ValueError, match="every adapter parameter's .grad in place"):
+        graphs.keep_grads()
+    opt = FlatAdamW([p for ps in params for p in ps], lr=0.1)
+    graphs.keep_grads()
+    a, cos = torch.zeros(2, 8, 4), torch.zeros(1, 8, 2)
+    graphs.ready(a, cos)
+    made = graphs.current
+    assert made.fixed and made.grad_buffers() is graphs.grads
+    assert [g.data_ptr() for g in graphs.grads] == [p.grad.data_ptr() for ps in params for p in ps]
+    assert graphs.grads[0].data_ptr() == opt.flat.grad.data_ptr()
+    with pytest.raises(ValueError, match="before the first step"):
+        graphs.keep_grads()

@@ -119,3 +119,17 @@ def test_state_dict_is_a_snapshot_with_a_step_count_per_member():
     assert torch.equal(sd["state"][2]["exp_avg"], before)        # later steps leave it as it was
     assert float(sd["state"][0]["step"]) == 1 and float(b.state_dict()["state"][0]["step"]) == 2
     assert sd["state"][0]["step"] is not sd["state"][1]["step"]  # a per-tensor AdamW adds to each on its own
+
+
+def test_per_tensor_state_with_a_member_never_stepped_loads_as_zeros():
+    # per-tensor AdamW keeps no state for a tensor that never had a gradient: its moments start at zero here
+    ref = _params()
+    a = torch.optim.AdamW(ref, lr=1e-2)
+    for p, g in zip(ref, _grads(0)):
+        p.grad = None if p is ref[1] else g
+    a.step()
+    b = FlatAdamW([torch.nn.Parameter(p.detach().clone()) for p in ref], lr=1e-2)
+    b.load_state_dict(a.state_dict())
+    back = b.state_dict()["state"]
+    assert float(back[1]["exp_avg"].abs().sum()) == 0 and float(back[1]["exp_avg_sq"].abs().sum()) == 0
+    torch.testing.assert_close(back[2]["exp_avg"], a.state[ref[2]]["exp_avg"])

@@ -244,7 +244,8 @@ def eval_structure(ec, opts: dict) -> tuple[Structure | None, str]:
     if not installed():
         if mode == "on":
             _llguidance()
-        return None, f"off (llguidance is not installed, or older than {_MIN_TEXT}: pip install -U 'loraforge[structured]')"
+        return None, (f"off (llguidance is not installed, or older than {_MIN_TEXT}: "
+                      "pip install -U 'loraforge[structured]')")
     return structure, structure.describe()
 
 

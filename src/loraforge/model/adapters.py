@@ -17,6 +17,11 @@ from loraforge.errors import LoraforgeError
 from loraforge.files import atomic_dir
 
 
+def base_of(model):
+    """The transformers model under a PEFT wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def linear_names(model) -> set[str]:
     """Last name component of every nn.Linear in the model, the lm_head excluded."""
     import torch

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from loraforge.data.prefix import MIN_TOKENS, shared_length
 from loraforge.data.templates import END_OF_TURN
 from loraforge.model.attention import decode_attention
+from loraforge.model.adapters import base_of
 
 
 @dataclass
@@ -53,7 +54,7 @@ SHARE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _can_share(model) -> bool:
-    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    cfg = base_of(model).config
     return getattr(cfg, "model_type", None) in SHARE_TYPES and not getattr(cfg, "use_sliding_window", False) \
         and not (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None))
 
@@ -61,7 +62,7 @@ def _can_share(model) -> bool:
 def _cache_kwarg(model) -> str:
     """The name generate() takes a prefilled KV cache under: `cache` in recent transformers, else
     `past_key_values` (deprecated there)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 

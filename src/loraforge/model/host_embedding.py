@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loraforge.config import host_embedding_refusal
-
+from loraforge.model.adapters import base_of
 
 
 class HostEmbedding(nn.Module):
@@ -50,7 +50,7 @@ class HostEmbedding(nn.Module):
 
 
 def _tied(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base_of(model)
     head = inner.get_output_embeddings()
     emb = inner.get_input_embeddings()
     return head is None or head.weight is emb.weight or \
@@ -60,7 +60,7 @@ def _tied(model) -> bool:
 def why_not_host(model, setting: str, device: str, quantized: bool, sharded: bool) -> str | None:
     """None when the input embedding should move to the host under model.host_embedding = `setting`, else why
     not (said to the user only when they asked for it: `on`); the rule is config.host_embedding_refusal."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base_of(model)
     emb = inner.get_input_embeddings()
     plain = isinstance(emb, nn.Embedding)
     return host_embedding_refusal(setting, on_gpu=device == "cuda", sharded=sharded,
@@ -71,7 +71,7 @@ def why_not_host(model, setting: str, device: str, quantized: bool, sharded: boo
 
 def move_embedding_to_host(model) -> HostEmbedding:
     """Replace the model's input embedding with a HostEmbedding of the same table; the GPU copy is freed."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base_of(model)
     emb = inner.get_input_embeddings()
     host = HostEmbedding(emb.weight, emb.padding_idx)
     inner.set_input_embeddings(host)

@@ -131,4 +131,3 @@ def _objective_lengths(setup: TrainSetup, prompt_length: int | None, seq_given: 
                              f"{setup.completion} tokens", hint="raise it, or lower --completion "
                              "(grpo.max_new_tokens), or give --prompt-length")
     return setup
-

@@ -25,6 +25,7 @@ from loraforge.eval.structured import mask_logits
 from loraforge.model.attention import decode_attention
 from loraforge.serve.decoding import Job, Sampling, pick_token
 from loraforge.serve.registry import BASE, Registry
+from loraforge.model.adapters import base_of
 
 __all__ = ["BatchWorker", "Job", "Sampling"]
 
@@ -105,7 +106,7 @@ def _rebuild(cache, fn):
 def _cache_argument(model) -> str:
     """The forward's name for the KV cache: transformers renamed `past_key_values` to `cache` (the old name
     warns, and is removed in 5.40); older 5.x releases know only the old one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 

@@ -3,8 +3,12 @@
 Why: a LoRA adapter is hundreds of small tensors (420 for SmolLM2-135M at r = 16 on every linear layer), and
 the optimizer, the gradient clipping and zero_grad each loop over them on the host. Session 17's H100 profile
 of `loraforge train` on the 135M BANKING77 run, whose steps are host-bound, had AdamW's step at 3.1 ms of host
-time and the clip's norm at 1.7 ms a step; on this project's CPU the step's host overhead is 1.93 ms for the
-420 tensors and 0.07 ms for one, the clip's 1.56 and 0.08 ms (tiny tensors, so the host part alone).
+time and the clip's norm at 1.7 ms a step. In isolation (`python bench/optimizer_host.py`): on the H100's host
+(fused AdamW) the step 2.24 -> 0.06 ms and the clip 1.62 -> 0.13 ms (bench/results/optimizer_host_h100.json); on
+this project's CPU, whose AdamW is the per-tensor loop, the step 15.8 -> 0.11 ms and the clip 1.70 -> 0.08 ms
+(tiny tensors: the host part alone, optimizer_host_cpu_tiny.json). What counts, `loraforge train` on that
+135M run, did not move beyond the host's noise: 45.9 against 47.4 s of training outside validation and
+checkpoints (H100, session 18, bench/results/train_e2e/s18/); nor the CPU quickstart (a ~1.5 s step).
 
 How: every trainable parameter's `.data` becomes a view of one flat buffer and its `.grad` a view of another,
 kept for the whole run (zero_grad zeroes the buffer instead of dropping the tensors); autograd adds into
@@ -54,7 +58,6 @@ class FlatAdamW(torch.optim.AdamW):
                 p.grad = grad[start:start + n].view_as(p)
                 self.spans.append((start, n, tuple(p.shape)))
                 start += n
-        self.members = members
         self.flat = torch.nn.Parameter(data)
         self.flat.grad = grad
         super().__init__([self.flat], **kwargs)
@@ -91,16 +94,13 @@ class FlatAdamW(torch.optim.AdamW):
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.spans):
             raise ValueError(f"the optimizer state has {sum(len(g['params']) for g in groups)} parameters in "
                              f"{len(groups)} groups; this adapter has {len(self.spans)} in one")
-        state = state_dict["state"]
+        ids, state = groups[0]["params"], state_dict["state"]
         flat = {}
-        if state:
-            ids = groups[0]["params"]
-            first = next(state[i] for i in ids if i in state)
-            for k, v in first.items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0:   # a member without state (no gradient yet): zeros
-                    flat[k] = torch.cat([state[i][k].reshape(-1) if i in state else torch.zeros(n, dtype=v.dtype)
-                                         for i, (_, n, _) in zip(ids, self.spans)])
-                else:   # the step count, the same for every member
-                    flat[k] = v
+        for k, v in next((state[i] for i in ids if i in state), {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:   # a member without state (no gradient yet): zeros
+                flat[k] = torch.cat([state[i][k].reshape(-1) if i in state else v.new_zeros(n)
+                                     for i, (_, n, _) in zip(ids, self.spans)])
+            else:   # the step count, the same for every member
+                flat[k] = v
         super().load_state_dict({"state": {0: flat} if flat else {},
                                  "param_groups": [{**groups[0], "params": [0]}]})

@@ -45,6 +45,7 @@ from loraforge.train.checkpoint import CheckpointWriter, TrainerState, save_chec
 from loraforge.train.flat import stepped_parameters
 from loraforge.train.precision import Precision
 from loraforge.train.progress import TrainProgress, announce_stop
+from loraforge.model.adapters import base_of
 
 
 class TrainingInterrupted(Stopped):
@@ -63,7 +64,7 @@ class LoopResult:
 def split_model(model):
     """(decoder, lm_head) of a causal LM (PEFT-wrapped or not), or None when the model needs its own
     forward (logit soft-capping, custom heads)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):

@@ -128,7 +128,8 @@ class StackGraphs:
     capture=False, the same functions run eagerly)."""
 
     def __init__(self, layers, params: list[list[torch.nn.Parameter]], pool, capture: bool = True,
-                 layer_weights: int = 0, only_host_bound: bool = False, memory=None, grad_buffers=None):
+                 layer_weights: int = 0, only_host_bound: bool = False, memory=None, grad_buffers=None,
+                 fixed: bool = False):
         self.layers, self.params, self.pool, self.capture = layers, params, pool, capture
         # the memory pool the graphs are captured into: a GraphSet's one pool for all its shapes (see GraphSet),
         # or None: one of their own; likewise the buffers the backward graph writes the adapter's gradients to
@@ -143,7 +144,7 @@ class StackGraphs:
         self.anchor = None
         self.eager = None     # whether the last step's stack ran without graphs (None: not through here)
         self.saved = self.packed = self.step_packed = None
-        self.fixed = False    # the grad buffers are the parameters' .grad for the whole run (GraphSet.keep_grads)
+        self.fixed = fixed    # the grad buffers are the parameters' .grad for the whole run (GraphSet.keep_grads)
 
     @staticmethod
     def shape_key(h, cos, packed=None):
@@ -321,19 +322,15 @@ class GraphSet:
         """The parameters' .grad stay in place for the run and are zeroed between steps by their owner (train.flat):
         they are the buffers every shape's backward graph adds into, and no step moves or zeroes them here."""
         flat = [p for ps in self.args[1] for p in ps]
-        if any(p.grad is None for p in flat):
-            raise ValueError("keep_grads: every adapter parameter needs its .grad in place first")
+        if self.by_key or any(p.grad is None for p in flat):
+            raise ValueError("keep_grads: before the first step, with every adapter parameter's .grad in place")
         self.grads = [p.grad for p in flat]
         self.fixed = True
-        for graphs in self.by_key.values():
-            graphs.fixed = True
 
     def make(self) -> StackGraphs:
-        graphs = StackGraphs(*self.args, capture=self.capture, layer_weights=self.layer_weights,
-                             only_host_bound=self.only_host_bound, memory=self.memory,
-                             grad_buffers=self.grad_buffers if self.shared or self.fixed else None)
-        graphs.fixed = self.fixed
-        return graphs
+        return StackGraphs(*self.args, capture=self.capture, layer_weights=self.layer_weights,
+                           only_host_bound=self.only_host_bound, memory=self.memory,
+                           grad_buffers=self.grad_buffers if self.shared or self.fixed else None, fixed=self.fixed)
 
     def wanted(self, tokens: int) -> bool:
         """Whether steps of `tokens` tokens would replay graphs once their shape repeats (so batches are worth

@@ -44,13 +44,14 @@ from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, linea
 from loraforge.model.fast.recompute import PinnedPool, Span, recompute
 from loraforge.model.fast.state import FastState
 from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
+from loraforge.model.adapters import base_of
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def why_not_fast(model) -> str | None:
     """None if FastLlama can run this (PEFT-wrapped) model, else the reason it cannot."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     cfg = base.config
     kind = getattr(cfg, "model_type", "?")
     if kind not in FAMILIES:
@@ -176,7 +177,7 @@ class FastLlama:
         if reason:
             raise ValueError(reason)
         self.model = model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_of(model)
         self.decoder = base.model
         self.head = base.get_output_embeddings()
         self.dtype = dtype

@@ -167,9 +167,9 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
                              block: int = LOSS_BLOCK_ROWS) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, labels_i) for rows `hidden` (N, H) without keeping (N, vocab) logits:
     liger's fused kernel on CUDA (`block` rows a call) where the logits would exceed SMALL_LOSS_BYTES, else the
-    per-row losses' chunks (_LinearLogp: one chunk's logits alive at a time). On this project's CPU that gives the same sums as the checkpointed chunks
-    it replaced, forward + backward 107 ms against 113 for 50 loss rows of SmolLM2's head and 553 against 663
-    for 400 (`python bench/loss_cpu.py`, bench/results/loss_cpu.json)."""
+    per-row losses' chunks (_LinearLogp: one chunk's logits alive at a time). On this project's CPU that gives
+    the same sums as the checkpointed chunks it replaced, forward + backward 107 ms against 113 for 50 loss rows
+    of SmolLM2's head and 553 against 663 for 400 (`python bench/loss_cpu.py`, bench/results/loss_cpu.json)."""
     weight = weight.to(hidden.dtype)
     if not use_kernels(hidden) or hidden.shape[0] * weight.shape[0] * 4 <= SMALL_LOSS_BYTES:
         return linear_cross_entropy_rows(hidden, weight, labels).sum()
