@@ -59,9 +59,9 @@ def _can_share(model) -> bool:
         and not (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None))
 
 
-def _cache_kwarg(model) -> str:
-    """The name generate() takes a prefilled KV cache under: `cache` in recent transformers, else
-    `past_key_values` (deprecated there)."""
+def cache_argument(model) -> str:
+    """The forward's (and generate()'s) name for a KV cache: transformers renamed `past_key_values` to `cache`
+    (the old name warns, and is removed in 5.40); older 5.x releases know only the old one."""
     base = base_of(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
@@ -96,7 +96,7 @@ def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int
     tokens, 24 shared); the completions are the same."""
     device = next(model.parameters()).device
     share_prefix = (device.type == "cpu" if share_prefix is None else share_prefix) and _can_share(model)
-    cache_name = _cache_kwarg(model) if share_prefix else None
+    cache_name = cache_argument(model) if share_prefix else None
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -16,16 +16,15 @@ unloaded while others are decoding. A failing forward fails the requests in it, 
 
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 import time
 
 from loraforge.eval.structured import mask_logits
 from loraforge.model.attention import decode_attention
+from loraforge.model.decode import cache_argument
 from loraforge.serve.decoding import Job, Sampling, pick_token
 from loraforge.serve.registry import BASE, Registry
-from loraforge.model.adapters import base_of
 
 __all__ = ["BatchWorker", "Job", "Sampling"]
 
@@ -101,13 +100,6 @@ def _rebuild(cache, fn):
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v, *_ in cache])
-
-
-def _cache_argument(model) -> str:
-    """The forward's name for the KV cache: transformers renamed `past_key_values` to `cache` (the old name
-    warns, and is removed in 5.40); older 5.x releases know only the old one."""
-    base = base_of(model)
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class BatchWorker:
@@ -228,7 +220,7 @@ class BatchWorker:
         elif any(a != BASE for a in adapters):
             raise RuntimeError("adapter requested but none is loaded")
         with decode_attention(ids.device):
-            kwargs[_cache_argument(model)] = cache
+            kwargs[cache_argument(model)] = cache
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                         **kwargs)
         return out.logits[:, -1, :].float().cpu()
