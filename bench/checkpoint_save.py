@@ -4,6 +4,7 @@ SmolLM2-135M's shape (random weights), LoRA r16 on every linear layer, AdamW sta
 135M runs of bench/train_e2e.py save it every 50 steps; interleaved, the median of --rounds.
 
     python bench/checkpoint_save.py --out bench/results/checkpoint_save_cpu.json
+    python bench/checkpoint_save.py --flat --out bench/results/checkpoint_save_cpu_flat.json   # train.flat.FlatAdamW
 
 Not the product's end-to-end figure (that is `loraforge train`'s seconds_in.checkpoints in summary.json,
 bench/train_e2e.py); this isolates what the training thread pays per save.
@@ -28,21 +29,23 @@ from _output import emit  # noqa: E402
 from loraforge.config import LoraSection  # noqa: E402
 from loraforge.model.adapters import attach_adapter  # noqa: E402
 from loraforge.train.checkpoint import CheckpointWriter, TrainerState, save_checkpoint  # noqa: E402
+from loraforge.train.flat import FlatAdamW  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--flat", action="store_true", help="the optimizer one process trains with: FlatAdamW")
     a = ap.parse_args()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
     model = attach_adapter(LlamaForCausalLM(cfg), LoraSection(r=16, alpha=16, dropout=0.05))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = FlatAdamW(params, lr=1e-3) if a.flat else torch.optim.AdamW(params, lr=1e-3)
     for p in params:
-        p.grad = torch.randn_like(p)
+        p.grad = torch.randn_like(p) if p.grad is None else p.grad.copy_(torch.randn_like(p))
     opt.step()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     root = Path(tempfile.mkdtemp()) / "checkpoints"
@@ -57,9 +60,11 @@ def main() -> None:
             waits[mode].append(time.perf_counter() - t)
             writer.wait()   # the next save starts from a quiet disk either way
     med = {k: statistics.median(v) for k, v in waits.items()}
-    emit({"command": "python bench/checkpoint_save.py" + (f" --out {a.out}" if a.out else ""),
+    flag = " --flat" if a.flat else ""
+    emit({"command": "python bench/checkpoint_save.py" + flag + (f" --out {a.out}" if a.out else ""),
           "device": f"CPU ({platform.machine()}, {__import__('os').cpu_count()} cores)",
           "model": "SmolLM2-135M shape, LoRA r16 all linear layers, AdamW state",
+          "optimizer": "FlatAdamW" if a.flat else "torch.optim.AdamW",
           "trainable_parameters": sum(p.numel() for p in params),
           "seconds_training_thread_waits": {k: [round(x, 4) for x in v] for k, v in waits.items()},
           "median_s": {k: round(v, 4) for k, v in med.items()},

@@ -133,3 +133,29 @@ def test_per_tensor_state_with_a_member_never_stepped_loads_as_zeros():
     back = b.state_dict()["state"]
     assert float(back[1]["exp_avg"].abs().sum()) == 0 and float(back[1]["exp_avg_sq"].abs().sum()) == 0
     torch.testing.assert_close(back[2]["exp_avg"], a.state[ref[2]]["exp_avg"])
+
+
+def test_a_background_checkpoint_keeps_the_state_of_its_step(tmp_path):
+    # save_checkpoint takes FlatAdamW's state_dict as it is (its own host snapshot, not copied again): a step
+    # taken while the writer runs must not reach the checkpoint's optimizer state
+    from loraforge.train.checkpoint import CheckpointWriter, TrainerState, save_checkpoint
+
+    params = _params()
+    model = torch.nn.Module()
+    for i, p in enumerate(params):
+        model.register_parameter(f"p{i}", p)
+    model.save_pretrained = lambda out_dir, **kw: out_dir.mkdir(parents=True)   # adapter files: not under test
+    opt = FlatAdamW(params, lr=1e-2)
+    _step(opt, params, 0, True)
+    expected = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    writer = CheckpointWriter()
+    path = save_checkpoint(tmp_path / "ck", model, opt, sched, TrainerState(step=1), "x: 1\n", keep_last=2,
+                           writer=writer, background=True)
+    _step(opt, params, 1, True)   # changes the live flat state, maybe before the writer has read it
+    writer.wait()
+    saved = torch.load(path / "optimizer.pt", weights_only=False)["state"]
+    assert float(opt.state_dict()["state"][0]["step"]) == 2
+    for i, state in expected.items():
+        for k, v in state.items():
+            assert torch.equal(saved[i][k], v), (i, k)

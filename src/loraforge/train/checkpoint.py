@@ -193,7 +193,8 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: Trainer
         # PEFT's save_pretrained would read them from the live model
         weights = {n: p.detach().to("cpu", copy=True) for n, p in model.state_dict(keep_vars=True).items()
                    if p.requires_grad}
-        snap = (_to_host(optim_state), _to_host(extra), state_json, state.protect_step)
+        own = getattr(optimizer, "state_dict_is_snapshot", False)   # train.flat.FlatAdamW: copied once already
+        snap = (optim_state if own else _to_host(optim_state), _to_host(extra), state_json, state.protect_step)
         writer.submit(lambda: _write_checkpoint(ckpt_root, final, model, weights, *snap, config_yaml, keep_last))
         return final
     if dist.is_main:
