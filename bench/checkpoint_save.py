@@ -44,8 +44,11 @@ def main() -> None:
     model = attach_adapter(LlamaForCausalLM(cfg), LoraSection(r=16, alpha=16, dropout=0.05))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = FlatAdamW(params, lr=1e-3) if a.flat else torch.optim.AdamW(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.randn_like(p) if p.grad is None else p.grad.copy_(torch.randn_like(p))
+    for p in params:   # FlatAdamW's members already hold their .grad views: fill those in place
+        if p.grad is None:
+            p.grad = torch.randn_like(p)
+        else:
+            p.grad.copy_(torch.randn_like(p))
     opt.step()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     root = Path(tempfile.mkdtemp()) / "checkpoints"

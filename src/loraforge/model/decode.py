@@ -21,8 +21,8 @@ from transformers import DynamicCache
 
 from loraforge.data.prefix import MIN_TOKENS, shared_length
 from loraforge.data.templates import END_OF_TURN
-from loraforge.model.attention import decode_attention
 from loraforge.model.adapters import base_of
+from loraforge.model.attention import decode_attention
 
 
 @dataclass

@@ -40,8 +40,9 @@ class FlatAdamW(torch.optim.AdamW):
     """torch.optim.AdamW over one flat parameter that `params` are views of (see the module docstring)."""
 
     # state_dict() returns fresh host copies that nothing else holds: train.checkpoint need not copy them again.
-    # A background save of the 135M adapter on this project's CPU: the training thread waited 114.6 ms with the
-    # second copy, 28.6 ms without (per-tensor AdamW: 27.7 ms; bench/results/checkpoint_save_cpu_flat*.json)
+    # A background save of the 135M adapter on this project's CPU, isolated (`python bench/checkpoint_save.py
+    # --flat`): the training thread waited 114.6 ms with the second copy, 28.6 ms without (per-tensor AdamW:
+    # 27.7 ms; bench/results/checkpoint_save_cpu_flat*.json). Not yet timed through `loraforge train` on a GPU.
     state_dict_is_snapshot = True
 
     def __init__(self, params, **kwargs):
@@ -79,7 +80,7 @@ class FlatAdamW(torch.optim.AdamW):
             host = value.detach().to("cpu", copy=True)
             return [host[s:s + n].view(shape) for s, n, shape in self.spans]
         if isinstance(value, torch.Tensor):
-            value = value.detach().to("cpu", copy=True)
+            value = value.detach().cpu()
             return [value.clone() for _ in self.spans]
         return [value for _ in self.spans]
 

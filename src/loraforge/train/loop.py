@@ -39,13 +39,13 @@ from loraforge.data.batching import batch_order, collate, length_buckets
 from loraforge.data.packing import pack, segment_attention
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 from loraforge.errors import LoraforgeError, Stopped
+from loraforge.model.adapters import base_of
 from loraforge.model.attention import decode_attention
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import CheckpointWriter, TrainerState, save_checkpoint
 from loraforge.train.flat import stepped_parameters
 from loraforge.train.precision import Precision
 from loraforge.train.progress import TrainProgress, announce_stop
-from loraforge.model.adapters import base_of
 
 
 class TrainingInterrupted(Stopped):

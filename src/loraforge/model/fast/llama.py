@@ -34,6 +34,7 @@ import functools
 import torch
 
 from loraforge.data.templates import IGNORE_INDEX
+from loraforge.model.adapters import base_of
 from loraforge.model.fast.chunked import chunk_rows, mlp_backward_chunked, mlp_forward_chunked
 from loraforge.model.fast.dropout import new_seed, reseed_
 from loraforge.model.fast.graphs import GraphSet
@@ -44,7 +45,6 @@ from loraforge.model.fast.ops import (attention, linear_cross_entropy_sum, linea
 from loraforge.model.fast.recompute import PinnedPool, Span, recompute
 from loraforge.model.fast.state import FastState
 from loraforge.model.fast.vocab_parallel import is_row_sharded, vocab_parallel_ce_sum, vocab_parallel_embedding
-from loraforge.model.adapters import base_of
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
