@@ -21,8 +21,8 @@ Prints one JSON object: {"command", "device", "rows": [...]} (the format of benc
 Tool `loraforge-tensorboard` is loraforge with `train.report_to: [tensorboard]`: what reporting to a tracker
 costs a real run (issue 22's < 1% at 8B), beside the plain `loraforge` row of the same call; `loraforge-shareprefix`
 is loraforge with `data.share_prefix: on` (its default, auto, shares only on the CPU); likewise `-nographs`,
-`-graphs`, `-adam8`, `-chunk2k` set one config key each (VARIANTS), joined as in `loraforge-graphs-adam8`: what
-each default costs or saves, in the same call.
+`-graphs`, `-adam8`, `-chunk2k`, `-eval50`, `-save50` set one config key each (VARIANTS), joined as in
+`loraforge-graphs-adam8`: what each default costs or saves, in the same call.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ RUNS = {   # model: smollm2 (the HF folder given) or a bench/train_speed.py shap
     "8b-mix": dict(model="8b", data="mix8b", seq=2048, batch=2, accum=4, qlora=True),
     "8b-mix-packed": dict(model="8b", data="mix8b", seq=2048, batch=1, accum=4, qlora=True, packing=True),
 }
-VARIANTS = {"shareprefix": ("data", "share_prefix", "on"), "nographs": ("model", "cuda_graphs", "off"), "graphs": ("model", "cuda_graphs", "on"),
-            "adam8": ("train", "optimizer", "adamw_8bit"), "chunk2k": ("model", "mlp_chunk_tokens", 2048)}
+VARIANTS = {"shareprefix": ("data", "share_prefix", "on"), "nographs": ("model", "cuda_graphs", "off"),
+            "graphs": ("model", "cuda_graphs", "on"),
+            "adam8": ("train", "optimizer", "adamw_8bit"), "chunk2k": ("model", "mlp_chunk_tokens", 2048),
+            "eval50": ("train", "eval_every", 50), "save50": ("train", "save_every", 50)}   # the defaults before auto
 TOOLS = ["loraforge", "unsloth-trl", "trl"]   # and loraforge-tensorboard (not by default)
 LR, R, DROPOUT, SEED = 2e-4, 16, 0.05, 3407
 

@@ -76,3 +76,20 @@ def test_round_trip_yaml(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(c.to_yaml())
     assert load_config(f) == c
+
+
+def test_validation_and_checkpoint_spacing_auto_is_a_tenth_of_the_run_within_limits():
+    t = load_config().train
+    assert (t.eval_every, t.save_every) == ("auto", "auto")
+    # a tenth of the run, rounded up, at least 50 and at most 500 steps apart
+    assert t.intervals(120) == (50, 50) and t.intervals(1863) == (187, 187) and t.intervals(20_000) == (500, 500)
+    c = load_config(None, ["train.eval_every=30", "train.save_every=auto"])
+    assert c.train.intervals(1863) == (30, 187)
+    c = load_config(None, ["train.save_every=7"])
+    assert c.train.intervals(1863) == (187, 7)
+
+
+@pytest.mark.parametrize("value", ["0", "soon"])
+def test_bad_spacing_names_the_key(value):
+    with pytest.raises(LoraforgeError, match="train.eval_every"):
+        load_config(None, [f"train.eval_every={value}"])

@@ -329,6 +329,15 @@ def test_seeded_dropout_kernel():
     m = seeded_dropout(o, seed, 7, 0.3)
     m.backward(torch.ones_like(m))
     assert torch.equal(o.grad, m) and float((m == 0).float().mean()) == pytest.approx(0.3, abs=0.01)
+    # one Philox call serves an element in each quarter of a block (tl.rand4x): the quarters' masks differ,
+    # each at the rate asked for, and the drops of two quarters are independent (both dropped ~ p^2)
+    from loraforge.model.fast.dropout import BLOCK
+
+    q = (seeded_dropout(torch.ones(64, BLOCK, device="cuda", dtype=BF16), seed, 9, 0.3) == 0).view(64, 4, -1)
+    for i in range(4):
+        assert float(q[:, i].float().mean()) == pytest.approx(0.3, abs=0.02)
+    assert not torch.equal(q[:, 0], q[:, 1])
+    assert float((q[:, 0] & q[:, 3]).float().mean()) == pytest.approx(0.09, abs=0.015)
 
 
 @pytest.mark.parametrize("ckpt", [True, False], ids=["checkpointed", "no-checkpointing"])

@@ -169,3 +169,14 @@ def test_checkpoint_files_are_fsynced_before_the_rename(tiny_model, chat_file, t
     synced = {Path(p).name for kind, p in events[:renamed] if kind == "fsync" and p.startswith(tmp)}
     assert synced >= {p.name for p in ckpt.iterdir() if p.is_file()} | {f".{ckpt.name}.tmp"}
     assert ("fsync", str(ckpt.parent)) in events[renamed:]
+
+
+def test_auto_spacing_validates_and_saves_a_tenth_of_the_run_apart(tiny_model, chat_file, tmp_path):
+    """train.eval_every / save_every auto (the defaults): a 120-step run validates at steps 50, 100 and its last,
+    and saves checkpoints at steps 50 and 100 (the adapter of the last step is adapter/)."""
+    tree = _tree(tiny_model, chat_file, tmp_path / "run", epochs=100, max_steps=120, grad_accum=1)
+    del tree["train"]["eval_every"], tree["train"]["save_every"]
+    run_training(build_config(tree))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [50, 100, 120]
+    assert [c.name for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000050", "step-00000100"]

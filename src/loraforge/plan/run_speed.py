@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from loraforge.config import auto_every
 from loraforge.plan.calibration import MAX_MFU, RunFit, load_runs, speed_key
 from loraforge.plan.gpus import GPU
 from loraforge.plan.memory import TrainSetup
@@ -54,11 +55,12 @@ class RunShapes:
         return len({(r, n) for r, n, _ in self.batches})
 
 
-def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int = 50, val_fraction: float = 0.1,
+def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int | None = None, val_fraction: float = 0.1,
                   buckets: int = 6) -> RunShapes:
     """`loraforge plan`'s guess at a run's shapes from the data's size alone (the trainer knows them exactly):
     batches padded PADDING_WASTE over the average example (a few length buckets), or packed rows of `seq`; a
-    validation slice of `val_fraction` of the examples every `eval_every` optimizer steps."""
+    validation slice of `val_fraction` of the examples every `eval_every` optimizer steps (None: train.eval_every's
+    auto spacing, config.auto_every)."""
     avg = min(data.avg_tokens, setup.seq)
     if setup.packing:
         rows = math.ceil(data.examples * avg / setup.seq)
@@ -78,7 +80,8 @@ def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int = 50, val_f
     # distinct shapes as lengths one token apart: the guess knows how many there are, not their lengths
     return RunShapes(batches=tuple((setup.batch, length + i, n) for i, n in enumerate(per_shape)),
                      real_tokens=round(data.examples * avg), epochs=data.epochs, context=context,
-                     val_batches=((val_rows, length, val_forwards),), evaluations=math.ceil(steps / eval_every))
+                     val_batches=((val_rows, length, val_forwards),),
+                     evaluations=math.ceil(steps / (eval_every or auto_every(steps))))
 
 
 def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes) -> dict[str, float]:

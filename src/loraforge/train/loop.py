@@ -336,6 +336,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
     device = torch.device(setup.device)
     pad_id = tokenizer.pad_token_id
     per_epoch, total_steps = plan_steps(len(train_items), cfg)
+    eval_every, save_every = tc.intervals(total_steps)   # auto: about ten a run
     params = stepped_parameters(optimizer)   # what clipping takes: one flat tensor under train.flat
     step_module = step_module if step_module is not None else prepare_model(model, dist, device.type, fast)
     metrics_path = run_dir / "metrics.jsonl"
@@ -426,15 +427,15 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
             interval.add(step_loss, n_loss, n_tokens, grad_norm)
             stopping = pending is not None and write_row(pending)
             pending = None
-            evaluate = state.step % tc.eval_every == 0 or state.step == total_steps
+            evaluate = state.step % eval_every == 0 or state.step == total_steps
             stopping = stopping or (not dist.enabled and stop.signum is not None)
-            if state.step % tc.log_every == 0 or evaluate or stopping or state.step % tc.save_every == 0:
+            if state.step % tc.log_every == 0 or evaluate or stopping or state.step % save_every == 0:
                 pending = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / per_epoch, 4),
                            "loss": None, "lr": scheduler.get_last_lr()[0], "grad_norm": interval.grad_norm,
                            "_loss": (interval.loss, interval.n_loss), "_steps": interval.steps,
                            "_tokens": interval.tokens, "_since": interval.since, "_stop": stop.signum is not None}
                 interval.reset(time.time())
-            if pending is not None and (evaluate or stopping or state.step % tc.save_every == 0
+            if pending is not None and (evaluate or stopping or state.step % save_every == 0
                                         or state.step == total_steps):
                 row, pending = pending, None
                 started = time.time()
@@ -450,7 +451,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
                 if "val_loss" in row:
                     _track_validation(state, val_loss, last_train, log)
                 interval.since = time.time()   # the next row's rate leaves validation out
-            if state.step % tc.save_every == 0 or stopping:
+            if state.step % save_every == 0 or stopping:
                 started = time.time()
                 ckpt = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, config_yaml,
                                        tc.keep_last, dist=dist, step_module=step_module, writer=setup.writer,

@@ -252,7 +252,7 @@ def preference_loop(setup: LoopSetup) -> ObjectiveResult:
             last_train = step_loss / n_ex
             row = metrics_row(state, per_epoch, last_train, scheduler, grad_norm, n_tokens, step_start, t0,
                               reward_accuracy=step_score / n_ex)
-            if val_items and (state.step % tc.eval_every == 0 or state.step == total_steps):
+            if val_items and (state.step % tc.intervals(total_steps)[0] == 0 or state.step == total_steps):
                 val_eval = preference_eval(step_module, model, val_items, cfg, pad_id, device, autocast, dist)
                 val_loss = val_eval["loss"]
                 row.update(val_loss=val_loss, val_reward_accuracy=val_eval["reward_accuracy"],

@@ -18,15 +18,19 @@ import torch
 
 from loraforge.files import atomic_write_bytes, atomic_write_text, write_json
 
-FIRST_STEP = 20   # after warm-up: Triton compilation, cuDNN plans, CUDA graph captures of the first shapes
+FIRST_STEP = 20   # at least: after warm-up (Triton compilation, cuDNN plans, CUDA graph captures of the first shapes)
 STEPS = 5
 
 
 class StepProfiler:
-    """Call `before(step)` at the start of every optimizer step (0-based count of steps done)."""
+    """Call `before(step)` at the start of every optimizer step (0-based count of steps done). `first`: the
+    first step profiled; default a quarter into the run and at least FIRST_STEP, where a bucketed run has
+    captured its common shapes (session 17 profiled steps 21-25 of 1,863, still capturing: 108 ms a step
+    against 21 ms steady)."""
 
-    def __init__(self, out: Path, total_steps: int, first: int = FIRST_STEP, steps: int = STEPS):
+    def __init__(self, out: Path, total_steps: int, first: int | None = None, steps: int = STEPS):
         self.out = Path(out)
+        first = max(FIRST_STEP, total_steps // 4) if first is None else first
         self.first = min(first, max(0, total_steps - steps - 1))
         self.last = min(total_steps, self.first + steps)
         self.prof = None

@@ -347,6 +347,10 @@ class TrainingRun:
                       f"{self.n_trainable:,} trainable parameters, "
                       f"{_count(len(self.train_items), 'packed row' if cfg.data.packing else 'example')}, "
                       f"{_count(self.total_steps, 'step')}")
+        every, save = cfg.train.intervals(self.total_steps)   # train.eval_every / save_every, auto resolved
+        auto = lambda key: " (auto)" if getattr(cfg.train, key) == "auto" else ""  # noqa: E731
+        console.print((f"validation every {_count(every, 'step')}{auto('eval_every')}, " if self.val_items else "")
+                      + f"checkpoints every {_count(save, 'step')}{auto('save_every')} and on SIGTERM/SIGINT")
         self.reporters = reporters = Reporters()  # train.report_to's trackers, on rank 0 (see train.tracking)
         if dist.is_main and cfg.train.report_to:
             reporters = self.reporters = open_reporters(cfg, self.run_dir, state.step if self.resume else None,

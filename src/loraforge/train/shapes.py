@@ -38,7 +38,8 @@ def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] 
     for group in groups:   # padded as collate pads them
         longest = max(len(t.input_ids) for t in group)
         val_counts[(pad.get("rows") or len(group), bucket_length(longest, pad.get("buckets") or []))] += 1
-    evaluations = (steps // tc.eval_every + (steps % tc.eval_every != 0)) if val_items else 0
+    every = tc.intervals(steps)[0]
+    evaluations = (steps // every + (steps % every != 0)) if val_items else 0
     return RunShapes(batches=tuple((r, n, c) for (r, n), c in sorted(counts.items())), real_tokens=sum(lengths),
                      epochs=micro / max(1, per_epoch), context=context,
                      val_batches=tuple((r, n, c) for (r, n), c in sorted(val_counts.items())),

@@ -87,7 +87,7 @@ def checkpoint_or_stop(run_dir, model, optimizer, scheduler, state: TrainerState
                        total_steps: int, stopping: bool, signum, dist, step_module, before_save=None,
                        writer=None) -> None:
     """Save every save_every steps and when a stop signal came; after a signal, stop with a message."""
-    if not (state.step % tc.save_every == 0 or stopping):
+    if not (state.step % tc.intervals(total_steps)[1] == 0 or stopping):
         return
     if before_save is not None:
         before_save()

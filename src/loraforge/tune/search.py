@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from loraforge.config import RunConfig, build_config
+from loraforge.config import AUTO_EVERY_MIN, RunConfig, build_config
 from loraforge.errors import LoraforgeError
 from loraforge.eval.validation import task_tools
 from loraforge.files import atomic_write_text
@@ -151,7 +151,10 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
             raise LoraforgeError("the tune folder already exists", where=str(out), hint="pass --overwrite or --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = cfg.model_copy(update={"train": cfg.train.model_copy(update={"select_by": "metric"})})
+    # trials validate often enough for the pruner to compare them early: every AUTO_EVERY_MIN steps unless the
+    # config says otherwise (train.eval_every auto would space a long trial's validations a tenth of it apart)
+    every = AUTO_EVERY_MIN if cfg.train.eval_every == "auto" else cfg.train.eval_every
+    base = cfg.model_copy(update={"train": cfg.train.model_copy(update={"select_by": "metric", "eval_every": every})})
     task_tools(base)  # a missing label set or schema is an error now, before any trial
     if train_fn is None:
         def train_fn(c, tools):
@@ -168,7 +171,7 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
     log(f"tune: {cfg.base_model}{size}; learning rate in [{lo:.2g}, {hi:.2g}], rank in {list(RANKS)}, "
         f"dropout in {list(DROPOUT)}; metric {cfg.eval.metric}; {pruner} pruner")
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                                pruner=make_pruner(pruner, 2 * cfg.train.eval_every))
+                                pruner=make_pruner(pruner, 2 * every))
     # the baseline: the config's own values (its learning rate clipped into the searched range)
     study.enqueue_trial({"learning_rate": min(max(cfg.train.learning_rate, lo), hi),
                          "r": cfg.lora.r if cfg.lora.r in RANKS else 16, "dropout": min(cfg.lora.dropout, DROPOUT[1])})

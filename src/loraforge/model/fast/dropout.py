@@ -11,8 +11,8 @@ incoming gradient by the same regenerated mask (dropout is linear in its input f
 One mask per group of projections that read the same input (q/k/v, gate/up): PEFT draws one per
 projection. The expected update is the same; the groups keep their single fused GEMMs (model.fast.lora).
 
-On CUDA the mask is drawn by Triton's Philox (`tl.rand`) in one pass over the input; elsewhere by a CPU
-torch.Generator seeded from the same tensor (the CPU has no graphs: `.item()` costs nothing there).
+On CUDA the mask is drawn by Triton's Philox (`tl.rand4x`: four elements a call) in one pass over the input;
+elsewhere by a CPU torch.Generator seeded from the same tensor (the CPU has no graphs: `.item()` costs nothing there).
 """
 
 from __future__ import annotations
@@ -33,15 +33,26 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def seeded_dropout(x_ptr, out_ptr, seed_ptr, n, stream, p, scale, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    def _quarter(x_ptr, out_ptr, offs, n, r, p, scale):
         m = offs < n
-        seed = tl.load(seed_ptr) + stream
-        keep = tl.rand(seed, offs) >= p
         x = tl.load(x_ptr + offs, mask=m, other=0.0)
-        y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+        y = tl.where(r >= p, x.to(tl.float32) * scale, 0.0)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def seeded_dropout(x_ptr, out_ptr, seed_ptr, n, stream, p, scale, BLOCK: tl.constexpr):
+        # one Philox call gives four uniforms (tl.rand4x): one for an element in each quarter of the block, so
+        # the loads stay coalesced. Against one call per element (tl.rand): 1.51x / 1.75x at Llama-8B's
+        # 4,096 x 4,096 / x 14,336 inputs, 1.04-1.08x at SmolLM2-135M's (bench/results/dropout_kernel_h100.json)
+        pid = tl.program_id(0).to(tl.int64)
+        q = tl.arange(0, BLOCK // 4)
+        seed = tl.load(seed_ptr) + stream
+        r0, r1, r2, r3 = tl.rand4x(seed, pid * (BLOCK // 4) + q)
+        start = pid * BLOCK
+        _quarter(x_ptr, out_ptr, start + q, n, r0, p, scale)
+        _quarter(x_ptr, out_ptr, start + BLOCK // 4 + q, n, r1, p, scale)
+        _quarter(x_ptr, out_ptr, start + 2 * (BLOCK // 4) + q, n, r2, p, scale)
+        _quarter(x_ptr, out_ptr, start + 3 * (BLOCK // 4) + q, n, r3, p, scale)
 
     return triton, seeded_dropout
 
