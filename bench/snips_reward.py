@@ -25,3 +25,10 @@ def reward(prompt: str, completion: str, **row) -> float:
     if reason is not None or not isinstance(value, dict) or not _validator().is_valid(value):
         return 0.0
     return float(score("slot_f1", [completion], [row["answer"]]).per_example[0])
+
+
+def exact(prompt: str, completion: str, **row) -> float:
+    """1 when the answer is schema-valid JSON with every slot right (reward's slot F1 of 1), else 0: added to
+    `reward` (`grpo.rewards: [snips_reward.py, snips_reward.py:exact]`) it pays a whole answer more than any
+    partial one, so GRPO's advantage favours exact answers (the pass rate) as well as better partial ones."""
+    return float(reward(prompt, completion, **row) == 1.0)
