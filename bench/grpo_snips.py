@@ -84,7 +84,8 @@ def main() -> None:
     cfg = load_config(base=tree, overrides=args.overrides)
     summary, seconds, compared = run_and_compare(cfg)
     out = {"command": "python " + " ".join(sys.argv),
-           "task": "SNIPS slot filling; reward = slot F1 of a schema-valid JSON answer, else 0",
+           "task": "SNIPS slot filling; reward = slot F1 of a schema-valid JSON answer, else 0"
+                   + ("" if len(cfg.grpo.rewards) == 1 else f"; rewards summed: {cfg.grpo.rewards}"),
            "model": "SmolLM2-135M-Instruct + a one-epoch SFT adapter on the SFT slice (merged, bf16)",
            "sft_examples": len(sft), "grpo_prompts": len(grpo), **compared,
            "seconds_sft": None if reused else round(sft_seconds, 1), "sft_reused": reused, "seconds_grpo": round(seconds, 1), "train": summary,
