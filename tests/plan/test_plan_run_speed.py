@@ -176,3 +176,16 @@ def test_plan_guesses_the_shapes_from_the_data_size():
     assert sum(n for _, _, n in packed.batches) == 98 and packed.context == 200   # 200,000 / 2,048 rows
     assert packed.distinct == 2   # rows of 2,048, segment offsets padded to a power of two
     assert packed.val_batches == ((1, 2048, 10),)   # 100 examples x 200 tokens in rows of 2,048
+    # a long run validates about ten times under train.eval_every auto, or every N steps when the config says N
+    big = DataSize(examples=20_000, epochs=2.0, avg_tokens=200, assumed=False)   # 5,000 steps
+    setup = TrainSetup(method="lora", batch=4, seq=1024, grad_accum=2)
+    assert approx_shapes(setup, big).evaluations == 10 and approx_shapes(setup, big, 50).evaluations == 100
+
+
+def test_plan_inputs_carry_the_configs_validation_spacing():
+    from loraforge.config import load_config
+    from loraforge.plan.inputs import from_config
+
+    assert from_config(load_config(None, ["base_model=meta-llama/Llama-3.2-1B"])).eval_every is None
+    cfg = load_config(None, ["base_model=meta-llama/Llama-3.2-1B", "train.eval_every=40"])
+    assert from_config(cfg).eval_every == 40

@@ -112,3 +112,14 @@ def test_profile_writes_the_runs_own_steps_and_summary_splits_the_time(tiny_mode
     spent = run.summary["seconds_in"]
     assert set(spent) == {"validation", "checkpoints"} and spent["validation"] > 0 and spent["checkpoints"] > 0
     assert sum(spent.values()) < run.summary["train_seconds"]
+
+
+def test_profiled_steps_start_a_quarter_into_a_long_run(tmp_path):
+    """A long bucketed run captures a CUDA graph per new batch shape in its first steps: the profile starts a
+    quarter in (at least step 20), and always leaves room for its steps before the run ends."""
+    from loraforge.train.profiling import StepProfiler
+
+    assert StepProfiler(tmp_path, 1863).first == 465 and StepProfiler(tmp_path, 1863).last == 470
+    assert StepProfiler(tmp_path, 40).first == 20
+    assert StepProfiler(tmp_path, 10).first == 4 and StepProfiler(tmp_path, 10).last == 9
+    assert StepProfiler(tmp_path, 1863, first=100).first == 100

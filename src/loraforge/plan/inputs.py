@@ -39,6 +39,7 @@ class PlanInputs:
     setup: TrainSetup
     data: DataSize
     reference_live: bool = False  # preference.reference: live (the reference forward every epoch, not once)
+    eval_every: int | None = None  # train.eval_every when a number (None: auto, config.auto_every)
 
 
 def count_dataset(path: str | Path) -> DataSize | None:
@@ -113,7 +114,8 @@ def from_config(cfg: RunConfig, **flags: Any) -> PlanInputs:
                                  f" (got {value!r})")
     if sizes:
         data = replace(data, **sizes, assumed=data.assumed and not {"examples", "avg_tokens"} <= set(sizes))
-    return PlanInputs(shape, setup, data, cfg.preference.reference == "live")
+    every = cfg.train.eval_every
+    return PlanInputs(shape, setup, data, cfg.preference.reference == "live", None if every == "auto" else every)
 
 
 def _objective_lengths(setup: TrainSetup, prompt_length: int | None, seq_given: bool) -> TrainSetup:

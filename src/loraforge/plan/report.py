@@ -82,7 +82,8 @@ def _row(inputs: PlanInputs, gpu: GPU, total_gib: float, price: float | None) ->
     context = row_context(setup, data)
     speed = tokens_per_second(gpu, shape, setup, context)
     if setup.objective == "sft" and setup.gpus == 1 and speed_key(setup.method, shape) in load_runs():
-        shapes = approx_shapes(setup, data)   # the product-path fit (plan.run_speed), as `train` prints it
+        # the product-path fit (plan.run_speed), as `train` prints it
+        shapes = approx_shapes(setup, data, inputs.eval_every)
         seconds = run_seconds(gpu, shape, setup, shapes)
         speed = shapes.real_tokens * shapes.epochs / seconds
     hours = seconds / 3600
