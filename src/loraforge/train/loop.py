@@ -44,6 +44,7 @@ from loraforge.model.attention import decode_attention
 from loraforge.train import distributed as D
 from loraforge.train.checkpoint import CheckpointWriter, TrainerState, save_checkpoint
 from loraforge.train.flat import stepped_parameters
+from loraforge.train.interval import LogInterval, Readings
 from loraforge.train.precision import Precision
 from loraforge.train.progress import TrainProgress, announce_stop
 
@@ -276,28 +277,6 @@ def loss_tokens(item: Tokenized) -> int:
     return sum(1 for x in item.labels[1:] if x != IGNORE_INDEX)
 
 
-class LogInterval:
-    """The steps since the last metrics row: their summed loss and gradient norms stay on the device; the
-    row is read (one sync) only when it is due."""
-
-    def __init__(self, device):
-        self.device = device
-        self.reset(time.time())
-
-    def reset(self, now: float) -> None:
-        self.loss = torch.zeros((), device=self.device, dtype=torch.float32)
-        self.grad_norm = None
-        self.steps = self.n_loss = self.tokens = 0
-        self.since = now
-
-    def add(self, loss_sum: torch.Tensor, n_loss: int, tokens: int, grad_norm) -> None:
-        self.loss += loss_sum
-        if grad_norm is not None:
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            self.grad_norm = grad_norm.float() if self.grad_norm is None else self.grad_norm + grad_norm.float()
-        self.steps, self.n_loss, self.tokens = self.steps + 1, self.n_loss + n_loss, self.tokens + tokens
-
-
 @dataclass
 class LoopSetup:
     """Everything a training loop (train_loop, train.preference_loop, train.grpo_loop) runs with, built by
@@ -362,13 +341,12 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
     def write_row(row: dict) -> bool:
         """Read a due row's device values (waits for its last step), write it; True when a stop was asked."""
         nonlocal last_train
-        (loss, n_loss), stopping = row.pop("_loss"), row.pop("_stop")
-        loss, stopping = dist.all_sum([float(loss), float(stopping)], device)
+        (readings, n_loss), stopping = row.pop("_loss"), row.pop("_stop")
+        loss, grad_norm = readings.read()
+        loss, stopping = dist.all_sum([loss, float(stopping)], device)
         last_train = row["loss"] = loss / max(n_loss, 1)
-        if row["grad_norm"] is not None:
-            row["grad_norm"] = float(row["grad_norm"]) / row.pop("_steps")
-        else:
-            row.pop("_steps")
+        steps = row.pop("_steps")
+        row["grad_norm"] = None if grad_norm is None else grad_norm / steps
         if math.isnan(last_train):
             raise LoraforgeError(f"the loss became NaN at step {row['step']}",
                                  hint="lower train.learning_rate or use train.precision=fp32")
@@ -431,8 +409,9 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
             stopping = stopping or (not dist.enabled and stop.signum is not None)
             if state.step % tc.log_every == 0 or evaluate or stopping or state.step % save_every == 0:
                 pending = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / per_epoch, 4),
-                           "loss": None, "lr": scheduler.get_last_lr()[0], "grad_norm": interval.grad_norm,
-                           "_loss": (interval.loss, interval.n_loss), "_steps": interval.steps,
+                           "loss": None, "lr": scheduler.get_last_lr()[0], "grad_norm": None,
+                           "_loss": (Readings(interval.loss, interval.grad_norm), interval.n_loss),
+                           "_steps": interval.steps,
                            "_tokens": interval.tokens, "_since": interval.since, "_stop": stop.signum is not None}
                 interval.reset(time.time())
             if pending is not None and (evaluate or stopping or state.step % save_every == 0
