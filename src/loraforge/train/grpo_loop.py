@@ -186,7 +186,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
             row = metrics_row(state, per_epoch, last_train, scheduler, grad_norm, sums["tokens"], step_start, t0,
                               reward=sums["reward"] / n_rows, pass_rate=sums["passed"] / n_rows,
                               clipped=sums["clipped"] / n_rows, kl=sums["kl"] / n_rows)
-            if val_items and (state.step % tc.intervals(total_steps)[0] == 0 or state.step == total_steps):
+            if val_items and (state.step % st.eval_every == 0 or state.step == total_steps):
                 val_eval = grpo_eval(model, tokenizer, val_items, rewards, cfg)
                 row.update(val_reward=val_eval["mean_reward"], val_pass_rate=val_eval["pass_rate"])
             if math.isnan(last_train):
@@ -194,7 +194,8 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
             mlog.write(json.dumps(row) + "\n")
             mlog.flush()
             progress.update(state.step, last_train, row["lr"], row["tokens_per_s"], val_loss)
-            checkpoint_or_stop(run_dir, model, optimizer, scheduler, state, config_yaml, tc, total_steps, stopping,
+            checkpoint_or_stop(run_dir, model, optimizer, scheduler, state, config_yaml, tc, total_steps,
+                               st.save_every, stopping,
                                stop.signum, dist, step_module, writer=setup.writer)
     if val_items and val_eval is None:
         val_eval = grpo_eval(model, tokenizer, val_items, rewards, cfg)

@@ -13,8 +13,8 @@ import torch
 
 
 class LogInterval:
-    """The steps since the last metrics row: their summed loss and gradient norms stay on the device; the
-    row is read (one sync) only when it is due."""
+    """The steps since the last metrics row: their summed loss and gradient norms stay on the device until
+    the row is due (then Readings takes them to the host)."""
 
     def __init__(self, device):
         self.device = device

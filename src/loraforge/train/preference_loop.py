@@ -252,7 +252,7 @@ def preference_loop(setup: LoopSetup) -> ObjectiveResult:
             last_train = step_loss / n_ex
             row = metrics_row(state, per_epoch, last_train, scheduler, grad_norm, n_tokens, step_start, t0,
                               reward_accuracy=step_score / n_ex)
-            if val_items and (state.step % tc.intervals(total_steps)[0] == 0 or state.step == total_steps):
+            if val_items and (state.step % st.eval_every == 0 or state.step == total_steps):
                 val_eval = preference_eval(step_module, model, val_items, cfg, pad_id, device, autocast, dist)
                 val_loss = val_eval["loss"]
                 row.update(val_loss=val_loss, val_reward_accuracy=val_eval["reward_accuracy"],
@@ -264,7 +264,8 @@ def preference_loop(setup: LoopSetup) -> ObjectiveResult:
             mlog.write(json.dumps(row) + "\n")
             mlog.flush()
             progress.update(state.step, last_train, row["lr"], row["tokens_per_s"], val_loss)
-            checkpoint_or_stop(run_dir, model, optimizer, scheduler, state, config_yaml, tc, total_steps, stopping,
+            checkpoint_or_stop(run_dir, model, optimizer, scheduler, state, config_yaml, tc, total_steps,
+                               st.save_every, stopping,
                                stop.signum, dist, step_module, before_save=save_cache,
                                writer=setup.writer)
     if val_items and val_eval is None:  # a resumed run that had nothing left to do

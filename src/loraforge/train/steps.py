@@ -30,6 +30,8 @@ class ObjectiveStart:
     pad_id: int
     per_epoch: int
     total_steps: int
+    eval_every: int   # train.eval_every / save_every, auto resolved against total_steps (TrainSection.intervals)
+    save_every: int
     params: list
     step_module: torch.nn.Module
     batches: Iterator
@@ -44,6 +46,7 @@ def objective_start(setup: LoopSetup) -> ObjectiveStart:
     step_module = setup.step_module if setup.step_module is not None else \
         wrap_logp_step(setup.model, setup.dist, device.type, setup.fast)
     return ObjectiveStart(device, setup.tokenizer.pad_token_id, per_epoch, total_steps,
+                          *setup.cfg.train.intervals(total_steps),
                           stepped_parameters(setup.optimizer), step_module,
                           micro_batches(setup.train_items, setup.cfg, setup.state), setup.cfg.to_yaml())
 
@@ -84,10 +87,10 @@ def metrics_row(state: TrainerState, per_epoch: int, loss: float, scheduler, gra
 
 
 def checkpoint_or_stop(run_dir, model, optimizer, scheduler, state: TrainerState, config_yaml: str, tc,
-                       total_steps: int, stopping: bool, signum, dist, step_module, before_save=None,
-                       writer=None) -> None:
+                       total_steps: int, save_every: int, stopping: bool, signum, dist, step_module,
+                       before_save=None, writer=None) -> None:
     """Save every save_every steps and when a stop signal came; after a signal, stop with a message."""
-    if not (state.step % tc.intervals(total_steps)[1] == 0 or stopping):
+    if not (state.step % save_every == 0 or stopping):
         return
     if before_save is not None:
         before_save()

@@ -42,8 +42,10 @@ def _kernel():
     @triton.jit
     def seeded_dropout(x_ptr, out_ptr, seed_ptr, n, stream, p, scale, BLOCK: tl.constexpr):
         # one Philox call gives four uniforms (tl.rand4x): one for an element in each quarter of the block, so
-        # the loads stay coalesced. Against one call per element (tl.rand): 1.51x / 1.75x at Llama-8B's
-        # 4,096 x 4,096 / x 14,336 inputs, 1.04-1.08x at SmolLM2-135M's (bench/results/dropout_kernel_h100.json)
+        # the loads stay coalesced. Against one call per element (tl.rand), the kernel alone (bench/dropout_kernel.py,
+        # bench/results/dropout_kernel_h100{,_s20}.json): 1.43-1.78x at Llama-8B's 4,096 x 4,096 / x 14,336 inputs;
+        # SmolLM2-135M's are launch-bound in that eager timing (0.44-1.08x). In `loraforge train` (135M, graphs
+        # replayed): 3.10 us a call (session 20's profile) against 4.99 us (session 17's, another machine)
         pid = tl.program_id(0).to(tl.int64)
         q = tl.arange(0, BLOCK // 4)
         seed = tl.load(seed_ptr) + stream
