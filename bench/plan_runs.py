@@ -25,6 +25,18 @@ from loraforge.plan.calibration import CALIBRATION_FILE  # noqa: E402
 from loraforge.plan.run_speed import SHARED, fit_runs, seconds_from_parts  # noqa: E402
 
 
+# Rows measured before the trainer recorded whether Triton's cache was cold (plan_speed's "cold"): the first
+# loraforge row on a fresh machine, by the session notes (their first step ended 8.2-8.5 s into training, the same
+# runs' warm rows 1.6-2.9 s): session 18's call A, session 19's call 1 and session 20's call 1.
+COLD_BEFORE = {"h100_callA_1_135m_flat_fresh.json", "h100_call1_1b_mix.json", "h100_call1_135m_snips_fresh.json"}
+
+
+def cold(r: dict) -> float:
+    if "cold" in r["plan_speed"]:
+        return r["plan_speed"]["cold"]
+    return float(r["file"] in COLD_BEFORE or r.get("kernels_cached_before") == [])
+
+
 def rows_of(paths: list[str]) -> list[dict]:
     rows = []
     for p in paths:
@@ -41,7 +53,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the fits into calibration.json")
     a = ap.parse_args()
     rows = rows_of(a.files)
-    point = lambda r: (r["plan_speed"]["key"], r["plan_speed"], r["train_seconds"])  # noqa: E731
+    point = lambda r: (r["plan_speed"]["key"], {**r["plan_speed"], "cold": cold(r)}, r["train_seconds"])  # noqa: E731
     fits = fit_runs([point(r) for r in rows])
     out = []
     for r in rows:
@@ -53,7 +65,8 @@ def main() -> None:
         except ValueError:
             loo_fit = None
         loo = r["tokens"] / seconds_from_parts(parts, loo_fit) if loo_fit else None
-        out.append({"run": r["run"], "file": r["file"], "key": key, "measured_tokens_per_s": r["tokens_per_s"],
+        out.append({"run": r["run"], "file": r["file"], "key": key, "cold": parts["cold"],
+                    "measured_tokens_per_s": r["tokens_per_s"],
                     "planned_before": r.get("planned_tokens_per_s"), "planned": round(planned, 1),
                     "err": round(planned / r["tokens_per_s"] - 1, 3),
                     "err_before": round(r["planned_tokens_per_s"] / r["tokens_per_s"] - 1, 3)

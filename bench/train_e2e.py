@@ -139,10 +139,13 @@ def run_loraforge(spec: dict, work: Path, variant: tuple[str, ...] = ()) -> dict
         if v in VARIANTS:
             section, key, value = VARIANTS[v]
             cfg[section][key] = value
+    from loraforge.model.fast.kernel_cache import compiled_kernels
+    cached = sorted(compiled_kernels())   # before the run: an empty list is a machine's first run (cold Triton cache)
     s, wall, log = loraforge_train(cfg, work, *(["--profile", str(spec["profile"])] if spec.get("profile") else []))
     if s is None:
-        return {"error": log[-3000:]}
-    return {"wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"], "tokens": s["tokens_seen"],
+        return {"error": log[-3000:], "kernels_cached_before": cached}
+    return {"kernels_cached_before": cached, "wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"],
+            "tokens": s["tokens_seen"],
             "tokens_per_s": s["tokens_per_s"], "peak_reserved_gib": s["peak_reserved_gib"],
             "peak_allocated_gib": s.get("peak_allocated_gib"),
             "final_val_loss": s["final_val_loss"], "planned_tokens_per_s": s["planned_tokens_per_s"],

@@ -189,3 +189,36 @@ def test_plan_inputs_carry_the_configs_validation_spacing():
     assert from_config(load_config(None, ["base_model=meta-llama/Llama-3.2-1B"])).eval_every is None
     cfg = load_config(None, ["base_model=meta-llama/Llama-3.2-1B", "train.eval_every=40"])
     assert from_config(cfg).eval_every == 40
+
+
+def test_a_cold_kernel_cache_costs_its_compile_seconds_once_and_the_fit_finds_them():
+    costs = dict(warmup_s=2.0, compile_s=8.0, shape_s=0.5, graph_step_s=0.0002, val_s=0.002)
+    truth = RunFit(mfu=0.3, **costs)
+    points = []
+    for ideal, graph, val, shapes, cold in [(3.0, 18000, 3000, 3, 0.0), (3.0, 18000, 3000, 3, 1.0),
+                                            (40.0, 38400, 9000, 6, 0.0), (1.0, 1280, 160, 20, 1.0),
+                                            (10.0, 9600, 640, 4, 0.0), (25.0, 16000, 3072, 6, 0.0)]:
+        parts = {**_parts(ideal, graph, 0, val, shapes), "cold": cold}
+        points.append(("lora/small", parts, seconds_from_parts(parts, truth)))
+    # the same run on a fresh machine takes compile_s longer, and nothing else changes
+    assert points[1][2] - points[0][2] == pytest.approx(8.0)
+    fit = fit_runs(points)["lora/small"]
+    assert fit.compile_s == pytest.approx(8.0, rel=1e-6) and fit.mfu == pytest.approx(0.3, rel=1e-6)
+    # rows measured before the flag existed carry no "cold" key: priced warm
+    old = _parts(3.0, 18000, 0, 3000, 3)
+    assert seconds_from_parts(old, fit) == pytest.approx(points[0][2])
+
+
+def test_plan_assumes_a_fresh_machine_and_the_shapes_say_so():
+    from loraforge.plan.run_speed import approx_shapes
+    from loraforge.plan.throughput import DataSize
+
+    data = DataSize(examples=2000, epochs=1.0, avg_tokens=300, assumed=False)
+    setup = TrainSetup(method="lora", batch=4, seq=1024, grad_accum=2)
+    assert approx_shapes(setup, data).cold_kernels is True
+    gpu, fit = find_gpu("H100"), RunFit(mfu=0.3, compile_s=8.0)
+    cold = approx_shapes(setup, data)
+    warm = approx_shapes(setup, data, cold_kernels=False)
+    assert loop_parts(gpu, LLAMA1B, setup, cold)["cold"] == 1.0
+    assert run_seconds(gpu, LLAMA1B, setup, cold, fit) - run_seconds(gpu, LLAMA1B, setup, warm, fit) == \
+        pytest.approx(8.0)

@@ -53,6 +53,7 @@ class RunFit:
 
     mfu: float = MAX_MFU
     warmup_s: float = 0.0
+    compile_s: float = 0.0    # once, on a machine whose Triton cache is cold (its first run)
     shape_s: float = 0.0
     graph_step_s: float = 0.0
     eager_step_s: float = 0.0

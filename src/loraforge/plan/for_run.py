@@ -130,7 +130,8 @@ def estimate_for_run(cfg: RunConfig, model_config: dict[str, Any], token_lengths
         tokens = shapes.real_tokens * shapes.epochs
         speed = tokens / seconds
         lines.append(f"plan: ~{speed:,.0f} tokens/s -> ~{_duration(seconds)} for {_amount(tokens)} tokens "
-                     f"({shapes.distinct} batch shapes, validation and warm-up included)")
+                     f"({shapes.distinct} batch shapes, validation and warm-up included"
+                     f"{'; first run on this machine: its kernels compile' if shapes.cold_kernels else ''})")
     elif gpu.bf16_tflops:
         speed = tokens_per_second(gpu, shape, setup, avg)
         tokens = sum(lengths) * cfg.train.epochs

@@ -7,7 +7,7 @@ warm-up (Triton kernels compiled, one pair of CUDA graphs captured per shape) th
 the loop model alone, the printed estimate was 0.2x-5.9x the measured tokens/s of the runs of
 bench/results/train_e2e/. Here the trainer hands over what it will run (`RunShapes`) and
 
-    seconds = warmup_s + shape_s x distinct batch shapes
+    seconds = warmup_s + compile_s (a machine that never compiled the kernels) + shape_s x distinct batch shapes
               + FLOPs of every micro-batch (validation forwards a third of one) / (peak FLOP/s x mfu)
               + (graph_step_s or eager_step_s x training micro-batches + val_s x validation forwards) x layers
 
@@ -45,6 +45,8 @@ class RunShapes:
     val_batches: tuple[tuple[int, int, int], ...] = ()   # one validation's forwards, as `batches`
     evaluations: int = 0
     graphs: bool = False                        # the decoder stack replays CUDA graphs (length buckets)
+    cold_kernels: bool = False                  # Triton's cache holds none of the fast path's kernels (a fresh
+                                                # machine: model.fast.kernel_cache), so the first steps compile
 
     @property
     def micro_batches(self) -> float:
@@ -56,11 +58,12 @@ class RunShapes:
 
 
 def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int | None = None, val_fraction: float = 0.1,
-                  buckets: int = 6) -> RunShapes:
+                  buckets: int = 6, cold_kernels: bool = True) -> RunShapes:
     """`loraforge plan`'s guess at a run's shapes from the data's size alone (the trainer knows them exactly):
     batches padded PADDING_WASTE over the average example (a few length buckets), or packed rows of `seq`; a
     validation slice of `val_fraction` of the examples every `eval_every` optimizer steps (None: train.eval_every's
-    auto spacing, config.auto_every)."""
+    auto spacing, config.auto_every). A plan is made before the GPU is rented: its first run compiles the kernels
+    (`cold_kernels`)."""
     avg = min(data.avg_tokens, setup.seq)
     if setup.packing:
         rows = math.ceil(data.examples * avg / setup.seq)
@@ -81,7 +84,7 @@ def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int | None = No
     return RunShapes(batches=tuple((setup.batch, length + i, n) for i, n in enumerate(per_shape)),
                      real_tokens=round(data.examples * avg), epochs=data.epochs, context=context,
                      val_batches=((val_rows, length, val_forwards),),
-                     evaluations=math.ceil(steps / (eval_every or auto_every(steps))))
+                     evaluations=math.ceil(steps / (eval_every or auto_every(steps))), cold_kernels=cold_kernels)
 
 
 def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes) -> dict[str, float]:
@@ -103,13 +106,15 @@ def loop_parts(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes: RunShapes
     return {"ideal_seconds": t_ideal * shapes.epochs + v_ideal * shapes.evaluations,
             "loop_seconds": t_loop * shapes.epochs + v_loop * shapes.evaluations,
             "graph_layers": micro if shapes.graphs else 0.0, "eager_layers": 0.0 if shapes.graphs else micro,
-            "val_layers": v_n * shapes.evaluations * shape.layers, "shapes": float(shapes.distinct)}
+            "val_layers": v_n * shapes.evaluations * shape.layers, "shapes": float(shapes.distinct),
+            "cold": float(shapes.cold_kernels)}
 
 
 def seconds_from_parts(parts: dict[str, float], fit: RunFit | None) -> float:
     if fit is None:
         return parts["loop_seconds"]
-    return (fit.warmup_s + fit.shape_s * parts["shapes"] + parts["ideal_seconds"] / fit.mfu
+    return (fit.warmup_s + fit.compile_s * parts.get("cold", 0.0) + fit.shape_s * parts["shapes"]
+            + parts["ideal_seconds"] / fit.mfu
             + fit.graph_step_s * parts["graph_layers"] + fit.eager_step_s * parts["eager_layers"]
             + fit.val_s * parts["val_layers"])
 
@@ -135,9 +140,10 @@ def run_tokens_per_second(gpu: GPU, shape: ModelShape, setup: TrainSetup, shapes
     return shapes.real_tokens * shapes.epochs / run_seconds(gpu, shape, setup, shapes, fit)
 
 
-SHARED = ("warmup_s", "shape_s", "graph_step_s", "eager_step_s", "val_s")   # fixed costs, shared by every key
-DROP_FIRST = ("shape_s", "val_s", "graph_step_s", "eager_step_s", "warmup_s")
-FEATURE = {"warmup_s": lambda p: 1.0, "shape_s": lambda p: p["shapes"], "graph_step_s": lambda p: p["graph_layers"],
+SHARED = ("warmup_s", "compile_s", "shape_s", "graph_step_s", "eager_step_s", "val_s")   # shared by every key
+DROP_FIRST = ("compile_s", "shape_s", "val_s", "graph_step_s", "eager_step_s", "warmup_s")
+FEATURE = {"warmup_s": lambda p: 1.0, "compile_s": lambda p: p.get("cold", 0.0), "shape_s": lambda p: p["shapes"],
+           "graph_step_s": lambda p: p["graph_layers"],
            "eager_step_s": lambda p: p["eager_layers"], "val_s": lambda p: p["val_layers"]}
 
 

@@ -24,7 +24,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from loraforge.data.templates import tokenize_all
 from loraforge.errors import LoraforgeError, NothingToDo
 from loraforge.files import atomic_write_text, write_json, write_lines
 from loraforge.model.adapters import save_adapter, trainable_parameters
+from loraforge.model.fast.kernel_cache import kernels_cold
 from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import base_dtype, load_base, pick_device
 from loraforge.train import distributed as D
@@ -273,7 +274,8 @@ class TrainingRun:
         self.buckets = batch_buckets(self.train_items, cfg, self.fast) if not self.special else None
         if self.dist.is_main:   # `loraforge plan`'s estimate for this exact run, on the shapes the loop will run
             self.plan, self.plan_speed = _estimate(cfg, self.model, self.example_lengths, self.train_items,
-                                                   self.val_items, self.buckets, device, self.dist, self.special)
+                                                   self.val_items, self.buckets, device, self.dist, self.special,
+                                                   cold=self.fast is not None and kernels_cold())
             console.print(self.plan.text)
         # DDP / FSDP2 under torchrun; before the optimizer
         self.step_module = (self.special.prepare if self.special else prepare_model)(self.model, self.dist, device,
@@ -447,13 +449,14 @@ class TrainingRun:
 
 
 def _estimate(cfg: RunConfig, model, example_lengths: list[int], train_items, val_items, buckets, device: str, dist,
-              special):
+              special, cold: bool = False):
     """(plan.for_run's RunEstimate, summary.json's `plan_speed`): on one GPU with the SFT loop, from the run's
-    own batch shapes (train.shapes); else from the loop model alone."""
+    own batch shapes (train.shapes); else from the loop model alone. `cold`: the fast path's Triton kernels were
+    never compiled on this machine (model.fast.kernel_cache), so its first steps will compile them."""
     gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
     shapes = None
     if gpu is not None and not special and not dist.enabled:
-        shapes = run_shapes(train_items, val_items, cfg, buckets)
+        shapes = replace(run_shapes(train_items, val_items, cfg, buckets), cold_kernels=cold)
     plan = estimate_for_run(cfg, model.config.to_dict(), example_lengths, gpu and gpu.name,
                             gpu and gpu.total_memory, dist.world, shapes=shapes)
     inputs = speed_inputs(cfg, model.config.to_dict(), shapes, gpu.name, gpu.total_memory) if shapes else None
