@@ -77,3 +77,22 @@ def run_child(cmd: list[str], work: Path, timeout: int) -> dict:
 def print_result(row: dict) -> None:
     """The child's side of run_child."""
     print("RESULT " + json.dumps(row))
+
+
+def timed_train(trainer) -> tuple[object, float, dict]:
+    """A peer's trainer.train() from a synchronised start: (its output, seconds, torch's peak reserved and
+    allocated GiB over it; None on CPU)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    out = trainer.train()
+    if cuda:
+        torch.cuda.synchronize()
+    secs = time.time() - t0
+    peaks = {"peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if cuda else None,
+             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3) if cuda else None}
+    return out, secs, peaks

@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _output import emit  # noqa: E402
-from _peers import loraforge_train, peer_model, print_result, run_child  # noqa: E402
+from _peers import loraforge_train, peer_model, print_result, run_child, timed_train  # noqa: E402
 from preference_speed import _text  # noqa: E402
 
 TOOLS = ["loraforge", "unsloth-trl", "trl"]
@@ -170,18 +170,16 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
     data = load_dataset("json", data_files={"train": spec["prompts"]})["train"]
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward(counted)], args=args, train_dataset=data,
                           processing_class=tok, callbacks=[StepClock()], **kw)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    out = trainer.train()
-    if cuda:
-        torch.cuda.synchronize()
-    secs = time.time() - t0
+    class StartClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            starts.append(time.time())
+
+    starts: list[float] = []
+    trainer.add_callback(StartClock())
+    out, secs, peaks = timed_train(trainer)
+    t0 = starts[0] if starts else ends[0]
     return {**step_seconds([t - t0 for t in ends]), "steps": len(ends), "train_seconds": round(secs, 2),
-            "wall_seconds": round(time.time() - t_start, 1), "completion_tokens": sum(counted),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if cuda else None,
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3) if cuda else None,
+            "wall_seconds": round(time.time() - t_start, 1), "completion_tokens": sum(counted), **peaks,
             "final_train_loss": out.training_loss, "fast_inference": False, "use_vllm": args.use_vllm}
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _output import emit  # noqa: E402
-from _peers import loraforge_train, peer_model, print_result, run_child  # noqa: E402
+from _peers import loraforge_train, peer_model, print_result, run_child, timed_train  # noqa: E402
 TOOLS = ["loraforge", "unsloth-trl", "trl"]
 R, LR, BETA, SEED, BATCH, ACCUM = 16, 5e-6, 0.1, 3407, 2, 2
 PROMPT_TOKENS, ANSWER_TOKENS, MAX_LENGTH = 480, 510, 1152
@@ -105,19 +105,10 @@ def run_peer(tool: str, spec: dict, work: Path) -> dict:
         tokens = sum(len(x) * (2 if k == "prompt_ids" else 1) for k in ("prompt_ids", "chosen_ids", "rejected_ids")
                      for x in ds[k])
     cols = ds.column_names
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    out = trainer.train()
-    if cuda:
-        torch.cuda.synchronize()
-    secs = time.time() - t0
+    out, secs, peaks = timed_train(trainer)
     return {"wall_seconds": round(time.time() - t_start, 1), "train_seconds": round(secs, 2), "tokens": tokens,
-            "tokens_per_s": round(tokens / secs, 1),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if cuda else None,
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3) if cuda else None,
-            "final_train_loss": out.training_loss, "token_columns": cols}
+            "tokens_per_s": round(tokens / secs, 1), **peaks, "final_train_loss": out.training_loss,
+            "token_columns": cols}
 
 
 def ratios(rows: list[dict]) -> dict:

@@ -4,23 +4,15 @@ and the ratios against #24's targets. No timings asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from conftest import BENCH, load_bench
 
 
 @pytest.fixture(scope="module")
 def gs():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_grpo_speed", BENCH / "grpo_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("grpo_speed")
 
 
 def test_both_tools_score_a_completion_the_same(gs):

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def ratios():
-    spec = importlib.util.spec_from_file_location("bench_train_speed", BENCH / "train_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.ratios
+    return load_bench("train_speed").ratios
 
 
 def row(name, rate, reserved, shape="8b", rnd=None):
