@@ -194,22 +194,28 @@ def test_reference_by_disabled_adapter_equals_a_separate_copy_of_the_base(tiny_m
     assert model.training is False and counts.tolist() == [s.n_loss_tokens for it in items for s in it.sides()]
 
 
-def test_fast_path_log_probs_equal_the_plain_path_values_and_gradients(tiny_model):
+def adapted(tiny_model):
+    """(tokenizer, the tiny model with a LoRA adapter whose B matrices are not zero: it changes the output)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraforge.config import LoraSection
-    from loraforge.data.batching import collate
-    from loraforge.data.preference import Pair, tokenize_preferences
     from loraforge.model.adapters import attach_adapter
-    from loraforge.model.fast import FastLlama
-    from loraforge.train.logprobs import LogpStep, sequence_logps, token_logps
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
     model = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model), LoraSection(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
+    return AutoTokenizer.from_pretrained(tiny_model), model
+
+
+def test_fast_path_log_probs_equal_the_plain_path_values_and_gradients(tiny_model):
+    from loraforge.data.batching import collate
+    from loraforge.data.preference import Pair, tokenize_preferences
+    from loraforge.model.fast import FastLlama
+    from loraforge.train.logprobs import LogpStep, sequence_logps, token_logps
+
+    tok, model = adapted(tiny_model)
     pairs = [Pair([{"role": "user", "content": r["prompt"] + " ok" * i}],
                   [{"role": "assistant", "content": r["chosen"]}], [{"role": "assistant", "content": r["rejected"]}],
                   f"x:{i}") for i, r in enumerate(pair_rows(3))]
@@ -231,6 +237,45 @@ def test_fast_path_log_probs_equal_the_plain_path_values_and_gradients(tiny_mode
     lp, rows = token_logps(model, batch, fast)
     assert rows.tolist() == sorted(rows.tolist()) and counts.tolist() == torch.bincount(rows).tolist()
     assert sequence_logps(model, batch, fast)[0].tolist() == pytest.approx(plain.tolist(), rel=1e-5)
+
+
+def test_grpo_groups_sharing_their_prompt_give_the_padded_log_probs_and_gradients(tiny_model):
+    from loraforge.data.prefix import MIN_TOKENS
+    from loraforge.data.templates import prompt_text
+    from loraforge.model.decode import Completion
+    from loraforge.model.fast import FastLlama
+    from loraforge.train.grpo_loop import PromptItem, completion_batch
+    from loraforge.train.logprobs import token_logps
+
+    tok, model = adapted(tiny_model)
+    items = [PromptItem(tok(prompt_text(tok, [{"role": "user", "content": f"What colour is the {t}?" + " ok" * i}]),
+                            add_special_tokens=False)["input_ids"], t, {}, f"x:{i}") for i, t in enumerate(THINGS[:3])]
+    g = torch.Generator().manual_seed(0)   # 4 completions a prompt, of 1-6 tokens, stopped or cut off
+    lengths = torch.randint(1, 7, (12,), generator=g).tolist()
+    completions = [Completion(torch.randint(5, 60, (n,), generator=g).tolist(), k % 2 == 0, tok.eos_token_id)
+                   for k, n in enumerate(lengths)]
+    padded, owner = completion_batch(items, completions, tok.pad_token_id)
+    shared, owner2 = completion_batch(items, completions, tok.pad_token_id, share=MIN_TOKENS)
+    assert padded["input_ids"].shape[0] == 12 and shared["input_ids"].shape[0] == 3 and "segment_ids" in shared
+    assert shared["attention_mask"].sum() < 0.6 * padded["attention_mask"].sum()   # each prompt once
+    assert torch.equal(owner, owner2) and torch.bincount(owner).tolist() == \
+        [len(c.ids) + c.stopped for c in completions]
+    weights = torch.linspace(1, 2, len(owner))   # every token its own weight: a wrong order would show
+    for parts in (None, FastLlama(model, dtype=torch.float32, checkpointing=True, graphs="off")):
+        grads, values, rows = [], [], []
+        for batch in (padded, shared):
+            model.zero_grad()
+            logp, r = token_logps(model, batch, parts)
+            (logp * weights).sum().backward()
+            values.append(logp.detach())
+            rows.append(r)
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert torch.equal(rows[0], owner)   # a padded batch's rows are its completions; a shared one's are not
+        assert rows[1].max() == 2
+        assert values[1].tolist() == pytest.approx(values[0].tolist(), rel=1e-5, abs=1e-5)
+        for n in grads[0]:
+            err = float((grads[1][n] - grads[0][n]).abs().max()) / float(grads[0][n].abs().max())
+            assert err < 1e-4, n
 
 
 REWARD_FILE = '''

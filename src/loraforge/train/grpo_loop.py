@@ -4,7 +4,8 @@ Each micro-batch of `train.batch_size` prompts is decoded `grpo.group_size` (G) 
 loraforge's own batched decoder (model.decode) from the PEFT model being trained, adapter active: no
 inference server, no copy of the weights. The completions are scored by the reward functions
 (train.rewards), each prompt's G rewards are normalised into advantages (objectives.group_advantages),
-and the prompt + completion rows go through one forward that gives every completion token's log-prob
+and the prompt + completion rows (on the CPU one row per prompt, holding it once: data.share_prefix) go
+through one forward that gives every completion token's log-prob
 (train.logprobs, fast path or plain) for the clipped surrogate (objectives.grpo_loss); with
 `grpo.kl_beta > 0` the reference (adapter off) adds a KL penalty. One update per sampled batch, so the
 "old" policy is the current one (the ratio's value is 1, its gradient is the policy gradient; clipping
@@ -26,6 +27,8 @@ import torch
 
 from loraforge.config import RunConfig
 from loraforge.data.batching import collate, split_validation
+from loraforge.data.packing import collate_rows
+from loraforge.data.prefix import share_prefix
 from loraforge.data.preference import read_prompts
 from loraforge.data.templates import IGNORE_INDEX, Tokenized, prompt_text
 from loraforge.errors import LoraforgeError
@@ -33,7 +36,7 @@ from loraforge.files import write_json
 from loraforge.model.decode import decode_ids, stop_token_ids
 from loraforge.train import distributed as D
 from loraforge.train.logprobs import reference_token_logps, wrap_logp_step
-from loraforge.train.loop import LoopSetup, seed_micro_batch, to_device
+from loraforge.train.loop import LoopSetup, seed_micro_batch, share_prefix_tokens, to_device
 from loraforge.train.objectives import group_advantages, grpo_loss
 from loraforge.train.preference_loop import ObjectiveParts, ObjectiveResult
 from loraforge.train.rewards import load_rewards, score
@@ -91,15 +94,26 @@ def sample(model, tokenizer, items: list, cfg: RunConfig, seed: int, greedy: boo
                       temperature=0.0 if greedy else g.temperature, top_p=g.top_p, seed=seed)
 
 
-def completion_batch(items: list, completions: list, pad_id: int) -> dict:
-    """Prompt + completion rows (the stop token included when the model stopped), loss on the completion."""
+def completion_batch(items: list, completions: list, pad_id: int, share: int = 0) -> tuple[dict, torch.Tensor]:
+    """Prompt + completion rows (the stop token included when the model stopped), loss on the completion, and
+    the completion each loss token belongs to, in the batch's order of loss tokens. With `share` (data.share_prefix
+    as collate takes it; 0: never) each prompt's G rows come as one row holding the prompt once (data.prefix:
+    the same log-probs), where that pays for every prompt of the batch. On the CPU GRPO's step follows its
+    tokens, and a short answer's rows are mostly prompt: BANKING77's G = 8 rows of a ~90-token prompt and a
+    label of ~6 tokens are ~770 tokens padded, ~190 shared."""
     n = len(completions) // len(items)
-    rows = []
+    rows, counts = [], []
     for k, c in enumerate(completions):
         new = c.ids + ([c.stop_id] if c.stopped else [])
         prompt = items[k // n].input_ids
         rows.append(Tokenized(prompt + new, [IGNORE_INDEX] * len(prompt) + new, items[k // n].source))
-    return collate(rows, pad_id)
+        counts.append(len(new))
+    owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts, dtype=torch.long))
+    if share and n > 1:
+        groups = [share_prefix(rows[i * n:(i + 1) * n], share) for i in range(len(items))]
+        if all(row is not None for row in groups):
+            return collate_rows(groups, pad_id), owner
+    return collate(rows, pad_id), owner
 
 
 def rewards_of(rewards: list, tokenizer, items: list, completions: list) -> list[float]:
@@ -130,6 +144,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
     device, pad_id, per_epoch, total_steps, params = st.device, st.pad_id, st.per_epoch, st.total_steps, st.params
     step_module, batches, config_yaml = st.step_module, st.batches, st.config_yaml
     rewards = load_rewards(g.rewards, cfg.eval.pattern, cfg.eval.schema_file)
+    share = share_prefix_tokens(cfg, torch.device(device))   # a group's prompt once (data.share_prefix)
     base_path = run_dir / BASE_EVAL
     base_eval = None
     if val_items:
@@ -157,7 +172,8 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
                 completions = sample(model, tokenizer, items, cfg, seed)
                 values = rewards_of(rewards, tokenizer, items, completions)
                 adv = group_advantages(torch.tensor(values).view(len(items), g.group_size)).flatten().to(device)
-                batch = to_device(completion_batch(items, completions, pad_id), device)
+                batch, owner = completion_batch(items, completions, pad_id, share)
+                batch, owner = to_device(batch, device), owner.to(device)
                 ref = None
                 if g.kl_beta > 0:
                     with autocast():
@@ -165,9 +181,9 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
                 seed_micro_batch(device, cfg.seed, state.step, j or 0)
                 with D.grad_sync(step_module, dist, sync=k == n_fwd - 1):
                     with autocast():
-                        logp, rows = step_module(batch, per_token=True)
+                        logp, _ = step_module(batch, per_token=True)   # its rows: the batch's, not completions
                     logp = logp.float()
-                    losses, stats = grpo_loss(logp, logp.detach(), adv, rows, len(completions), g.clip_eps,
+                    losses, stats = grpo_loss(logp, logp.detach(), adv, owner, len(completions), g.clip_eps,
                                               ref, g.kl_beta)
                     (losses.sum() * (dist.world / n_rows if j is not None else 0.0)).backward()
                 if j is not None:
@@ -177,7 +193,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
                     sums["passed"] += sum(v >= g.pass_threshold for v in values)
                     sums["clipped"] += stats["clipped"] * n
                     sums["kl"] += stats.get("kl", 0.0) * n
-                    sums["tokens"] += float(batch["attention_mask"].sum())
+                    sums["tokens"] += sum(len(it.input_ids) for it in items) * g.group_size + len(owner)
             grad_norm = optimizer_step(params, optimizer, scheduler, tc.max_grad_norm)
             *totals, stopping = dist.all_sum([*sums.values(), float(stop.signum is not None)], device)
             sums = dict(zip(sums, totals))

@@ -14,11 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.data.templates import IGNORE_INDEX
-from loraforge.train.loop import split_model
-
-
-def _inputs(batch: dict) -> dict:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+from loraforge.train.loop import model_inputs, split_model
 
 
 # logits of at most this many elements at a time on the decoder + head path (the DPO/KTO/GRPO reference): 2,048
@@ -39,17 +35,17 @@ def _head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) ->
 
 
 def token_logps(model, batch: dict, parts=None, chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each loss token (N,) fp32, row index (N,)) for a right-padded batch."""
+    """(log p of each loss token (N,) fp32, row index (N,)) for a collated batch (padded or packed rows)."""
     if hasattr(parts, "token_logps"):  # the fast Llama-family path
         return parts.token_logps(batch)
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     if parts is None:  # the model's own forward builds every logit
-        logits = model(**_inputs(batch)).logits[:, :-1][keep]
+        logits = model(**model_inputs(batch)).logits[:, :-1][keep]
         logp = -F.cross_entropy(logits.float(), labels[keep], reduction="none")
     else:
         decoder, head = parts
-        logp = _head_logps(head, decoder(**_inputs(batch)).last_hidden_state[:, :-1][keep], labels[keep], chunk)
+        logp = _head_logps(head, decoder(**model_inputs(batch)).last_hidden_state[:, :-1][keep], labels[keep], chunk)
     return logp, keep.nonzero()[:, 0]
 
 

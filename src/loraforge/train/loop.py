@@ -92,6 +92,15 @@ def to_device(batch: dict, device) -> dict:
         {"host_input_ids": pinned["input_ids"]}
 
 
+def model_inputs(batch: dict) -> dict:
+    """A collated batch as the model's own forward takes it: packed rows (data.packing, data.prefix) as each
+    segment's attention (an example sees itself, and a shared prefix) and their positions."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "segment_ids" in batch:
+        inputs.update(attention_mask=segment_attention(batch["segment_ids"]), position_ids=batch["position_ids"])
+    return inputs
+
+
 def loss_sum(model, batch: dict, parts=None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the loss tokens of a batch, and their count."""
     if hasattr(parts, "loss_sum"):  # the fast Llama-family path (loraforge.model.fast)
@@ -99,9 +108,7 @@ def loss_sum(model, batch: dict, parts=None) -> tuple[torch.Tensor, int]:
     idx = batch.get("loss_index")
     idx = loss_positions(batch["labels"]) if idx is None else idx
     labels = batch["labels"][:, 1:].flatten().index_select(0, idx)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "segment_ids" in batch:  # packed rows: each example attends only to itself, positions restart
-        inputs.update(attention_mask=segment_attention(batch["segment_ids"]), position_ids=batch["position_ids"])
+    inputs = model_inputs(batch)
     if parts is None:  # the plain path: the model's own forward builds every logit
         logits = model(**inputs).logits[:, :-1]
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, idx)
