@@ -96,3 +96,22 @@ def timed_train(trainer) -> tuple[object, float, dict]:
     peaks = {"peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3) if cuda else None,
              "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3) if cuda else None}
     return out, secs, peaks
+
+
+def run_tool(tool: str, spec: dict, work: Path, script: str, ours, timeout: int) -> dict:
+    """One tool's row on `spec`, in `work`: loraforge in this process (`ours(spec, work)`), a peer as `script`'s
+    `child` process (its own imports: Unsloth patches transformers)."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps(spec))
+    if tool == "loraforge":
+        return ours(spec, work)
+    return run_child([sys.executable, script, "child", "--tool", tool, "--spec", str(work / "spec.json")], work,
+                     timeout)
+
+
+def keep_rows(out: Path | None, doc: dict) -> None:
+    """Print the newest row and write what is done so far to `out`: a call cut short keeps it."""
+    print(json.dumps(doc["rows"][-1])[:400], file=sys.stderr, flush=True)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1))

@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _output import emit  # noqa: E402
-from _peers import loraforge_train, peer_model, print_result, run_child, timed_train  # noqa: E402
+from _peers import keep_rows, loraforge_train, peer_model, print_result, run_tool, timed_train  # noqa: E402
 from preference_speed import _text  # noqa: E402
 
 TOOLS = ["loraforge", "unsloth-trl", "trl"]
@@ -231,19 +231,8 @@ def main() -> None:
             "peers": "Unsloth + TRL GRPOTrainer, fast_inference=False (no vLLM): TRL's model.generate path"}
     rows = json.loads(a.add_rows.read_text())["rows"] if a.add_rows else []
     for tool in a.tools.split(","):
-        work = a.cache / tool
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "spec.json").write_text(json.dumps(spec))
-        if tool == "loraforge":
-            res = run_loraforge(spec, work)
-        else:
-            res = run_child([sys.executable, __file__, "child", "--tool", tool, "--spec", str(work / "spec.json")],
-                            work, a.timeout)
-        rows.append({"tool": tool, **res})
-        print(json.dumps(rows[-1])[:400], file=sys.stderr, flush=True)
-        if a.out:   # what is done so far, should a later tool overrun the call
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            a.out.write_text(json.dumps({**head, "rows": rows}, indent=1))
+        rows.append({"tool": tool, **run_tool(tool, spec, a.cache / tool, __file__, run_loraforge, a.timeout)})
+        keep_rows(a.out, {**head, "rows": rows})
     emit({**head, "rows": rows, "ratios": ratios(rows)}, a.out)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _output import emit  # noqa: E402
-from _peers import loraforge_train, peer_model, print_result, run_child, timed_train  # noqa: E402
+from _peers import keep_rows, loraforge_train, peer_model, print_result, run_tool, timed_train  # noqa: E402
 TOOLS = ["loraforge", "unsloth-trl", "trl"]
 R, LR, BETA, SEED, BATCH, ACCUM = 16, 5e-6, 0.1, 3407, 2, 2
 PROMPT_TOKENS, ANSWER_TOKENS, MAX_LENGTH = 480, 510, 1152
@@ -148,19 +148,9 @@ def main() -> None:
     for objective in a.objectives.split(","):
         spec = {"objective": objective, "model_dir": model_dir(a.shape, a.tokenizer, a.cache), "train": str(train)}
         for tool in a.tools.split(","):
-            work = a.cache / objective / tool
-            work.mkdir(parents=True, exist_ok=True)
-            (work / "spec.json").write_text(json.dumps(spec))
-            if tool == "loraforge":
-                res = run_loraforge(spec, work)
-            else:
-                res = run_child([sys.executable, __file__, "child", "--tool", tool, "--spec", str(work / "spec.json")],
-                                work, a.timeout)
+            res = run_tool(tool, spec, a.cache / objective / tool, __file__, run_loraforge, a.timeout)
             rows.append({"objective": objective, "tool": tool, **res})
-            print(json.dumps(rows[-1])[:400], file=sys.stderr, flush=True)
-            if a.out:
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+            keep_rows(a.out, {"command": " ".join(sys.argv), "rows": rows})
     out = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "shape": a.shape,
            "pairs": a.pairs, "rows": rows, "ratios": ratios(rows)}
     emit(out, a.out)
