@@ -24,7 +24,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -456,7 +456,7 @@ def _estimate(cfg: RunConfig, model, example_lengths: list[int], train_items, va
     gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
     shapes = None
     if gpu is not None and not special and not dist.enabled:
-        shapes = replace(run_shapes(train_items, val_items, cfg, buckets), cold_kernels=cold)
+        shapes = run_shapes(train_items, val_items, cfg, buckets, cold)
     plan = estimate_for_run(cfg, model.config.to_dict(), example_lengths, gpu and gpu.name,
                             gpu and gpu.total_memory, dist.world, shapes=shapes)
     inputs = speed_inputs(cfg, model.config.to_dict(), shapes, gpu.name, gpu.total_memory) if shapes else None

@@ -16,8 +16,10 @@ from loraforge.plan.run_speed import RunShapes
 from loraforge.train.loop import plan_steps, validation_groups, validation_layout
 
 
-def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] | None) -> RunShapes:
-    """`items` as trained (examples, or data.packing's rows), `buckets` as train.loop pads to (None: none)."""
+def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] | None,
+               cold_kernels: bool = False) -> RunShapes:
+    """`items` as trained (examples, or data.packing's rows), `buckets` as train.loop pads to (None: none);
+    `cold_kernels`: this machine has not compiled the fast path's kernels yet (model.fast.kernel_cache)."""
     tc = cfg.train
     lengths = [len(t.input_ids) for t in items]
     counts: Counter = Counter()
@@ -43,4 +45,4 @@ def run_shapes(items: list, val_items: list, cfg: RunConfig, buckets: list[int] 
     return RunShapes(batches=tuple((r, n, c) for (r, n), c in sorted(counts.items())), real_tokens=sum(lengths),
                      epochs=micro / max(1, per_epoch), context=context,
                      val_batches=tuple((r, n, c) for (r, n), c in sorted(val_counts.items())),
-                     evaluations=evaluations, graphs=bool(buckets))
+                     evaluations=evaluations, graphs=bool(buckets), cold_kernels=cold_kernels)

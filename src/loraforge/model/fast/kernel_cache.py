@@ -23,15 +23,7 @@ def cache_dir() -> Path:
 def compiled_kernels(folder: Path | None = None) -> set[str]:
     """The names in KERNELS that have at least one compiled binary in Triton's cache folder."""
     folder = folder or cache_dir()
-    if not folder.is_dir():
-        return set()
-    found = set()
-    for sub in folder.iterdir():
-        if sub.is_dir():
-            found.update(n for n in KERNELS if n not in found and any(sub.glob(f"{n}.*")))
-        if len(found) == len(KERNELS):
-            break
-    return found
+    return {n for n in KERNELS if next(folder.glob(f"*/{n}.*"), None) is not None}
 
 
 def kernels_cold(folder: Path | None = None) -> bool:
