@@ -115,3 +115,18 @@ def keep_rows(out: Path | None, doc: dict) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
+
+
+def tiny_llama(tokenizer_dir: str, out: Path, shape: dict) -> str:
+    """A random Llama of `shape` with the tokenizer's vocabulary, saved once to `out` with the tokenizer (the
+    CPU smoke tests' model)."""
+    if not (out / "config.json").is_file():
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None,
+                                     pad_token_id=tok.pad_token_id, **shape)).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)

@@ -39,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _output import emit  # noqa: E402
-from _peers import keep_rows, loraforge_train, peer_model, print_result, run_tool, timed_train  # noqa: E402
+from _peers import (keep_rows, loraforge_train, peer_model, print_result, run_tool, timed_train,  # noqa: E402
+                    tiny_llama)
 from preference_speed import _text  # noqa: E402
 
 TOOLS = ["loraforge", "unsloth-trl", "trl"]
@@ -94,17 +95,7 @@ def model_folder(shape: str, tokenizer_dir: str, cache: Path) -> str:
         from train_e2e import model_dir
 
         return model_dir(shape, tokenizer_dir, cache)
-    out = cache / "model-tiny"
-    if not (out / "config.json").is_file():
-        import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None,
-                                     pad_token_id=tok.pad_token_id, **TINY)).save_pretrained(out)
-        tok.save_pretrained(out)
-    return str(out)
+    return tiny_llama(tokenizer_dir, cache / "model-tiny", TINY)
 
 
 def step_seconds(ends: list[float]) -> dict:

@@ -122,10 +122,8 @@ def prepare(out: Path, shared: Path) -> None:
 
 
 # ---- one tool on one run (its own process) -----------------------------------------------------------------
-def run_loraforge(spec: dict, work: Path, variant: tuple[str, ...] = ()) -> dict:
-    """`loraforge train` on the run's config; variant: trackers to report to, and settings a user may change
-    (VARIANTS: e.g. `shareprefix` for data.share_prefix on, a GPU run of the same data with the common system
-    turn computed once a batch; `nographs-adam8` for the memory each default costs)."""
+def loraforge_config(spec: dict, work: Path, variant: tuple[str, ...] = ()) -> dict:
+    """The run's `loraforge train` config (run_loraforge's; bench/validation_speed.py builds the same run)."""
     report_to = [v for v in variant if v not in VARIANTS]
     cfg = {"base_model": spec["model_dir"], "output_dir": str(work / "run"), "seed": SEED,
            "model": {"quantization": "nf4" if spec.get("qlora") else "none",
@@ -139,6 +137,14 @@ def run_loraforge(spec: dict, work: Path, variant: tuple[str, ...] = ()) -> dict
         if v in VARIANTS:
             section, key, value = VARIANTS[v]
             cfg[section][key] = value
+    return cfg
+
+
+def run_loraforge(spec: dict, work: Path, variant: tuple[str, ...] = ()) -> dict:
+    """`loraforge train` on the run's config; variant: trackers to report to, and settings a user may change
+    (VARIANTS: e.g. `shareprefix` for data.share_prefix on, a GPU run of the same data with the common system
+    turn computed once a batch; `nographs-adam8` for the memory each default costs)."""
+    cfg = loraforge_config(spec, work, variant)
     from loraforge.model.fast.kernel_cache import compiled_kernels
     cached = sorted(compiled_kernels())   # before the run: an empty list is a machine's first run (cold Triton cache)
     s, wall, log = loraforge_train(cfg, work, *(["--profile", str(spec["profile"])] if spec.get("profile") else []))

@@ -76,7 +76,8 @@ def approx_shapes(setup: TrainSetup, data: DataSize, eval_every: int | None = No
     per_shape = [micro // distinct + (i < micro % distinct) for i in range(distinct)]
     n_val = max(1, round(data.examples * val_fraction))
     # packed runs validate in rows of `seq` too (train.loop.evaluate_loss); unpacked ones fill batch x seq tokens
-    # a forward (train.loop.validation_layout: `seq` is the longest example where the data is known)
+    # a forward (train.validation_forwards.validation_layout: `seq` is the longest example where the data is known;
+    # a run multiplies that by its model's validation_scale, which a plan made without the model leaves at 1)
     val_rows = setup.batch if setup.packing else max(setup.batch, setup.batch * setup.seq // length)
     val_forwards = math.ceil((math.ceil(n_val * avg / setup.seq) if setup.packing else n_val) / val_rows)
     steps = math.ceil(micro * data.epochs / setup.grad_accum)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from loraforge.config import RunConfig
 from loraforge.data import prefix
 from loraforge.data.batching import batch_order, collate, length_buckets
-from loraforge.data.packing import pack, segment_attention
+from loraforge.data.packing import segment_attention
 from loraforge.data.templates import IGNORE_INDEX, Tokenized
 from loraforge.errors import LoraforgeError, Stopped
 from loraforge.model.adapters import base_of
@@ -47,6 +47,7 @@ from loraforge.train.flat import stepped_parameters
 from loraforge.train.interval import LogInterval, Readings
 from loraforge.train.precision import Precision
 from loraforge.train.progress import TrainProgress, announce_stop
+from loraforge.train.validation_forwards import validation_groups, validation_layout
 
 
 class TrainingInterrupted(Stopped):
@@ -138,48 +139,15 @@ def prepare_model(model, dist: D.DistContext, device: str, fast=None) -> torch.n
     return D.wrap(StepModule(model, fast), dist, device)
 
 
-def validation_groups(items: list, batch_size: int, pack_to: int | None = None,
-                      max_tokens: int | None = None) -> tuple[list[list], dict]:
-    """The validation forwards: the examples shortest first, `batch_size` a forward, or more while the forward
-    holds at most `max_tokens` padded tokens (validation_layout: the tokens of the largest training batch);
-    or, with `pack_to` (packed runs), packed as the training rows are (data.packing: each example keeps its
-    own loss), `batch_size` rows a forward, all padded to rows of `pack_to` tokens (one shape, instead of one
-    padded shape per batch). Also the collate arguments that pad them so (data.batching.collate's `buckets`
-    and `rows`)."""
-    if not pack_to:
-        groups: list[list] = []
-        for t in sorted(items, key=lambda t: len(t.input_ids)):   # each new item is the group's longest
-            g = groups[-1] if groups else None
-            if g is None or len(g) >= batch_size and (len(g) + 1) * len(t.input_ids) > (max_tokens or 0):
-                groups.append([t])
-            else:
-                g.append(t)
-        return groups, {}
-    rows = pack(items, pack_to)
-    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    return groups, {"buckets": [pack_to], "rows": batch_size}
-
-
-def validation_layout(cfg: RunConfig, train_items: list) -> dict:
-    """validation_groups' arguments for a run: the training batch size, the packed row length (packed runs)
-    and the token budget of one forward: batch_size rows of the longest training example (at most
-    max_seq_length), the largest batch training itself runs, so validation never needs more memory. With it
-    the 500 validation chats of the SNIPS run take 15 forwards instead of 32 (validation was 19.8 of its
-    41.3 s of training on an H100, bench/results/train_e2e/s16); the 135M BANKING77 run's 37 validations took
-    8.28 s before and 4.53 s after (`loraforge train`, sessions 16 and 17 on two H100 machines, s17/)."""
-    longest = max((len(t.input_ids) for t in train_items), default=cfg.data.max_seq_length)
-    return {"batch_size": cfg.train.batch_size, "pack_to": cfg.data.max_seq_length if cfg.data.packing else None,
-            "max_tokens": cfg.train.batch_size * min(cfg.data.max_seq_length, longest)}
-
-
 @torch.no_grad()
 def evaluate_loss(model, items: list[Tokenized], batch_size: int, pad_id: int, device, autocast,
                   fast=None, dist: D.DistContext = D.SINGLE, step_module=None, pack_to: int | None = None,
                   share_prefix: int = 0, max_tokens: int | None = None) -> float:
-    """Mean token loss over `items` (forwards as validation_groups); under torchrun each rank takes every W-th
-    batch (and runs as many forwards as the others, a repeat counted as nothing) and the sums are added across
-    ranks. `share_prefix`: as data.batching.collate's. The forwards run with flash attention rather than
-    cuDNN's, which plans every new shape (model.attention)."""
+    """Mean token loss over `items`, in the forwards of train.validation_forwards.validation_groups (a run's
+    arguments: validation_layout); under torchrun each rank takes every W-th batch (and runs as many forwards as
+    the others, a repeat counted as nothing) and the sums are added across ranks. `share_prefix`: as
+    data.batching.collate's. The forwards run with flash attention rather than cuDNN's, which plans every new
+    shape (model.attention)."""
     was_training = model.training
     model.eval()
     forward = step_module if step_module is not None else StepModule(model, fast)
@@ -306,6 +274,8 @@ class LoopSetup:
     step_module: torch.nn.Module | None = None   # prepare_model's (or the objective's) wrapped module
     buckets: list[int] | None = None     # SFT: the batches' padded lengths (batch_buckets), None: each its own
     writer: CheckpointWriter | None = None   # periodic checkpoints written in the background (one process)
+    val_scale: float = 1.0               # a validation forward's tokens over the largest training batch's
+                                         # (train.validation_forwards.validation_scale)
 
 
 def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None) -> LoopResult:
@@ -333,7 +303,7 @@ def train_loop(setup: LoopSetup, *, on_log=None, profiler=None, on_validate=None
         log(f"batches padded to {len(buckets)} lengths ({', '.join(map(str, buckets))} tokens) and "
             f"{tc.batch_size} rows, so that CUDA graphs replay them")
     rows = tc.batch_size if buckets else None
-    val_layout = validation_layout(cfg, train_items)
+    val_layout = validation_layout(cfg, train_items, setup.val_scale)
     share = share_prefix_tokens(cfg, device, buckets)   # data.prefix: a batch's common prefix computed once
     n_loss_of = {id(t): loss_tokens(t) for t in train_items}   # counted once, on the host
     last_train = extra = None

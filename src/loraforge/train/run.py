@@ -58,6 +58,7 @@ from loraforge.train.preference_loop import PREFERENCE_PARTS, ObjectiveParts
 from loraforge.train.replay import CACHE, base_answers, replay_examples
 from loraforge.train.selection import Selection, TaskTools, adopt_best
 from loraforge.train.shapes import run_shapes
+from loraforge.train.validation_forwards import validation_scale
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -272,10 +273,15 @@ class TrainingRun:
                                                      base_path=self.base_path, sharded=self.fsdp, log=console.print)
         # the SFT loop's padded batch lengths (CUDA graphs replay each), worked out once for the loop and the estimate
         self.buckets = batch_buckets(self.train_items, cfg, self.fast) if not self.special else None
+        # SFT validation forwards: how many times the largest training batch's tokens each may take, from what
+        # the fast path holds per token in training and without grad (model.fast.memory)
+        self.val_scale = validation_scale(self.fast, cfg, self.train_items, self.val_items) \
+            if not self.special else 1.0
         if self.dist.is_main:   # `loraforge plan`'s estimate for this exact run, on the shapes the loop will run
             self.plan, self.plan_speed = _estimate(cfg, self.model, self.example_lengths, self.train_items,
                                                    self.val_items, self.buckets, device, self.dist, self.special,
-                                                   cold=self.fast is not None and kernels_cold())
+                                                   cold=self.fast is not None and kernels_cold(),
+                                                   val_scale=self.val_scale)
             console.print(self.plan.text)
         # DDP / FSDP2 under torchrun; before the optimizer
         self.step_module = (self.special.prepare if self.special else prepare_model)(self.model, self.dist, device,
@@ -363,7 +369,8 @@ class TrainingRun:
         self.writer = None if dist.enabled else CheckpointWriter()
         setup = LoopSetup(self.model, self.tokenizer, self.optimizer, self.scheduler, device, self.precision,
                           self.train_items, self.val_items, cfg, self.run_dir, state, log=console.print, fast=fast,
-                          dist=dist, step_module=self.step_module, buckets=self.buckets, writer=self.writer)
+                          dist=dist, step_module=self.step_module, buckets=self.buckets, writer=self.writer,
+                          val_scale=self.val_scale)
         try:
             if self.special:   # dpo/orpo/simpo/kto/grpo: their own loops (train.preference_loop, train.grpo_loop)
                 result = self.special.loop(setup)
@@ -449,14 +456,15 @@ class TrainingRun:
 
 
 def _estimate(cfg: RunConfig, model, example_lengths: list[int], train_items, val_items, buckets, device: str, dist,
-              special, cold: bool = False):
+              special, cold: bool = False, val_scale: float = 1.0):
     """(plan.for_run's RunEstimate, summary.json's `plan_speed`): on one GPU with the SFT loop, from the run's
     own batch shapes (train.shapes); else from the loop model alone. `cold`: the fast path's Triton kernels were
-    never compiled on this machine (model.fast.kernel_cache), so its first steps will compile them."""
+    never compiled on this machine (model.fast.kernel_cache), so its first steps will compile them; `val_scale`:
+    the validation forwards' budget multiplier."""
     gpu = torch.cuda.get_device_properties(device) if device == "cuda" else None
     shapes = None
     if gpu is not None and not special and not dist.enabled:
-        shapes = run_shapes(train_items, val_items, cfg, buckets, cold)
+        shapes = run_shapes(train_items, val_items, cfg, buckets, cold, val_scale)
     plan = estimate_for_run(cfg, model.config.to_dict(), example_lengths, gpu and gpu.name,
                             gpu and gpu.total_memory, dist.world, shapes=shapes)
     inputs = speed_inputs(cfg, model.config.to_dict(), shapes, gpu.name, gpu.total_memory) if shapes else None
