@@ -23,6 +23,7 @@ from loraforge.data.prefix import MIN_TOKENS, shared_length
 from loraforge.data.templates import END_OF_TURN
 from loraforge.model.adapters import base_of
 from loraforge.model.attention import decode_attention
+from loraforge.model.fast.decode import fast_generate, why_not as fast_why_not
 
 
 @dataclass
@@ -87,15 +88,20 @@ def _layout(rows: list[list[int]], pad_id: int, share: int):
 def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int, max_new_tokens: int = 64,
                batch_size: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                progress=None, cudnn_attention: bool = False, processors=None,
-               share_prefix: bool | None = None) -> list[Completion]:
+               share_prefix: bool | None = None, fast=None) -> list[Completion]:
     """Completions of each prompt (token ids); greedy when temperature is 0. The model is put in eval mode
     while it decodes and given back in the mode it was in. `processors(indices)`: the logits processors of
     a batch of these prompts (structured decoding), or None. `share_prefix` (None: on the CPU; Llama, Mistral
     and Qwen models): a batch's common prompt prefix (a chat template's system turn) is prefilled once and its
     KV cache repeated for every row (on the CPU quickstart's validation: 13.9 -> 11.4 s for 77 prompts of ~50
-    tokens, 24 shared); the completions are the same."""
+    tokens, 24 shared); the completions are the same. `fast`: the model's FastLlama (model.fast.llama), which
+    then decodes on CUDA through model.fast.decode (a static KV cache, one CUDA graph replayed per token) where
+    it can and no logits processors are given."""
     device = next(model.parameters()).device
-    share_prefix = (device.type == "cpu" if share_prefix is None else share_prefix) and _can_share(model)
+    if fast is not None and (device.type != "cuda" or processors is not None or fast_why_not(fast)):
+        fast = None
+    share_prefix = (device.type == "cpu" if share_prefix is None else share_prefix) and _can_share(model) \
+        and fast is None
     cache_name = cache_argument(model) if share_prefix else None
     was_training = model.training
     model.eval()
@@ -120,9 +126,13 @@ def decode_ids(model, prompts: list[list[int]], *, stops: list[int], pad_id: int
                               **{cache_name: cache})
                         cache.batch_repeat_interleave(len(rows))
                         extra[cache_name] = cache
-                    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                         max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
-                                         **_sampling(temperature, top_p), **extra)
+                    if fast is not None:
+                        gen = fast_generate(fast, ids, mask, max_new_tokens=max_new_tokens, stops=stops,
+                                            temperature=temperature, top_p=top_p)
+                    else:
+                        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                             max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                             pad_token_id=pad_id, **_sampling(temperature, top_p), **extra)
                 width = ids.shape[1]
                 for row, i in enumerate(idx):
                     toks = gen[row, width:].tolist()

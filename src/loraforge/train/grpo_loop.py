@@ -2,7 +2,8 @@
 
 Each micro-batch of `train.batch_size` prompts is decoded `grpo.group_size` (G) times per prompt by
 loraforge's own batched decoder (model.decode) from the PEFT model being trained, adapter active: no
-inference server, no copy of the weights. The completions are scored by the reward functions
+inference server, no copy of the weights; on CUDA through the fast path's layers with a static KV cache and
+one CUDA graph replayed per token (model.fast.decode). The completions are scored by the reward functions
 (train.rewards), each prompt's G rewards are normalised into advantages (objectives.group_advantages),
 and the prompt + completion rows (on the CPU one row per prompt, holding it once: data.share_prefix) go
 through one forward that gives every completion token's log-prob
@@ -84,14 +85,15 @@ def load_grpo_data(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list, di
     return out[0], out[1], report
 
 
-def sample(model, tokenizer, items: list, cfg: RunConfig, seed: int, greedy: bool = False) -> list:
-    """G completions per item (item-major), decoded with the adapter active; one per item when greedy."""
+def sample(model, tokenizer, items: list, cfg: RunConfig, seed: int, greedy: bool = False, fast=None) -> list:
+    """G completions per item (item-major), decoded with the adapter active; one per item when greedy. With
+    the run's FastLlama (`fast`) a CUDA run decodes through its layers (model.fast.decode)."""
     g = cfg.grpo
     n = 1 if greedy else g.group_size
     prompts = [it.input_ids for it in items for _ in range(n)]
     return decode_ids(model, prompts, stops=stop_token_ids(tokenizer, model), pad_id=tokenizer.pad_token_id,
                       max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size if greedy else len(prompts),
-                      temperature=0.0 if greedy else g.temperature, top_p=g.top_p, seed=seed)
+                      temperature=0.0 if greedy else g.temperature, top_p=g.top_p, seed=seed, fast=fast)
 
 
 def completion_batch(items: list, completions: list, pad_id: int, share: int = 0) -> tuple[dict, torch.Tensor]:
@@ -122,9 +124,10 @@ def rewards_of(rewards: list, tokenizer, items: list, completions: list) -> list
                   items[k // n].row, items[k // n].source) for k, c in enumerate(completions)]
 
 
-def grpo_eval(model, tokenizer, items: list, rewards: list, cfg: RunConfig) -> dict:
+def grpo_eval(model, tokenizer, items: list, rewards: list, cfg: RunConfig, fast=None) -> dict:
     """Greedy answers to held-out prompts: mean reward and pass rate, with per-prompt values."""
-    values = rewards_of(rewards, tokenizer, items, sample(model, tokenizer, items, cfg, cfg.seed, greedy=True))
+    values = rewards_of(rewards, tokenizer, items,
+                        sample(model, tokenizer, items, cfg, cfg.seed, greedy=True, fast=fast))
     passes = [float(v >= cfg.grpo.pass_threshold) for v in values]
     n = max(len(items), 1)
     return {"mean_reward": sum(values) / n, "pass_rate": sum(passes) / n, "examples": len(items),
@@ -149,7 +152,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
     base_eval = None
     if val_items:
         base_eval = json.loads(base_path.read_text()) if base_path.is_file() else \
-            grpo_eval(model, tokenizer, val_items, rewards, cfg)
+            grpo_eval(model, tokenizer, val_items, rewards, cfg, setup.fast)
         if dist.is_main and not base_path.is_file():
             write_json(base_path, base_eval, indent=None)
         log(f"base model on {len(val_items)} held-out prompts: mean reward {base_eval['mean_reward']:.3f}, "
@@ -169,7 +172,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
                 j = mine[k] if k < len(mine) else None  # None: a weightless repeat (every rank runs as many)
                 items = group[j if j is not None else 0][2]
                 seed = (cfg.seed * 1_000_003 + state.step * 4099 + (j or 0)) % (2 ** 63)
-                completions = sample(model, tokenizer, items, cfg, seed)
+                completions = sample(model, tokenizer, items, cfg, seed, fast=setup.fast)
                 values = rewards_of(rewards, tokenizer, items, completions)
                 adv = group_advantages(torch.tensor(values).view(len(items), g.group_size)).flatten().to(device)
                 batch, owner = completion_batch(items, completions, pad_id, share)
@@ -203,7 +206,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
                               reward=sums["reward"] / n_rows, pass_rate=sums["passed"] / n_rows,
                               clipped=sums["clipped"] / n_rows, kl=sums["kl"] / n_rows)
             if val_items and (state.step % st.eval_every == 0 or state.step == total_steps):
-                val_eval = grpo_eval(model, tokenizer, val_items, rewards, cfg)
+                val_eval = grpo_eval(model, tokenizer, val_items, rewards, cfg, setup.fast)
                 row.update(val_reward=val_eval["mean_reward"], val_pass_rate=val_eval["pass_rate"])
             if math.isnan(last_train):
                 raise LoraforgeError(f"the loss became NaN at step {state.step}", hint="lower train.learning_rate")
@@ -214,7 +217,7 @@ def grpo_loop(setup: LoopSetup) -> ObjectiveResult:
                                st.save_every, stopping,
                                stop.signum, dist, step_module, writer=setup.writer)
     if val_items and val_eval is None:
-        val_eval = grpo_eval(model, tokenizer, val_items, rewards, cfg)
+        val_eval = grpo_eval(model, tokenizer, val_items, rewards, cfg, setup.fast)
     report = {}
     if base_eval and val_eval:
         keys = ("mean_reward", "pass_rate", "examples")
