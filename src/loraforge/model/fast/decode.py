@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loraforge.model.fast.graphs import capturing
 from loraforge.model.fast.ops import rms_norm
 from loraforge.model.host_embedding import HostEmbedding
 
@@ -168,7 +169,8 @@ def _captured(step):
     """`step` as a CUDA graph, once it has run eagerly (its kernels compiled, its buffers allocated): capture
     records its launches without running them; each replay runs one step."""
     graph = torch.cuda.CUDAGraph()
-    # thread_local: a checkpoint written by another thread meanwhile does not invalidate the capture
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    # model.fast.graphs' capture: thread-local (a checkpoint written by another thread meanwhile does not
+    # invalidate it), Python's cyclic collector run before and paused during it (an older graph freed there would)
+    with capturing(graph, None):
         step()
     return graph.replay
