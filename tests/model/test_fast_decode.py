@@ -85,3 +85,24 @@ def test_why_not_names_what_the_decoder_cannot_take():
     assert why_not(fast) is None
     fast.decoder.rotary_emb.rope_type = "dynamic"
     assert "depends on the sequence length" in why_not(fast)
+
+
+def test_a_failed_capture_decodes_on_eagerly_with_a_warning(monkeypatch):
+    import contextlib
+
+    from loraforge.model.fast import decode
+
+    @contextlib.contextmanager
+    def refused(graph, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(decode, "capturing", refused)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    model = _adapted("llama").eval()
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=False, graphs="off")
+    ids, mask = _prompts()
+    eager = fast_generate(fast, ids, mask, max_new_tokens=8, stops=[], graphs=False)
+    with pytest.warns(UserWarning, match="decoding without a CUDA graph"):
+        tried = fast_generate(fast, ids, mask, max_new_tokens=8, stops=[], graphs=True)
+    assert tried.tolist() == eager.tolist()

@@ -25,6 +25,8 @@ follow the same distribution, not the same draws.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -160,6 +162,7 @@ def fast_generate(fast, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
                 break
             if graphs and run is step and made >= 2:   # the step has run once eagerly: kernels compiled
                 run = _captured(step)
+                graphs = run is not step
             run()
             made += 1
     return out[:, :width + made]
@@ -167,10 +170,14 @@ def fast_generate(fast, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
 
 def _captured(step):
     """`step` as a CUDA graph, once it has run eagerly (its kernels compiled, its buffers allocated): capture
-    records its launches without running them; each replay runs one step."""
+    records its launches without running them; each replay runs one step. `step` itself if the capture fails."""
     graph = torch.cuda.CUDAGraph()
     # model.fast.graphs' capture: thread-local (a checkpoint written by another thread meanwhile does not
     # invalidate it), Python's cyclic collector run before and paused during it (an older graph freed there would)
-    with capturing(graph, None):
-        step()
+    try:
+        with capturing(graph, None):
+            step()
+    except RuntimeError as e:   # a capture records and runs nothing: the eager step goes on from the same state
+        warnings.warn(f"decoding without a CUDA graph: its capture failed ({str(e)[:200]})", stacklevel=2)
+        return step
     return graph.replay
