@@ -106,3 +106,14 @@ def test_a_failed_capture_decodes_on_eagerly_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="decoding without a CUDA graph"):
         tried = fast_generate(fast, ids, mask, max_new_tokens=8, stops=[], graphs=True)
     assert tried.tolist() == eager.tolist()
+
+
+def test_prompts_prefilled_a_row_at_a_time_decode_the_same(monkeypatch):
+    from loraforge.model.fast import decode
+
+    model = _adapted("qwen2").eval()
+    fast = FastLlama(model, dtype=torch.float32, checkpointing=False, graphs="off")
+    ids, mask = _prompts()
+    whole = fast_generate(fast, ids, mask, max_new_tokens=10, stops=[], graphs=False)
+    monkeypatch.setattr(decode, "PREFILL_MASK", 1)   # one row per prefill forward
+    assert fast_generate(fast, ids, mask, max_new_tokens=10, stops=[], graphs=False).tolist() == whole.tolist()

@@ -13,7 +13,8 @@ as a CUDA graph and replayed for each following token, so a token costs the GPU'
 Prompts come left-padded (model.decode's layout): slot s of the cache holds the token at column s; row b's
 real tokens start at column pad[b]; its position (for RoPE) is s - pad[b]. A query attends to the slots of
 its own row from pad[b] up to itself. The grouped-query heads share their key/value head without copies: the
-G query heads of a key/value head run as G rows of one attention call.
+G query heads of a key/value head run as G rows of one attention call. The prompts are prefilled a few rows
+at a time, so that their masks stay small however many rows and prompt tokens a batch has.
 
 Sampling is temperature + top-p as transformers' warpers do it (the smallest set of tokens whose probability
 reaches top_p), drawn by the exponential-race trick (argmax of p / E with E ~ Exp(1): a sample of p, and
@@ -35,6 +36,7 @@ from loraforge.model.fast.ops import rms_norm
 from loraforge.model.host_embedding import HostEmbedding
 
 CHECK_EVERY = 16   # on CUDA the host reads "has every row stopped?" once per this many tokens (one sync each)
+PREFILL_MASK = 2 ** 25   # prompt rows prefilled together: their attention masks (grouped heads x P x P) within this
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")   # position tables that do not depend on the length
 
 
@@ -92,20 +94,24 @@ class _Cache:
         self.cos, self.sin = cos[0].to(dt), sin[0].to(dt)   # (L, head_dim): position -> table row
 
 
-def _forward(fast, cache: _Cache, ids: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """The tokens `ids` (B, T) at cache slots `slots` (T,) through every layer (their keys and values written
-    into the cache); returns the final-norm hidden state of each row's last token (B, H)."""
+def _forward(fast, cache: _Cache, ids: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor,
+             rows: slice = slice(None), span: int | None = None) -> torch.Tensor:
+    """The tokens `ids` (B, T) of the cache's `rows` at slots `slots` (T,) through every layer (their keys and
+    values written into the cache), attending over the first `span` slots (None: all) where `allowed` (B, 1, T,
+    span) says; returns the final-norm hidden state of each row's last token (B, H)."""
     emb = fast.embed_entry or fast.decoder.embed_tokens
     h = emb(ids).to(fast.dtype)
-    pos = (slots[None, :] - cache.pad[:, None]).clamp(min=0)   # (B, T); a pad's position is never read
+    pad = cache.pad[rows]
+    pos = (slots[None, :] - pad[:, None]).clamp(min=0)   # (B, T); a pad's position is never read
     cos, sin = cache.cos[pos], cache.sin[pos]
     for layer, keys, values in zip(fast.layers, cache.keys, cache.values):
         layer.state.rebuilt = None   # see lora.FrozenGroup._rebuild
         x = rms_norm(h, layer.norm1.weight, layer.norm1.variance_epsilon)
         q, k, v = layer._qkv(x, cos, sin)
+        keys, values = keys[rows], values[rows]   # views: the writes below land in the cache
         keys.index_copy_(2, slots, k)
         values.index_copy_(2, slots, v)
-        h = layer.o.add_to(h, _attend(q, keys, values, allowed, layer.scaling))
+        h = layer.o.add_to(h, _attend(q, keys[:, :, :span], values[:, :, :span], allowed, layer.scaling))
         h = layer.mlp(h)
     norm = fast.decoder.norm
     return rms_norm(h[:, -1], norm.weight, norm.variance_epsilon)
@@ -135,12 +141,19 @@ def fast_generate(fast, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
         cache = _Cache(fast, bsz, length, (mask == 0).sum(1))
         out = torch.zeros(bsz, length, dtype=torch.long, device=dev)
         out[:, :width] = ids
-        # the prompts: each query sees its row's real tokens up to itself (a pad sees itself only: never read)
+        # the prompts, a few rows at a time (their masks, as grouped heads see them, within PREFILL_MASK
+        # elements): each query sees its row's real tokens up to itself (a pad sees itself only: never read)
         cols = cache.slots[:width]
-        allowed = (cols[None, :] <= cols[:, None])[None] & (cols[None, None, :] >= cache.pad[:, None, None])
-        prompt = torch.zeros(bsz, 1, width, length, dtype=torch.bool, device=dev)
-        prompt[..., :width] = (allowed | torch.eye(width, dtype=torch.bool, device=dev)[None])[:, None]
-        token = choose(_logits(fast, _forward(fast, cache, ids, cols, prompt)), temperature, top_p)
+        causal = (cols[None, :] <= cols[:, None]) | torch.eye(width, dtype=torch.bool, device=dev)
+        layer = fast.layers[0]
+        chunk = max(1, PREFILL_MASK // (layer.q_heads // layer.kv_heads * width * width))
+        last = []
+        for r0 in range(0, bsz, chunk):
+            rows = slice(r0, r0 + chunk)
+            seen = causal[None] & ((cols[None, None, :] >= cache.pad[rows, None, None]) | torch.eye(
+                width, dtype=torch.bool, device=dev)[None])
+            last.append(_forward(fast, cache, ids[rows], cols, seen[:, None], rows, width))
+        token = choose(_logits(fast, torch.cat(last)), temperature, top_p)
         out[:, width] = token
         stops_t = torch.tensor(sorted(set(stops)) or [-1], dtype=torch.long, device=dev)
         done = (token[:, None] == stops_t).any(-1)
