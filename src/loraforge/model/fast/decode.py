@@ -66,15 +66,18 @@ def choose(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
     return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+def _grouped(allowed: torch.Tensor, g: int) -> torch.Tensor:
+    """`allowed` (B, 1, T, L) as _attend's G x T query rows see it: (B, 1, G*T, L), built once per forward."""
+    bsz, _, t, length = allowed.shape
+    return allowed.expand(bsz, g, t, length).reshape(bsz, 1, g * t, length)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
             scale: float) -> torch.Tensor:
-    """q (B, Hq, T, D) over the cache (B, Hkv, L, D) where `allowed` (B, 1, T, L) is True; returns (B, T, Hq*D).
+    """q (B, Hq, T, D) over the cache (B, Hkv, L, D) where `mask` (_grouped) is True; returns (B, T, Hq*D).
     The G = Hq / Hkv query heads of a key/value head are G x T rows of one call (head h reads kv head h // G)."""
     bsz, hq, t, d = q.shape
-    hkv = keys.shape[1]
-    g = hq // hkv
-    rows = q.reshape(bsz, hkv, g * t, d)
-    mask = allowed.expand(bsz, g, t, allowed.shape[-1]).reshape(bsz, 1, g * t, allowed.shape[-1])
+    rows = q.reshape(bsz, keys.shape[1], -1, d)
     out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)
     return out.view(bsz, hq, t, d).transpose(1, 2).reshape(bsz, t, hq * d)
 
@@ -104,6 +107,7 @@ def _forward(fast, cache: _Cache, ids: torch.Tensor, slots: torch.Tensor, allowe
     pad = cache.pad[rows]
     pos = (slots[None, :] - pad[:, None]).clamp(min=0)   # (B, T); a pad's position is never read
     cos, sin = cache.cos[pos], cache.sin[pos]
+    mask = _grouped(allowed, fast.layers[0].q_heads // fast.layers[0].kv_heads)
     for layer, keys, values in zip(fast.layers, cache.keys, cache.values):
         layer.state.rebuilt = None   # see lora.FrozenGroup._rebuild
         x = rms_norm(h, layer.norm1.weight, layer.norm1.variance_epsilon)
@@ -111,7 +115,7 @@ def _forward(fast, cache: _Cache, ids: torch.Tensor, slots: torch.Tensor, allowe
         keys, values = keys[rows], values[rows]   # views: the writes below land in the cache
         keys.index_copy_(2, slots, k)
         values.index_copy_(2, slots, v)
-        h = layer.o.add_to(h, _attend(q, keys[:, :, :span], values[:, :, :span], allowed, layer.scaling))
+        h = layer.o.add_to(h, _attend(q, keys[:, :, :span], values[:, :, :span], mask, layer.scaling))
         h = layer.mlp(h)
     norm = fast.decoder.norm
     return rms_norm(h[:, -1], norm.weight, norm.variance_epsilon)
@@ -144,14 +148,14 @@ def fast_generate(fast, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
         # the prompts, a few rows at a time (their masks, as grouped heads see them, within PREFILL_MASK
         # elements): each query sees its row's real tokens up to itself (a pad sees itself only: never read)
         cols = cache.slots[:width]
-        causal = (cols[None, :] <= cols[:, None]) | torch.eye(width, dtype=torch.bool, device=dev)
+        own = torch.eye(width, dtype=torch.bool, device=dev)
+        causal = cols[None, :] <= cols[:, None]
         layer = fast.layers[0]
         chunk = max(1, PREFILL_MASK // (layer.q_heads // layer.kv_heads * width * width))
         last = []
         for r0 in range(0, bsz, chunk):
             rows = slice(r0, r0 + chunk)
-            seen = causal[None] & ((cols[None, None, :] >= cache.pad[rows, None, None]) | torch.eye(
-                width, dtype=torch.bool, device=dev)[None])
+            seen = causal & (cols[None, None, :] >= cache.pad[rows, None, None]) | own
             last.append(_forward(fast, cache, ids[rows], cols, seen[:, None], rows, width))
         token = choose(_logits(fast, torch.cat(last)), temperature, top_p)
         out[:, width] = token
