@@ -42,7 +42,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")   # position tables that do
 
 def why_not(fast) -> str | None:
     """None if this FastLlama can decode here (fast_generate), else why not (then transformers' generate)."""
-    if fast.sharded or fast.entries:
+    if fast.sharded:
         return "an FSDP2-sharded model decodes through its own forward"
     if isinstance(fast.embed_entry or fast.decoder.embed_tokens, HostEmbedding):
         return "the embedding lives in host memory (model.host_embedding)"
