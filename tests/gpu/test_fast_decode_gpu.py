@@ -1,6 +1,7 @@
 """model.fast.decode on a CUDA device: the one-token step replayed as a CUDA graph gives the eager step's tokens
 (bf16 and NF4 bases, LoRA and DoRA), greedy and seeded sampling, and transformers' greedy tokens for most of the
-completion (bf16 kernels of two different paths may split a near tie); model.decode's GRPO path uses it."""
+completion (bf16 kernels of two different paths may split a near tie); model.decode's GRPO path uses it; NF4
+products of a step's few rows read the packed weights (model.fast.nf4_matmul) and match the rebuilt weight's."""
 
 import warnings
 
@@ -62,3 +63,41 @@ def test_grpo_sampling_decodes_through_the_fast_path(monkeypatch):
                               temperature=1.0, seed=3, fast=fast)
     assert calls == [1, 1] and [c.ids for c in out] == [c.ids for c in again]
     assert all(len(c.ids) == 20 or c.stopped for c in out)
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-absmax"])
+def test_packed_nf4_products_match_the_rebuilt_weight_in_bf16(nested):
+    import bitsandbytes.functional as bnbf
+
+    from loraforge.model.fast import nf4_matmul
+
+    torch.manual_seed(0)
+    for m, n, k in ((1, 1024, 4096), (8, 6144, 4096), (64, 4096, 14336), (13, 200, 640)):
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        dense = bnbf.dequantize_4bit(packed, qs)          # bf16, as the fast path rebuilds it
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ dense.float().t()
+        got = nf4_matmul.partial_products(x, packed, qs, n).sum(0)
+        assert torch.allclose(got, ref, rtol=0, atol=1e-3 * float(ref.abs().max())), (m, n, k)
+
+
+def test_nf4_decoding_reads_the_packed_weights_and_gives_the_rebuilt_tokens(monkeypatch):
+    from loraforge.model.fast import nf4_matmul
+
+    model = _small_llama(True, "lora").eval()
+    fast = FastLlama(model, dtype=torch.bfloat16, checkpointing=True)
+    ids, mask = _prompts()
+    rebuilt_rows = nf4_matmul.ROWS
+    monkeypatch.setattr(nf4_matmul, "ROWS", 0)                 # no product takes the packed path
+    rebuilt = fast_generate(fast, ids, mask, max_new_tokens=32, stops=[])
+    monkeypatch.setattr(nf4_matmul, "ROWS", rebuilt_rows)
+    calls = []
+    real = nf4_matmul.product
+    monkeypatch.setattr(nf4_matmul, "product", lambda *a: calls.append(1) or real(*a))
+    with warnings.catch_warnings():   # the packed product must build: no fallback to the rebuilt weights
+        warnings.filterwarnings("error", message="NF4 decoding rebuilds")
+        packed = fast_generate(fast, ids, mask, max_new_tokens=32, stops=[])
+    assert calls and not fast.state.decoding and not fast.state.packed_failed
+    first = (packed[:, 40:] == rebuilt[:, 40:]).float().cumprod(1).sum(1)
+    assert float(first.min()) >= 8, first.tolist()

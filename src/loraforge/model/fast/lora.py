@@ -24,11 +24,12 @@ after), and weights are never fused into storage of our own. The state shared by
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import NamedTuple
 
 import torch
 
-from loraforge.model.fast import nf4
+from loraforge.model.fast import nf4, nf4_matmul
 from loraforge.model.fast.dropout import seeded_dropout
 from loraforge.model.fast.state import FastState
 from loraforge.model.fast.swiglu_lora import swiglu_lora, swiglu_lora_backward_
@@ -141,8 +142,28 @@ class FrozenGroup:
         return self.quantized and len(self.layers) > 1 and \
             sum(self.outs) * self.in_features > self.state.largest
 
-    def add_product_(self, y: torch.Tensor, x_flat: torch.Tensor) -> torch.Tensor | None:
-        """y (N, sum out) += x_flat W^T, the base GEMM accumulating onto y; returns W (None when split)."""
+    def _packed(self, x_flat: torch.Tensor) -> bool:
+        """Read the packed NF4 weights (model.fast.nf4_matmul) for this product: a decode step's few rows."""
+        return self.nf4_kernel and self.state.decoding and x_flat.shape[0] <= nf4_matmul.ROWS and x_flat.is_cuda \
+            and not self.state.packed_failed
+
+    def add_product_(self, y: torch.Tensor, x_flat: torch.Tensor, need_w: bool = False) -> torch.Tensor | None:
+        """y (N, sum out) += x_flat W^T, the base GEMM accumulating onto y; returns W (None when split, or when
+        the product read the packed weights: never where `need_w`)."""
+        if not need_w and self._packed(x_flat):
+            try:   # every product first, then the adds: a kernel that fails to build has changed nothing
+                parts = [nf4_matmul.product(x_flat, lyr.weight, quant_state(lyr), o)
+                         for lyr, o in zip(self.layers, self.outs)]
+            except Exception as e:   # noqa: BLE001 - Triton's build errors have no common type
+                self.state.packed_failed = True
+                warnings.warn(f"NF4 decoding rebuilds the 16-bit weights: the packed product failed ({str(e)[:200]})",
+                              stacklevel=2)
+            else:
+                o0 = 0
+                for part, o in zip(parts, self.outs):
+                    y[:, o0:o0 + o] += part
+                    o0 += o
+                return None
         if not self.split:
             w = self.get()
             y.addmm_(x_flat, w.t())
@@ -155,6 +176,8 @@ class FrozenGroup:
 
     def product(self, x_flat: torch.Tensor) -> torch.Tensor:
         """x_flat W^T (N, sum out), written by the GEMM alone (beta = 0)."""
+        if self._packed(x_flat):
+            return self.add_product_(x_flat.new_zeros(x_flat.shape[0], sum(self.outs)), x_flat)
         if not self.split:
             return x_flat @ self.get().t()
         y, o0 = x_flat.new_empty(x_flat.shape[0], sum(self.outs)), 0
@@ -218,7 +241,7 @@ class LoraGroupFn(torch.autograd.Function):
             torch.addmm(residual.reshape(y.shape), xa, b_blk.t(), out=y)
         if group.bias is not None:
             y += group.bias
-        w = group.add_product_(y, x_flat)                      # + x W^T, accumulated by the GEMM itself
+        w = group.add_product_(y, x_flat, need_w=dora)         # + x W^T, accumulated by the GEMM itself
         ctx.group, ctx.scales, ctx.same, ctx.lead = group, scales, xd is x, lead
         ctx.residual = residual is not None
         ctx.ranks = [t.shape[0] for t in factors[0::2]]

@@ -38,3 +38,8 @@ class FastState:
     rebuilt: tuple | None = None
     # the NF4 rebuild buffers, one flat tensor per dequantised dtype, shared by every projection of the model
     rebuild_buffers: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    # set by model.fast.decode while it generates: NF4 products of a few rows then read the packed weight
+    # (model.fast.nf4_matmul) instead of rebuilding it
+    decoding: bool = False
+    # set when that packed product failed to build (lora.FrozenGroup.add_product_ warned): rebuild from then on
+    packed_failed: bool = False
