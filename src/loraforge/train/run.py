@@ -39,6 +39,7 @@ from loraforge.data.templates import tokenize_all
 from loraforge.errors import LoraforgeError, NothingToDo
 from loraforge.files import atomic_write_text, write_json, write_lines
 from loraforge.model.adapters import save_adapter, trainable_parameters
+from loraforge.model.fast.graphs import settled_heap
 from loraforge.model.fast.kernel_cache import kernels_cold
 from loraforge.model.prepare import prepare_for_training
 from loraforge.model.load import base_dtype, load_base, pick_device
@@ -112,6 +113,7 @@ class RunResult:
     def summary(self) -> dict:
         """summary.json's content."""
         return self.training.to_dict()
+
 
 
 def load_data(cfg: RunConfig, tokenizer, replay=None) -> tuple[list, list, dict, list[Example]]:
@@ -371,25 +373,26 @@ class TrainingRun:
                           self.train_items, self.val_items, cfg, self.run_dir, state, log=console.print, fast=fast,
                           dist=dist, step_module=self.step_module, buckets=self.buckets, writer=self.writer,
                           val_scale=self.val_scale)
-        try:
-            if self.special:   # dpo/orpo/simpo/kto/grpo: their own loops (train.preference_loop, train.grpo_loop)
-                result = self.special.loop(setup)
-            else:
-                result = train_loop(setup, on_log=reporters.log if reporters else None,
-                                    profiler=StepProfiler(self.profile, self.total_steps)
-                                    if self.profile and dist.is_main else None,
-                                    on_validate=selection if selection.active else None)
-            if self.writer is not None:
-                self.writer.wait()   # every checkpoint on disk before adapter/ is chosen from them
-            return result
-        except BaseException as e:
-            if self.writer is not None:
-                try:   # the background save finishes (or fails) before the run reports how it ended
-                    self.writer.wait()
-                except LoraforgeError as werr:
-                    console.print(f"[yellow]warning:[/] {werr}")
-            reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
-            raise
+        with settled_heap():   # the cyclic collector skips what the loop starts with (see there)
+            try:
+                if self.special:   # dpo/orpo/simpo/kto/grpo: own loops (train.preference_loop, train.grpo_loop)
+                    result = self.special.loop(setup)
+                else:
+                    result = train_loop(setup, on_log=reporters.log if reporters else None,
+                                        profiler=StepProfiler(self.profile, self.total_steps)
+                                        if self.profile and dist.is_main else None,
+                                        on_validate=selection if selection.active else None)
+                if self.writer is not None:
+                    self.writer.wait()   # every checkpoint on disk before adapter/ is chosen from them
+                return result
+            except BaseException as e:
+                if self.writer is not None:
+                    try:   # the background save finishes (or fails) before the run reports how it ended
+                        self.writer.wait()
+                    except LoraforgeError as werr:
+                        console.print(f"[yellow]warning:[/] {werr}")
+                reporters.finish("interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
+                raise
 
     def finish(self, result: LoopResult) -> RunResult:
         """adapter/ (the last step's weights, or the selected step's), summary.json, the trackers closed."""
