@@ -106,3 +106,87 @@ def test_tune_needs_a_budget_or_trials(tiny_model, chat_file, tmp_path):
 
     with pytest.raises(LoraforgeError, match="how long"):
         tune(build_config(tiny_config(tiny_model, chat_file, tmp_path / "r")), out=tmp_path / "t")
+
+
+def _fake_train(seen: list):
+    """A trial's training without training: its value peaks at learning rate 1e-3 (what the study optimises)."""
+    import math
+
+    def train_fn(cfg, tools):
+        seen.append(cfg.train.learning_rate)
+        value = 1.0 - abs(math.log10(cfg.train.learning_rate) + 3.0)
+        return {"selected_value": value, "selected_step": 2, "steps": 4, "stopped_early": False}
+
+    return train_fn
+
+
+def _study_config(tiny_model, chat_file, tmp_path):
+    tree = tiny_config(tiny_model, chat_file, tmp_path / "run", epochs=1, eval_every=2)
+    tree["data"]["validation_split"] = 0.2
+    tree["eval"] = {"metric": "exact_match", "max_new_tokens": 4}
+    return build_config(tree)
+
+
+def test_resume_continues_the_study_with_new_parameters_and_adds_up_its_time(tiny_model, chat_file, tmp_path):
+    from loraforge.tune.search import STUDY, tune
+
+    cfg, out, seen = _study_config(tiny_model, chat_file, tmp_path), tmp_path / "tune", []
+    first = tune(cfg, trials=3, out=out, pruner="none", train_fn=_fake_train(seen), log=lambda *_: None)
+    assert (out / STUDY).is_file() and [t["number"] for t in first["trials"]] == [0, 1, 2]
+    with pytest.raises(LoraforgeError, match="already exists") as e:   # not resumed, not replaced: nothing lost
+        tune(cfg, trials=1, out=out, train_fn=_fake_train(seen), log=lambda *_: None)
+    assert "--resume" in e.value.hint and (out / "trials.json").is_file()
+    said = []
+    second = tune(cfg, trials=3, out=out, pruner="none", resume=True, train_fn=_fake_train(seen), log=said.append)
+    assert "3 earlier trials" in said[1]
+    assert [t["number"] for t in second["trials"]] == [0, 1, 2, 3, 4, 5]
+    assert [t["state"] for t in second["trials"]] == ["complete"] * 6
+    assert second["trials"][:3] == first["trials"]
+    assert len(set(seen)) == 6                    # the resumed sampler did not draw the first trials again
+    assert second["seconds"] >= first["seconds"] and second["best"]["value"] == max(
+        t["value"] for t in second["trials"])
+    assert json.loads((out / "trials.json").read_text()) == second
+    assert len(optuna.load_study(study_name="loraforge-tune", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / STUDY)))).trials) == 6
+
+
+def test_a_trial_cut_off_by_the_end_of_the_process_is_recorded_as_interrupted(tiny_model, chat_file, tmp_path):
+    from loraforge.tune.search import STUDY, STUDY_NAME, tune
+
+    cfg, out, seen = _study_config(tiny_model, chat_file, tmp_path), tmp_path / "tune", []
+    tune(cfg, trials=1, out=out, pruner="none", train_fn=_fake_train(seen), log=lambda *_: None)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / STUDY)))
+    # killed after suggesting its learning rate and before its rank: left running, one validation reported
+    cut = optuna.load_study(study_name=STUDY_NAME, storage=storage).ask(
+        {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    cut.report(0.25, 2)
+    summary = tune(cfg, trials=1, out=out, pruner="none", resume=True, train_fn=_fake_train(seen),
+                   log=lambda *_: None)
+    states = {t["number"]: t["state"] for t in summary["trials"]}
+    assert states == {0: "complete", 1: "failed", 2: "complete"}
+    rec = summary["trials"][1]
+    assert rec["curve"] == [[2, 0.25]] and "interrupted" in rec["note"] and set(rec["params"]) == {"learning_rate"}
+    html = (out / "tune.html").read_text()
+    assert "interrupted" in html and html.count("<tr") == 4   # the header and three trials
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    assert study.trials[1].state == optuna.trial.TrialState.FAIL
+
+
+def test_resume_needs_the_study_and_its_config(tiny_model, chat_file, tmp_path):
+    from loraforge.tune.search import tune
+
+    cfg, out = _study_config(tiny_model, chat_file, tmp_path), tmp_path / "tune"
+    with pytest.raises(LoraforgeError, match="nothing to resume"):
+        tune(cfg, trials=1, out=out, resume=True, train_fn=_fake_train([]), log=lambda *_: None)
+    tune(cfg, trials=1, out=out, pruner="none", train_fn=_fake_train([]), log=lambda *_: None)
+    other = cfg.model_copy(update={"seed": cfg.seed + 1})
+    with pytest.raises(LoraforgeError, match="another config"):
+        tune(other, trials=1, out=out, resume=True, train_fn=_fake_train([]), log=lambda *_: None)
+
+
+def test_the_cli_says_when_there_is_nothing_to_resume(tiny_model, chat_file, tmp_path, capsys):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(_study_config(tiny_model, chat_file, tmp_path).to_yaml())
+    assert main(["tune", str(cfg_file), "--trials", "1", "--resume", "--out", str(tmp_path / "none")]) != 0
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "Traceback" not in err

@@ -18,10 +18,14 @@ def tune(
     overrides: Overrides = None,
     budget: Annotated[Optional[str], typer.Option(help="Wall time for the search, e.g. 30m or 2h (no new trial "
                                                        "starts after it).")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="Number of trials (with --budget: whichever ends first).")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Number of trials (with --budget: whichever ends first; "
+                                                       "with --resume: this many more).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Tune folder (default: OUTPUT_DIR-tune).")] = None,
     pruner: Annotated[str, typer.Option(help="halving (successive halving, ASHA-style) | hyperband | none.")] = "halving",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing tune folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the study in the tune folder with this --budget / --trials "
+                                               "(same config; a trial cut off by the end of the last run is "
+                                               "recorded as interrupted).")] = False,
 ) -> None:
     """Find the best learning rate, rank, dropout and epochs for the task; every trial is a run folder."""
     from rich.console import Console
@@ -34,7 +38,7 @@ def tune(
     cfg = load_config(config, overrides or [])
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     summary = run_tune(cfg, budget_s=parse_budget(budget) if budget else None, trials=trials, out=out,
-                       pruner=pruner, overwrite=overwrite, log=err.print)
+                       pruner=pruner, overwrite=overwrite, resume=resume, log=err.print)
     Console(highlight=False).print(trials_table(summary))
     folder = Path(summary["best_yaml"]).parent
     typer.echo(f"best: trial {summary['best']['number']}, validation {summary['metric']} "

@@ -22,7 +22,8 @@ def _cells(r: dict, best: dict | None) -> list[str]:
     value = f"{r['value']:.4f}" if r.get("value") is not None else "–"
     mark = " (best)" if best is not None and r["number"] == best["number"] else ""
     state = r["state"] + (f": {r['note']}" if r.get("note") and r["state"] != "complete" else "")
-    return [f"{r['number']}{mark}", state, value, f"{p['learning_rate']:.3g}", str(p["r"]), f"{p['dropout']:.3f}",
+    num = lambda key, fmt: format(p[key], fmt) if p.get(key) is not None else "–"  # noqa: E731 (a cut-off trial)
+    return [f"{r['number']}{mark}", state, value, num("learning_rate", ".3g"), num("r", ""), num("dropout", ".3f"),
             str(r.get("selected_step", "–")), str(r.get("steps", r["curve"][-1][0] if r["curve"] else "–")),
             str(r.get("seconds", "–"))]
 

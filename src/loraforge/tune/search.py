@@ -18,7 +18,12 @@ log-uniform over [c/4, 4c] around c = 2e-4 (7e9 / N)^0.4 for N parameters (about
 
 Written to TUNE_DIR: trials.json (every trial: parameters, state, value, curve), tune.html (table and
 curves), best.yaml (the winner's config with a fresh output_dir: `loraforge train TUNE_DIR/best.yaml`
-trains it again) and the trial folders.
+trains it again), the trial folders, and the study itself: Optuna's journal (study.journal) and the config it
+searches around (tune-config.yaml). `resume=True` (`loraforge tune --resume`) continues that study with a new
+budget: a trial the ended process left running is recorded as failed (interrupted), the sampler is seeded anew
+for the trials to come (not to draw the first trials' parameters again), the pruner compares new trials with
+every earlier one, and the summary's seconds add up over the invocations. A spot instance that dies loses at
+most the trial it was running; a search longer than one session can be run as several.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from loraforge.train.run import run_training
 from loraforge.tune.report import write_report
 
 RANKS = (8, 16, 32, 64)
+STUDY = "study.journal"          # Optuna's journal of the study (JournalFileBackend): what --resume continues
+STUDY_CONFIG = "tune-config.yaml"   # the config the study searches around: --resume checks it is the same
+STUDY_NAME = "loraforge-tune"
 DROPOUT = (0.0, 0.2)
 DEFAULT_PATIENCE = 2
 
@@ -135,10 +143,43 @@ def _import_optuna():
     return optuna
 
 
+def _tune_folder(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    """Check (and for a new study, make) the tune folder; nothing is removed before every check passed."""
+    if resume:
+        if not (out / STUDY).is_file():
+            raise LoraforgeError("nothing to resume: no study in the tune folder", where=str(out / STUDY),
+                                 hint="start the search without --resume")
+        kept = (out / STUDY_CONFIG).read_text() if (out / STUDY_CONFIG).is_file() else None
+        if kept != cfg.to_yaml():
+            raise LoraforgeError("the tune folder holds a study of another config", where=str(out / STUDY_CONFIG),
+                                 hint="resume with the config the study began with, or start a new one with --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise LoraforgeError("the tune folder already exists", where=str(out),
+                                 hint="pass --resume to continue its study, --overwrite to replace it, or --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / STUDY_CONFIG, cfg.to_yaml())
+
+
+def _interrupted(study, out: Path) -> list[dict]:
+    """Trials the ended process left running: told to Optuna as failed, recorded as interrupted."""
+    import optuna  # the optional extra loraforge[tune], as in _import_optuna
+
+    records = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        records.append({"number": t.number, "params": dict(t.params), "run_dir": str(out / f"trial-{t.number:03d}"),
+                        "curve": [[s, v] for s, v in sorted(t.intermediate_values.items())], "state": "failed",
+                        "note": "interrupted: the tune process ended during this trial"})
+    return records
+
+
 def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = None, out: Path | None = None,
-         pruner: str = "halving", overwrite: bool = False, log=print, train_fn=None) -> dict:
-    """Run the study; returns the summary written to TUNE_DIR/trials.json. `train_fn(cfg, tools)` trains
-    one trial (default: loraforge.train.run.run_training)."""
+         pruner: str = "halving", overwrite: bool = False, resume: bool = False, log=print, train_fn=None) -> dict:
+    """Run the study (`resume`: continue the one in the tune folder); returns the summary written to
+    TUNE_DIR/trials.json. `train_fn(cfg, tools)` trains one trial (default: loraforge.train.run.run_training)."""
     optuna = _import_optuna()
     if budget_s is None and trials is None:
         raise LoraforgeError("say how long to search", hint="pass --budget 30m or --trials N")
@@ -146,11 +187,7 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
         raise LoraforgeError("tune needs validation examples to score trials on",
                              hint="set data.validation or data.validation_split > 0")
     out = Path(out or f"{cfg.output_dir}-tune")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LoraforgeError("the tune folder already exists", where=str(out), hint="pass --overwrite or --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _tune_folder(cfg, out, resume, overwrite)
     # trials validate often enough for the pruner to compare them early: every AUTO_EVERY_MIN steps unless the
     # config says otherwise (train.eval_every auto would space a long trial's validations a tenth of it apart)
     every = AUTO_EVERY_MIN if cfg.train.eval_every == "auto" else cfg.train.eval_every
@@ -170,12 +207,23 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
     size = f" ({n_params / 1e6:,.0f}M parameters)" if n_params else ""
     log(f"tune: {cfg.base_model}{size}; learning rate in [{lo:.2g}, {hi:.2g}], rank in {list(RANKS)}, "
         f"dropout in {list(DROPOUT)}; metric {cfg.eval.metric}; {pruner} pruner")
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / STUDY)))
+    before = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials) if resume else 0
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=resume, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=cfg.seed + before),
                                 pruner=make_pruner(pruner, 2 * every))
-    # the baseline: the config's own values (its learning rate clipped into the searched range)
-    study.enqueue_trial({"learning_rate": min(max(cfg.train.learning_rate, lo), hi),
-                         "r": cfg.lora.r if cfg.lora.r in RANKS else 16, "dropout": min(cfg.lora.dropout, DROPOUT[1])})
     records: list[dict] = []
+    spent = 0.0   # seconds of the earlier invocations (resume)
+    if resume:
+        earlier = read_summary(out) if (out / "trials.json").is_file() else {"trials": [], "seconds": 0.0}
+        records, spent = earlier["trials"], earlier["seconds"]
+        known = {r["number"] for r in records}
+        records += [r for r in _interrupted(study, out) if r["number"] not in known]
+        log(f"tune: resuming the study in {out}: {before} earlier trials, {spent:.0f} s")
+    else:   # the baseline: the config's own values (its learning rate clipped into the searched range)
+        study.enqueue_trial({"learning_rate": min(max(cfg.train.learning_rate, lo), hi),
+                             "r": cfg.lora.r if cfg.lora.r in RANKS else 16,
+                             "dropout": min(cfg.lora.dropout, DROPOUT[1])})
     t0 = time.time()
 
     def objective(trial):
@@ -202,10 +250,10 @@ def tune(cfg: RunConfig, *, budget_s: float | None = None, trials: int | None = 
         rec = next(r for r in records if r["number"] == trial.number)
         log(f"trial {trial.number}: {rec['state']}" + (f", {cfg.eval.metric} {rec['value']:.4f}" if "value" in rec
                                                         else f" ({rec.get('note', '')})"))
-        write_report(out, _summary(cfg, records, study, n_params, (lo, hi), pruner, time.time() - t0))
+        write_report(out, _summary(cfg, records, study, n_params, (lo, hi), pruner, spent + time.time() - t0))
 
     study.optimize(objective, n_trials=trials, timeout=budget_s, catch=(LoraforgeError,), callbacks=[after])
-    summary = _summary(cfg, records, study, n_params, (lo, hi), pruner, time.time() - t0)
+    summary = _summary(cfg, records, study, n_params, (lo, hi), pruner, spent + time.time() - t0)
     if summary["best"] is None:
         raise LoraforgeError("no trial completed", where=str(out), hint="see trials.json; raise --budget or --trials")
     best_cfg = trial_config(base, summary["best"]["params"], out / "best")
