@@ -127,3 +127,32 @@ def test_a_packed_product_that_fails_to_build_warns_once_and_rebuilds_from_then_
         warnings.simplefilter("error")
         assert torch.equal(group.product(x), x @ ref.t())
     assert built == [32, 48]
+
+
+def test_groups_route_their_products_through_the_packed_kernel_while_decoding(monkeypatch):
+    from loraforge.model.fast import nf4_matmul
+    from loraforge.model.fast.lora import FrozenGroup
+    from loraforge.model.fast.state import FastState
+    from loraforge.model.quant import quantize_linears_
+
+    lin = torch.nn.Sequential(torch.nn.Linear(128, 32, bias=False), torch.nn.Linear(128, 48, bias=False))
+    assert quantize_linears_(lin, "cpu") == 2
+    group = FrozenGroup(list(lin), torch.float32, FastState(decoding=True))
+    # the CPU stands in for CUDA; the kernel's stand-in multiplies by bitsandbytes' dequantised weight
+    monkeypatch.setattr(FrozenGroup, "_packed", lambda self, x: True)
+    calls = []
+
+    def product(x, weight, qs, n):
+        calls.append(n)
+        return x.float() @ bnbf.dequantize_4bit(weight, qs).float().t()
+
+    monkeypatch.setattr(nf4_matmul, "product", product)
+    ref = torch.cat([bnbf.dequantize_4bit(m.weight, m.weight.quant_state) for m in lin]).float()
+    x = torch.randn(5, 128)
+    got = group.product(x)                                   # (the gate/up path)
+    assert calls == [32, 48] and torch.allclose(got, x @ ref.t(), atol=1e-5)
+    y = torch.full((5, 80), 2.0)
+    assert group.add_product_(y, x) is None                  # no 16-bit weight was made
+    assert calls == [32, 48, 32, 48] and torch.allclose(y, x @ ref.t() + 2.0, atol=1e-5)
+    w = group.add_product_(torch.zeros(5, 80), x, need_w=True)   # DoRA needs the weight: rebuilt
+    assert calls == [32, 48, 32, 48] and torch.equal(w, ref)

@@ -148,6 +148,7 @@ def fast_generate(fast, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
 
 
 def _generate(fast, ids, mask, bsz, width, max_new_tokens, stops, temperature, top_p, graphs) -> torch.Tensor:
+    """fast_generate's decoding, its inputs on the model's device."""
     dev = ids.device
     length = width + max_new_tokens
     with torch.autocast(dev.type, enabled=False):

@@ -177,7 +177,9 @@ class FrozenGroup:
     def product(self, x_flat: torch.Tensor) -> torch.Tensor:
         """x_flat W^T (N, sum out), written by the GEMM alone (beta = 0)."""
         if self._packed(x_flat):
-            return self.add_product_(x_flat.new_zeros(x_flat.shape[0], sum(self.outs)), x_flat)
+            y = x_flat.new_zeros(x_flat.shape[0], sum(self.outs))
+            self.add_product_(y, x_flat)   # packed weights, or (a product that failed to build) the rebuilt ones
+            return y
         if not self.split:
             return x_flat @ self.get().t()
         y, o0 = x_flat.new_empty(x_flat.shape[0], sum(self.outs)), 0
