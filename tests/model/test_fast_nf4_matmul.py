@@ -41,6 +41,8 @@ def test_product_is_x_times_the_dequantised_weight(interpreted, nested, m, n, k,
     ref = x @ dense.t()
     assert torch.allclose(parts.sum(0), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     assert torch.equal(parts.sum(0)[:, 2], torch.zeros(m))
+    narrow = interpreted.partial_products(x, packed, qs, n, split, block_n=32)   # the bench's variant
+    assert torch.allclose(narrow.sum(0), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     y = torch.full((m, n), 0.5)
     assert interpreted.add_matmul_(y, x, packed, qs) is y
     assert torch.allclose(y, ref + 0.5, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
@@ -156,3 +158,24 @@ def test_groups_route_their_products_through_the_packed_kernel_while_decoding(mo
     assert calls == [32, 48, 32, 48] and torch.allclose(y, x @ ref.t() + 2.0, atol=1e-5)
     w = group.add_product_(torch.zeros(5, 80), x, need_w=True)   # DoRA needs the weight: rebuilt
     assert calls == [32, 48, 32, 48] and torch.equal(w, ref)
+
+
+def test_memory_errors_and_bugs_are_not_taken_for_a_failed_build(monkeypatch):
+    from loraforge.model.fast import nf4_matmul
+    from loraforge.model.fast.lora import FrozenGroup
+    from loraforge.model.fast.state import FastState
+    from loraforge.model.quant import quantize_linears_
+
+    lin = torch.nn.Sequential(torch.nn.Linear(128, 32, bias=False))
+    assert quantize_linears_(lin, "cpu") == 1
+    state = FastState(decoding=True)
+    group = FrozenGroup(list(lin), torch.float32, state)
+    monkeypatch.setattr(FrozenGroup, "_packed", lambda self, x: True)
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), AssertionError("stride")):
+        def product(*a, error=error):
+            raise error
+
+        monkeypatch.setattr(nf4_matmul, "product", product)
+        with pytest.raises(type(error)):
+            group.add_product_(torch.zeros(2, 32), torch.randn(2, 128))
+        assert not state.packed_failed

@@ -154,6 +154,8 @@ class FrozenGroup:
             try:   # every product first, then the adds: a kernel that fails to build has changed nothing
                 parts = [nf4_matmul.product(x_flat, lyr.weight, quant_state(lyr), o)
                          for lyr, o in zip(self.layers, self.outs)]
+            except (AssertionError, torch.OutOfMemoryError):   # a caller's bug, or memory: not the kernel's build
+                raise
             except Exception as e:   # noqa: BLE001 - Triton's build errors have no common type
                 self.state.packed_failed = True
                 warnings.warn(f"NF4 decoding rebuilds the 16-bit weights: the packed product failed ({str(e)[:200]})",

@@ -89,38 +89,41 @@ def _programs(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def splits(n: int, k: int, device: torch.device) -> int:
+def splits(n: int, k: int, device: torch.device, block_n: int = BLOCK_N) -> int:
     """How many parts K is cut into: enough programs for the GPU, each part at least 4 tiles of BLOCK_K."""
-    tiles = -(-n // BLOCK_N)
+    tiles = -(-n // block_n)
     want = -(-_programs(device) // tiles)
     return max(1, min(want, k // (4 * BLOCK_K)))
 
 
-def partial_products(x: torch.Tensor, weight: torch.Tensor, qs, n: int, split: int | None = None) -> torch.Tensor:
+def partial_products(x: torch.Tensor, weight: torch.Tensor, qs, n: int, split: int | None = None,
+                     block_n: int = BLOCK_N) -> torch.Tensor:
     """x (M <= ROWS, K) in the compute dtype, `weight` the packed NF4 bytes of an (n, K) matrix with QuantState
-    `qs` -> (split, M, n) fp32 partial sums of x W^T over `split` parts of K (None: `splits`)."""
+    `qs` -> (split, M, n) fp32 partial sums of x W^T over `split` parts of K (None: `splits`); `block_n` output
+    columns a program (bench/nf4_decode_matmul.py times others)."""
     triton, kernel = _kernel()
     m, k = x.shape
     assert m <= ROWS and k % 2 == 0 and x.stride(1) == 1, (x.shape, x.stride())
     packed = weight.detach().reshape(-1).view(torch.uint8)
     assert packed.numel() * 2 == n * k, (packed.numel(), n, k)
-    split = splits(n, k, x.device) if split is None else split
+    split = splits(n, k, x.device, block_n) if split is None else split
     k_split = triton.cdiv(triton.cdiv(k, split), BLOCK_K) * BLOCK_K
     split = triton.cdiv(k, k_split)
     out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     code = qs.code if qs.code.dtype == torch.float32 else qs.code.float()
     if qs.nested:
         s2 = qs.state2
-        offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor(qs.offset, device=x.device)
+        # (a float offset is filled on the device: no host-to-device copy, which a CUDA graph capture refuses)
+        offset = qs.offset if torch.is_tensor(qs.offset) else torch.full((1,), float(qs.offset), device=x.device)
         args = (qs.absmax, s2.absmax, s2.code, offset.float(), s2.blocksize)
     else:
         args = (qs.absmax, qs.absmax, code, code, 2)   # unused second-level arguments
     absmax, absmax2, code2, offset, qblock2 = args
     bm = max(16, triton.next_power_of_2(m))            # tl.dot takes 16 rows at least
-    kernel[(triton.cdiv(n, BLOCK_N), split)](x, packed, absmax, absmax2, code2, offset, code, out,
+    kernel[(triton.cdiv(n, block_n), split)](x, packed, absmax, absmax2, code2, offset, code, out,
                                              m, n, k, k_split, x.stride(0), qs.blocksize, qblock2,
                                              bool(qs.nested), k % qs.blocksize == 0 and BLOCK_K % qs.blocksize == 0,
-                                             x.dtype == torch.float32, bm, BLOCK_N, BLOCK_K)
+                                             x.dtype == torch.float32, bm, block_n, BLOCK_K)
     return out
 
 
