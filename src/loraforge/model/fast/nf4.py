@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import NamedTuple
 
 import torch
 
@@ -70,22 +71,41 @@ def handles(qs) -> bool:
     return qs.absmax.dtype == torch.float32
 
 
+class Tables(NamedTuple):
+    """What both NF4 kernels (here and model.fast.nf4_matmul) read besides the packed bytes."""
+    absmax: torch.Tensor    # per block: fp32, or (double quantisation) its 8-bit code
+    absmax2: torch.Tensor   # the second-level scales (unused without double quantisation)
+    code2: torch.Tensor     # the second-level code table (unused without)
+    offset: torch.Tensor    # the second-level offset, one fp32 element (unused without)
+    code: torch.Tensor      # the 16 NF4 values, fp32
+    qblock2: int            # absmax codes a second-level scale covers
+
+
+def tables(qs, device: torch.device) -> Tables:
+    """QuantState `qs` as the kernels take it. A float offset is filled on the device (no host-to-device copy:
+    a CUDA graph capture refuses one)."""
+    code = qs.code if qs.code.dtype == torch.float32 else qs.code.float()
+    if not qs.nested:
+        return Tables(qs.absmax, qs.absmax, code, code, code, 2)   # unused second-level arguments
+    s2 = qs.state2
+    offset = qs.offset if torch.is_tensor(qs.offset) else torch.full((1,), float(qs.offset), device=device)
+    return Tables(qs.absmax, s2.absmax, s2.code, offset.float(), code, s2.blocksize)
+
+
+def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """The packed NF4 bytes of `weight`, flat (bitsandbytes' layout, any dtype holding them, e.g. FSDP2's
+    float32 words)."""
+    return weight.detach().reshape(-1).view(torch.uint8)
+
+
 def dequantize_nf4(weight: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
     """Write the 16-bit weight of the packed NF4 `weight` (bitsandbytes' layout, any dtype holding the bytes,
     e.g. FSDP2's float32 words) with QuantState `qs` into `out` (contiguous, qs.shape's numel)."""
     triton, kernel = _kernel()
-    packed = weight.detach().reshape(-1).view(torch.uint8)
+    packed = packed_bytes(weight)
     n_bytes = packed.numel()
     assert out.is_contiguous() and out.numel() == 2 * n_bytes, (out.shape, n_bytes)
-    code = qs.code if qs.code.dtype == torch.float32 else qs.code.float()
-    if qs.nested:
-        s2 = qs.state2
-        offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor(qs.offset, device=out.device)
-        offset = offset if offset.dtype == torch.float32 else offset.float()
-        args = (qs.absmax, s2.absmax, s2.code, offset, s2.blocksize)
-    else:
-        args = (qs.absmax, qs.absmax, code, code, 2)   # unused second-level arguments
-    absmax, absmax2, code2, offset, qblock2 = args
-    kernel[(triton.cdiv(n_bytes, BLOCK_BYTES),)](packed, absmax, absmax2, code2, offset, code, out, n_bytes,
-                                                  qs.blocksize, qblock2, bool(qs.nested), BLOCK_BYTES)
+    t = tables(qs, out.device)
+    kernel[(triton.cdiv(n_bytes, BLOCK_BYTES),)](packed, t.absmax, t.absmax2, t.code2, t.offset, t.code, out,
+                                                  n_bytes, qs.blocksize, t.qblock2, bool(qs.nested), BLOCK_BYTES)
     return out

@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from loraforge.model.fast.nf4 import packed_bytes, tables
+
 ROWS = 64        # the most rows a product takes this way (a decode step's batch)
 BLOCK_N = 64     # output columns a program
 BLOCK_K = 128    # inner dimension a loop iteration (two 64-weight blocks of bitsandbytes' default)
@@ -104,24 +106,16 @@ def partial_products(x: torch.Tensor, weight: torch.Tensor, qs, n: int, split: i
     triton, kernel = _kernel()
     m, k = x.shape
     assert m <= ROWS and k % 2 == 0 and x.stride(1) == 1, (x.shape, x.stride())
-    packed = weight.detach().reshape(-1).view(torch.uint8)
+    packed = packed_bytes(weight)
     assert packed.numel() * 2 == n * k, (packed.numel(), n, k)
     split = splits(n, k, x.device, block_n) if split is None else split
     k_split = triton.cdiv(triton.cdiv(k, split), BLOCK_K) * BLOCK_K
     split = triton.cdiv(k, k_split)
     out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    code = qs.code if qs.code.dtype == torch.float32 else qs.code.float()
-    if qs.nested:
-        s2 = qs.state2
-        # (a float offset is filled on the device: no host-to-device copy, which a CUDA graph capture refuses)
-        offset = qs.offset if torch.is_tensor(qs.offset) else torch.full((1,), float(qs.offset), device=x.device)
-        args = (qs.absmax, s2.absmax, s2.code, offset.float(), s2.blocksize)
-    else:
-        args = (qs.absmax, qs.absmax, code, code, 2)   # unused second-level arguments
-    absmax, absmax2, code2, offset, qblock2 = args
+    t = tables(qs, x.device)
     bm = max(16, triton.next_power_of_2(m))            # tl.dot takes 16 rows at least
-    kernel[(triton.cdiv(n, block_n), split)](x, packed, absmax, absmax2, code2, offset, code, out,
-                                             m, n, k, k_split, x.stride(0), qs.blocksize, qblock2,
+    kernel[(triton.cdiv(n, block_n), split)](x, packed, t.absmax, t.absmax2, t.code2, t.offset, t.code, out,
+                                             m, n, k, k_split, x.stride(0), qs.blocksize, t.qblock2,
                                              bool(qs.nested), k % qs.blocksize == 0 and BLOCK_K % qs.blocksize == 0,
                                              x.dtype == torch.float32, bm, block_n, BLOCK_K)
     return out
