@@ -147,25 +147,32 @@ class FrozenGroup:
         return self.nf4_kernel and self.state.decoding and x_flat.shape[0] <= nf4_matmul.ROWS and x_flat.is_cuda \
             and not self.state.packed_failed
 
+    def _packed_parts(self, x_flat: torch.Tensor) -> list[torch.Tensor] | None:
+        """x_flat W_i^T (fp32) of each projection from its packed weight, or None: not a decode step's few CUDA
+        rows, or the kernel failed to build (warned once; the weights are rebuilt from then on)."""
+        if not self._packed(x_flat):
+            return None
+        try:   # every product first: a kernel that fails to build has changed nothing
+            return [nf4_matmul.product(x_flat, lyr.weight, quant_state(lyr), o)
+                    for lyr, o in zip(self.layers, self.outs)]
+        except (AssertionError, torch.OutOfMemoryError):   # a caller's bug, or memory: not the kernel's build
+            raise
+        except Exception as e:   # noqa: BLE001 - Triton's build errors have no common type
+            self.state.packed_failed = True
+            warnings.warn(f"NF4 decoding rebuilds the 16-bit weights: the packed product failed ({str(e)[:200]})",
+                          stacklevel=3)
+            return None
+
     def add_product_(self, y: torch.Tensor, x_flat: torch.Tensor, need_w: bool = False) -> torch.Tensor | None:
         """y (N, sum out) += x_flat W^T, the base GEMM accumulating onto y; returns W (None when split, or when
         the product read the packed weights: never where `need_w`)."""
-        if not need_w and self._packed(x_flat):
-            try:   # every product first, then the adds: a kernel that fails to build has changed nothing
-                parts = [nf4_matmul.product(x_flat, lyr.weight, quant_state(lyr), o)
-                         for lyr, o in zip(self.layers, self.outs)]
-            except (AssertionError, torch.OutOfMemoryError):   # a caller's bug, or memory: not the kernel's build
-                raise
-            except Exception as e:   # noqa: BLE001 - Triton's build errors have no common type
-                self.state.packed_failed = True
-                warnings.warn(f"NF4 decoding rebuilds the 16-bit weights: the packed product failed ({str(e)[:200]})",
-                              stacklevel=2)
-            else:
-                o0 = 0
-                for part, o in zip(parts, self.outs):
-                    y[:, o0:o0 + o] += part
-                    o0 += o
-                return None
+        parts = None if need_w else self._packed_parts(x_flat)
+        if parts is not None:
+            o0 = 0
+            for part, o in zip(parts, self.outs):
+                y[:, o0:o0 + o] += part
+                o0 += o
+            return None
         if not self.split:
             w = self.get()
             y.addmm_(x_flat, w.t())
@@ -178,10 +185,9 @@ class FrozenGroup:
 
     def product(self, x_flat: torch.Tensor) -> torch.Tensor:
         """x_flat W^T (N, sum out), written by the GEMM alone (beta = 0)."""
-        if self._packed(x_flat):
-            y = x_flat.new_zeros(x_flat.shape[0], sum(self.outs))
-            self.add_product_(y, x_flat)   # packed weights, or (a product that failed to build) the rebuilt ones
-            return y
+        parts = self._packed_parts(x_flat)
+        if parts is not None:
+            return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(x_flat.dtype)
         if not self.split:
             return x_flat @ self.get().t()
         y, o0 = x_flat.new_empty(x_flat.shape[0], sum(self.outs)), 0
