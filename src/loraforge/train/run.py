@@ -115,7 +115,6 @@ class RunResult:
         return self.training.to_dict()
 
 
-
 def load_data(cfg: RunConfig, tokenizer, replay=None) -> tuple[list, list, dict, list[Example]]:
     """(training items, validation items, data report, validation examples); `replay(n_task)` returns the
     replay examples mixed into the training set (train.replay)."""

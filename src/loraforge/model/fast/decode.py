@@ -135,21 +135,21 @@ def fast_generate(fast, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens
     as a CUDA graph. The model must be in eval mode (no dropout)."""
     dev = fast.head.weight.device
     ids, mask = ids.to(dev), mask.to(dev)
-    bsz, width = ids.shape
     graphs = dev.type == "cuda" if graphs is None else graphs
     state = fast.state
     state.forward_pass += 1    # the adapter's stacked factors are cast once for the whole decode (lora._stack)
     state.keep_xa, state.dropout_rows = False, 0
     state.decoding = True      # NF4 products of a step's few rows read the packed weights (model.fast.nf4_matmul)
     try:
-        return _generate(fast, ids, mask, bsz, width, max_new_tokens, stops, temperature, top_p, graphs)
+        return _generate(fast, ids, mask, max_new_tokens, stops, temperature, top_p, graphs)
     finally:
         state.decoding = False
 
 
-def _generate(fast, ids, mask, bsz, width, max_new_tokens, stops, temperature, top_p, graphs) -> torch.Tensor:
+def _generate(fast, ids, mask, max_new_tokens, stops, temperature, top_p, graphs) -> torch.Tensor:
     """fast_generate's decoding, its inputs on the model's device."""
     dev = ids.device
+    bsz, width = ids.shape
     length = width + max_new_tokens
     with torch.autocast(dev.type, enabled=False):
         cache = _Cache(fast, bsz, length, (mask == 0).sum(1))
