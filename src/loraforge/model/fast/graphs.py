@@ -115,8 +115,9 @@ def settled_heap():
     """Python's cyclic garbage collector leaves alone, for a training loop's time, every object alive when it starts
     (the libraries, the model, the data: ~570,000 objects in bench/train_e2e.py's 135m-snips run), after one
     collection. `capturing` collects before each CUDA graph capture (two a captured shape, and the decoder's): a
-    full collection over that heap took 0.37-0.50 s on this project's 2-core CPU beside another job, 0.0 s frozen
-    (gc.freeze). The interpreter's own full collections during the loop shrink the same way."""
+    full collection over that heap took 0.26 s on this project's 2-core CPU, 0.0 s frozen (gc.freeze;
+    bench/gc_heap.py, bench/results/train_e2e/s23/gc_heap_cpu.json). The interpreter's own full collections
+    during the loop shrink the same way."""
     gc.collect()
     gc.freeze()
     try:
