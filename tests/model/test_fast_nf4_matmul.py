@@ -68,12 +68,19 @@ def test_limits_are_checked(interpreted):
         interpreted.partial_products(torch.randn(2, 128), packed, qs, 16)
 
 
-def test_splits_fill_the_programs_but_keep_four_tiles_a_part():
+def test_splits_fill_the_programs_but_keep_four_tiles_a_part(monkeypatch):
+    from loraforge.model.fast import nf4_matmul
     from loraforge.model.fast.nf4_matmul import BLOCK_K, splits
 
     cpu = torch.device("cpu")
     assert splits(4096, 14336, cpu) == 1                     # one program is all the interpreter wants
     assert splits(64, 4 * BLOCK_K - 1, cpu) == 1
+    monkeypatch.setattr(nf4_matmul, "_programs", lambda device: 264)   # an H100: 132 multiprocessors, two each
+    assert splits(4096, 4096, cpu) == 5                      # 64 column tiles x 5 parts >= 264 programs
+    assert splits(4096, 14336, cpu) == 5
+    assert splits(1024, 4096, cpu) == 8                      # 16 tiles want 17 parts; 4,096 / 512 allows 8
+    assert splits(1024, 4096, cpu, block_n=32) == 8 and splits(28672, 4096, cpu) == 1
+    assert splits(64, 4 * BLOCK_K - 1, cpu) == 1             # too short a K to cut
 
 
 def test_the_fast_path_reads_packed_weights_only_while_decoding_a_few_cuda_rows():
